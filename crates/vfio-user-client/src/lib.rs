@@ -1,0 +1,26 @@
+//! The vfio-user client transport: one UNIX socket, one I/O thread, and the queues between
+//! them (protocol.md section 5, design.md section 2).
+//!
+//! - Requests are written inline from the caller's thread when nothing is queued; a send that
+//!   would block queues the rest and the I/O thread finishes it when the socket is writable.
+//! - Replies are matched by id and command; every waited request has a deadline; a late reply
+//!   is read whole and dropped.
+//! - EOF or a corrupt stream fails everything queued or pending at once.
+//!
+//! [`Client::send_wait`] blocks on a timed condvar; [`Client::send_async`] calls back from the
+//! I/O thread; [`Client::send_nowait`] returns a [`Ticket`] to collect later.
+
+mod client;
+mod error;
+mod io_thread;
+mod outgoing;
+mod pending;
+mod rx;
+mod socket;
+mod state;
+
+pub use client::{Client, Options, Request, Ticket};
+pub use error::Error;
+pub use pending::{Completion, Reply};
+pub use socket::{connect_unix, MAX_RECV_FDS};
+pub use vfio_user_proto as proto;

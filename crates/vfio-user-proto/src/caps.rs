@@ -197,7 +197,10 @@ fn parse_one(
                     "migration.max_bitmap_size {max_bitmap_size} is outside 1..={DEFAULT_MAX_BITMAP_SIZE}"
                 )));
             }
-            for k in m.keys().filter(|k| *k != "pgsize" && *k != "max_bitmap_size") {
+            for k in m
+                .keys()
+                .filter(|k| *k != "pgsize" && *k != "max_bitmap_size")
+            {
                 warnings.push(format!("unknown key 'migration.{k}' ignored"));
             }
             out.migration = Some(Migration {
@@ -255,11 +258,9 @@ fn parse_one(
 
 fn unsigned(name: &str, v: &Value) -> Result<u64, ProtoError> {
     match v {
-        Value::Number(n) => n.as_u64().ok_or_else(|| {
-            ProtoError::new(format!(
-                "{name} must be an unsigned integer, got {n}"
-            ))
-        }),
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| ProtoError::new(format!("{name} must be an unsigned integer, got {n}"))),
         other => Err(ProtoError::new(format!(
             "{name} must be an unsigned integer, got {}",
             kind(other)
@@ -443,16 +444,28 @@ mod tests {
             (r#"{"capabilities":{"max_msg_fds":-1}}"#, "max_msg_fds"),
             (r#"{"capabilities":{"max_msg_fds":1.5}}"#, "max_msg_fds"),
             (r#"{"capabilities":{"max_msg_fds":1e30}}"#, "max_msg_fds"),
-            (r#"{"capabilities":{"max_data_xfer_size":true}}"#, "max_data_xfer_size"),
+            (
+                r#"{"capabilities":{"max_data_xfer_size":true}}"#,
+                "max_data_xfer_size",
+            ),
             (r#"{"capabilities":{"pgsizes":null}}"#, "pgsizes"),
             (r#"{"capabilities":{"max_dma_maps":[]}}"#, "max_dma_maps"),
             (r#"{"capabilities":{"write_multiple":1}}"#, "write_multiple"),
             (r#"{"capabilities":{"twin_socket":true}}"#, "twin_socket"),
-            (r#"{"capabilities":{"twin_socket":{"supported":1}}}"#, "twin_socket.supported"),
-            (r#"{"capabilities":{"twin_socket":{"fd_index":-1}}}"#, "twin_socket.fd_index"),
+            (
+                r#"{"capabilities":{"twin_socket":{"supported":1}}}"#,
+                "twin_socket.supported",
+            ),
+            (
+                r#"{"capabilities":{"twin_socket":{"fd_index":-1}}}"#,
+                "twin_socket.fd_index",
+            ),
             (r#"{"capabilities":{"migration":4096}}"#, "migration"),
             (r#"{"capabilities":{"migration":{}}}"#, "migration.pgsize"),
-            (r#"{"capabilities":{"migration":{"pgsize":"4096"}}}"#, "migration.pgsize"),
+            (
+                r#"{"capabilities":{"migration":{"pgsize":"4096"}}}"#,
+                "migration.pgsize",
+            ),
         ] {
             assert!(err(json).contains(what), "{json}: {}", err(json));
         }
@@ -461,11 +474,17 @@ mod tests {
     #[test]
     fn range_errors() {
         for (json, what) in [
-            (r#"{"capabilities":{"max_data_xfer_size":0}}"#, "max_data_xfer_size"),
+            (
+                r#"{"capabilities":{"max_data_xfer_size":0}}"#,
+                "max_data_xfer_size",
+            ),
             (r#"{"capabilities":{"pgsizes":0}}"#, "pgsizes"),
             (r#"{"capabilities":{"pgsizes":6144}}"#, "below 4 KiB"),
             (r#"{"capabilities":{"max_dma_maps":0}}"#, "max_dma_maps"),
-            (r#"{"capabilities":{"migration":{"pgsize":100}}}"#, "migration.pgsize"),
+            (
+                r#"{"capabilities":{"migration":{"pgsize":100}}}"#,
+                "migration.pgsize",
+            ),
             (
                 r#"{"capabilities":{"migration":{"pgsize":4096,"max_bitmap_size":0}}}"#,
                 "max_bitmap_size",
@@ -478,7 +497,11 @@ mod tests {
             assert!(err(json).contains(what), "{json}: {}", err(json));
         }
         let p = parse_capabilities(r#"{"capabilities":{"pgsizes":2097152}}"#).unwrap();
-        assert_eq!(p.warnings.len(), 1, "no 4 KiB pages is legal but worth saying");
+        assert_eq!(
+            p.warnings.len(),
+            1,
+            "no 4 KiB pages is legal but worth saying"
+        );
     }
 
     #[test]

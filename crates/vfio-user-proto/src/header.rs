@@ -140,7 +140,10 @@ mod tests {
         );
         assert_eq!(Header::decode(&h.encode()), h);
         let e = Header::error_reply_to(&h, 22);
-        assert_eq!(e.encode(), [2, 1, 4, 0, 16, 0, 0, 0, 0x21, 0, 0, 0, 22, 0, 0, 0]);
+        assert_eq!(
+            e.encode(),
+            [2, 1, 4, 0, 16, 0, 0, 0, 0x21, 0, 0, 0, 22, 0, 0, 0]
+        );
         assert!(Header::command(1, 10, 0, true).no_reply());
     }
 

@@ -9,17 +9,15 @@ mod command;
 mod error;
 mod header;
 mod limits;
-mod version;
+pub mod version;
 
 pub use caps::{
     parse_capabilities, Capabilities, Migration, ParsedCapabilities, TwinSocket,
-    DEFAULT_MAX_BITMAP_SIZE, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS,
-    DEFAULT_MAX_MSG_FDS, DEFAULT_PGSIZES, MAX_DATA_XFER_SIZE_LIMIT, MAX_MSG_FDS_LIMIT,
+    DEFAULT_MAX_BITMAP_SIZE, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS, DEFAULT_MAX_MSG_FDS,
+    DEFAULT_PGSIZES, MAX_DATA_XFER_SIZE_LIMIT, MAX_MSG_FDS_LIMIT,
 };
-pub use command::Command;
+pub use command::{command_name, Command};
 pub use error::ProtoError;
-pub use header::{
-    Header, MessageType, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE,
-};
+pub use header::{Header, MessageType, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE};
 pub use limits::{reply_fd_limit, reply_size_limit, MAX_INCOMING_MESSAGE};
 pub use version::{encode_version_request, validate_version_reply, Version, VersionProposal};

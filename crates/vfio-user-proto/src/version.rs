@@ -27,7 +27,9 @@ pub fn encode_version_request(id: u16, proposal: &VersionProposal) -> Vec<u8> {
     let json = proposal.capabilities.to_json();
     let payload_len = 4 + json.len() + 1;
     let mut out = Vec::with_capacity(HEADER_SIZE + payload_len);
-    out.extend_from_slice(&Header::command(id, Command::Version as u16, payload_len, false).encode());
+    out.extend_from_slice(
+        &Header::command(id, Command::Version as u16, payload_len, false).encode(),
+    );
     out.extend_from_slice(&version_payload(proposal, &json));
     out
 }
@@ -73,9 +75,7 @@ pub fn validate_version_reply(
         parse_capabilities("{}")?
     } else {
         let Some((&0, text)) = data.split_last() else {
-            return Err(ProtoError::new(
-                "VERSION reply JSON is not NUL-terminated",
-            ));
+            return Err(ProtoError::new("VERSION reply JSON is not NUL-terminated"));
         };
         if text.contains(&0) {
             return Err(ProtoError::new("VERSION reply JSON contains a NUL byte"));
@@ -163,7 +163,12 @@ mod tests {
             minor: 2,
             ..proposal()
         };
-        assert_eq!(validate_version_reply(&p, &reply(0, 1, b"{}\0")).unwrap().minor, 1);
+        assert_eq!(
+            validate_version_reply(&p, &reply(0, 1, b"{}\0"))
+                .unwrap()
+                .minor,
+            1
+        );
     }
 
     #[test]
@@ -180,13 +185,20 @@ mod tests {
             (&reply(0, 0, b"{\"a\":\"\xff\"}\0"), "not UTF-8"),
             (&reply(0, 0, b"[]\0"), "must be an object"),
             (&reply(0, 0, b"\0"), "invalid"),
-            (&reply(0, 0, b"{\"capabilities\":3}\0"), "'capabilities' must be an object"),
+            (
+                &reply(0, 0, b"{\"capabilities\":3}\0"),
+                "'capabilities' must be an object",
+            ),
             (
                 &reply(0, 0, b"{\"capabilities\":{\"max_msg_fds\":\"x\"}}\0"),
                 "max_msg_fds",
             ),
             (
-                &reply(0, 0, b"{\"capabilities\":{\"twin_socket\":{\"supported\":true,\"fd_index\":0}}}\0"),
+                &reply(
+                    0,
+                    0,
+                    b"{\"capabilities\":{\"twin_socket\":{\"supported\":true,\"fd_index\":0}}}\0",
+                ),
                 "twin_socket",
             ),
         ];

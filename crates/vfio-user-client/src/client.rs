@@ -1,0 +1,460 @@
+//! The public client: connect, negotiate, send, close.
+
+use crate::io_thread;
+use crate::outgoing::Outgoing;
+use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
+use crate::socket::connect_unix;
+use crate::state::{Fired, Sent, ServerRequest, State};
+use crate::Error;
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{shutdown, Shutdown};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vfio_user_proto::{
+    command_name, reply_fd_limit, reply_size_limit, version::version_payload, Capabilities,
+    Command, Header, Version, VersionProposal, HEADER_SIZE,
+};
+
+/// Most fds we accept in one message, as advertised in our capabilities.
+pub const OUR_MAX_MSG_FDS: u32 = 16;
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Default time to wait for a reply (per call overridable). QEMU's default is 5 s.
+    pub timeout: Duration,
+    /// Never write from the caller's thread: every message goes through the queue and the
+    /// I/O thread (QEMU's `x-send-queued`). For tests of that path and for callers that must
+    /// never make a syscall.
+    pub send_queued: bool,
+    /// What we propose in VERSION.
+    pub proposal: VersionProposal,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: Duration::from_millis(5000),
+            send_queued: false,
+            proposal: VersionProposal {
+                major: 0,
+                minor: 0,
+                capabilities: Capabilities {
+                    max_msg_fds: OUR_MAX_MSG_FDS,
+                    ..Capabilities::default()
+                },
+            },
+        }
+    }
+}
+
+/// One request. `fds` are borrowed: the client sends duplicates, the caller keeps its own.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub command: u16,
+    pub payload: &'a [u8],
+    pub fds: &'a [BorrowedFd<'a>],
+    /// Overrides [`Options::timeout`] for this request.
+    pub timeout: Option<Duration>,
+}
+
+impl<'a> Request<'a> {
+    pub fn new(command: u16, payload: &'a [u8]) -> Request<'a> {
+        Request {
+            command,
+            payload,
+            fds: &[],
+            timeout: None,
+        }
+    }
+}
+
+type CloseHook = Box<dyn FnOnce(&Error) + Send>;
+
+pub(crate) struct Shared {
+    pub sock: OwnedFd,
+    pub wake: EventFd,
+    state: Mutex<State>,
+    options: Options,
+    on_close: Mutex<Option<CloseHook>>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than refusing all further use would; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_io(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    /// Ends the connection with `err`: fails everything at once and stops the I/O thread.
+    pub fn fail(&self, err: Error) {
+        let mut fired = Fired::default();
+        self.lock().close(err, &mut fired);
+        let _ = shutdown(self.sock.as_raw_fd(), Shutdown::Both);
+        self.wake_io();
+        fired.fire();
+    }
+
+    pub fn notify_closed(&self) {
+        let hook = self
+            .on_close
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let err = self.lock().closed.clone();
+        if let (Some(hook), Some(err)) = (hook, err) {
+            hook(&err);
+        }
+    }
+
+    /// The dispatch point for server-to-client requests. Until DMA is served, every request
+    /// gets an error reply (ENOSYS, or E2BIG when too big to store) unless it said No_reply;
+    /// its fds are closed. The stream stays in sync either way.
+    pub fn serve(&self, req: ServerRequest) {
+        drop(req.fds);
+        if req.header.no_reply() {
+            return;
+        }
+        let errno = if req.oversize {
+            Errno::E2BIG
+        } else {
+            Errno::ENOSYS
+        };
+        let reply = Header::error_reply_to(&req.header, errno as u32).encode();
+        self.send_unnumbered(reply.to_vec());
+    }
+
+    /// Sends a message that expects no reply (our replies to server requests).
+    fn send_unnumbered(&self, bytes: Vec<u8>) {
+        let msg = Outgoing {
+            id: None,
+            seq: 0,
+            bytes,
+            written: 0,
+            fds: Vec::new(),
+        };
+        let result = {
+            let mut st = self.lock();
+            if st.closed.is_some() {
+                return;
+            }
+            st.send(self.sock.as_raw_fd(), msg, !self.options.send_queued)
+        };
+        match result {
+            Ok(Sent::Done) => {}
+            Ok(Sent::Queued) => self.wake_io(),
+            Err(e) => self.fail(e),
+        }
+    }
+}
+
+/// A request sent with [`Client::send_nowait`], to be collected with [`Ticket::wait`].
+pub struct Ticket {
+    shared: Arc<Shared>,
+    slot: Arc<Slot>,
+    id: u16,
+    seq: u64,
+    deadline: Instant,
+}
+
+impl Ticket {
+    /// Blocks until the reply arrives, the deadline passes or the connection ends.
+    pub fn wait(self) -> Result<Reply, Error> {
+        if let Some(r) = self.slot.wait_until(self.deadline) {
+            return r;
+        }
+        // Our deadline passed before the I/O thread noticed: expire it ourselves (no thread
+        // hop), unless a reply slipped in meanwhile, which then is in the slot.
+        let mut fired = Fired::default();
+        {
+            let mut st = self.shared.lock();
+            let command = st.pending.get(&self.id).map_or(0, |p| p.command);
+            st.fail_request(
+                self.id,
+                self.seq,
+                Error::new(
+                    Errno::ETIMEDOUT,
+                    format!("no reply to {} before the deadline", command_name(command)),
+                ),
+                &mut fired,
+            );
+        }
+        fired.fire();
+        self.slot.wait()
+    }
+}
+
+/// A vfio-user client connection. Dropping it closes the connection.
+pub struct Client {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    path: String,
+}
+
+impl Client {
+    /// Connects to the server socket at `path`.
+    pub fn connect(path: &Path, options: Options) -> Result<Client, Error> {
+        let sock = connect_unix(path, options.timeout)?;
+        Client::from_socket(sock, options, path.display().to_string())
+    }
+
+    /// Wraps an already connected stream socket (it is made nonblocking). `name` appears in
+    /// messages.
+    pub fn from_socket(sock: OwnedFd, options: Options, name: String) -> Result<Client, Error> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = fcntl(&sock, FcntlArg::F_GETFL)
+            .map_err(|e| Error::new(e, format!("cannot configure socket {name}")))?;
+        fcntl(
+            &sock,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| Error::new(e, format!("cannot configure socket {name}")))?;
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| Error::new(e, "cannot create the I/O thread's eventfd"))?;
+        let state = State::new(
+            options.proposal.clone(),
+            options.proposal.capabilities.max_data_xfer_size as usize + 16,
+        );
+        let shared = Arc::new(Shared {
+            sock,
+            wake,
+            state: Mutex::new(state),
+            options,
+            on_close: Mutex::new(None),
+        });
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vfio-user-io".into())
+            .spawn(move || io_thread::run(for_thread))
+            .map_err(|e| Error::new(Errno::EAGAIN, format!("cannot start the I/O thread: {e}")))?;
+        Ok(Client {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            path: name,
+        })
+    }
+
+    /// The socket path (or name) this client is connected to.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Called once, from the I/O thread, when the connection ends for any reason.
+    pub fn on_close(&self, hook: impl FnOnce(&Error) + Send + 'static) {
+        *self
+            .shared
+            .on_close
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+        // Registered after the end: fire now so nobody misses it.
+        if self.shared.lock().closed.is_some() && self.is_thread_finished() {
+            self.shared.notify_closed();
+        }
+    }
+
+    fn is_thread_finished(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|t| t.is_finished())
+    }
+
+    /// The negotiated version, once [`Client::negotiate`] has succeeded.
+    pub fn version(&self) -> Option<Version> {
+        self.shared.lock().version.clone()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Sends VERSION and validates the reply (blocking).
+    pub fn negotiate(&self) -> Result<Version, Error> {
+        let slot = Arc::new(Slot::default());
+        let (id, seq, deadline) = self.submit_version(Waiter::Slot(slot.clone()))?;
+        self.ticket(slot, id, seq, deadline).wait()?;
+        self.version()
+            .ok_or_else(|| Error::proto("VERSION reply was not recorded"))
+    }
+
+    /// Sends VERSION; `done` gets the reply once it has been validated (the negotiated
+    /// version is then available from [`Client::version`]).
+    pub fn negotiate_async(&self, done: Completion) -> Result<(), Error> {
+        self.submit_version(Waiter::Callback(done)).map(|_| ())
+    }
+
+    fn submit_version(&self, waiter: Waiter) -> Result<(u16, u64, Instant), Error> {
+        let proposal = &self.shared.options.proposal;
+        let json = proposal.capabilities.to_json();
+        let payload = version_payload(proposal, &json);
+        let req = Request::new(Command::Version as u16, &payload);
+        self.submit(req, waiter, true)
+    }
+
+    /// Sends a request and blocks until its reply, its deadline or the end of the connection.
+    pub fn send_wait(&self, req: Request<'_>) -> Result<Reply, Error> {
+        self.send_nowait(req)?.wait()
+    }
+
+    /// Sends a request; its reply is collected later with [`Ticket::wait`].
+    pub fn send_nowait(&self, req: Request<'_>) -> Result<Ticket, Error> {
+        let slot = Arc::new(Slot::default());
+        let (id, seq, deadline) = self.submit(req, Waiter::Slot(slot.clone()), false)?;
+        Ok(self.ticket(slot, id, seq, deadline))
+    }
+
+    /// Sends a request; `done` is called exactly once with the reply or the failure (timeout,
+    /// connection end). If this returns an error, nothing was sent and `done` is not called.
+    pub fn send_async(&self, req: Request<'_>, done: Completion) -> Result<(), Error> {
+        self.submit(req, Waiter::Callback(done), false).map(|_| ())
+    }
+
+    fn ticket(&self, slot: Arc<Slot>, id: u16, seq: u64, deadline: Instant) -> Ticket {
+        Ticket {
+            shared: self.shared.clone(),
+            slot,
+            id,
+            seq,
+            deadline,
+        }
+    }
+
+    fn submit(
+        &self,
+        req: Request<'_>,
+        waiter: Waiter,
+        version: bool,
+    ) -> Result<(u16, u64, Instant), Error> {
+        let name = command_name(req.command);
+        let invalid = |what: String| Error::new(Errno::EINVAL, what).with_command(req.command);
+        if !version && req.command == Command::Version as u16 {
+            return Err(invalid(
+                "VERSION is sent by negotiate(), not as a request".into(),
+            ));
+        }
+        if Command::from_u16(req.command).is_some_and(|c| c.is_server_to_client()) {
+            return Err(invalid(format!(
+                "{name} is sent by the server, not the client"
+            )));
+        }
+        if HEADER_SIZE + req.payload.len() > u32::MAX as usize {
+            return Err(invalid(format!("{name} payload is too large")));
+        }
+        let fds = req
+            .fds
+            .iter()
+            .map(|f| f.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EBADF as i32));
+                Error::new(
+                    errno,
+                    format!("cannot duplicate an fd for {name}: {}", errno.desc()),
+                )
+            })?;
+        let mut bytes = Vec::with_capacity(HEADER_SIZE + req.payload.len());
+        bytes
+            .extend_from_slice(&Header::command(0, req.command, req.payload.len(), false).encode());
+        bytes.extend_from_slice(req.payload);
+        let timeout = req.timeout.unwrap_or(self.shared.options.timeout);
+        let deadline = Instant::now() + timeout;
+        let sock = self.shared.sock.as_raw_fd();
+
+        let (id, seq, result) = {
+            let mut st = self.shared.lock();
+            if let Some(e) = &st.closed {
+                return Err(e.clone().with_command(req.command));
+            }
+            if version {
+                if st.version.is_some() || st.version_in_flight {
+                    return Err(Error::new(
+                        Errno::EALREADY,
+                        "VERSION has already been negotiated or is in progress",
+                    ));
+                }
+            } else if st.version.is_none() {
+                return Err(Error::new(
+                    Errno::ENOTCONN,
+                    format!("cannot send {name} before version negotiation has succeeded"),
+                )
+                .with_command(req.command));
+            }
+            if let Some(v) = &st.version {
+                let max = v.capabilities.max_msg_fds as usize;
+                if fds.len() > max {
+                    return Err(invalid(format!(
+                        "{name} carries {} fds; the server accepts at most {max} per message",
+                        fds.len()
+                    )));
+                }
+            }
+            let id = st.alloc_id()?;
+            bytes[0..2].copy_from_slice(&id.to_ne_bytes());
+            let seq = st.next_seq();
+            if version {
+                st.version_in_flight = true;
+            }
+            st.add_pending(
+                id,
+                Pending {
+                    seq,
+                    command: req.command,
+                    deadline,
+                    waiter,
+                    sent: false,
+                    reply_limit: reply_size_limit(req.command, req.payload),
+                    fd_limit: reply_fd_limit(req.command, OUR_MAX_MSG_FDS),
+                },
+            );
+            let msg = Outgoing {
+                id: Some(id),
+                seq,
+                bytes,
+                written: 0,
+                fds,
+            };
+            (
+                id,
+                seq,
+                st.send(sock, msg, !self.shared.options.send_queued),
+            )
+        };
+        match result {
+            Ok(Sent::Done) => {}
+            // The I/O thread may be asleep in poll without POLLOUT; wake it to watch.
+            Ok(Sent::Queued) => self.shared.wake_io(),
+            Err(e) => self.shared.fail(e),
+        }
+        Ok((id, seq, deadline))
+    }
+
+    /// Closes the connection: every queued and pending request fails with ECONNABORTED,
+    /// the I/O thread stops. Idempotent.
+    pub fn close(&self) {
+        self.shared.fail(Error::new(
+            Errno::ECONNABORTED,
+            format!("connection to {} was closed by the client", self.path),
+        ));
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,127 @@
+//! The syscalls: connect, sendmsg with SCM_RIGHTS, recvmsg with MSG_CMSG_CLOEXEC.
+
+use crate::Error;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    self, recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The kernel's SCM_MAX_FD: one recvmsg never returns more, so a control buffer this big is
+/// never truncated and no received fd can slip past us unclosed.
+pub const MAX_RECV_FDS: usize = 253;
+
+/// Opens a nonblocking, close-on-exec AF_UNIX stream connected to `path`.
+pub fn connect_unix(path: &Path, timeout: Duration) -> Result<OwnedFd, Error> {
+    let shown = path.display();
+    let fail =
+        |errno: Errno, what: &str| Error::new(errno, format!("{what} {shown}: {}", errno.desc()));
+    let addr = UnixAddr::new(path).map_err(|e| fail(e, "bad socket path"))?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| fail(e, "cannot create a socket for"))?;
+    match socket::connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => return Ok(fd),
+        // A full listen backlog: wait for room, bounded by the timeout.
+        Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(fail(e, "cannot connect to")),
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(Errno::ETIMEDOUT, "timed out connecting to"));
+        }
+        let mut fds = [PollFd::new(fd_ref(&fd), PollFlags::POLLOUT)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => break,
+            Err(e) => return Err(fail(e, "cannot connect to")),
+        }
+    }
+    match socket::getsockopt(&fd, socket::sockopt::SocketError) {
+        Ok(0) => Ok(fd),
+        Ok(raw) => Err(fail(Errno::from_raw(raw), "cannot connect to")),
+        Err(e) => Err(fail(e, "cannot connect to")),
+    }
+}
+
+fn fd_ref(fd: &OwnedFd) -> BorrowedFd<'_> {
+    use std::os::fd::AsFd;
+    fd.as_fd()
+}
+
+/// One nonblocking sendmsg of `bytes`, with `fds` as SCM_RIGHTS when there are any.
+/// MSG_NOSIGNAL: a closed peer is an EPIPE error, not a process-killing SIGPIPE.
+pub fn send_chunk(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<usize> {
+    let iov = [IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    loop {
+        match sendmsg::<()>(
+            sock,
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// What one recvmsg produced.
+pub struct Received {
+    pub bytes: usize,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// One nonblocking recvmsg into `buf`. `cmsg` must hold [`MAX_RECV_FDS`] descriptors.
+pub fn recv_chunk(sock: RawFd, buf: &mut [u8], cmsg: &mut Vec<u8>) -> nix::Result<Received> {
+    let mut iov = [IoSliceMut::new(buf)];
+    loop {
+        let msg = match recvmsg::<()>(
+            sock,
+            &mut iov,
+            Some(cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => other?,
+        };
+        let mut fds = Vec::new();
+        // cmsgs() refuses to iterate a truncated buffer. Ours holds SCM_MAX_FD, so truncation
+        // means something other than fds arrived; fail the stream rather than guess.
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: the kernel just installed `r` in our fd table for us (SCM_RIGHTS);
+                    // nothing else refers to it, so this OwnedFd is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
+            }
+        }
+        return Ok(Received {
+            bytes: msg.bytes,
+            fds,
+        });
+    }
+}
+
+/// A control buffer big enough for [`MAX_RECV_FDS`] descriptors.
+pub fn cmsg_buffer() -> Vec<u8> {
+    nix::cmsg_space!([RawFd; MAX_RECV_FDS])
+}

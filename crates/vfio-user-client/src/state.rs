@@ -1,0 +1,377 @@
+//! Everything shared between callers and the I/O thread, always used under one mutex:
+//! the outgoing queue, the pending table, ids, deadlines and the connection state.
+
+use crate::outgoing::Outgoing;
+use crate::pending::{Pending, Reply, Waiter};
+use crate::rx::{Disposition, Message};
+use crate::socket::send_chunk;
+use crate::Error;
+use nix::errno::Errno;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::os::fd::OwnedFd;
+use std::os::fd::RawFd;
+use std::time::Instant;
+use vfio_user_proto::{
+    command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
+};
+
+/// Ids of timed-out requests stay reserved until their late reply arrives, so that reply can
+/// never be taken for the answer to a newer request. Past this many, the oldest is released.
+const MAX_TOMBSTONES: usize = 4096;
+
+/// Results to hand out once the lock is released (callbacks must never run under it).
+#[derive(Default)]
+pub struct Fired {
+    pub completions: Vec<(Waiter, Result<Reply, Error>)>,
+}
+
+impl Fired {
+    pub fn fire(self) {
+        for (w, r) in self.completions {
+            w.complete(r);
+        }
+    }
+}
+
+/// What a send attempt did.
+pub enum Sent {
+    /// Written whole.
+    Done,
+    /// Queued (would block, or sends are forced through the queue): the I/O thread must
+    /// watch for writability.
+    Queued,
+}
+
+#[derive(Default)]
+pub struct State {
+    /// Set once the connection is finished; the error every new request gets.
+    pub closed: Option<Error>,
+    pub version: Option<Version>,
+    pub version_in_flight: bool,
+    /// What we proposed, kept to check the reply against.
+    pub proposal: Option<VersionProposal>,
+    /// Largest server request body we store (DMA_WRITE data plus its 16-byte header).
+    pub max_request_payload: usize,
+    pub outgoing: VecDeque<Outgoing>,
+    pub pending: HashMap<u16, Pending>,
+    tombstones: HashSet<u16>,
+    tombstone_order: VecDeque<u16>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64, u16)>>,
+    next_id: u16,
+    next_seq: u64,
+    /// The I/O thread should poll for POLLOUT.
+    pub want_write: bool,
+}
+
+impl State {
+    pub fn new(proposal: VersionProposal, max_request_payload: usize) -> State {
+        State {
+            proposal: Some(proposal),
+            max_request_payload,
+            ..State::default()
+        }
+    }
+
+    pub fn next_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// The next 16-bit id not held by a pending request or a tombstone.
+    pub fn alloc_id(&mut self) -> Result<u16, Error> {
+        for _ in 0..=u16::MAX as usize {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            if !self.pending.contains_key(&id) && !self.tombstones.contains(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Error::new(
+            Errno::EAGAIN,
+            "all 65536 message ids are in flight",
+        ))
+    }
+
+    pub fn add_pending(&mut self, id: u16, p: Pending) {
+        self.deadlines.push(Reverse((p.deadline, p.seq, id)));
+        self.pending.insert(id, p);
+    }
+
+    fn tombstone(&mut self, id: u16) {
+        if self.tombstones.insert(id) {
+            self.tombstone_order.push_back(id);
+        }
+        while self.tombstone_order.len() > MAX_TOMBSTONES {
+            if let Some(old) = self.tombstone_order.pop_front() {
+                self.tombstones.remove(&old);
+            }
+        }
+    }
+
+    /// A reply arrived for `id` that nobody waits for; returns true if it was a late reply
+    /// to a timed-out request (its id is released now).
+    pub fn bury(&mut self, id: u16) -> bool {
+        if self.tombstones.remove(&id) {
+            self.tombstone_order.retain(|t| *t != id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Removes request `id` (if it is still the one with `seq`) from whichever queue holds it
+    /// and fails it with `err`. A request already on the wire leaves a tombstone.
+    pub fn fail_request(&mut self, id: u16, seq: u64, err: Error, fired: &mut Fired) {
+        match self.pending.get(&id) {
+            Some(p) if p.seq == seq => {}
+            _ => return,
+        }
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        if p.command == Command::Version as u16 {
+            self.version_in_flight = false;
+        }
+        let mut on_wire = p.sent;
+        if !p.sent {
+            if let Some(pos) = self
+                .outgoing
+                .iter()
+                .position(|o| o.id == Some(id) && o.seq == seq)
+            {
+                if self.outgoing[pos].written > 0 {
+                    // Partly written: the rest must still go out or the stream desyncs.
+                    // Its reply, if any, will be dropped.
+                    self.outgoing[pos].id = None;
+                    on_wire = true;
+                } else {
+                    self.outgoing.remove(pos);
+                }
+            }
+        }
+        if on_wire {
+            self.tombstone(id);
+        }
+        fired
+            .completions
+            .push((p.waiter, Err(err.with_command(p.command))));
+    }
+
+    /// Fails every request whose deadline has passed; returns the next deadline, if any.
+    pub fn expire(&mut self, now: Instant, fired: &mut Fired) -> Option<Instant> {
+        while let Some(Reverse((when, seq, id))) = self.deadlines.peek().copied() {
+            let live = self.pending.get(&id).is_some_and(|p| p.seq == seq);
+            if !live {
+                self.deadlines.pop();
+                continue;
+            }
+            if when > now {
+                return Some(when);
+            }
+            self.deadlines.pop();
+            let command = self.pending.get(&id).map_or(0, |p| p.command);
+            let err = timeout_error(command, when);
+            self.fail_request(id, seq, err, fired);
+        }
+        // Completed requests leave stale heap entries; rebuild when they dominate.
+        None
+    }
+
+    /// Keeps the deadline heap from growing with completed requests.
+    pub fn compact_deadlines(&mut self) {
+        if self.deadlines.len() > 1024 && self.deadlines.len() > 4 * self.pending.len() {
+            self.deadlines = self
+                .pending
+                .iter()
+                .map(|(id, p)| Reverse((p.deadline, p.seq, *id)))
+                .collect();
+        }
+    }
+
+    /// Appends `msg` behind anything queued, or writes it inline when the queue is empty and
+    /// `inline` is allowed. A request becomes `sent` once its last byte is written.
+    pub fn send(&mut self, sock: RawFd, msg: Outgoing, inline: bool) -> Result<Sent, Error> {
+        self.outgoing.push_back(msg);
+        if self.outgoing.len() > 1 || !inline {
+            self.want_write = true;
+            return Ok(Sent::Queued);
+        }
+        self.flush(sock)?;
+        Ok(if self.outgoing.is_empty() {
+            Sent::Done
+        } else {
+            Sent::Queued
+        })
+    }
+
+    /// Writes queued messages until the queue is empty or the socket would block.
+    /// An error other than would-block is fatal for the connection.
+    pub fn flush(&mut self, sock: RawFd) -> Result<(), Error> {
+        while let Some(front) = self.outgoing.front_mut() {
+            match send_chunk(sock, front.remaining(), &front.raw_fds()) {
+                Ok(n) => {
+                    if front.advance(n) {
+                        let done = self.outgoing.pop_front();
+                        if let Some(Outgoing {
+                            id: Some(id), seq, ..
+                        }) = done
+                        {
+                            if let Some(p) = self.pending.get_mut(&id) {
+                                if p.seq == seq {
+                                    p.sent = true;
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    self.want_write = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(Error::new(
+                        Errno::ECONNRESET,
+                        format!("connection lost while sending: {}", e.desc()),
+                    ))
+                }
+            }
+        }
+        self.want_write = false;
+        Ok(())
+    }
+
+    /// Ends the connection: every queued and pending request fails with `err` at once.
+    pub fn close(&mut self, err: Error, fired: &mut Fired) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.closed = Some(err.clone());
+        self.outgoing.clear();
+        for (_, p) in self.pending.drain() {
+            fired
+                .completions
+                .push((p.waiter, Err(err.clone().with_command(p.command))));
+        }
+        self.deadlines.clear();
+        self.tombstones.clear();
+        self.tombstone_order.clear();
+        self.want_write = false;
+    }
+}
+
+/// A request from the server, handed to the dispatch point once the lock is released.
+pub struct ServerRequest {
+    pub header: Header,
+    // Read by the DMA_READ/DMA_WRITE handler that the command-set work adds.
+    #[allow(dead_code)]
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    /// Too big to store: answered with E2BIG.
+    pub oversize: bool,
+}
+
+impl State {
+    /// Decides from a header alone what its body is for, so nothing is stored for a message
+    /// nobody wants and no reply can be matched to the wrong request.
+    pub fn classify(&mut self, h: &Header, kind: MessageType, fired: &mut Fired) -> Disposition {
+        if kind == MessageType::Command {
+            return Disposition::Request {
+                keep: h.payload_len() <= self.max_request_payload,
+            };
+        }
+        let Some(p) = self.pending.get(&h.id) else {
+            // A late reply to a timed-out request, or one nobody asked for: drained, dropped.
+            self.bury(h.id);
+            return Disposition::Drop;
+        };
+        if !p.sent {
+            return Disposition::Drop;
+        }
+        let (seq, command, limit) = (p.seq, p.command, p.reply_limit);
+        let problem = if h.command != command {
+            Some(format!(
+                "reply to {} (id {}) carries command {}",
+                command_name(command),
+                h.id,
+                command_name(h.command)
+            ))
+        } else if h.no_reply() {
+            Some(format!(
+                "reply to {} has No_reply set",
+                command_name(command)
+            ))
+        } else if h.size as usize > limit && !h.is_error() {
+            Some(format!(
+                "reply to {} is {} bytes, more than the {limit} the request allows",
+                command_name(command),
+                h.size
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(what) => {
+                self.fail_request(h.id, seq, Error::proto(what), fired);
+                // This message was its reply, malformed: no other is coming.
+                self.bury(h.id);
+                Disposition::Drop
+            }
+            // An error reply's payload (there should be none) is not stored.
+            None => Disposition::Reply {
+                seq,
+                keep: !h.is_error(),
+            },
+        }
+    }
+
+    /// Hands a complete reply to its waiter.
+    pub fn complete_reply(&mut self, m: Message, seq: u64, fired: &mut Fired) {
+        let id = m.header.id;
+        let live = self.pending.get(&id).is_some_and(|p| p.seq == seq);
+        if !live {
+            // It timed out while its body was arriving; the id is released now.
+            self.bury(id);
+            return;
+        }
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        let h = m.header;
+        let mut result = if h.is_error() {
+            Err(Error::from_error_reply(h.error, h.command))
+        } else if m.fds.len() > p.fd_limit {
+            Err(Error::proto(format!(
+                "reply to {} carried {} fds, at most {} expected",
+                command_name(h.command),
+                m.fds.len(),
+                p.fd_limit
+            ))
+            .with_command(h.command))
+        } else {
+            Ok(Reply {
+                header: h,
+                payload: m.payload,
+                fds: m.fds,
+            })
+        };
+        if p.command == Command::Version as u16 {
+            self.version_in_flight = false;
+            if let (Ok(reply), Some(proposal)) = (&result, &self.proposal) {
+                match validate_version_reply(proposal, &reply.payload) {
+                    Ok(v) => self.version = Some(v),
+                    Err(e) => result = Err(Error::proto(e.0).with_command(p.command)),
+                }
+            }
+        }
+        fired.completions.push((p.waiter, result));
+    }
+}
+
+fn timeout_error(command: u16, _when: Instant) -> Error {
+    Error::new(
+        Errno::ETIMEDOUT,
+        format!("no reply to {} before the deadline", command_name(command)),
+    )
+    .with_command(command)
+}
