@@ -1,0 +1,190 @@
+//! `NativeClient`: a `vfio_user_client::Client` as a JS class.
+
+use crate::convert::{self, NativeError, NativeReplyResult, NativeVersion, NativeVersionResult};
+use crate::events::{Event, EventQueue, NativeEvent};
+use napi::bindgen_prelude::{AsyncTask, Buffer, Either, Function};
+use napi::{Env, Result, Task};
+use napi_derive::napi;
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::time::Duration;
+use vfio_user_client::{Client, Error, Options, Request};
+
+#[napi]
+pub struct NativeClient {
+    client: Client,
+    events: EventQueue,
+}
+
+#[napi(object)]
+pub struct NativeConnectOptions {
+    pub timeout_ms: u32,
+    pub send_queued: bool,
+}
+
+pub struct ConnectTask {
+    path: PathBuf,
+    options: Options,
+}
+
+impl Task for ConnectTask {
+    type Output = std::result::Result<Client, Error>;
+    type JsValue = Either<NativeClient, NativeError>;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        Ok(Client::connect(&self.path, self.options.clone()))
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(match output {
+            Ok(client) => Either::A(NativeClient::wrap(client)),
+            Err(e) => Either::B(convert::from_error(&e)),
+        })
+    }
+}
+
+/// Connects on a libuv worker (a full listen backlog can make connect wait); resolves to the
+/// client or to the error.
+#[napi(ts_return_type = "Promise<NativeClient | NativeError>")]
+pub fn connect(path: String, options: NativeConnectOptions) -> AsyncTask<ConnectTask> {
+    AsyncTask::new(ConnectTask {
+        path: PathBuf::from(path),
+        options: Options {
+            timeout: Duration::from_millis(u64::from(options.timeout_ms)),
+            send_queued: options.send_queued,
+            ..Options::default()
+        },
+    })
+}
+
+fn borrow_fds(fds: &[i32]) -> Vec<BorrowedFd<'_>> {
+    fds.iter()
+        // SAFETY: the caller (ts/) has checked each is a non-negative integer; the client
+        // only duplicates them (F_DUPFD_CLOEXEC) during this call, and a number that is not
+        // an open fd makes that dup fail with EBADF rather than touch anything.
+        .map(|fd| unsafe { BorrowedFd::borrow_raw(*fd) })
+        .collect()
+}
+
+fn request<'a>(
+    command: u32,
+    payload: &'a [u8],
+    fds: &'a [BorrowedFd<'a>],
+    timeout_ms: Option<u32>,
+) -> Request<'a> {
+    Request {
+        command: command as u16,
+        payload,
+        fds,
+        timeout: timeout_ms.map(|ms| Duration::from_millis(u64::from(ms))),
+    }
+}
+
+#[napi]
+impl NativeClient {
+    fn wrap(client: Client) -> NativeClient {
+        let events = EventQueue::default();
+        let on_close = events.clone();
+        client.on_close(move |e| on_close.push(Event::Closed(e.clone())));
+        NativeClient { client, events }
+    }
+
+    /// Registers the function that receives batches of completions and the close event.
+    #[napi]
+    pub fn start(&self, on_events: Function<'_, Vec<NativeEvent>, ()>) -> Result<()> {
+        let queue = self.events.clone();
+        let tsfn = on_events
+            .build_threadsafe_function::<()>()
+            .callee_handled::<false>()
+            .weak::<true>()
+            .build_callback(move |_ctx| Ok(queue.take()))?;
+        self.events.set_sink(tsfn);
+        // Anything that happened before the sink existed (a close) is delivered now.
+        self.events.push_wakeup();
+        Ok(())
+    }
+
+    #[napi(getter)]
+    pub fn path(&self) -> String {
+        self.client.path().to_string()
+    }
+
+    /// Sends VERSION; the result arrives as an event with `token`. Returns an error if
+    /// nothing could be sent.
+    #[napi]
+    pub fn negotiate(&self, token: u32) -> Option<NativeError> {
+        let events = self.events.clone();
+        self.client
+            .negotiate_async(Box::new(move |r| events.push(Event::Done(token, r))))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    #[napi]
+    pub fn negotiate_sync(&self) -> NativeVersionResult {
+        match self.client.negotiate() {
+            Ok(v) => NativeVersionResult {
+                version: Some(convert::version(&v)),
+                error: None,
+            },
+            Err(e) => NativeVersionResult {
+                version: None,
+                error: Some(convert::from_error(&e)),
+            },
+        }
+    }
+
+    #[napi]
+    pub fn version(&self) -> Option<NativeVersion> {
+        self.client.version().as_ref().map(convert::version)
+    }
+
+    /// Sends a request; the reply or failure arrives as an event with `token`. Returns an
+    /// error if nothing was sent (then no event follows).
+    #[napi]
+    pub fn send(
+        &self,
+        token: u32,
+        command: u32,
+        payload: Buffer,
+        fds: Vec<i32>,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let borrowed = borrow_fds(&fds);
+        self.client
+            .send_async(
+                request(command, &payload, &borrowed, timeout_ms),
+                Box::new(move |r| events.push(Event::Done(token, r))),
+            )
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Sends a request and blocks the JS thread until its reply (timed condvar).
+    #[napi]
+    pub fn send_sync(
+        &self,
+        command: u32,
+        payload: Buffer,
+        fds: Vec<i32>,
+        timeout_ms: Option<u32>,
+    ) -> NativeReplyResult {
+        let borrowed = borrow_fds(&fds);
+        convert::reply_result(
+            self.client
+                .send_wait(request(command, &payload, &borrowed, timeout_ms)),
+        )
+    }
+
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Closes the connection; in-flight requests fail with ECONNABORTED. Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        self.client.close();
+    }
+}

@@ -1,0 +1,141 @@
+//! Plain-object shapes handed to JavaScript, and conversions into them. Results are tagged
+//! (`error` set or not) rather than thrown, so the errno survives the trip; `ts/` throws.
+
+use napi::bindgen_prelude::Buffer;
+use napi_derive::napi;
+use std::os::fd::IntoRawFd;
+use vfio_user_client::proto::{Capabilities, Version};
+use vfio_user_client::{Error, Reply};
+
+#[napi(object)]
+pub struct NativeError {
+    pub errno: i32,
+    pub code: String,
+    pub message: String,
+    pub command: Option<u32>,
+}
+
+impl NativeError {
+    pub fn proto(message: String) -> NativeError {
+        from_error(&Error::proto(message))
+    }
+}
+
+pub fn from_error(e: &Error) -> NativeError {
+    NativeError {
+        errno: e.errno as i32,
+        code: e.code(),
+        message: e.message.clone(),
+        command: e.command.map(u32::from),
+    }
+}
+
+#[napi(object)]
+pub struct NativeReply {
+    pub id: u32,
+    pub command: u32,
+    pub flags: u32,
+    pub payload: Buffer,
+    /// Received fds, now owned by JavaScript.
+    pub fds: Vec<i32>,
+}
+
+pub fn reply(r: Reply) -> NativeReply {
+    NativeReply {
+        id: u32::from(r.header.id),
+        command: u32::from(r.header.command),
+        flags: r.header.flags,
+        payload: r.payload.into(),
+        fds: r.fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
+    }
+}
+
+#[napi(object)]
+pub struct NativeReplyResult {
+    pub reply: Option<NativeReply>,
+    pub error: Option<NativeError>,
+}
+
+pub fn reply_result(r: Result<Reply, Error>) -> NativeReplyResult {
+    match r {
+        Ok(r) => NativeReplyResult {
+            reply: Some(reply(r)),
+            error: None,
+        },
+        Err(e) => NativeReplyResult {
+            reply: None,
+            error: Some(from_error(&e)),
+        },
+    }
+}
+
+#[napi(object)]
+pub struct NativeMigration {
+    pub pgsize: f64,
+    pub max_bitmap_size: f64,
+}
+
+#[napi(object)]
+pub struct NativeTwinSocket {
+    pub supported: bool,
+    pub fd_index: Option<u32>,
+}
+
+#[napi(object)]
+pub struct NativeCapabilities {
+    pub max_msg_fds: u32,
+    pub max_data_xfer_size: f64,
+    pub max_dma_maps: f64,
+    pub pgsizes: f64,
+    pub migration: Option<NativeMigration>,
+    pub write_multiple: bool,
+    pub twin_socket: Option<NativeTwinSocket>,
+}
+
+pub fn capabilities(c: &Capabilities) -> NativeCapabilities {
+    NativeCapabilities {
+        max_msg_fds: c.max_msg_fds,
+        max_data_xfer_size: c.max_data_xfer_size as f64,
+        max_dma_maps: c.max_dma_maps as f64,
+        pgsizes: c.pgsizes as f64,
+        migration: c.migration.map(|m| NativeMigration {
+            pgsize: m.pgsize as f64,
+            max_bitmap_size: m.max_bitmap_size as f64,
+        }),
+        write_multiple: c.write_multiple,
+        twin_socket: c.twin_socket.map(|t| NativeTwinSocket {
+            supported: t.supported,
+            fd_index: t.fd_index,
+        }),
+    }
+}
+
+#[napi(object)]
+pub struct NativeCapabilitiesResult {
+    pub capabilities: Option<NativeCapabilities>,
+    pub warnings: Vec<String>,
+    pub error: Option<NativeError>,
+}
+
+#[napi(object)]
+pub struct NativeVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub capabilities: NativeCapabilities,
+    pub warnings: Vec<String>,
+}
+
+pub fn version(v: &Version) -> NativeVersion {
+    NativeVersion {
+        major: u32::from(v.major),
+        minor: u32::from(v.minor),
+        capabilities: capabilities(&v.capabilities),
+        warnings: v.warnings.clone(),
+    }
+}
+
+#[napi(object)]
+pub struct NativeVersionResult {
+    pub version: Option<NativeVersion>,
+    pub error: Option<NativeError>,
+}

@@ -1,0 +1,112 @@
+//! Completions travel from the I/O thread to JavaScript in batches: each completion is pushed
+//! on a queue, and only the push that finds the queue empty schedules a call into JS, which
+//! then takes everything queued. Thousands in flight cost one JS call per wakeup, not one
+//! per request, and no libuv threadpool thread is ever parked.
+
+use crate::convert::{self, NativeError, NativeReply};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::Status;
+use napi_derive::napi;
+use std::sync::{Arc, Mutex};
+use vfio_user_client::{Error, Reply};
+
+/// One thing that happened, for the JS side to settle.
+#[napi(object)]
+pub struct NativeEvent {
+    /// The request's token, or 0 for the connection's own events.
+    pub token: u32,
+    pub reply: Option<NativeReply>,
+    pub error: Option<NativeError>,
+    /// Set once, when the connection has ended; the error says why.
+    pub closed: Option<NativeError>,
+}
+
+pub enum Event {
+    Done(u32, Result<Reply, Error>),
+    Closed(Error),
+}
+
+impl Event {
+    fn into_native(self) -> NativeEvent {
+        match self {
+            Event::Done(token, Ok(r)) => NativeEvent {
+                token,
+                reply: Some(convert::reply(r)),
+                error: None,
+                closed: None,
+            },
+            Event::Done(token, Err(e)) => NativeEvent {
+                token,
+                reply: None,
+                error: Some(convert::from_error(&e)),
+                closed: None,
+            },
+            Event::Closed(e) => NativeEvent {
+                token: 0,
+                reply: None,
+                error: None,
+                closed: Some(convert::from_error(&e)),
+            },
+        }
+    }
+}
+
+pub type Tsfn = ThreadsafeFunction<(), (), Vec<NativeEvent>, Status, false, true>;
+
+#[derive(Clone, Default)]
+pub struct EventQueue {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    events: Vec<Event>,
+    tsfn: Option<Arc<Tsfn>>,
+}
+
+impl EventQueue {
+    pub fn set_sink(&self, tsfn: Tsfn) {
+        self.lock().tsfn = Some(Arc::new(tsfn));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn push(&self, e: Event) {
+        let tsfn = {
+            let mut g = self.lock();
+            let first = g.events.is_empty();
+            g.events.push(e);
+            if first {
+                g.tsfn.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(t) = tsfn {
+            t.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    }
+
+    /// Schedules a JS call if anything is queued (used once the sink exists).
+    pub fn push_wakeup(&self) {
+        let tsfn = {
+            let g = self.lock();
+            if g.events.is_empty() {
+                None
+            } else {
+                g.tsfn.clone()
+            }
+        };
+        if let Some(t) = tsfn {
+            t.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    }
+
+    /// Takes everything queued (on the JS thread).
+    pub fn take(&self) -> Vec<NativeEvent> {
+        let events = std::mem::take(&mut self.lock().events);
+        events.into_iter().map(Event::into_native).collect()
+    }
+}

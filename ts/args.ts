@@ -1,0 +1,40 @@
+// Argument checks shared by the public calls: bad arguments throw before anything is sent.
+
+/** Checks an integer option in [min, max]. */
+export function checkInteger(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`)
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${value}`)
+  }
+  return value
+}
+
+/** Accepts any Uint8Array (Buffer included) and views it as a Buffer without copying. */
+export function checkPayload(value: unknown): Buffer {
+  if (!(value instanceof Uint8Array)) {
+    throw new TypeError(`payload must be a Buffer or Uint8Array, got ${describe(value)}`)
+  }
+  if (value.byteLength > 0xffff_ffff - 16) {
+    throw new RangeError(`payload of ${value.byteLength} bytes does not fit a vfio-user message`)
+  }
+  return Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength)
+}
+
+/** Checks a list of file descriptors. */
+export function checkFds(value: unknown): number[] {
+  if (value === undefined) return []
+  if (!Array.isArray(value)) throw new TypeError(`fds must be an array of file descriptors, got ${describe(value)}`)
+  return value.map((fd, i) => checkInteger(`fds[${i}]`, fd, 0, 0x7fff_ffff))
+}
+
+/** Checks an optional timeout in milliseconds. */
+export function checkTimeout(name: string, value: unknown): number | undefined {
+  if (value === undefined) return undefined
+  return checkInteger(name, value, 1, 0xffff_ffff)
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null'
+  if (Array.isArray(value)) return 'an array'
+  return typeof value
+}

@@ -1,0 +1,294 @@
+import { EventEmitter } from 'node:events'
+import { closeSync } from 'node:fs'
+import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
+import { type Capabilities, toCapabilities } from './capabilities'
+import { Command } from './command'
+import { fromNative, VfioUserError } from './errors'
+import { native, type NativeClient, type NativeEvent, type NativeReply, type NativeVersion } from './native'
+
+/** Options for {@link connect}. */
+export interface ConnectOptions {
+  /** Default time to wait for any reply, in ms (default 5000). Also bounds connecting. */
+  timeoutMs?: number
+  /**
+   * Never write from the calling thread: every message goes through the outgoing queue and
+   * the I/O thread (QEMU's `x-send-queued`). Slower; for tests and special callers.
+   */
+  sendQueued?: boolean
+}
+
+/** Per-request options. */
+export interface SendOptions {
+  /** File descriptors to pass with the request (SCM_RIGHTS). They stay yours: duplicates are sent. */
+  fds?: number[]
+  /** Overrides the client's timeout for this request, in ms. */
+  timeoutMs?: number
+  /** Rejects the promise with an `AbortError` when aborted (the request itself may still complete on the wire). */
+  signal?: AbortSignal
+}
+
+/** A reply from the server. */
+export interface Reply {
+  /** The message id it answered. */
+  id: number
+  command: number
+  /** Header flags (type bits, No_reply, Error). */
+  flags: number
+  /** The payload after the 16-byte header. */
+  payload: Buffer
+  /** File descriptors that came with the reply. They are yours: close them (`fs.closeSync`). */
+  fds: number[]
+}
+
+/** The result of version negotiation. */
+export interface VersionInfo {
+  major: number
+  minor: number
+  /** The server's capabilities, spec defaults filled in. */
+  capabilities: Capabilities
+  /** Accepted oddities: unknown capabilities, clamped values. */
+  warnings: string[]
+}
+
+interface Waiter {
+  resolve(r: NativeReply): void
+  reject(e: VfioUserError): void
+}
+
+function toReply(r: NativeReply): Reply {
+  return { id: r.id, command: r.command, flags: r.flags, payload: r.payload, fds: r.fds }
+}
+
+function toVersion(v: NativeVersion): VersionInfo {
+  return { major: v.major, minor: v.minor, capabilities: toCapabilities(v.capabilities), warnings: v.warnings }
+}
+
+/**
+ * A connection to a vfio-user server. Emits `'close'` (with the `VfioUserError` that ended it)
+ * once, when the connection ends for any reason.
+ */
+export class VfioUserClient extends EventEmitter {
+  readonly #native: NativeClient
+  readonly #path: string
+  readonly #waiters = new Map<number, Waiter>()
+  #nextToken = 1
+  #version?: Promise<VersionInfo>
+  #closed?: VfioUserError
+  readonly #closedPromise: Promise<void>
+  #onClosed!: () => void
+  // Keeps the event loop alive while requests are in flight (the native callback is weak).
+  readonly #keepAlive: NodeJS.Timeout
+
+  /** @internal Use {@link connect}. */
+  constructor(nativeClient: NativeClient, path: string) {
+    super()
+    this.#native = nativeClient
+    this.#path = path
+    this.#closedPromise = new Promise((resolve) => {
+      this.#onClosed = resolve
+    })
+    this.#keepAlive = setInterval(() => {}, 0x7fff_ffff)
+    this.#keepAlive.unref()
+    this.#native.start((events) => this.#deliver(events))
+  }
+
+  /** The socket path this client is connected to. */
+  get path(): string {
+    return this.#path
+  }
+
+  /** True once the connection has ended. */
+  get closed(): boolean {
+    return this.#closed !== undefined || this.#native.closed
+  }
+
+  /** Requests sent whose promise has not settled yet. */
+  get inFlight(): number {
+    return this.#waiters.size
+  }
+
+  /**
+   * Negotiates the protocol version (VERSION must come first; no other request is sent
+   * until this succeeds). Calling it again returns the same promise.
+   * @throws {VfioUserError} `'EPROTO'` naming the broken rule, or the errno the server replied with.
+   */
+  validateVersion(): Promise<VersionInfo> {
+    this.#version ??= new Promise<NativeReply>((resolve, reject) => {
+      const token = this.#token()
+      const refused = this.#native.negotiate(token)
+      if (refused) return reject(fromNative(refused, this.#path))
+      this.#track(token, { resolve, reject })
+    }).then(() => {
+      const v = this.#native.version()
+      if (!v) throw new VfioUserError('EPROTO', 71, 'VERSION reply was not recorded', Command.VERSION, this.#path)
+      return toVersion(v)
+    })
+    return this.#version
+  }
+
+  /** The negotiated version, once {@link validateVersion} has succeeded. */
+  get version(): VersionInfo | undefined {
+    const v = this.#native.version()
+    return v ? toVersion(v) : undefined
+  }
+
+  /**
+   * Sends a request and resolves with its reply. Many may be in flight at once.
+   * @param command a {@link Command} number
+   * @param payload the bytes after the 16-byte header
+   * @throws {TypeError|RangeError} synchronously for bad arguments; nothing is sent.
+   * @throws {VfioUserError} (rejection) `'ETIMEDOUT'`, `'ECONNRESET'` when the connection ends,
+   *   `'EPROTO'` for a malformed reply, or the server's errno (`'EIO'` when it gave none).
+   */
+  sendWait(command: number, payload: Uint8Array, options: SendOptions = {}): Promise<Reply> {
+    const args = this.#check(command, payload, options)
+    const { signal } = options
+    if (signal !== undefined && !(signal instanceof AbortSignal)) {
+      throw new TypeError('signal must be an AbortSignal')
+    }
+    if (signal?.aborted) return Promise.reject(signal.reason)
+    return new Promise<NativeReply>((resolve, reject) => {
+      const token = this.#token()
+      const refused = this.#native.send(token, command, args.payload, args.fds, args.timeoutMs)
+      if (refused) return reject(fromNative(refused, this.#path))
+      let onAbort: (() => void) | undefined
+      if (signal) {
+        onAbort = () => {
+          if (this.#waiters.delete(token)) this.#settled()
+          reject(signal.reason)
+        }
+        signal.addEventListener('abort', onAbort, { once: true })
+      }
+      const done = () => {
+        if (onAbort) signal?.removeEventListener('abort', onAbort)
+      }
+      this.#track(token, {
+        resolve: (r) => {
+          done()
+          resolve(r)
+        },
+        reject: (e) => {
+          done()
+          reject(e)
+        },
+      })
+    }).then(toReply)
+  }
+
+  /**
+   * Sends a request and blocks the JavaScript thread until its reply (a timed wait in Rust).
+   * The lowest-latency call; use it where blocking the event loop is acceptable.
+   * @throws {TypeError|RangeError} for bad arguments; nothing is sent.
+   * @throws {VfioUserError} as {@link sendWait} rejects.
+   */
+  sendWaitSync(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'> = {}): Reply {
+    const args = this.#check(command, payload, options)
+    const r = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
+    if (r.error || !r.reply) {
+      throw fromNative(r.error ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path)
+    }
+    return toReply(r.reply)
+  }
+
+  /**
+   * Closes the connection. Requests still in flight reject with `'ECONNABORTED'`; resolves
+   * once every promise has settled and `'close'` has been emitted. Idempotent.
+   */
+  close(): Promise<void> {
+    this.#native.close()
+    return this.#closedPromise
+  }
+
+  /** Closes the connection (for `await using`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
+  }
+
+  #check(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'>) {
+    checkInteger('command', command, 1, 0xffff)
+    if (command === Command.VERSION) throw new RangeError('VERSION is sent by validateVersion()')
+    if (command === Command.DMA_READ || command === Command.DMA_WRITE) {
+      throw new RangeError(`command ${command} travels from server to client and cannot be sent`)
+    }
+    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+    return {
+      payload: checkPayload(payload),
+      fds: checkFds(options.fds),
+      timeoutMs: checkTimeout('timeoutMs', options.timeoutMs),
+    }
+  }
+
+  #token(): number {
+    const t = this.#nextToken
+    this.#nextToken = t >= 0xffff_fffe ? 1 : t + 1
+    return t
+  }
+
+  #track(token: number, w: Waiter): void {
+    if (this.#waiters.size === 0) this.#keepAlive.ref()
+    this.#waiters.set(token, w)
+  }
+
+  #settled(): void {
+    if (this.#waiters.size === 0) this.#keepAlive.unref()
+  }
+
+  #deliver(events: NativeEvent[]): void {
+    for (const e of events) {
+      if (e.closed) {
+        this.#closed = fromNative(e.closed, this.#path)
+        continue
+      }
+      const w = this.#waiters.get(e.token)
+      if (!w) {
+        // Aborted by the caller: nobody wants it, but fds received are still ours to close.
+        for (const fd of e.reply?.fds ?? []) closeQuietly(fd)
+        continue
+      }
+      this.#waiters.delete(e.token)
+      if (e.reply) w.resolve(e.reply)
+      else w.reject(fromNative(e.error ?? { errno: 0, code: 'EIO', message: 'request failed' }, this.#path))
+    }
+    if (this.#closed) {
+      // The native side fails everything before it reports the close; this only guards
+      // against a promise that could otherwise never settle.
+      for (const w of this.#waiters.values()) w.reject(this.#closed)
+      this.#waiters.clear()
+    }
+    this.#settled()
+    if (this.#closed && !this.#closeEmitted) {
+      this.#closeEmitted = true
+      clearInterval(this.#keepAlive)
+      this.emit('close', this.#closed)
+      this.#onClosed()
+    }
+  }
+
+  #closeEmitted = false
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd)
+  } catch {
+    // Already closed: nothing to release.
+  }
+}
+
+/**
+ * Connects to a vfio-user server's UNIX socket.
+ * @throws {TypeError|RangeError} for bad arguments.
+ * @throws {VfioUserError} (rejection) `'ENOENT'`, `'ECONNREFUSED'`, `'EACCES'`… with the path in the message.
+ */
+export async function connect(path: string, options: ConnectOptions = {}): Promise<VfioUserClient> {
+  if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
+  if (path.length === 0) throw new RangeError('path must not be empty')
+  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? 5000
+  if (options.sendQueued !== undefined && typeof options.sendQueued !== 'boolean') {
+    throw new TypeError('sendQueued must be a boolean')
+  }
+  const r = await native.connect(path, { timeoutMs, sendQueued: options.sendQueued ?? false })
+  if ('errno' in r) throw fromNative(r)
+  return new VfioUserClient(r, path)
+}

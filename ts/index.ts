@@ -1,0 +1,9 @@
+/**
+ * vfio-user client for Node.js: drive a PCI device served by another process over a UNIX
+ * socket. See the README for the layers behind this API.
+ * @packageDocumentation
+ */
+export { type Capabilities, type MigrationCapability, type ParsedCapabilities, parseCapabilities, type TwinSocketCapability } from './capabilities'
+export { connect, type ConnectOptions, type Reply, type SendOptions, type VersionInfo, VfioUserClient } from './client'
+export { Command, type CommandName, type CommandNumber, commandName } from './command'
+export { VfioUserError } from './errors'
