@@ -4,7 +4,7 @@ use crate::io_thread;
 use crate::outgoing::Outgoing;
 use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
 use crate::socket::connect_unix;
-use crate::state::{Fired, Sent, ServerRequest, State};
+use crate::state::{Fired, Sent, ServerRequest, State, Stats};
 use crate::Error;
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -119,6 +119,7 @@ impl Shared {
     /// gets an error reply (ENOSYS, or E2BIG when too big to store) unless it said No_reply;
     /// its fds are closed. The stream stays in sync either way.
     pub fn serve(&self, req: ServerRequest) {
+        self.lock().stats.server_requests += 1;
         drop(req.fds);
         if req.header.no_reply() {
             return;
@@ -271,6 +272,11 @@ impl Client {
     /// The negotiated version, once [`Client::negotiate`] has succeeded.
     pub fn version(&self) -> Option<Version> {
         self.shared.lock().version.clone()
+    }
+
+    /// Send-path and receive counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats
     }
 
     pub fn is_closed(&self) -> bool {

@@ -23,4 +23,5 @@ pub use client::{Client, Options, Request, Ticket};
 pub use error::Error;
 pub use pending::{Completion, Reply};
 pub use socket::{connect_unix, MAX_RECV_FDS};
+pub use state::Stats;
 pub use vfio_user_proto as proto;

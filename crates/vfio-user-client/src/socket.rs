@@ -90,7 +90,7 @@ pub struct Received {
 }
 
 /// One nonblocking recvmsg into `buf`. `cmsg` must hold [`MAX_RECV_FDS`] descriptors.
-pub fn recv_chunk(sock: RawFd, buf: &mut [u8], cmsg: &mut Vec<u8>) -> nix::Result<Received> {
+pub fn recv_chunk(sock: RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> nix::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
     loop {
         let msg = match recvmsg::<()>(

@@ -62,6 +62,22 @@ pub struct State {
     next_seq: u64,
     /// The I/O thread should poll for POLLOUT.
     pub want_write: bool,
+    pub stats: Stats,
+}
+
+/// Counters for observability and tests of the send path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages written whole by the caller's thread (the inline fast path).
+    pub inline_sends: u64,
+    /// Messages that went through the outgoing queue (would-block, ordering, send_queued).
+    pub queued_sends: u64,
+    /// Write calls that wrote only part of what was offered.
+    pub partial_writes: u64,
+    /// Replies read and dropped because nobody waited for them (late or unexpected).
+    pub dropped_replies: u64,
+    /// Requests from the server answered by the dispatch point.
+    pub server_requests: u64,
 }
 
 impl State {
@@ -112,6 +128,7 @@ impl State {
     /// A reply arrived for `id` that nobody waits for; returns true if it was a late reply
     /// to a timed-out request (its id is released now).
     pub fn bury(&mut self, id: u16) -> bool {
+        self.stats.dropped_replies += 1;
         if self.tombstones.remove(&id) {
             self.tombstone_order.retain(|t| *t != id);
             true
@@ -194,13 +211,16 @@ impl State {
     pub fn send(&mut self, sock: RawFd, msg: Outgoing, inline: bool) -> Result<Sent, Error> {
         self.outgoing.push_back(msg);
         if self.outgoing.len() > 1 || !inline {
+            self.stats.queued_sends += 1;
             self.want_write = true;
             return Ok(Sent::Queued);
         }
         self.flush(sock)?;
         Ok(if self.outgoing.is_empty() {
+            self.stats.inline_sends += 1;
             Sent::Done
         } else {
+            self.stats.queued_sends += 1;
             Sent::Queued
         })
     }
@@ -211,6 +231,9 @@ impl State {
         while let Some(front) = self.outgoing.front_mut() {
             match send_chunk(sock, front.remaining(), &front.raw_fds()) {
                 Ok(n) => {
+                    if n < front.remaining().len() {
+                        self.stats.partial_writes += 1;
+                    }
                     if front.advance(n) {
                         let done = self.outgoing.pop_front();
                         if let Some(Outgoing {
@@ -286,6 +309,8 @@ impl State {
             return Disposition::Drop;
         };
         if !p.sent {
+            // A "reply" to a request not yet fully written cannot be its reply.
+            self.stats.dropped_replies += 1;
             return Disposition::Drop;
         }
         let (seq, command, limit) = (p.seq, p.command, p.reply_limit);
