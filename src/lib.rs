@@ -1,3 +1,6 @@
+// napi-derive registers exports only outside cfg(test), so a test build sees them unused.
+#![cfg_attr(test, allow(dead_code))]
+
 //! The N-API binding: argument conversion between JavaScript and `vfio-user-client`, nothing
 //! else. Protocol logic lives in the crates; the typed API lives in `ts/`.
 
