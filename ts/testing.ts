@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 
-/** A running test device: rust-vmm's vfio_user Server in its own process. */
+/** A running server process: the test device (rust-vmm's vfio_user Server) or the scripted peer. */
 export interface TestDevice {
   /** The UNIX socket it listens on. */
   readonly socketPath: string
@@ -16,38 +16,57 @@ export interface TestDevice {
   [Symbol.asyncDispose](): Promise<void>
 }
 
-/** Options for {@link startTestDevice}. */
+/** Options for {@link startTestDevice} and {@link startScriptedPeer}. */
 export interface TestDeviceOptions {
-  /** Path of the `vfio-user-test-device` binary; default: `$VFIO_USER_TEST_DEVICE` or the newest cargo build. */
+  /** Path of the binary; default: `$VFIO_USER_TEST_DEVICE` / `$VFIO_USER_SCRIPTED_PEER` or the newest cargo build. */
   binary?: string
   /** How long to wait for it to start listening, in ms (default 10000). */
   startTimeoutMs?: number
 }
 
-/** Finds the test device binary built by `npm install` (release) or `cargo build` (debug). */
-export function testDeviceBinary(): string {
-  const fromEnv = process.env.VFIO_USER_TEST_DEVICE
+/** Finds a binary of `crates/test-device` built by `npm install` (release) or `cargo build` (debug). */
+function findBinary(name: string, envVar: string): string {
+  const fromEnv = process.env[envVar]
   if (fromEnv) return fromEnv
   const root = resolve(__dirname, '..')
   const candidates = ['release', 'debug']
-    .map((profile) => join(root, 'target', profile, 'vfio-user-test-device'))
+    .map((profile) => join(root, 'target', profile, name))
     .filter((p) => existsSync(p))
     .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs)
   if (candidates.length === 0) {
-    throw new Error('vfio-user-test-device is not built: run `npm run build:device` (or `cargo build -p test-device`)')
+    throw new Error(`${name} is not built: run \`npm run build:device\` (or \`cargo build -p test-device\`)`)
   }
   return candidates[0] as string
+}
+
+/** The test device binary: `$VFIO_USER_TEST_DEVICE` or the newest cargo build. */
+export function testDeviceBinary(): string {
+  return findBinary('vfio-user-test-device', 'VFIO_USER_TEST_DEVICE')
 }
 
 /**
  * Starts the test device (a small PCI device: config space, a 4 KiB BAR0, INTx and MSI) on a
  * socket in a fresh temporary directory, and resolves once it is listening.
  */
-export async function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDevice> {
-  const binary = options.binary ?? testDeviceBinary()
+export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDevice> {
+  return startListening(options.binary ?? testDeviceBinary(), [], options.startTimeoutMs)
+}
+
+/**
+ * Starts the scripted misbehaving server (`vfio-user-scripted-peer`) with one of its
+ * scenarios, for testing how your code handles a broken or hostile server. It serves one
+ * client. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.
+ */
+export function startScriptedPeer(scenario: string, options: TestDeviceOptions = {}): Promise<TestDevice> {
+  if (typeof scenario !== 'string') throw new TypeError('scenario must be a string')
+  const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER')
+  return startListening(binary, [scenario], options.startTimeoutMs)
+}
+
+async function startListening(binary: string, args: string[], startTimeoutMs = 10_000): Promise<TestDevice> {
   const dir = mkdtempSync(join(tmpdir(), 'vfio-user-'))
   const socketPath = join(dir, 'device.sock')
-  const child = spawn(binary, [socketPath], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(binary, [socketPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
   let stderr = ''
   child.stderr?.setEncoding('utf8')
   child.stderr?.on('data', (d: string) => {
@@ -55,7 +74,7 @@ export async function startTestDevice(options: TestDeviceOptions = {}): Promise<
   })
   const cleanup = () => rmSync(dir, { recursive: true, force: true })
   try {
-    await waitListening(child, options.startTimeoutMs ?? 10_000, () => stderr)
+    await waitListening(child, startTimeoutMs, () => stderr)
   } catch (e) {
     child.kill('SIGKILL')
     cleanup()

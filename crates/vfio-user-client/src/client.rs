@@ -90,6 +90,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn default_timeout(&self) -> Duration {
+        self.options.timeout
+    }
+
     fn wake_io(&self) {
         let _ = self.wake.write(1);
     }
@@ -375,7 +379,7 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let sock = self.shared.sock.as_raw_fd();
 
-        let (id, seq, result) = {
+        let result = {
             let mut st = self.shared.lock();
             if let Some(e) = &st.closed {
                 return Err(e.clone().with_command(req.command));
@@ -409,7 +413,7 @@ impl Client {
             if version {
                 st.version_in_flight = true;
             }
-            st.add_pending(
+            let wake_for_deadline = st.add_pending(
                 id,
                 Pending {
                     seq,
@@ -428,13 +432,13 @@ impl Client {
                 written: 0,
                 fds,
             };
-            (
-                id,
-                seq,
-                st.send(sock, msg, !self.shared.options.send_queued),
-            )
+            let sent = st.send(sock, msg, !self.shared.options.send_queued);
+            (id, seq, sent, wake_for_deadline)
         };
+        let (id, seq, result, wake_for_deadline) = result;
         match result {
+            // Written inline, but its deadline is earlier than the I/O thread's next wakeup.
+            Ok(Sent::Done) if wake_for_deadline => self.shared.wake_io(),
             Ok(Sent::Done) => {}
             // The I/O thread may be asleep in poll without POLLOUT; wake it to watch.
             Ok(Sent::Queued) => self.shared.wake_io(),

@@ -9,32 +9,33 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub fn run(shared: Arc<Shared>) {
     let mut rx = Rx::default();
+    let heartbeat = (shared.default_timeout() / 2).max(Duration::from_millis(1));
     let sock = shared.sock.as_raw_fd();
     loop {
         let mut fired = Fired::default();
-        let (want_write, next_deadline, closed) = {
+        let (want_write, wake_at, closed) = {
             let mut st = shared.lock();
-            let next = st.expire(Instant::now(), &mut fired);
+            let now = Instant::now();
+            let next = st.expire(now, &mut fired);
             st.compact_deadlines();
-            (st.want_write, next, st.closed.is_some())
+            // With nothing pending, still wake now and then, so that a new request's
+            // deadline (at least `heartbeat` away in the common case) needs no wakeup.
+            let wake_at = next.unwrap_or(now + heartbeat);
+            st.io_wake_at = Some(wake_at);
+            (st.want_write, wake_at, st.closed.is_some())
         };
         fired.fire();
         if closed {
             break;
         }
-        let timeout = match next_deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                // Round up so we never wake a hair early and spin.
-                let left = d.saturating_duration_since(Instant::now());
-                let ms = left.as_micros().div_ceil(1000);
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
+        // Round up so we never wake a hair early and spin.
+        let left = wake_at.saturating_duration_since(Instant::now());
+        let timeout =
+            PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
         let mut events = PollFlags::POLLIN;
         if want_write {
             events |= PollFlags::POLLOUT;

@@ -62,6 +62,9 @@ pub struct State {
     next_seq: u64,
     /// The I/O thread should poll for POLLOUT.
     pub want_write: bool,
+    /// When the I/O thread, asleep in poll, will wake up by itself at the latest. A new
+    /// deadline before this needs a wakeup; a later one (the common case) costs nothing.
+    pub io_wake_at: Option<Instant>,
     pub stats: Stats,
 }
 
@@ -109,9 +112,13 @@ impl State {
         ))
     }
 
-    pub fn add_pending(&mut self, id: u16, p: Pending) {
+    /// Adds a request to the pending table; returns true if the I/O thread must be woken to
+    /// honour its deadline.
+    pub fn add_pending(&mut self, id: u16, p: Pending) -> bool {
+        let wake = self.io_wake_at.is_none_or(|w| p.deadline < w);
         self.deadlines.push(Reverse((p.deadline, p.seq, id)));
         self.pending.insert(id, p);
+        wake
     }
 
     fn tombstone(&mut self, id: u16) {

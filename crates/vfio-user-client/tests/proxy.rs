@@ -512,3 +512,32 @@ fn send_async_calls_back_once() {
     assert_eq!(rx.recv().unwrap().unwrap(), 16);
     assert!(rx.recv_timeout(Duration::from_millis(10)).is_err());
 }
+
+#[test]
+fn async_requests_time_out_on_the_io_thread() {
+    let (client, mut peer) = negotiated(Options::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Idle first: the I/O thread is asleep with a far wakeup; a short deadline must wake it.
+    for ms in [30u64, 5000] {
+        let tx = tx.clone();
+        client
+            .send_async(
+                Request {
+                    timeout: Some(Duration::from_millis(ms)),
+                    ..Request::new(GET_INFO, &info_req())
+                },
+                Box::new(move |r| tx.send((ms, r.map(|_| ()))).unwrap()),
+            )
+            .unwrap();
+    }
+    let a = peer.read_msg();
+    let _b = peer.read_msg();
+    let (ms, r) = rx.recv().unwrap();
+    assert_eq!(ms, 30, "the short one fails first");
+    assert_eq!(r.unwrap_err().code(), "ETIMEDOUT");
+    ok_info(&mut peer, &a); // late: dropped
+    client.close();
+    let (ms, r) = rx.recv().unwrap();
+    assert_eq!(ms, 5000);
+    assert_eq!(r.unwrap_err().code(), "ECONNABORTED");
+}

@@ -1,0 +1,237 @@
+// The public API end to end against the real rust-vmm server (crates/test-device).
+import { closeSync, fstatSync } from 'node:fs'
+import { constants } from 'node:os'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Command, commandName, connect, parseCapabilities, VfioUserError } from '../ts/index'
+import { startTestDevice, type TestDevice } from '../ts/testing'
+import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
+
+let device: TestDevice
+
+beforeAll(async () => {
+  device = await startTestDevice()
+})
+
+afterAll(async () => {
+  await device.close()
+})
+
+async function rejection(p: Promise<unknown>): Promise<VfioUserError> {
+  const e = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  )
+  expect(e).toBeInstanceOf(VfioUserError)
+  return e as VfioUserError
+}
+
+describe('against the test device', () => {
+  it('negotiates the version and capabilities', async () => {
+    await using client = await connect(device.socketPath, { timeoutMs: 5000 })
+    const version = await client.validateVersion()
+    expect(version).toEqual({
+      major: 0,
+      minor: 0,
+      capabilities: {
+        maxMsgFds: 1,
+        maxDataXferSize: 1048576,
+        maxDmaMaps: 65535,
+        pgsizes: 4096,
+        writeMultiple: false,
+        migration: { pgsize: 4096, maxBitmapSize: 268435456 },
+      },
+      warnings: [],
+    })
+    expect(client.validateVersion()).toBe(client.validateVersion())
+    expect(client.version).toEqual(version)
+  })
+
+  it('sends DEVICE_GET_INFO with sendWait and sendWaitSync', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const reply = await client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { fds: [], timeoutMs: 1000 })
+    expect(reply.command).toBe(Command.DEVICE_GET_INFO)
+    expect(reply.payload.length).toBe(16)
+    expect(reply.payload.readUInt32LE(8)).toBe(9) // regions
+    expect(reply.payload.readUInt32LE(12)).toBe(5) // irqs
+    const same = client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(same.payload).toEqual(reply.payload)
+    expect(same.fds).toEqual([])
+  })
+
+  it('keeps many requests in flight', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const replies = await Promise.all(
+      Array.from({ length: 1000 }, () => client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())),
+    )
+    expect(replies.every((r) => r.payload.readUInt32LE(8) === 9)).toBe(true)
+    expect(new Set(replies.map((r) => r.id)).size).toBe(1000)
+    expect(client.inFlight).toBe(0)
+  })
+
+  it('writes and reads BAR0 through the socket', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const data = Buffer.from('vfio-user from node!')
+    await client.sendWait(Command.REGION_WRITE, regionAccess(0, 64, data.length, data))
+    const r = await client.sendWait(Command.REGION_READ, regionAccess(0, 64, data.length))
+    expect(r.payload.subarray(16)).toEqual(data)
+    const config = client.sendWaitSync(Command.REGION_READ, regionAccess(7, 0, 4))
+    expect(config.payload.readUInt16LE(16)).toBe(0x1b36)
+    expect(config.payload.readUInt16LE(18)).toBe(0x0005)
+  })
+
+  it('receives the BAR0 fd once argsz covers the sparse-mmap capability', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const first = await client.sendWait(Command.DEVICE_GET_REGION_INFO, regionInfoPayload(0, 32))
+    expect(first.fds).toEqual([])
+    const needed = first.payload.readUInt32LE(0)
+    expect(needed).toBeGreaterThan(32)
+    const second = await client.sendWait(Command.DEVICE_GET_REGION_INFO, regionInfoPayload(0, needed))
+    expect(second.fds.length).toBe(1)
+    const fd = second.fds[0] as number
+    expect(fstatSync(fd).size).toBe(4096)
+    closeSync(fd)
+  })
+
+  it('turns error replies into VfioUserError with code and errno', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const bad = await rejection(client.sendWait(Command.REGION_READ, regionAccess(99, 0, 4)))
+    expect(bad.code).toBe('EINVAL')
+    expect(bad.errno).toBe(-constants.errno.EINVAL)
+    expect(bad.command).toBe(Command.REGION_READ)
+    expect(bad.commandName).toBe('REGION_READ')
+    expect(bad.message).toContain(device.socketPath)
+    // The crate's backend errors carry errno 0: that is a failure (EIO), never success.
+    const eio = await rejection(client.sendWait(Command.REGION_READ, regionAccess(0, 8192, 4)))
+    expect(eio.code).toBe('EIO')
+    expect(() => client.sendWaitSync(Command.REGION_READ, regionAccess(0, 8192, 4))).toThrow(
+      expect.objectContaining({ code: 'EIO', errno: -constants.errno.EIO }),
+    )
+    // The stream is still in sync.
+    expect((await client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())).payload.length).toBe(16)
+  })
+
+  it('refuses requests before validateVersion and sends nothing', async () => {
+    await using client = await connect(device.socketPath)
+    const e = await rejection(client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    expect(e.code).toBe('ENOTCONN')
+    expect(() => client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())).toThrow(/version negotiation/)
+    // The server would reject anything but VERSION first: negotiation still succeeds.
+    await client.validateVersion()
+    await client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+  })
+
+  it('throws TypeError and RangeError for bad arguments before sending', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const p = getInfoPayload()
+    const bad = client as unknown as { sendWait(...a: unknown[]): Promise<unknown>; sendWaitSync(...a: unknown[]): unknown }
+    expect(() => bad.sendWait('4', p)).toThrow(TypeError)
+    expect(() => bad.sendWait(0, p)).toThrow(RangeError)
+    expect(() => bad.sendWait(70000, p)).toThrow(RangeError)
+    expect(() => bad.sendWait(1.5, p)).toThrow(RangeError)
+    expect(() => bad.sendWait(Command.VERSION, p)).toThrow(RangeError)
+    expect(() => bad.sendWait(Command.DMA_READ, p)).toThrow(RangeError)
+    expect(() => bad.sendWait(4, 'payload')).toThrow(TypeError)
+    expect(() => bad.sendWait(4, p, { fds: 3 })).toThrow(TypeError)
+    expect(() => bad.sendWait(4, p, { fds: [-1] })).toThrow(RangeError)
+    expect(() => bad.sendWait(4, p, { timeoutMs: 0 })).toThrow(RangeError)
+    expect(() => bad.sendWait(4, p, { signal: {} })).toThrow(TypeError)
+    expect(() => bad.sendWaitSync(4, p, { timeoutMs: -5 })).toThrow(RangeError)
+    expect(client.inFlight).toBe(0)
+    // A Uint8Array that is not a Buffer is fine.
+    const r = await client.sendWait(4, new Uint8Array(p))
+    expect(r.payload.length).toBe(16)
+  })
+
+  it('rejects with the AbortSignal reason', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const ac = new AbortController()
+    ac.abort(new Error('stop'))
+    await expect(client.sendWait(4, getInfoPayload(), { signal: ac.signal })).rejects.toThrow('stop')
+  })
+
+  it('closes with await using, failing in-flight requests and emitting close', async () => {
+    const client = await connect(device.socketPath)
+    await client.validateVersion()
+    const closed = new Promise((resolve) => client.once('close', resolve))
+    const inFlight = client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 60_000 })
+    const settled = inFlight.then(
+      () => 'resolved',
+      (e: VfioUserError) => e.code,
+    )
+    {
+      await using _ = client
+    }
+    // Either the reply won the race or the close failed it; it never hangs.
+    expect(['resolved', 'ECONNABORTED']).toContain(await settled)
+    const reason = (await closed) as VfioUserError
+    expect(reason.code).toBe('ECONNABORTED')
+    expect(client.closed).toBe(true)
+    const after = await rejection(client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    expect(after.code).toBe('ECONNABORTED')
+    await client.close()
+  })
+
+  it('reports connect failures with code and path', async () => {
+    const missing = await rejection(connect('/nonexistent/vfio-user.sock'))
+    expect(missing.code).toBe('ENOENT')
+    expect(missing.message).toContain('/nonexistent/vfio-user.sock')
+    // A socket file whose server is gone: ECONNREFUSED.
+    const gone = await startTestDevice()
+    process.kill(gone.pid, 'SIGKILL')
+    await new Promise<void>((resolve) => {
+      const check = () => {
+        try {
+          process.kill(gone.pid, 0)
+          setImmediate(check)
+        } catch {
+          resolve()
+        }
+      }
+      check()
+    })
+    const refused = await rejection(connect(gone.socketPath))
+    expect(refused.code).toBe('ECONNREFUSED')
+    await gone.close()
+    await expect(connect('')).rejects.toThrow(RangeError)
+    await expect(connect(42 as unknown as string)).rejects.toThrow(TypeError)
+  })
+})
+
+describe('parseCapabilities', () => {
+  it('fills spec defaults and lists unknown keys', () => {
+    expect(parseCapabilities('{}').capabilities.maxMsgFds).toBe(1)
+    const p = parseCapabilities('{"capabilities":{"max_msg_fds":8,"write_multiple":true,"shiny":1}}')
+    expect(p.capabilities.maxMsgFds).toBe(8)
+    expect(p.capabilities.writeMultiple).toBe(true)
+    expect(p.warnings).toEqual(["unknown capability 'shiny' ignored"])
+  })
+
+  it('throws EPROTO naming the problem', () => {
+    for (const [json, what] of [
+      ['[]', 'must be an object'],
+      ['{"capabilities":1}', "'capabilities' must be an object"],
+      ['{"capabilities":{"max_msg_fds":-1}}', 'max_msg_fds'],
+      ['{"capabilities":{"pgsizes":0}}', 'pgsizes'],
+      ['{"capabilities":{"write_multiple":"yes"}}', 'write_multiple'],
+      ['{"capabilities":{"max_msg_fds":1,"max_msg_fds":2}}', 'duplicate'],
+    ] as const) {
+      expect(() => parseCapabilities(json)).toThrow(expect.objectContaining({ code: 'EPROTO', message: expect.stringContaining(what) }))
+    }
+    expect(() => parseCapabilities(3 as unknown as string)).toThrow(TypeError)
+  })
+})
+
+describe('Command', () => {
+  it('names every command number of the spec', () => {
+    expect(Object.values(Command).sort((a, b) => a - b)).toEqual(Array.from({ length: 18 }, (_, i) => i + 1))
+    expect(commandName(15)).toBe('REGION_WRITE_MULTI')
+    expect(commandName(99)).toBe('command 99')
+  })
+})

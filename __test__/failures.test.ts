@@ -1,0 +1,121 @@
+// A broken or hostile server (crates/test-device/src/bin/scripted_peer.rs, built on our
+// proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
+import { constants } from 'node:os'
+import { describe, expect, it } from 'vitest'
+import { Command, connect, VfioUserError } from '../ts/index'
+import { startScriptedPeer } from '../ts/testing'
+import { getInfoPayload } from './wire'
+
+async function rejection(p: Promise<unknown>): Promise<VfioUserError> {
+  const e = await p.then(
+    () => undefined,
+    (err: unknown) => err,
+  )
+  expect(e).toBeInstanceOf(VfioUserError)
+  return e as VfioUserError
+}
+
+async function peer(scenario: string, timeoutMs = 5000) {
+  const server = await startScriptedPeer(scenario)
+  const client = await connect(server.socketPath, { timeoutMs })
+  return {
+    server,
+    client,
+    async [Symbol.asyncDispose]() {
+      await client.close()
+      await server.close()
+    },
+  }
+}
+
+describe('VERSION reply validation', () => {
+  it.each([
+    ['major', 'EPROTO', 'major version 1'],
+    ['minor', 'EPROTO', 'minor version 7'],
+    ['no-nul', 'EPROTO', 'not NUL-terminated'],
+    ['short', 'EPROTO', 'shorter than the 20'],
+    ['bad-caps', 'EPROTO', 'max_msg_fds must be an unsigned integer'],
+    ['wrong-command', 'EPROTO', 'carries command DEVICE_GET_INFO'],
+    ['error0', 'EIO', 'without a valid errno'],
+    ['enotsup', 'EOPNOTSUPP', 'VERSION'],
+  ])('version:%s fails with %s', async (kind, code, what) => {
+    await using p = await peer(`version:${kind}`)
+    const e = await rejection(p.client.validateVersion())
+    expect(e.code).toBe(code)
+    expect(e.errno).toBe(-(constants.errno as Record<string, number>)[code])
+    expect(e.command).toBe(Command.VERSION)
+    expect(e.message).toContain(what)
+    // Nothing else may be sent after a failed negotiation.
+    expect((await rejection(p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))).code).toBe('ENOTCONN')
+  })
+
+  it('times out when the server never answers', async () => {
+    await using p = await peer('version:silent', 100)
+    expect((await rejection(p.client.validateVersion())).code).toBe('ETIMEDOUT')
+  })
+
+  it('fails with ECONNRESET and emits close when the server hangs up', async () => {
+    await using p = await peer('version:eof')
+    const closed = new Promise<VfioUserError>((resolve) => p.client.once('close', resolve))
+    expect((await rejection(p.client.validateVersion())).code).toBe('ECONNRESET')
+    expect((await closed).code).toBe('ECONNRESET')
+    expect(p.client.closed).toBe(true)
+  })
+
+  it('accepts unknown capabilities and reports them as warnings', async () => {
+    await using p = await peer('version:warnings')
+    const v = await p.client.validateVersion()
+    expect(v.capabilities.maxMsgFds).toBe(4)
+    expect(v.capabilities.pgsizes).toBe(2097152)
+    expect(v.warnings).toEqual(["unknown capability 'frobnicate' ignored", 'pgsizes 0x200000 does not include 4 KiB pages'])
+  })
+})
+
+describe('requests against a misbehaving server', () => {
+  it('drops the late reply of a timed-out request and the next request works', async () => {
+    await using p = await peer('late')
+    await p.client.validateVersion()
+    const first = await rejection(p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 50 }))
+    expect(first.code).toBe('ETIMEDOUT')
+    expect(first.commandName).toBe('DEVICE_GET_INFO')
+    const second = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(second.payload.readUInt32LE(8)).toBe(9)
+    const third = p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(third.payload.length).toBe(16)
+  })
+
+  it('fails every pending request at once when the server closes', async () => {
+    // With a 10-minute timeout, anything not failed by the EOF would hang the test.
+    await using p = await peer('eof-pending', 600_000)
+    await p.client.validateVersion()
+    const closed = new Promise<VfioUserError>((resolve) => p.client.once('close', resolve))
+    const results = await Promise.allSettled(
+      Array.from({ length: 5 }, () => p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())),
+    )
+    for (const r of results) {
+      expect(r.status).toBe('rejected')
+      expect((r as PromiseRejectedResult).reason).toMatchObject({ code: 'ECONNRESET' })
+    }
+    expect((await closed).code).toBe('ECONNRESET')
+    expect(p.client.inFlight).toBe(0)
+  })
+
+  it('treats an error reply with errno 0 as EIO', async () => {
+    await using p = await peer('errno0')
+    await p.client.validateVersion()
+    const e = await rejection(p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    expect(e.code).toBe('EIO')
+    expect(e.errno).toBe(-constants.errno.EIO)
+    expect(() => p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())).toThrow(
+      expect.objectContaining({ code: 'EIO' }),
+    )
+  })
+
+  it('answers a server DMA request with an error while its own request is outstanding', async () => {
+    await using p = await peer('dma-request')
+    await p.client.validateVersion()
+    const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    // The peer reports the errno our client answered its DMA_READ with.
+    expect(r.payload.readUInt32LE(0)).toBe(constants.errno.ENOSYS)
+  })
+})

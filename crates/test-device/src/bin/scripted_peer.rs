@@ -1,0 +1,183 @@
+//! `vfio-user-scripted-peer SOCKET SCENARIO`: a deliberately misbehaving vfio-user server for
+//! the failure cases the real device cannot produce. Built on our proto crate. It serves one
+//! client, then exits. Scenarios:
+//!
+//! - `version:major|minor|no-nul|short|error0|enotsup|bad-caps|wrong-command|silent|eof`:
+//!   a broken VERSION reply (or none).
+//! - `version:warnings`: a valid reply with unknown capabilities, then `serve`.
+//! - `serve`: answers every request with a 16-byte DEVICE_GET_INFO-like payload.
+//! - `late`: leaves the first request unanswered; once a second arrives, sends the late
+//!   reply to the first, then answers the second.
+//! - `eof-pending`: reads three requests, then closes the connection.
+//! - `errno0`: answers every request with an error reply whose errno is 0.
+//! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
+//!   errno of the client's answer in bytes 0..4 of the reply payload.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use vfio_user_proto::{Header, HEADER_SIZE};
+
+const VALID_CAPS: &str = r#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576}}"#;
+
+fn read_msg(s: &mut UnixStream) -> Option<(Header, Vec<u8>)> {
+    let mut raw = [0u8; HEADER_SIZE];
+    s.read_exact(&mut raw).ok()?;
+    let h = Header::decode(&raw);
+    let mut payload = vec![0u8; h.payload_len()];
+    s.read_exact(&mut payload).ok()?;
+    Some((h, payload))
+}
+
+fn send(s: &mut UnixStream, h: Header, payload: &[u8]) {
+    let mut bytes = h.encode().to_vec();
+    bytes.extend_from_slice(payload);
+    let _ = s.write_all(&bytes);
+}
+
+fn version_payload(major: u16, minor: u16, json: &str, nul: bool) -> Vec<u8> {
+    let mut p = major.to_ne_bytes().to_vec();
+    p.extend_from_slice(&minor.to_ne_bytes());
+    p.extend_from_slice(json.as_bytes());
+    if nul {
+        p.push(0);
+    }
+    p
+}
+
+fn info_payload(first_word: u32) -> [u8; 16] {
+    let mut p = [0u8; 16];
+    p[0..4].copy_from_slice(&first_word.to_ne_bytes());
+    p[8..12].copy_from_slice(&9u32.to_ne_bytes());
+    p[12..16].copy_from_slice(&5u32.to_ne_bytes());
+    p
+}
+
+fn reply(s: &mut UnixStream, to: &Header, payload: &[u8]) {
+    send(s, Header::reply_to(to, payload.len()), payload);
+}
+
+/// Answers VERSION per `kind`; returns false if the session should stop.
+fn version(s: &mut UnixStream, kind: &str) -> bool {
+    let Some((h, _)) = read_msg(s) else {
+        return false;
+    };
+    match kind {
+        "major" => reply(s, &h, &version_payload(1, 0, VALID_CAPS, true)),
+        "minor" => reply(s, &h, &version_payload(0, 7, VALID_CAPS, true)),
+        "no-nul" => reply(s, &h, &version_payload(0, 0, VALID_CAPS, false)),
+        "short" => reply(s, &h, &[]),
+        "error0" => send(s, Header::error_reply_to(&h, 0), &[]),
+        "enotsup" => send(s, Header::error_reply_to(&h, 95), &[]),
+        "bad-caps" => reply(
+            s,
+            &h,
+            &version_payload(0, 0, r#"{"capabilities":{"max_msg_fds":"eight"}}"#, true),
+        ),
+        "wrong-command" => {
+            let mut r = Header::reply_to(&h, 4 + VALID_CAPS.len() + 1);
+            r.command = 4;
+            send(s, r, &version_payload(0, 0, VALID_CAPS, true));
+        }
+        "silent" => {
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+            return false;
+        }
+        "eof" => return false,
+        "warnings" => {
+            reply(
+                s,
+                &h,
+                &version_payload(
+                    0,
+                    0,
+                    r#"{"capabilities":{"max_msg_fds":4,"frobnicate":true,"pgsizes":2097152}}"#,
+                    true,
+                ),
+            );
+            return true;
+        }
+        _ => {
+            reply(s, &h, &version_payload(0, 0, VALID_CAPS, true));
+            return true;
+        }
+    }
+    // A broken reply: keep the connection open until the client leaves.
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    false
+}
+
+fn run(s: &mut UnixStream, scenario: &str) {
+    let (kind, after) = match scenario.strip_prefix("version:") {
+        Some(k) => (k, "serve"),
+        None => ("ok", scenario),
+    };
+    if !version(s, kind) {
+        return;
+    }
+    match after {
+        "serve" => {
+            while let Some((h, _)) = read_msg(s) {
+                reply(s, &h, &info_payload(16));
+            }
+        }
+        "late" => {
+            let Some((first, _)) = read_msg(s) else {
+                return;
+            };
+            let Some((second, _)) = read_msg(s) else {
+                return;
+            };
+            reply(s, &first, &info_payload(16));
+            reply(s, &second, &info_payload(16));
+            while let Some((h, _)) = read_msg(s) {
+                reply(s, &h, &info_payload(16));
+            }
+        }
+        "eof-pending" => {
+            for _ in 0..3 {
+                if read_msg(s).is_none() {
+                    return;
+                }
+            }
+        }
+        "errno0" => {
+            while let Some((h, _)) = read_msg(s) {
+                send(s, Header::error_reply_to(&h, 0), &[]);
+            }
+        }
+        "dma-request" => {
+            while let Some((h, _)) = read_msg(s) {
+                let mut dma = [0u8; 16];
+                dma[8..16].copy_from_slice(&8u64.to_ne_bytes());
+                send(s, Header::command(900, 11, 16, false), &dma);
+                let Some((answer, _)) = read_msg(s) else {
+                    return;
+                };
+                reply(s, &h, &info_payload(answer.error));
+            }
+        }
+        other => eprintln!("unknown scenario {other}"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(path), Some(scenario)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: vfio-user-scripted-peer SOCKET SCENARIO");
+        std::process::exit(2);
+    };
+    let listener = match UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {path}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("listening {path}");
+    if let Ok((mut s, _)) = listener.accept() {
+        run(&mut s, scenario);
+    }
+    let _ = std::fs::remove_file(path);
+}
