@@ -129,7 +129,10 @@ describe('against the test device', () => {
     await using client = await connect(device.socketPath)
     await client.validateVersion()
     const p = getInfoPayload()
-    const bad = client as unknown as { sendWait(...a: unknown[]): Promise<unknown>; sendWaitSync(...a: unknown[]): unknown }
+    const bad = client as unknown as {
+      sendWait(...a: unknown[]): Promise<unknown>
+      sendWaitSync(...a: unknown[]): unknown
+    }
     expect(() => bad.sendWait('4', p)).toThrow(TypeError)
     expect(() => bad.sendWait(0, p)).toThrow(RangeError)
     expect(() => bad.sendWait(70000, p)).toThrow(RangeError)
@@ -222,7 +225,9 @@ describe('parseCapabilities', () => {
       ['{"capabilities":{"write_multiple":"yes"}}', 'write_multiple'],
       ['{"capabilities":{"max_msg_fds":1,"max_msg_fds":2}}', 'duplicate'],
     ] as const) {
-      expect(() => parseCapabilities(json)).toThrow(expect.objectContaining({ code: 'EPROTO', message: expect.stringContaining(what) }))
+      expect(() => parseCapabilities(json)).toThrow(
+        expect.objectContaining({ code: 'EPROTO', message: expect.stringContaining(what) }),
+      )
     }
     expect(() => parseCapabilities(3 as unknown as string)).toThrow(TypeError)
   })

@@ -67,7 +67,10 @@ describe('VERSION reply validation', () => {
     const v = await p.client.validateVersion()
     expect(v.capabilities.maxMsgFds).toBe(4)
     expect(v.capabilities.pgsizes).toBe(2097152)
-    expect(v.warnings).toEqual(["unknown capability 'frobnicate' ignored", 'pgsizes 0x200000 does not include 4 KiB pages'])
+    expect(v.warnings).toEqual([
+      "unknown capability 'frobnicate' ignored",
+      'pgsizes 0x200000 does not include 4 KiB pages',
+    ])
   })
 })
 

@@ -1,5 +1,5 @@
 import { fromNative } from './errors'
-import { native, type NativeCapabilities } from './native'
+import { type NativeCapabilities, native } from './native'
 
 /** Legacy migration v1 parameters. */
 export interface MigrationCapability {

@@ -38,8 +38,8 @@ async function probe(args: string[]): Promise<number> {
     positional.push(a)
   }
   if (positional.length > 1) throw new RangeError(usage)
-  let device: TestDevice | undefined
-  const path = positional[0] ?? (device = await startTestDevice()).socketPath
+  const device: TestDevice | undefined = positional[0] === undefined ? await startTestDevice() : undefined
+  const path = positional[0] ?? (device as TestDevice).socketPath
   try {
     const client = await connect(path, { timeoutMs })
     try {

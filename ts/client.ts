@@ -4,7 +4,7 @@ import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
 import { Command } from './command'
 import { fromNative, VfioUserError } from './errors'
-import { native, type NativeClient, type NativeEvent, type NativeReply, type NativeVersion } from './native'
+import { type NativeClient, type NativeEvent, type NativeReply, type NativeVersion, native } from './native'
 
 /** Options for {@link connect}. */
 export interface ConnectOptions {

@@ -29,9 +29,7 @@ export type CommandName = keyof typeof Command
 /** A command number from {@link Command}. */
 export type CommandNumber = (typeof Command)[CommandName]
 
-const names = new Map<number, CommandName>(
-  Object.entries(Command).map(([name, n]) => [n, name as CommandName]),
-)
+const names = new Map<number, CommandName>(Object.entries(Command).map(([name, n]) => [n, name as CommandName]))
 
 /** The name of a command number, or `command N` for one the spec does not define. */
 export function commandName(command: number): string {

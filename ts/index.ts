@@ -3,7 +3,13 @@
  * socket. See the README for the layers behind this API.
  * @packageDocumentation
  */
-export { type Capabilities, type MigrationCapability, type ParsedCapabilities, parseCapabilities, type TwinSocketCapability } from './capabilities'
-export { connect, type ConnectOptions, type Reply, type SendOptions, type VersionInfo, VfioUserClient } from './client'
+export {
+  type Capabilities,
+  type MigrationCapability,
+  type ParsedCapabilities,
+  parseCapabilities,
+  type TwinSocketCapability,
+} from './capabilities'
+export { type ConnectOptions, connect, type Reply, type SendOptions, type VersionInfo, VfioUserClient } from './client'
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
 export { VfioUserError } from './errors'

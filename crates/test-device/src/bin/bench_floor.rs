@@ -1,0 +1,51 @@
+//! `vfio-user-bench-floor SOCKET COUNT`: the benchmark's floor. The least a client can do for
+//! a round trip: one blocking write of DEVICE_GET_INFO, one blocking read of the reply, on the
+//! same kind of socket to the same server, no threads, no queues, no checks. Prints
+//! `{"roundTrips":N,"seconds":S}`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Instant;
+use vfio_user_proto::{
+    version::{encode_version_request, VersionProposal},
+    Capabilities, Header, HEADER_SIZE,
+};
+
+fn read_reply(s: &mut UnixStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut raw = [0u8; HEADER_SIZE];
+    s.read_exact(&mut raw)?;
+    let h = Header::decode(&raw);
+    buf.resize(h.payload_len(), 0);
+    s.read_exact(buf)
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT");
+        std::process::exit(2);
+    };
+    let count: u32 = count;
+    let mut s = UnixStream::connect(path)?;
+    let proposal = VersionProposal {
+        major: 0,
+        minor: 0,
+        capabilities: Capabilities::default(),
+    };
+    s.write_all(&encode_version_request(0, &proposal))?;
+    let mut buf = Vec::new();
+    read_reply(&mut s, &mut buf)?;
+
+    let mut msg = Header::command(0, 4, 16, false).encode().to_vec();
+    msg.extend_from_slice(&16u32.to_ne_bytes());
+    msg.extend_from_slice(&[0u8; 12]);
+    let start = Instant::now();
+    for i in 0..count {
+        msg[0..2].copy_from_slice(&(i as u16).to_ne_bytes());
+        s.write_all(&msg)?;
+        read_reply(&mut s, &mut buf)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!("{{\"roundTrips\":{count},\"seconds\":{seconds}}}");
+    Ok(())
+}
