@@ -1,15 +1,18 @@
 //! The public client: connect, negotiate, send, close.
 
-use crate::io_thread;
+use crate::io_thread::{self, read_once, SOCK_TOKEN, WAKE_TOKEN};
 use crate::outgoing::Outgoing;
 use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
+use crate::rx::Rx;
 use crate::socket::connect_unix;
 use crate::state::{Fired, Sent, ServerRequest, State, Stats};
 use crate::Error;
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{shutdown, Shutdown};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -78,6 +81,10 @@ type CloseHook = Box<dyn FnOnce(&Error) + Send>;
 pub(crate) struct Shared {
     pub sock: OwnedFd,
     pub wake: EventFd,
+    pub epoll: Epoll,
+    /// The receive side. Whoever holds it reads: the I/O thread, or a caller waiting for its
+    /// own reply (lock order: rx before state).
+    pub rx: Mutex<Rx>,
     state: Mutex<State>,
     options: Options,
     on_close: Mutex<Option<CloseHook>>,
@@ -88,6 +95,55 @@ impl Shared {
         // A panic while holding the lock cannot leave the state half-updated in a way that
         // matters more than refusing all further use would; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the socket's epoll registration match what is wanted (called with the state
+    /// locked): readable while the I/O thread is the reader, writable while writes queue.
+    pub fn sync_interest(&self, st: &mut State) {
+        if st.closed.is_some() {
+            return;
+        }
+        let mut want = EpollFlags::empty();
+        if !st.caller_reading {
+            want |= EpollFlags::EPOLLIN;
+        }
+        if st.want_write {
+            want |= EpollFlags::EPOLLOUT;
+        }
+        if st.registered && st.armed == want.bits() as u32 {
+            return;
+        }
+        let mut ev = EpollEvent::new(want, SOCK_TOKEN);
+        let done = if st.registered {
+            self.epoll.modify(&self.sock, &mut ev)
+        } else {
+            self.epoll.add(&self.sock, ev)
+        };
+        if done.is_ok() {
+            st.registered = true;
+            st.armed = want.bits() as u32;
+        }
+    }
+
+    /// Takes the socket out of the I/O thread's epoll set (it is re-added by
+    /// [`Shared::sync_interest`]).
+    pub fn unregister(&self, st: &mut State) {
+        if st.registered && self.epoll.delete(&self.sock).is_ok() {
+            st.registered = false;
+        }
+    }
+
+    /// Makes the calling thread the reader if nobody is reading right now.
+    fn become_reader(&self) -> Option<ReaderGuard<'_>> {
+        let rx = self.rx.try_lock().ok()?;
+        let mut st = self.lock();
+        if st.closed.is_some() || st.caller_reading {
+            return None;
+        }
+        st.caller_reading = true;
+        self.sync_interest(&mut st);
+        drop(st);
+        Some(ReaderGuard { shared: self, rx })
     }
 
     pub fn default_timeout(&self) -> Duration {
@@ -161,6 +217,51 @@ impl Shared {
     }
 }
 
+/// The receive side held by a waiting caller; hands it back to the I/O thread on drop.
+struct ReaderGuard<'a> {
+    shared: &'a Shared,
+    rx: MutexGuard<'a, Rx>,
+}
+
+impl ReaderGuard<'_> {
+    /// Reads and dispatches until `slot` is filled, `deadline` passes or the connection ends.
+    fn read_until(&mut self, slot: &Slot, deadline: Instant) {
+        let sock = self.shared.sock.as_fd();
+        while !slot.is_filled() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let timeout =
+                PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    self.shared.fail(Error::new(
+                        Errno::ECONNRESET,
+                        format!("waiting on the socket failed: {}", e.desc()),
+                    ));
+                    return;
+                }
+            }
+            if let Err(e) = read_once(self.shared, &mut self.rx, sock.as_raw_fd()) {
+                self.shared.fail(e);
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for ReaderGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.caller_reading = false;
+        self.shared.sync_interest(&mut st);
+    }
+}
+
 /// A request sent with [`Client::send_nowait`], to be collected with [`Ticket::wait`].
 pub struct Ticket {
     shared: Arc<Shared>,
@@ -173,7 +274,23 @@ pub struct Ticket {
 impl Ticket {
     /// Blocks until the reply arrives, the deadline passes or the connection ends.
     pub fn wait(self) -> Result<Reply, Error> {
-        if let Some(r) = self.slot.wait_until(self.deadline) {
+        if let Some(r) = self.slot.try_take() {
+            return r;
+        }
+        let shared = self.shared.clone();
+        let reader = shared.become_reader();
+        self.wait_reading(reader)
+    }
+
+    /// Fast path: read the reply on this thread, as a blocking client would, instead of
+    /// waking the I/O thread to wake us. Anything else that arrives meanwhile is dispatched
+    /// exactly as the I/O thread would. Without the reader role, sleep until the I/O thread
+    /// (or another reading caller) fills the slot.
+    fn wait_reading(self, reader: Option<ReaderGuard<'_>>) -> Result<Reply, Error> {
+        if let Some(mut reader) = reader {
+            reader.read_until(&self.slot, self.deadline);
+        }
+        if let Some(r) = self.slot.wait_until(Some(self.deadline)) {
             return r;
         }
         // Our deadline passed before the I/O thread noticed: expire it ourselves (no thread
@@ -228,9 +345,16 @@ impl Client {
             options.proposal.clone(),
             options.proposal.capabilities.max_data_xfer_size as usize + 16,
         );
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::new(e, "cannot create the I/O thread's epoll"))?;
+        epoll
+            .add(&wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))
+            .map_err(|e| Error::new(e, "cannot watch the I/O thread's eventfd"))?;
         let shared = Arc::new(Shared {
             sock,
             wake,
+            epoll,
+            rx: Mutex::new(Rx::default()),
             state: Mutex::new(state),
             options,
             on_close: Mutex::new(None),
@@ -290,8 +414,9 @@ impl Client {
     /// Sends VERSION and validates the reply (blocking).
     pub fn negotiate(&self) -> Result<Version, Error> {
         let slot = Arc::new(Slot::default());
+        let reader = self.shared.become_reader();
         let (id, seq, deadline) = self.submit_version(Waiter::Slot(slot.clone()))?;
-        self.ticket(slot, id, seq, deadline).wait()?;
+        self.ticket(slot, id, seq, deadline).wait_reading(reader)?;
         self.version()
             .ok_or_else(|| Error::proto("VERSION reply was not recorded"))
     }
@@ -312,7 +437,9 @@ impl Client {
 
     /// Sends a request and blocks until its reply, its deadline or the end of the connection.
     pub fn send_wait(&self, req: Request<'_>) -> Result<Reply, Error> {
-        self.send_nowait(req)?.wait()
+        // Take the reader role before sending, so the reply cannot reach the I/O thread first.
+        let reader = self.shared.become_reader();
+        self.send_nowait(req)?.wait_reading(reader)
     }
 
     /// Sends a request; its reply is collected later with [`Ticket::wait`].

@@ -1,23 +1,27 @@
-//! The I/O thread: polls the socket and a wake eventfd, receives and dispatches, finishes
-//! queued writes, enforces deadlines. It never waits on a caller.
+//! The I/O thread: waits (epoll) on the socket and a wake eventfd, receives and dispatches,
+//! finishes queued writes, enforces deadlines. It never waits on a caller.
 
 use crate::client::Shared;
 use crate::rx::{Disposition, ReadOutcome, Rx};
 use crate::state::{Fired, ServerRequest};
 use crate::Error;
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use std::os::fd::{AsFd, AsRawFd};
+use nix::sys::epoll::{EpollEvent, EpollFlags, EpollTimeout};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// epoll data for the socket and the wake eventfd.
+pub const SOCK_TOKEN: u64 = 1;
+pub const WAKE_TOKEN: u64 = 2;
+
 pub fn run(shared: Arc<Shared>) {
-    let mut rx = Rx::default();
-    let heartbeat = (shared.default_timeout() / 2).max(Duration::from_millis(1));
     let sock = shared.sock.as_raw_fd();
+    let heartbeat = (shared.default_timeout() / 2).max(Duration::from_millis(1));
+    let mut events = [EpollEvent::empty(); 4];
     loop {
         let mut fired = Fired::default();
-        let (want_write, wake_at, closed) = {
+        let (wake_at, closed) = {
             let mut st = shared.lock();
             let now = Instant::now();
             let next = st.expire(now, &mut fired);
@@ -26,7 +30,8 @@ pub fn run(shared: Arc<Shared>) {
             // deadline (at least `heartbeat` away in the common case) needs no wakeup.
             let wake_at = next.unwrap_or(now + heartbeat);
             st.io_wake_at = Some(wake_at);
-            (st.want_write, wake_at, st.closed.is_some())
+            shared.sync_interest(&mut st);
+            (wake_at, st.closed.is_some())
         };
         fired.fire();
         if closed {
@@ -35,40 +40,52 @@ pub fn run(shared: Arc<Shared>) {
         // Round up so we never wake a hair early and spin.
         let left = wake_at.saturating_duration_since(Instant::now());
         let timeout =
-            PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
-        let mut events = PollFlags::POLLIN;
-        if want_write {
-            events |= PollFlags::POLLOUT;
-        }
-        let mut fds = [
-            PollFd::new(shared.sock.as_fd(), events),
-            PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(Errno::EINTR) => {}
+            EpollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(EpollTimeout::MAX);
+        let n = match shared.epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
             Err(e) => {
                 shared.fail(Error::new(
                     Errno::ECONNRESET,
-                    format!("polling the socket failed: {}", e.desc()),
+                    format!("waiting on the socket failed: {}", e.desc()),
                 ));
                 break;
             }
-        }
-        let sock_ev = fds[0].revents().unwrap_or(PollFlags::empty());
-        let wake_ev = fds[1].revents().unwrap_or(PollFlags::empty());
-        if wake_ev.contains(PollFlags::POLLIN) {
-            let _ = shared.wake.read();
-        }
-        if sock_ev.contains(PollFlags::POLLOUT) {
-            let result = shared.lock().flush(sock);
-            if let Err(e) = result {
-                shared.fail(e);
+        };
+        for ev in &events[..n] {
+            if ev.data() == WAKE_TOKEN {
+                let _ = shared.wake.read();
                 continue;
             }
-        }
-        if sock_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
-            if let Err(e) = receive(&shared, &mut rx, sock) {
-                shared.fail(e);
+            let flags = ev.events();
+            if flags.contains(EpollFlags::EPOLLOUT) {
+                let result = shared.lock().flush(sock);
+                if let Err(e) = result {
+                    shared.fail(e);
+                    continue;
+                }
+            }
+            let readable = EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+            if !flags.intersects(readable) {
+                continue;
+            }
+            {
+                let mut st = shared.lock();
+                if st.caller_reading {
+                    // The caller reads and will see the hangup itself; epoll reports HUP
+                    // whatever the interest, so step off the socket until it is done.
+                    if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                        shared.unregister(&mut st);
+                    }
+                    continue;
+                }
+            }
+            // A caller may hold the receive side for an instant while handing it back;
+            // level-triggered epoll brings us back here.
+            if let Ok(mut rx) = shared.rx.try_lock() {
+                if let Err(e) = receive(&shared, &mut rx, sock) {
+                    shared.fail(e);
+                }
             }
         }
     }
@@ -76,28 +93,35 @@ pub fn run(shared: Arc<Shared>) {
 }
 
 /// Reads until the socket is drained, dispatching every complete message.
-fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
+pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
     loop {
-        match rx.read(sock)? {
+        match read_once(shared, rx, sock)? {
             ReadOutcome::WouldBlock => return Ok(()),
-            ReadOutcome::Eof => {
-                let what = if rx.mid_message() {
-                    "server closed the connection in the middle of a message"
-                } else {
-                    "server closed the connection"
-                };
-                return Err(Error::new(Errno::ECONNRESET, what));
-            }
-            ReadOutcome::Data { drained } => {
-                dispatch(shared, rx)?;
-                if drained {
-                    return Ok(());
-                }
-            }
+            ReadOutcome::Data { drained: true } => return Ok(()),
+            _ => {}
         }
     }
 }
 
+/// One read and the dispatch of whatever it completed. EOF is an error.
+pub fn read_once(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
+    let outcome = rx.read(sock)?;
+    match outcome {
+        ReadOutcome::Eof => {
+            let what = if rx.mid_message() {
+                "server closed the connection in the middle of a message"
+            } else {
+                "server closed the connection"
+            };
+            Err(Error::new(Errno::ECONNRESET, what))
+        }
+        ReadOutcome::Data { .. } => {
+            dispatch(shared, rx)?;
+            Ok(outcome)
+        }
+        ReadOutcome::WouldBlock => Ok(outcome),
+    }
+}
 fn dispatch(shared: &Shared, rx: &mut Rx) -> Result<(), Error> {
     let mut fired = Fired::default();
     let mut requests = Vec::new();

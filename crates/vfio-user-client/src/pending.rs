@@ -21,44 +21,73 @@ pub type Completion = Box<dyn FnOnce(Result<Reply, Error>) + Send>;
 /// Where a blocking or later-collected request's result lands.
 #[derive(Default)]
 pub struct Slot {
-    result: Mutex<Option<Result<Reply, Error>>>,
+    inner: Mutex<SlotInner>,
     ready: Condvar,
 }
 
+#[derive(Default)]
+struct SlotInner {
+    result: Option<Result<Reply, Error>>,
+    /// A thread sleeps on `ready`. When the waiter read its own reply (the fast path) nobody
+    /// sleeps, and filling the slot costs no futex wake.
+    sleeping: bool,
+}
+
 impl Slot {
-    pub fn fill(&self, r: Result<Reply, Error>) {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        *g = Some(r);
-        self.ready.notify_all();
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until filled or `deadline`; `None` means the deadline passed first.
-    pub fn wait_until(&self, deadline: Instant) -> Option<Result<Reply, Error>> {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn fill(&self, r: Result<Reply, Error>) {
+        let mut g = self.lock();
+        g.result = Some(r);
+        if g.sleeping {
+            self.ready.notify_all();
+        }
+    }
+
+    /// Takes the result if it is there already.
+    pub fn try_take(&self) -> Option<Result<Reply, Error>> {
+        self.lock().result.take()
+    }
+
+    pub fn is_filled(&self) -> bool {
+        self.lock().result.is_some()
+    }
+
+    /// Waits until filled or `deadline` (`None`: wait for ever); `None` means the deadline
+    /// passed first.
+    pub fn wait_until(&self, deadline: Option<Instant>) -> Option<Result<Reply, Error>> {
+        let mut g = self.lock();
         loop {
-            if let Some(r) = g.take() {
+            if let Some(r) = g.result.take() {
                 return Some(r);
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            g = self
-                .ready
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            g.sleeping = true;
+            g = match deadline {
+                None => self.ready.wait(g).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        g.sleeping = false;
+                        return None;
+                    }
+                    self.ready
+                        .wait_timeout(g, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+            g.sleeping = false;
         }
     }
 
     /// Waits with no deadline; used once the request is known to be completed or failed.
     pub fn wait(&self) -> Result<Reply, Error> {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(r) = g.take() {
+            if let Some(r) = self.wait_until(None) {
                 return r;
             }
-            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 }

@@ -65,6 +65,12 @@ pub struct State {
     /// When the I/O thread, asleep in poll, will wake up by itself at the latest. A new
     /// deadline before this needs a wakeup; a later one (the common case) costs nothing.
     pub io_wake_at: Option<Instant>,
+    /// A caller waiting for its reply is reading the socket itself (no thread hop); the
+    /// I/O thread stays off the read side meanwhile.
+    pub caller_reading: bool,
+    /// The socket's current epoll registration: registered at all, and its event bits.
+    pub registered: bool,
+    pub armed: u32,
     pub stats: Stats,
 }
 

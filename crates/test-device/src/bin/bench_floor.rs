@@ -1,7 +1,9 @@
-//! `vfio-user-bench-floor SOCKET COUNT`: the benchmark's floor. The least a client can do for
-//! a round trip: one blocking write of DEVICE_GET_INFO, one blocking read of the reply, on the
-//! same kind of socket to the same server, no threads, no queues, no checks. Prints
-//! `{"roundTrips":N,"seconds":S}`.
+//! `vfio-user-bench-floor SOCKET COUNT [raw|client]`: the benchmark's floor. `raw` (default)
+//! is the least a client can do for a round trip: one blocking write of DEVICE_GET_INFO, one
+//! blocking read of the reply, on the same kind of socket to the same server, no threads, no
+//! queues, no checks. `client` does the same round trips with `vfio-user-client`'s blocking
+//! `send_wait` from Rust, to split our cost between the transport and the JS layers.
+//! Prints `{"roundTrips":N,"seconds":S}`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -26,6 +28,9 @@ fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
     let count: u32 = count;
+    if args.get(3).map(String::as_str) == Some("client") {
+        return with_client(path, count);
+    }
     let mut s = UnixStream::connect(path)?;
     let proposal = VersionProposal {
         major: 0,
@@ -44,6 +49,22 @@ fn main() -> std::io::Result<()> {
         msg[0..2].copy_from_slice(&(i as u16).to_ne_bytes());
         s.write_all(&msg)?;
         read_reply(&mut s, &mut buf)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!("{{\"roundTrips\":{count},\"seconds\":{seconds}}}");
+    Ok(())
+}
+
+fn with_client(path: &str, count: u32) -> std::io::Result<()> {
+    use vfio_user_client::{Client, Options, Request};
+    let fail = |e: vfio_user_client::Error| std::io::Error::other(e.to_string());
+    let client = Client::connect(std::path::Path::new(path), Options::default()).map_err(fail)?;
+    client.negotiate().map_err(fail)?;
+    let mut payload = [0u8; 16];
+    payload[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    let start = Instant::now();
+    for _ in 0..count {
+        client.send_wait(Request::new(4, &payload)).map_err(fail)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     println!("{{\"roundTrips\":{count},\"seconds\":{seconds}}}");
