@@ -1,6 +1,8 @@
 // The public API end to end against the real rust-vmm server (crates/test-device).
-import { closeSync, fstatSync } from 'node:fs'
+import { execFileSync } from 'node:child_process'
+import { chmodSync, closeSync, fstatSync } from 'node:fs'
 import { constants } from 'node:os'
+import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Command, commandName, connect, parseCapabilities, VfioUserError } from '../ts/index'
 import { startTestDevice, type TestDevice } from '../ts/testing'
@@ -203,6 +205,33 @@ describe('against the test device', () => {
     expect(refused.code).toBe('ECONNREFUSED')
     await gone.close()
     await expect(connect('')).rejects.toThrow(RangeError)
+  })
+
+  it('reports EACCES for a socket the caller may not open', async (ctx) => {
+    if (process.getuid?.() === 0) {
+      // Root bypasses permission checks: connect from an unprivileged child instead.
+      // The device's socket sits in a 0700 directory that only root may search.
+      const dist = join(__dirname, '..', 'dist', 'index.js')
+      const nobody = { uid: 65534, gid: 65534, encoding: 'utf8' as const }
+      try {
+        execFileSync(process.execPath, ['-e', `require(${JSON.stringify(dist)})`], { ...nobody, stdio: 'ignore' })
+      } catch {
+        ctx.skip(`user nobody cannot load ${dist} from this checkout`)
+      }
+      const script = `require(${JSON.stringify(dist)}).connect(${JSON.stringify(device.socketPath)}).then(() => console.log('connected'), (e) => console.log(e.code + ' ' + e.message))`
+      const out = execFileSync(process.execPath, ['-e', script], nobody)
+      expect(out).toMatch(/^EACCES .*device\.sock/)
+    } else {
+      const denied = await startTestDevice()
+      try {
+        chmodSync(denied.socketPath, 0)
+        const e = await rejection(connect(denied.socketPath))
+        expect(e.code).toBe('EACCES')
+        expect(e.message).toContain(denied.socketPath)
+      } finally {
+        await denied.close()
+      }
+    }
     await expect(connect(42 as unknown as string)).rejects.toThrow(TypeError)
   })
 })
