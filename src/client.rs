@@ -2,9 +2,11 @@
 
 use crate::convert::{self, NativeError, NativeReplyResult, NativeVersion, NativeVersionResult};
 use crate::events::{Event, EventQueue, NativeEvent};
+use crate::loop_reader::LoopReader;
 use napi::bindgen_prelude::{AsyncTask, Buffer, Either, Function};
 use napi::{Env, Result, Task};
 use napi_derive::napi;
+use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use vfio_user_client::{Client, Error, Options, Request};
 pub struct NativeClient {
     client: Client,
     events: EventQueue,
+    loop_reader: RefCell<Option<LoopReader>>,
 }
 
 #[napi(object)]
@@ -86,12 +89,16 @@ impl NativeClient {
         let events = EventQueue::default();
         let on_close = events.clone();
         client.on_close(move |e| on_close.push(Event::Closed(e.clone())));
-        NativeClient { client, events }
+        NativeClient {
+            client,
+            events,
+            loop_reader: RefCell::new(None),
+        }
     }
 
     /// Registers the function that receives batches of completions and the close event.
     #[napi]
-    pub fn start(&self, on_events: Function<'_, Vec<NativeEvent>, ()>) -> Result<()> {
+    pub fn start(&self, env: Env, on_events: Function<'_, Vec<NativeEvent>, ()>) -> Result<()> {
         let queue = self.events.clone();
         let tsfn = on_events
             .build_threadsafe_function::<()>()
@@ -99,6 +106,9 @@ impl NativeClient {
             .weak::<true>()
             .build_callback(move |_ctx| Ok(queue.take()))?;
         self.events.set_sink(tsfn);
+        // Replies are read on this event loop when it is free (no thread hop per reply).
+        *self.loop_reader.borrow_mut() =
+            Some(LoopReader::start(&env, self.client.external_reader())?);
         // Anything that happened before the sink existed (a close) is delivered now.
         self.events.push_wakeup();
         Ok(())
@@ -185,6 +195,9 @@ impl NativeClient {
     /// Closes the connection; in-flight requests fail with ECONNABORTED. Idempotent.
     #[napi]
     pub fn close(&self) {
+        if let Some(mut r) = self.loop_reader.borrow_mut().take() {
+            r.close();
+        }
         self.client.close();
     }
 }

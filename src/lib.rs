@@ -7,6 +7,7 @@
 mod client;
 mod convert;
 mod events;
+mod loop_reader;
 
 use convert::{NativeCapabilitiesResult, NativeError};
 use napi_derive::napi;

@@ -1,6 +1,6 @@
 //! The public client: connect, negotiate, send, close.
 
-use crate::io_thread::{self, read_once, SOCK_TOKEN, WAKE_TOKEN};
+use crate::io_thread::{self, read_once, receive, SOCK_TOKEN, WAKE_TOKEN};
 use crate::outgoing::Outgoing;
 use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
 use crate::rx::Rx;
@@ -12,7 +12,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{shutdown, Shutdown};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -104,8 +104,12 @@ impl Shared {
             return;
         }
         let mut want = EpollFlags::empty();
-        if !st.caller_reading {
+        if !st.caller_reading && !st.external_reader {
             want |= EpollFlags::EPOLLIN;
+        }
+        if st.external_reader && !st.caller_reading && st.backup_check_at.is_none() {
+            // One wakeup per burst of arrivals, to schedule a backup check; not a read.
+            want |= EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT;
         }
         if st.want_write {
             want |= EpollFlags::EPOLLOUT;
@@ -150,7 +154,7 @@ impl Shared {
         self.options.timeout
     }
 
-    fn wake_io(&self) {
+    pub fn wake_io(&self) {
         let _ = self.wake.write(1);
     }
 
@@ -214,6 +218,40 @@ impl Shared {
             Ok(Sent::Queued) => self.wake_io(),
             Err(e) => self.fail(e),
         }
+    }
+}
+
+/// Lets an event loop (Node's, through the binding) read the socket on its own thread when it
+/// is readable, so replies reach promise callbacks without a hop through the I/O thread.
+pub struct ExternalReader {
+    shared: Arc<Shared>,
+}
+
+impl ExternalReader {
+    /// The socket, to watch for readability. Borrowed: never close it.
+    pub fn fd(&self) -> RawFd {
+        self.shared.sock.as_raw_fd()
+    }
+
+    /// Reads and dispatches what is available. Returns false once the connection has ended
+    /// (stop watching).
+    pub fn on_readable(&self) -> bool {
+        if let Ok(mut rx) = self.shared.rx.try_lock() {
+            if let Err(e) = receive(&self.shared, &mut rx, self.fd()) {
+                self.shared.fail(e);
+            }
+        }
+        self.shared.lock().closed.is_none()
+    }
+}
+
+impl Drop for ExternalReader {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.external_reader = false;
+        st.backup_check_at = None;
+        drop(st);
+        self.shared.wake_io();
     }
 }
 
@@ -400,6 +438,17 @@ impl Client {
     /// The negotiated version, once [`Client::negotiate`] has succeeded.
     pub fn version(&self) -> Option<Version> {
         self.shared.lock().version.clone()
+    }
+
+    /// Hands reading to an external event loop (see [`ExternalReader`]); the I/O thread keeps
+    /// writing, expiring deadlines, and reads only as a backup. Dropping the reader hands
+    /// reading back to the I/O thread.
+    pub fn external_reader(&self) -> ExternalReader {
+        self.shared.lock().external_reader = true;
+        self.shared.wake_io();
+        ExternalReader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Send-path and receive counters.

@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 pub const SOCK_TOKEN: u64 = 1;
 pub const WAKE_TOKEN: u64 = 2;
 
+/// How long data may wait for an external reader before the I/O thread reads it itself.
+const BACKUP_GRACE: Duration = Duration::from_millis(10);
+
 pub fn run(shared: Arc<Shared>) {
     let sock = shared.sock.as_raw_fd();
     let heartbeat = (shared.default_timeout() / 2).max(Duration::from_millis(1));
     let mut events = [EpollEvent::empty(); 4];
     loop {
+        backup_read(&shared, sock);
         let mut fired = Fired::default();
         let (wake_at, closed) = {
             let mut st = shared.lock();
@@ -28,8 +32,11 @@ pub fn run(shared: Arc<Shared>) {
             st.compact_deadlines();
             // With nothing pending, still wake now and then, so that a new request's
             // deadline (at least `heartbeat` away in the common case) needs no wakeup.
-            let wake_at = next.unwrap_or(now + heartbeat);
+            let mut wake_at = next.unwrap_or(now + heartbeat);
             st.io_wake_at = Some(wake_at);
+            if let Some(check) = st.backup_check_at {
+                wake_at = wake_at.min(check);
+            }
             shared.sync_interest(&mut st);
             (wake_at, st.closed.is_some())
         };
@@ -58,6 +65,14 @@ pub fn run(shared: Arc<Shared>) {
                 continue;
             }
             let flags = ev.events();
+            let external = {
+                let mut st = shared.lock();
+                if st.external_reader {
+                    // A one-shot registration is disarmed by the kernel once it fires.
+                    st.armed = u32::MAX;
+                }
+                st.external_reader
+            };
             if flags.contains(EpollFlags::EPOLLOUT) {
                 let result = shared.lock().flush(sock);
                 if let Err(e) = result {
@@ -71,6 +86,13 @@ pub fn run(shared: Arc<Shared>) {
             }
             {
                 let mut st = shared.lock();
+                if external && !st.caller_reading {
+                    // The external reader is expected to take it; check back later.
+                    if st.backup_check_at.is_none() {
+                        st.backup_check_at = Some(Instant::now() + BACKUP_GRACE);
+                    }
+                    continue;
+                }
                 if st.caller_reading {
                     // The caller reads and will see the hangup itself; epoll reports HUP
                     // whatever the interest, so step off the socket until it is done.
@@ -90,6 +112,29 @@ pub fn run(shared: Arc<Shared>) {
         }
     }
     shared.notify_closed();
+}
+
+/// With an external reader, reads whatever it has left waiting past the grace period.
+fn backup_read(shared: &Shared, sock: i32) {
+    let due = {
+        let mut st = shared.lock();
+        match st.backup_check_at {
+            Some(t) if t <= Instant::now() => {
+                st.backup_check_at = None;
+                true
+            }
+            _ => false,
+        }
+    };
+    if !due {
+        return;
+    }
+    // Busy means someone is reading right now: nothing to back up.
+    if let Ok(mut rx) = shared.rx.try_lock() {
+        if let Err(e) = receive(shared, &mut rx, sock) {
+            shared.fail(e);
+        }
+    }
 }
 
 /// Reads until the socket is drained, dispatching every complete message.

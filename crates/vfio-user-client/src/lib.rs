@@ -19,7 +19,7 @@ mod rx;
 mod socket;
 mod state;
 
-pub use client::{Client, Options, Request, Ticket};
+pub use client::{Client, ExternalReader, Options, Request, Ticket};
 pub use error::Error;
 pub use pending::{Completion, Reply};
 pub use socket::{connect_unix, MAX_RECV_FDS};

@@ -68,6 +68,13 @@ pub struct State {
     /// A caller waiting for its reply is reading the socket itself (no thread hop); the
     /// I/O thread stays off the read side meanwhile.
     pub caller_reading: bool,
+    /// An event loop in the caller's process reads the socket when it is readable
+    /// ([`crate::ExternalReader`]); the I/O thread only steps in when data sits unread past a
+    /// grace period (the loop is busy), so a server request is never stuck behind it.
+    pub external_reader: bool,
+    /// When the I/O thread checks whether data the external reader should have taken is
+    /// still waiting.
+    pub backup_check_at: Option<Instant>,
     /// The socket's current epoll registration: registered at all, and its event bits.
     pub registered: bool,
     pub armed: u32,

@@ -541,3 +541,71 @@ fn async_requests_time_out_on_the_io_thread() {
     assert_eq!(ms, 5000);
     assert_eq!(r.unwrap_err().code(), "ECONNABORTED");
 }
+
+#[test]
+fn external_reader_reads_and_the_io_thread_backs_it_up() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::BorrowedFd;
+    let (client, mut peer) = negotiated(Options::default());
+    let reader = client.external_reader();
+    // An event loop that reads whenever the socket is readable.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let fd = reader.fd();
+    let looper = std::thread::spawn(move || {
+        while !d2.load(std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: the client outlives this thread (joined below).
+            let mut fds = [PollFd::new(
+                unsafe { BorrowedFd::borrow_raw(fd) },
+                PollFlags::POLLIN,
+            )];
+            if poll(&mut fds, PollTimeout::from(5u16)).unwrap_or(0) > 0 && !reader.on_readable() {
+                break;
+            }
+        }
+        reader
+    });
+    for _ in 0..20 {
+        let tx = tx.clone();
+        client
+            .send_async(
+                Request::new(GET_INFO, &info_req()),
+                Box::new(move |r| tx.send(r.map(|r| r.payload.len())).unwrap()),
+            )
+            .unwrap();
+        let m = peer.read_msg();
+        ok_info(&mut peer, &m);
+        assert_eq!(rx.recv().unwrap().unwrap(), 16);
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reader = looper.join().unwrap();
+
+    // The loop is now "busy" (never calls on_readable): a server request and a reply still
+    // get through, read by the I/O thread after its grace period.
+    let t = client
+        .send_nowait(Request::new(GET_INFO, &info_req()))
+        .unwrap();
+    let mine = peer.read_msg();
+    let mut dma = [0u8; 16];
+    dma[8..16].copy_from_slice(&8u64.to_ne_bytes());
+    peer.write(&message(Header::command(3, DMA_READ, 16, false), &dma));
+    assert!(peer.read_msg().header.is_error(), "server request answered");
+    ok_info(&mut peer, &mine);
+    assert_eq!(t.wait().unwrap().payload.len(), 16);
+    let (tx2, rx2) = std::sync::mpsc::channel();
+    client
+        .send_async(
+            Request::new(GET_INFO, &info_req()),
+            Box::new(move |r| tx2.send(r.is_ok()).unwrap()),
+        )
+        .unwrap();
+    let m = peer.read_msg();
+    ok_info(&mut peer, &m);
+    assert!(
+        rx2.recv().unwrap(),
+        "async reply delivered by the backup read"
+    );
+    drop(reader);
+    round_trip(&client, &mut peer);
+}

@@ -1,0 +1,105 @@
+//! Reads the socket on Node's own event loop (a libuv poll handle), so a reply reaches its
+//! promise without a hop through the client's I/O thread. The I/O thread still backs it up
+//! when the loop is busy (see `vfio_user_client::ExternalReader`).
+//!
+//! libuv is reached through the symbols Node exports to addons; this is the N-API boundary,
+//! and the only `unsafe` in the binding besides borrowing fds.
+
+use napi::{Env, Error, Result, Status};
+use std::os::raw::{c_int, c_void};
+use vfio_user_client::ExternalReader;
+
+extern "C" {
+    fn uv_handle_size(kind: c_int) -> usize;
+    fn uv_poll_init(event_loop: *mut c_void, handle: *mut c_void, fd: c_int) -> c_int;
+    fn uv_poll_start(
+        handle: *mut c_void,
+        events: c_int,
+        cb: extern "C" fn(*mut c_void, c_int, c_int),
+    ) -> c_int;
+    fn uv_poll_stop(handle: *mut c_void) -> c_int;
+    fn uv_close(handle: *mut c_void, cb: extern "C" fn(*mut c_void));
+    fn uv_unref(handle: *mut c_void);
+}
+
+const UV_POLL: c_int = 8;
+const UV_READABLE: c_int = 1;
+const UV_DISCONNECT: c_int = 4;
+
+/// Owned by the handle (through its `data` field) from start until libuv's close callback.
+struct PollContext {
+    reader: ExternalReader,
+    /// The `uv_poll_t`, sized by libuv at run time, 8-byte aligned.
+    handle: Box<[u64]>,
+}
+
+/// A started poll handle; `close` (or drop) releases it. Main thread only.
+pub struct LoopReader {
+    handle: *mut c_void,
+}
+
+impl LoopReader {
+    pub fn start(env: &Env, reader: ExternalReader) -> Result<LoopReader> {
+        let event_loop = env.get_uv_event_loop()?.cast::<c_void>();
+        // SAFETY: uv_handle_size only reads a static table.
+        let size = unsafe { uv_handle_size(UV_POLL) };
+        let fd = reader.fd();
+        let ctx = Box::into_raw(Box::new(PollContext {
+            reader,
+            handle: vec![0u64; size.div_ceil(8)].into_boxed_slice(),
+        }));
+        // SAFETY: `ctx` is a live allocation we own; its `handle` buffer is at least
+        // uv_handle_size(UV_POLL) bytes, suitably aligned, and stays put until on_close frees
+        // the context. We are on the loop's thread (napi calls arrive there).
+        unsafe {
+            let handle = (*ctx).handle.as_mut_ptr().cast::<c_void>();
+            if uv_poll_init(event_loop, handle, fd) != 0 {
+                drop(Box::from_raw(ctx));
+                return Err(Error::new(Status::GenericFailure, "uv_poll_init failed"));
+            }
+            // `data` is the first field of every uv handle.
+            *handle.cast::<*mut c_void>() = ctx.cast::<c_void>();
+            if uv_poll_start(handle, UV_READABLE | UV_DISCONNECT, on_poll) != 0 {
+                uv_close(handle, on_close);
+                return Err(Error::new(Status::GenericFailure, "uv_poll_start failed"));
+            }
+            // Never keep the process alive by itself: the facade refs the loop while
+            // requests are in flight.
+            uv_unref(handle);
+            Ok(LoopReader { handle })
+        }
+    }
+
+    /// Stops watching and frees the handle (asynchronously, as libuv requires). Idempotent.
+    pub fn close(&mut self) {
+        if self.handle.is_null() {
+            return;
+        }
+        // SAFETY: the handle was initialised by `start` and not closed yet (we null it).
+        unsafe { uv_close(self.handle, on_close) };
+        self.handle = std::ptr::null_mut();
+    }
+}
+
+impl Drop for LoopReader {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
+    // SAFETY: libuv passes the handle we started; its data field holds our live context
+    // until on_close, which cannot have run while the handle is active.
+    let ctx = unsafe { &*(*handle.cast::<*mut PollContext>()) };
+    if status < 0 || !ctx.reader.on_readable() {
+        // The connection is over (EOF keeps the fd readable): stop, or the loop would spin.
+        // SAFETY: stopping an active or stopped poll handle is allowed.
+        unsafe { uv_poll_stop(handle) };
+    }
+}
+
+extern "C" fn on_close(handle: *mut c_void) {
+    // SAFETY: libuv calls this once, after which it no longer touches the handle; the
+    // context (which owns the handle memory) is ours to free.
+    unsafe { drop(Box::from_raw(*handle.cast::<*mut PollContext>())) };
+}
