@@ -4,8 +4,9 @@ import { chmodSync, closeSync, fstatSync } from 'node:fs'
 import { constants } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, commandName, connect, parseCapabilities, VfioUserError } from '../ts/index'
+import { Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
 import { startTestDevice, type TestDevice } from '../ts/testing'
+import { rejection } from './rejection'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
 
 let device: TestDevice
@@ -17,15 +18,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await device.close()
 })
-
-async function rejection(p: Promise<unknown>): Promise<VfioUserError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  )
-  expect(e).toBeInstanceOf(VfioUserError)
-  return e as VfioUserError
-}
 
 describe('against the test device', () => {
   it('negotiates the version and capabilities', async () => {

@@ -2,18 +2,10 @@
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
 import { constants } from 'node:os'
 import { describe, expect, it } from 'vitest'
-import { Command, connect, VfioUserError } from '../ts/index'
+import { Command, connect, type VfioUserError } from '../ts/index'
 import { startScriptedPeer } from '../ts/testing'
+import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
-
-async function rejection(p: Promise<unknown>): Promise<VfioUserError> {
-  const e = await p.then(
-    () => undefined,
-    (err: unknown) => err,
-  )
-  expect(e).toBeInstanceOf(VfioUserError)
-  return e as VfioUserError
-}
 
 async function peer(scenario: string, timeoutMs = 5000) {
   const server = await startScriptedPeer(scenario)
