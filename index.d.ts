@@ -25,6 +25,8 @@ export declare class NativeClient {
    * error if nothing was sent (then no event follows).
    */
   send(token: number, command: number, payload: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): NativeError | null
+  /** Sends a posted request (No_reply). Returns an error if nothing was sent. */
+  post(command: number, payload: Buffer, fds: Array<number>): NativeError | null
   /** Sends a request and blocks the JS thread until its reply (timed condvar). */
   sendSync(command: number, payload: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): NativeReplyResult
   get closed(): boolean

@@ -261,3 +261,34 @@ describe('Command', () => {
     expect(commandName(99)).toBe('command 99')
   })
 })
+
+describe('send paths', () => {
+  it('posts a write (No_reply) that is ordered before the next read', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const data = Buffer.from('posted!!')
+    client.post(Command.REGION_WRITE, regionAccess(0, 256, data.length, data))
+    const r = await client.sendWait(Command.REGION_READ, regionAccess(0, 256, data.length))
+    expect(r.payload.subarray(16)).toEqual(data)
+  })
+
+  it('works with every send forced through the queue (sendQueued)', async () => {
+    await using client = await connect(device.socketPath, { sendQueued: true })
+    await client.validateVersion()
+    const replies = await Promise.all(
+      Array.from({ length: 100 }, () => client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())),
+    )
+    expect(replies.every((r) => r.payload.length === 16)).toBe(true)
+    expect(client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload()).payload.length).toBe(16)
+  })
+
+  it('mixes sync and async requests on one connection', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    const pending = Array.from({ length: 50 }, () => client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    // The sync call may read replies meant for the promises; they must still settle.
+    const sync = client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(sync.payload.length).toBe(16)
+    expect((await Promise.all(pending)).length).toBe(50)
+  })
+})

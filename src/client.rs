@@ -163,10 +163,20 @@ impl NativeClient {
         let events = self.events.clone();
         let borrowed = borrow_fds(&fds);
         self.client
-            .send_async(
+            .send_callback(
                 request(command, &payload, &borrowed, timeout_ms),
                 Box::new(move |r| events.push(Event::Done(token, r))),
             )
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Sends a posted request (No_reply). Returns an error if nothing was sent.
+    #[napi]
+    pub fn post(&self, command: u32, payload: Buffer, fds: Vec<i32>) -> Option<NativeError> {
+        let borrowed = borrow_fds(&fds);
+        self.client
+            .post(request(command, &payload, &borrowed, None))
             .err()
             .map(|e| convert::from_error(&e))
     }

@@ -191,6 +191,19 @@ export class VfioUserClient extends EventEmitter {
   }
 
   /**
+   * Sends a posted request (the `No_reply` flag): the server processes it in order but sends
+   * no reply, so a later request's reply proves it was done. QEMU uses this for posted
+   * writes; it is only safe while no region is mmapped.
+   * @throws {TypeError|RangeError} for bad arguments; nothing is sent.
+   * @throws {VfioUserError} if it could not be sent (`'ENOTCONN'` before validateVersion, `'ECONNRESET'`…).
+   */
+  post(command: number, payload: Uint8Array, options: Pick<SendOptions, 'fds'> = {}): void {
+    const args = this.#check(command, payload, options)
+    const refused = this.#native.post(command, args.payload, args.fds)
+    if (refused) throw fromNative(refused, this.#path)
+  }
+
+  /**
    * Closes the connection. Requests still in flight reject with `'ECONNABORTED'`; resolves
    * once every promise has settled and `'close'` has been emitted. Idempotent.
    */

@@ -170,3 +170,78 @@ fn server_error_reply_is_an_error() {
         ))
         .unwrap();
 }
+
+fn access(region: u32, offset: u64, data: &[u8], count: u32) -> Vec<u8> {
+    let mut p = offset.to_ne_bytes().to_vec();
+    p.extend_from_slice(&region.to_ne_bytes());
+    p.extend_from_slice(&count.to_ne_bytes());
+    p.extend_from_slice(data);
+    p
+}
+
+fn negotiated(dev: &Device) -> Client {
+    let client = Client::connect(&dev.socket, Options::default()).unwrap();
+    client.negotiate().unwrap();
+    client
+}
+
+#[test]
+fn posted_write_is_ordered_before_the_next_read() {
+    let dev = Device::start();
+    let client = negotiated(&dev);
+    client
+        .post(Request::new(
+            Command::RegionWrite as u16,
+            &access(0, 128, b"posted!!", 8),
+        ))
+        .unwrap();
+    let r = client
+        .send_wait(Request::new(
+            Command::RegionRead as u16,
+            &access(0, 128, &[], 8),
+        ))
+        .unwrap();
+    assert_eq!(&r.payload[16..], b"posted!!");
+}
+
+#[test]
+fn msi_eventfd_fires_on_doorbell_and_reset_clears_bar0() {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::os::fd::AsFd;
+    let dev = Device::start();
+    let client = negotiated(&dev);
+    // Wire MSI vector 2 to an eventfd (one fd per message: the server's max_msg_fds is 1).
+    let efd =
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+    let mut set = Vec::new();
+    set.extend_from_slice(&20u32.to_ne_bytes()); // argsz
+    set.extend_from_slice(&(0x4u32 | 0x20).to_ne_bytes()); // DATA_EVENTFD | ACTION_TRIGGER
+    set.extend_from_slice(&1u32.to_ne_bytes()); // MSI
+    set.extend_from_slice(&2u32.to_ne_bytes()); // start
+    set.extend_from_slice(&1u32.to_ne_bytes()); // count
+    let fds = [efd.as_fd()];
+    client
+        .send_wait(Request {
+            fds: &fds,
+            ..Request::new(Command::DeviceSetIrqs as u16, &set)
+        })
+        .unwrap();
+    client
+        .send_wait(Request::new(
+            Command::RegionWrite as u16,
+            &access(0, 0xffc, &2u32.to_le_bytes(), 4),
+        ))
+        .unwrap();
+    assert_eq!(efd.read().unwrap(), 1, "the device signalled vector 2");
+
+    client
+        .send_wait(Request::new(Command::DeviceReset as u16, &[]))
+        .unwrap();
+    let r = client
+        .send_wait(Request::new(
+            Command::RegionRead as u16,
+            &access(0, 0xffc, &[], 4),
+        ))
+        .unwrap();
+    assert_eq!(&r.payload[16..], &[0, 0, 0, 0], "reset cleared BAR0");
+}

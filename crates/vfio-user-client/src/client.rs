@@ -481,7 +481,7 @@ impl Client {
         let json = proposal.capabilities.to_json();
         let payload = version_payload(proposal, &json);
         let req = Request::new(Command::Version as u16, &payload);
-        self.submit(req, waiter, true)
+        self.submit(req, Some(waiter), true)
     }
 
     /// Sends a request and blocks until its reply, its deadline or the end of the connection.
@@ -494,14 +494,15 @@ impl Client {
     /// Sends a request; its reply is collected later with [`Ticket::wait`].
     pub fn send_nowait(&self, req: Request<'_>) -> Result<Ticket, Error> {
         let slot = Arc::new(Slot::default());
-        let (id, seq, deadline) = self.submit(req, Waiter::Slot(slot.clone()), false)?;
+        let (id, seq, deadline) = self.submit(req, Some(Waiter::Slot(slot.clone())), false)?;
         Ok(self.ticket(slot, id, seq, deadline))
     }
 
     /// Sends a request; `done` is called exactly once with the reply or the failure (timeout,
     /// connection end). If this returns an error, nothing was sent and `done` is not called.
-    pub fn send_async(&self, req: Request<'_>, done: Completion) -> Result<(), Error> {
-        self.submit(req, Waiter::Callback(done), false).map(|_| ())
+    pub fn send_callback(&self, req: Request<'_>, done: Completion) -> Result<(), Error> {
+        self.submit(req, Some(Waiter::Callback(done)), false)
+            .map(|_| ())
     }
 
     fn ticket(&self, slot: Arc<Slot>, id: u16, seq: u64, deadline: Instant) -> Ticket {
@@ -514,10 +515,18 @@ impl Client {
         }
     }
 
+    /// Sends a posted request (No_reply): nothing is waited for, the server must not answer.
+    /// It is ordered with everything else on the socket, so a later request's reply proves it
+    /// was processed (QEMU's posted writes). Only safe while no region is mmapped.
+    pub fn post(&self, req: Request<'_>) -> Result<(), Error> {
+        self.submit(req, None, false).map(|_| ())
+    }
+
+    /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
     fn submit(
         &self,
         req: Request<'_>,
-        waiter: Waiter,
+        waiter: Option<Waiter>,
         version: bool,
     ) -> Result<(u16, u64, Instant), Error> {
         let name = command_name(req.command);
@@ -548,8 +557,10 @@ impl Client {
                 )
             })?;
         let mut bytes = Vec::with_capacity(HEADER_SIZE + req.payload.len());
-        bytes
-            .extend_from_slice(&Header::command(0, req.command, req.payload.len(), false).encode());
+        let posted = waiter.is_none();
+        bytes.extend_from_slice(
+            &Header::command(0, req.command, req.payload.len(), posted).encode(),
+        );
         bytes.extend_from_slice(req.payload);
         let timeout = req.timeout.unwrap_or(self.shared.options.timeout);
         let deadline = Instant::now() + timeout;
@@ -589,20 +600,23 @@ impl Client {
             if version {
                 st.version_in_flight = true;
             }
-            let wake_for_deadline = st.add_pending(
-                id,
-                Pending {
-                    seq,
-                    command: req.command,
-                    deadline,
-                    waiter,
-                    sent: false,
-                    reply_limit: reply_size_limit(req.command, req.payload),
-                    fd_limit: reply_fd_limit(req.command, OUR_MAX_MSG_FDS),
-                },
-            );
+            let wake_for_deadline = match waiter {
+                Some(waiter) => st.add_pending(
+                    id,
+                    Pending {
+                        seq,
+                        command: req.command,
+                        deadline,
+                        waiter,
+                        sent: false,
+                        reply_limit: reply_size_limit(req.command, req.payload),
+                        fd_limit: reply_fd_limit(req.command, OUR_MAX_MSG_FDS),
+                    },
+                ),
+                None => false,
+            };
             let msg = Outgoing {
-                id: Some(id),
+                id: (!posted).then_some(id),
                 seq,
                 bytes,
                 written: 0,

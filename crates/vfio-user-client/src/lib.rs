@@ -7,8 +7,10 @@
 //!   is read whole and dropped.
 //! - EOF or a corrupt stream fails everything queued or pending at once.
 //!
-//! [`Client::send_wait`] blocks on a timed condvar; [`Client::send_async`] calls back from the
-//! I/O thread; [`Client::send_nowait`] returns a [`Ticket`] to collect later.
+//! QEMU's three message kinds map to: WAIT = [`Client::send_wait`] (blocks on a timed condvar,
+//! reading its own reply when it can), NOWAIT = [`Client::send_nowait`] (a [`Ticket`] to collect
+//! later), ASYNC = [`Client::post`] (No_reply) and our replies to server requests. Event-loop
+//! callers use [`Client::send_callback`].
 
 mod client;
 mod error;

@@ -498,11 +498,11 @@ fn too_many_fds_for_the_server_is_refused_before_sending() {
 }
 
 #[test]
-fn send_async_calls_back_once() {
+fn send_callback_calls_back_once() {
     let (client, mut peer) = negotiated(Options::default());
     let (tx, rx) = std::sync::mpsc::channel();
     client
-        .send_async(
+        .send_callback(
             Request::new(GET_INFO, &info_req()),
             Box::new(move |r| tx.send(r.map(|r| r.payload.len())).unwrap()),
         )
@@ -521,7 +521,7 @@ fn async_requests_time_out_on_the_io_thread() {
     for ms in [30u64, 5000] {
         let tx = tx.clone();
         client
-            .send_async(
+            .send_callback(
                 Request {
                     timeout: Some(Duration::from_millis(ms)),
                     ..Request::new(GET_INFO, &info_req())
@@ -569,7 +569,7 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
     for _ in 0..20 {
         let tx = tx.clone();
         client
-            .send_async(
+            .send_callback(
                 Request::new(GET_INFO, &info_req()),
                 Box::new(move |r| tx.send(r.map(|r| r.payload.len())).unwrap()),
             )
@@ -595,7 +595,7 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
     assert_eq!(t.wait().unwrap().payload.len(), 16);
     let (tx2, rx2) = std::sync::mpsc::channel();
     client
-        .send_async(
+        .send_callback(
             Request::new(GET_INFO, &info_req()),
             Box::new(move |r| tx2.send(r.is_ok()).unwrap()),
         )
@@ -607,5 +607,17 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
         "async reply delivered by the backup read"
     );
     drop(reader);
+    round_trip(&client, &mut peer);
+}
+
+#[test]
+fn posted_requests_carry_no_reply_and_wait_for_nothing() {
+    let (client, mut peer) = negotiated(Options::default());
+    let mut w = [0u8; 20];
+    w[12..16].copy_from_slice(&4u32.to_ne_bytes());
+    client.post(Request::new(REGION_WRITE, &w)).unwrap();
+    let m = peer.read_msg();
+    assert!(m.header.no_reply());
+    assert_eq!(m.header.command, REGION_WRITE);
     round_trip(&client, &mut peer);
 }

@@ -208,3 +208,38 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden_reply {
+    use super::*;
+
+    /// A whole VERSION reply as rust-vmm's server puts it on the wire.
+    #[test]
+    fn decodes_and_validates_reply_bytes() {
+        let json = br#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576,"migration":{"pgsize":4096}}}"#;
+        let size = 16 + 4 + json.len() + 1;
+        let mut wire = vec![7, 0, 1, 0];
+        wire.extend_from_slice(&(size as u32).to_le_bytes());
+        wire.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]); // reply, no error
+        wire.extend_from_slice(&[0, 0, 0, 0]); // 0.0
+        wire.extend_from_slice(json);
+        wire.push(0);
+        let mut raw = [0u8; HEADER_SIZE];
+        raw.copy_from_slice(&wire[..16]);
+        let h = Header::decode(&raw);
+        assert_eq!((h.id, h.command, h.size as usize), (7, 1, size));
+        assert_eq!(h.validate(4096), Ok(crate::MessageType::Reply));
+        assert!(!h.is_error());
+        let v = validate_version_reply(
+            &VersionProposal {
+                major: 0,
+                minor: 0,
+                capabilities: Capabilities::default(),
+            },
+            &wire[16..],
+        )
+        .unwrap();
+        assert_eq!(v.capabilities.max_msg_fds, 1);
+        assert_eq!(v.capabilities.migration.map(|m| m.pgsize), Some(4096));
+    }
+}
