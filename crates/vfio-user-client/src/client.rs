@@ -107,8 +107,10 @@ impl Shared {
         if !st.caller_reading && !st.external_reader {
             want |= EpollFlags::EPOLLIN;
         }
-        if st.external_reader && !st.caller_reading && st.backup_check_at.is_none() {
-            // One wakeup per burst of arrivals, to schedule a backup check; not a read.
+        if st.external_reader && st.backup_check_at.is_none() {
+            // One wakeup per burst of arrivals, to schedule a backup check; not a read. Left
+            // armed while a caller reads: the event loop picks up whatever the caller leaves,
+            // and a one-shot wakeup costs less than two epoll_ctl calls per blocking call.
             want |= EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT;
         }
         if st.want_write {

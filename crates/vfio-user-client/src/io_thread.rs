@@ -86,7 +86,7 @@ pub fn run(shared: Arc<Shared>) {
             }
             {
                 let mut st = shared.lock();
-                if external && !st.caller_reading {
+                if external {
                     // The external reader is expected to take it; check back later.
                     if st.backup_check_at.is_none() {
                         st.backup_check_at = Some(Instant::now() + BACKUP_GRACE);
