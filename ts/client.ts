@@ -208,6 +208,9 @@ export class VfioUserClient extends EventEmitter {
    * once every promise has settled and `'close'` has been emitted. Idempotent.
    */
   close(): Promise<void> {
+    // Keep the loop alive until the close event has been delivered (the native callback is
+    // weak); `#deliver` releases it.
+    if (!this.#closeEmitted) this.#keepAlive.ref()
     this.#native.close()
     return this.#closedPromise
   }

@@ -14,7 +14,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{shutdown, Shutdown};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vfio_user_proto::{
@@ -24,6 +24,10 @@ use vfio_user_proto::{
 
 /// Most fds we accept in one message, as advertised in our capabilities.
 pub const OUR_MAX_MSG_FDS: u32 = 16;
+
+/// Most bytes queued for a server that does not read: beyond this, new requests are refused
+/// (ENOBUFS) and a server that floods us with requests while not reading is disconnected.
+const MAX_QUEUED_BYTES: usize = 256 << 20;
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -87,7 +91,15 @@ pub(crate) struct Shared {
     pub rx: Mutex<Rx>,
     state: Mutex<State>,
     options: Options,
-    on_close: Mutex<Option<CloseHook>>,
+    on_close: Mutex<CloseNotice>,
+}
+
+/// The close hook and whether the end has been announced, under one lock so a hook
+/// registered at any moment is called exactly once.
+#[derive(Default)]
+struct CloseNotice {
+    hook: Option<CloseHook>,
+    announced: Option<Error>,
 }
 
 impl Shared {
@@ -119,6 +131,14 @@ impl Shared {
         if st.registered && st.armed == want.bits() as u32 {
             return;
         }
+        if st.parked_on_hangup {
+            if st.caller_reading {
+                // Taken off after a hangup while a caller reads: re-adding now would only
+                // report the hangup again. The caller sees the EOF itself.
+                return;
+            }
+            st.parked_on_hangup = false;
+        }
         let mut ev = EpollEvent::new(want, SOCK_TOKEN);
         let done = if st.registered {
             self.epoll.modify(&self.sock, &mut ev)
@@ -136,12 +156,13 @@ impl Shared {
     pub fn unregister(&self, st: &mut State) {
         if st.registered && self.epoll.delete(&self.sock).is_ok() {
             st.registered = false;
+            st.parked_on_hangup = true;
         }
     }
 
     /// Makes the calling thread the reader if nobody is reading right now.
     fn become_reader(&self) -> Option<ReaderGuard<'_>> {
-        let rx = self.rx.try_lock().ok()?;
+        let rx = self.rx_try_lock()?;
         let mut st = self.lock();
         if st.closed.is_some() || st.caller_reading {
             return None;
@@ -169,15 +190,36 @@ impl Shared {
         fired.fire();
     }
 
+    /// Announces the end to the close hook, after every completion already taken by a reader
+    /// has been handed out (readers fire completions while holding `rx`), so "closed" never
+    /// overtakes a reply.
     pub fn notify_closed(&self) {
-        let hook = self
-            .on_close
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let err = self.lock().closed.clone();
-        if let (Some(hook), Some(err)) = (hook, err) {
+        drop(self.rx_lock());
+        let Some(err) = self.lock().closed.clone() else {
+            return;
+        };
+        let hook = {
+            let mut n = self.on_close.lock().unwrap_or_else(|p| p.into_inner());
+            n.announced = Some(err.clone());
+            n.hook.take()
+        };
+        if let Some(hook) = hook {
             hook(&err);
+        }
+    }
+
+    /// The receive side, waiting for it. A completion that panicked while it was held does
+    /// not stop everyone else from reading.
+    pub fn rx_lock(&self) -> MutexGuard<'_, Rx> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The receive side if nobody holds it right now.
+    pub fn rx_try_lock(&self) -> Option<MutexGuard<'_, Rx>> {
+        match self.rx.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
         }
     }
 
@@ -213,7 +255,14 @@ impl Shared {
             if st.closed.is_some() {
                 return;
             }
-            st.send(self.sock.as_raw_fd(), msg, !self.options.send_queued)
+            if st.queued_bytes > MAX_QUEUED_BYTES {
+                Err(Error::new(
+                    Errno::ECONNRESET,
+                    "server floods requests without reading our replies",
+                ))
+            } else {
+                st.send(self.sock.as_raw_fd(), msg, !self.options.send_queued)
+            }
         };
         match result {
             Ok(Sent::Done) => {}
@@ -238,7 +287,7 @@ impl ExternalReader {
     /// Reads and dispatches what is available. Returns false once the connection has ended
     /// (stop watching).
     pub fn on_readable(&self) -> bool {
-        if let Ok(mut rx) = self.shared.rx.try_lock() {
+        if let Some(mut rx) = self.shared.rx_try_lock() {
             if let Err(e) = receive(&self.shared, &mut rx, self.fd()) {
                 self.shared.fail(e);
             }
@@ -329,6 +378,24 @@ impl Ticket {
     fn wait_reading(self, reader: Option<ReaderGuard<'_>>) -> Result<Reply, Error> {
         if let Some(mut reader) = reader {
             reader.read_until(&self.slot, self.deadline);
+        } else {
+            // Someone else was reading. They may stop before our reply comes (an event loop's
+            // backup read, another caller): look again now and then instead of relying on a
+            // backup check alone.
+            loop {
+                let now = Instant::now();
+                if now >= self.deadline {
+                    break;
+                }
+                let nap = self.deadline.min(now + Duration::from_millis(1));
+                if let Some(r) = self.slot.wait_until(Some(nap)) {
+                    return r;
+                }
+                if let Some(mut reader) = self.shared.become_reader() {
+                    reader.read_until(&self.slot, self.deadline);
+                    break;
+                }
+            }
         }
         if let Some(r) = self.slot.wait_until(Some(self.deadline)) {
             return r;
@@ -397,7 +464,7 @@ impl Client {
             rx: Mutex::new(Rx::default()),
             state: Mutex::new(state),
             options,
-            on_close: Mutex::new(None),
+            on_close: Mutex::new(CloseNotice::default()),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -418,23 +485,22 @@ impl Client {
 
     /// Called once, from the I/O thread, when the connection ends for any reason.
     pub fn on_close(&self, hook: impl FnOnce(&Error) + Send + 'static) {
-        *self
-            .shared
-            .on_close
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
-        // Registered after the end: fire now so nobody misses it.
-        if self.shared.lock().closed.is_some() && self.is_thread_finished() {
-            self.shared.notify_closed();
-        }
-    }
-
-    fn is_thread_finished(&self) -> bool {
-        self.thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_none_or(|t| t.is_finished())
+        let announced = {
+            let mut n = self
+                .shared
+                .on_close
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match n.announced.clone() {
+                Some(err) => err,
+                None => {
+                    n.hook = Some(Box::new(hook));
+                    return;
+                }
+            }
+        };
+        // Registered after the end was announced: call it now so nobody misses it.
+        hook(&announced);
     }
 
     /// The negotiated version, once [`Client::negotiate`] has succeeded.
@@ -596,6 +662,16 @@ impl Client {
                     )));
                 }
             }
+            if !st.outgoing.is_empty() && st.queued_bytes + bytes.len() > MAX_QUEUED_BYTES {
+                return Err(Error::new(
+                    Errno::ENOBUFS,
+                    format!(
+                        "{name} not sent: {} bytes already wait to be written to a server that is not reading",
+                        st.queued_bytes
+                    ),
+                )
+                .with_command(req.command));
+            }
             let id = st.alloc_id()?;
             bytes[0..2].copy_from_slice(&id.to_ne_bytes());
             let seq = st.next_seq();
@@ -646,11 +722,19 @@ impl Client {
             Errno::ECONNABORTED,
             format!("connection to {} was closed by the client", self.path),
         ));
+        // Called from a completion (which may hold the receive side the I/O thread needs to
+        // announce the close), joining could deadlock: the thread is left to finish alone.
+        if crate::state::in_completion() {
+            return;
+        }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
+        }
+        if let Some(mut rx) = self.shared.rx_try_lock() {
+            rx.reset();
         }
     }
 }

@@ -42,6 +42,13 @@ impl Error {
             .with_command(command);
         }
         let errno = Errno::from_raw(raw as i32);
+        if errno == Errno::UnknownErrno {
+            return Error::new(
+                Errno::EIO,
+                format!("server failed {name} with errno {raw}, unknown on this system"),
+            )
+            .with_command(command);
+        }
         Error::new(errno, format!("server failed {name}: {}", errno.desc())).with_command(command)
     }
 
@@ -67,6 +74,9 @@ mod tests {
         assert_eq!(Error::from_error_reply(2, 5).errno, Errno::ENOENT);
         assert_eq!(Error::from_error_reply(0, 5).errno, Errno::EIO);
         assert_eq!(Error::from_error_reply(5000, 5).errno, Errno::EIO);
+        let unknown = Error::from_error_reply(600, 5);
+        assert_eq!(unknown.errno, Errno::EIO);
+        assert!(unknown.message.contains("600"));
         let e = Error::from_error_reply(22, 9);
         assert_eq!(e.command, Some(9));
         assert_eq!(e.code(), "EINVAL");

@@ -87,8 +87,12 @@ pub fn run(shared: Arc<Shared>) {
             {
                 let mut st = shared.lock();
                 if external {
-                    // The external reader is expected to take it; check back later.
-                    if st.backup_check_at.is_none() {
+                    // The external reader is expected to take it; check back later. A hangup
+                    // is reported again at every re-arm: look at it now instead.
+                    let hangup = flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+                    if hangup {
+                        st.backup_check_at = Some(Instant::now());
+                    } else if st.backup_check_at.is_none() {
                         st.backup_check_at = Some(Instant::now() + BACKUP_GRACE);
                     }
                     continue;
@@ -104,7 +108,7 @@ pub fn run(shared: Arc<Shared>) {
             }
             // A caller may hold the receive side for an instant while handing it back;
             // level-triggered epoll brings us back here.
-            if let Ok(mut rx) = shared.rx.try_lock() {
+            if let Some(mut rx) = shared.rx_try_lock() {
                 if let Err(e) = receive(&shared, &mut rx, sock) {
                     shared.fail(e);
                 }
@@ -130,26 +134,41 @@ fn backup_read(shared: &Shared, sock: i32) {
         return;
     }
     // Busy means someone is reading right now: nothing to back up.
-    if let Ok(mut rx) = shared.rx.try_lock() {
+    if let Some(mut rx) = shared.rx_try_lock() {
         if let Err(e) = receive(shared, &mut rx, sock) {
             shared.fail(e);
         }
     }
 }
 
-/// Reads until the socket is drained, dispatching every complete message.
+/// Reads per wakeup at most (64 KiB each): a flooding server cannot keep a reader, the I/O
+/// thread or Node's event loop, from its other work; level-triggered readiness brings it back.
+const MAX_READS_PER_WAKEUP: usize = 16;
+
+/// Reads until the socket is drained (or the per-wakeup budget is spent), dispatching every
+/// complete message.
 pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
-    loop {
+    for _ in 0..MAX_READS_PER_WAKEUP {
         match read_once(shared, rx, sock)? {
             ReadOutcome::WouldBlock => return Ok(()),
             ReadOutcome::Data { drained: true } => return Ok(()),
             _ => {}
         }
     }
+    Ok(())
 }
 
-/// One read and the dispatch of whatever it completed. EOF is an error.
+/// One read and the dispatch of whatever it completed. EOF is an error. After any error the
+/// buffered state is dropped (its fds closed): the stream is over.
 pub fn read_once(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
+    let r = read_and_dispatch(shared, rx, sock);
+    if r.is_err() {
+        rx.reset();
+    }
+    r
+}
+
+fn read_and_dispatch(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
     let outcome = rx.read(sock)?;
     match outcome {
         ReadOutcome::Eof => {

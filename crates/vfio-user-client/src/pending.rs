@@ -101,7 +101,10 @@ impl Waiter {
     pub fn complete(self, r: Result<Reply, Error>) {
         match self {
             Waiter::Slot(s) => s.fill(r),
-            Waiter::Callback(f) => f(r),
+            // A panicking callback must not take the reader (often the I/O thread) down.
+            Waiter::Callback(f) => {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(r)));
+            }
         }
     }
 }

@@ -113,6 +113,14 @@ impl Rx {
         }
     }
 
+    /// Forgets everything buffered after a fatal error, closing fds nobody will take.
+    pub fn reset(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        self.cur = None;
+        self.fds.clear();
+    }
+
     fn consume(&mut self, n: usize) {
         self.start += n;
         self.pos += n as u64;

@@ -2,13 +2,12 @@
 
 use crate::Error;
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     self, recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
 };
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,38 +28,26 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> Result<OwnedFd, Error> {
         None,
     )
     .map_err(|e| fail(e, "cannot create a socket for"))?;
-    match socket::connect(fd.as_raw_fd(), &addr) {
-        Ok(()) => return Ok(fd),
-        // A full listen backlog: wait for room, bounded by the timeout.
-        Err(Errno::EAGAIN) | Err(Errno::EINPROGRESS) => {}
-        Err(e) => return Err(fail(e, "cannot connect to")),
-    }
+    // A nonblocking AF_UNIX connect either completes at once or fails with EAGAIN when the
+    // listener's backlog is full; it does not go on connecting in the background. So retry,
+    // backing off, until the deadline.
     let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(1);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(fail(Errno::ETIMEDOUT, "timed out connecting to"));
-        }
-        let mut fds = [PollFd::new(fd_ref(&fd), PollFlags::POLLOUT)];
-        match poll(
-            &mut fds,
-            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
-        ) {
-            Ok(0) | Err(Errno::EINTR) => continue,
-            Ok(_) => break,
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(fd),
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(fail(Errno::ETIMEDOUT, "timed out connecting to"));
+                }
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(Duration::from_millis(50));
+            }
             Err(e) => return Err(fail(e, "cannot connect to")),
         }
     }
-    match socket::getsockopt(&fd, socket::sockopt::SocketError) {
-        Ok(0) => Ok(fd),
-        Ok(raw) => Err(fail(Errno::from_raw(raw), "cannot connect to")),
-        Err(e) => Err(fail(e, "cannot connect to")),
-    }
-}
-
-fn fd_ref(fd: &OwnedFd) -> BorrowedFd<'_> {
-    use std::os::fd::AsFd;
-    fd.as_fd()
 }
 
 /// One nonblocking sendmsg of `bytes`, with `fds` as SCM_RIGHTS when there are any.

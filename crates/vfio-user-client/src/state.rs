@@ -14,6 +14,7 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
+    HEADER_SIZE,
 };
 
 /// Ids of timed-out requests stay reserved until their late reply arrives, so that reply can
@@ -26,11 +27,26 @@ pub struct Fired {
     pub completions: Vec<(Waiter, Result<Reply, Error>)>,
 }
 
+thread_local! {
+    /// Set while this thread runs completions, which may hold the receive side.
+    static IN_COMPLETION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True on a thread that is running completions right now (see [`crate::Client::close`]).
+pub fn in_completion() -> bool {
+    IN_COMPLETION.with(|f| f.get())
+}
+
 impl Fired {
     pub fn fire(self) {
+        if self.completions.is_empty() {
+            return;
+        }
+        let outer = IN_COMPLETION.with(|f| f.replace(true));
         for (w, r) in self.completions {
             w.complete(r);
         }
+        IN_COMPLETION.with(|f| f.set(outer));
     }
 }
 
@@ -62,6 +78,8 @@ pub struct State {
     next_seq: u64,
     /// The I/O thread should poll for POLLOUT.
     pub want_write: bool,
+    /// Bytes in `outgoing` not yet written.
+    pub queued_bytes: usize,
     /// When the I/O thread, asleep in poll, will wake up by itself at the latest. A new
     /// deadline before this needs a wakeup; a later one (the common case) costs nothing.
     pub io_wake_at: Option<Instant>,
@@ -77,6 +95,8 @@ pub struct State {
     pub backup_check_at: Option<Instant>,
     /// The socket's current epoll registration: registered at all, and its event bits.
     pub registered: bool,
+    /// Unregistered because of a hangup seen while a caller was reading.
+    pub parked_on_hangup: bool,
     pub armed: u32,
     pub stats: Stats,
 }
@@ -182,8 +202,8 @@ impl State {
                     // Its reply, if any, will be dropped.
                     self.outgoing[pos].id = None;
                     on_wire = true;
-                } else {
-                    self.outgoing.remove(pos);
+                } else if let Some(o) = self.outgoing.remove(pos) {
+                    self.queued_bytes = self.queued_bytes.saturating_sub(o.bytes.len());
                 }
             }
         }
@@ -229,6 +249,7 @@ impl State {
     /// Appends `msg` behind anything queued, or writes it inline when the queue is empty and
     /// `inline` is allowed. A request becomes `sent` once its last byte is written.
     pub fn send(&mut self, sock: RawFd, msg: Outgoing, inline: bool) -> Result<Sent, Error> {
+        self.queued_bytes += msg.bytes.len();
         self.outgoing.push_back(msg);
         if self.outgoing.len() > 1 || !inline {
             self.stats.queued_sends += 1;
@@ -251,6 +272,7 @@ impl State {
         while let Some(front) = self.outgoing.front_mut() {
             match send_chunk(sock, front.remaining(), &front.raw_fds()) {
                 Ok(n) => {
+                    self.queued_bytes = self.queued_bytes.saturating_sub(n);
                     if n < front.remaining().len() {
                         self.stats.partial_writes += 1;
                     }
@@ -291,6 +313,7 @@ impl State {
         }
         self.closed = Some(err.clone());
         self.outgoing.clear();
+        self.queued_bytes = 0;
         for (_, p) in self.pending.drain() {
             fired
                 .completions
@@ -328,12 +351,7 @@ impl State {
             self.bury(h.id);
             return Disposition::Drop;
         };
-        if !p.sent {
-            // A "reply" to a request not yet fully written cannot be its reply.
-            self.stats.dropped_replies += 1;
-            return Disposition::Drop;
-        }
-        let (seq, command, limit) = (p.seq, p.command, p.reply_limit);
+        let (seq, command, limit, sent) = (p.seq, p.command, p.reply_limit, p.sent);
         let problem = if h.command != command {
             Some(format!(
                 "reply to {} (id {}) carries command {}",
@@ -360,6 +378,13 @@ impl State {
                 self.fail_request(h.id, seq, Error::proto(what), fired);
                 // This message was its reply, malformed: no other is coming.
                 self.bury(h.id);
+                Disposition::Drop
+            }
+            // A server may refuse a request after its header, before we finished writing it:
+            // a header-only error reply is its answer. Anything else before the request is
+            // fully written cannot be its reply. The rest of the request is still written.
+            None if !sent && !(h.is_error() && h.size as usize == HEADER_SIZE) => {
+                self.stats.dropped_replies += 1;
                 Disposition::Drop
             }
             // An error reply's payload (there should be none) is not stored.

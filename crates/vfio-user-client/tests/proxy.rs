@@ -621,3 +621,68 @@ fn posted_requests_carry_no_reply_and_wait_for_nothing() {
     assert_eq!(m.header.command, REGION_WRITE);
     round_trip(&client, &mut peer);
 }
+
+#[test]
+fn close_hook_runs_once_whenever_it_is_registered() {
+    for early in [true, false] {
+        let (client, peer) = negotiated(Options::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hook = move |e: &vfio_user_client::Error| tx.send(e.code()).unwrap();
+        if early {
+            client.on_close(hook);
+            drop(peer);
+        } else {
+            drop(peer);
+            // Possibly before, possibly after the I/O thread announced the end.
+            client.on_close(hook);
+        }
+        let codes: Vec<String> = rx.iter().collect();
+        assert_eq!(codes, vec!["ECONNRESET".to_string()], "early={early}");
+    }
+}
+
+#[test]
+fn early_error_reply_to_a_partly_written_request() {
+    let (client, mut peer) = negotiated(Options::default());
+    setsockopt(&peer.s, sockopt::RcvBuf, &4096).unwrap();
+    let mut big = vec![0u8; 1 << 20];
+    big[12..16].copy_from_slice(&((1u32 << 20) - 16).to_ne_bytes());
+    let t = client
+        .send_nowait(Request::new(REGION_WRITE, &big))
+        .unwrap();
+    // The server refuses after reading only the header, as rust-vmm does.
+    let mut raw = [0u8; 16];
+    std::io::Read::read_exact(&mut peer.s, &mut raw).unwrap();
+    let h = Header::decode(&raw);
+    peer.error_reply(&h, 22);
+    assert_eq!(t.wait().unwrap_err().code(), "EINVAL");
+    // The rest of the request still goes out whole, and the stream stays in sync.
+    let mut rest = vec![0u8; h.payload_len()];
+    std::io::Read::read_exact(&mut peer.s, &mut rest).unwrap();
+    assert_eq!(rest, big);
+    round_trip(&client, &mut peer);
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_the_client() {
+    let (client, mut peer) = negotiated(Options::default());
+    client
+        .send_callback(
+            Request::new(GET_INFO, &info_req()),
+            Box::new(|_| panic!("callback bug (expected in this test)")),
+        )
+        .unwrap();
+    let m = peer.read_msg();
+    ok_info(&mut peer, &m);
+    let (tx, rx) = std::sync::mpsc::channel();
+    client
+        .send_callback(
+            Request::new(GET_INFO, &info_req()),
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        )
+        .unwrap();
+    let m = peer.read_msg();
+    ok_info(&mut peer, &m);
+    assert!(rx.recv().unwrap());
+    round_trip(&client, &mut peer);
+}
