@@ -373,6 +373,7 @@ impl State {
         } else {
             None
         };
+        let early_refusal = h.is_error() && h.size as usize == HEADER_SIZE;
         match problem {
             Some(what) => {
                 self.fail_request(h.id, seq, Error::proto(what), fired);
@@ -383,7 +384,7 @@ impl State {
             // A server may refuse a request after its header, before we finished writing it:
             // a header-only error reply is its answer. Anything else before the request is
             // fully written cannot be its reply. The rest of the request is still written.
-            None if !sent && !(h.is_error() && h.size as usize == HEADER_SIZE) => {
+            None if !(sent || early_refusal) => {
                 self.stats.dropped_replies += 1;
                 Disposition::Drop
             }
