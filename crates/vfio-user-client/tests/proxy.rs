@@ -113,7 +113,8 @@ fn version_error_reply_and_wrong_command() {
 
 #[test]
 fn big_message_goes_out_in_partial_writes_and_order_is_kept() {
-    let (client, mut peer) = pair(Options::default());
+    // A tiny SO_SNDBUF on the client's socket: 1 MiB needs many partial writes.
+    let (client, mut peer) = pair_with_sndbuf(Options::default(), Some(4096));
     // Negotiate first, then shrink the buffers so 1 MiB needs many writes.
     let t = std::thread::spawn(move || {
         peer.accept_version(RUST_VMM_CAPS);

@@ -111,6 +111,11 @@ pub fn message(h: Header, payload: &[u8]) -> Vec<u8> {
 
 /// A client and the peer end of a fresh socketpair, not yet negotiated.
 pub fn pair(options: Options) -> (Client, Peer) {
+    pair_with_sndbuf(options, None)
+}
+
+/// Like [`pair`], with the client's SO_SNDBUF set first (the kernel doubles it, minimum 4608).
+pub fn pair_with_sndbuf(options: Options, sndbuf: Option<usize>) -> (Client, Peer) {
     let (a, b) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -118,6 +123,9 @@ pub fn pair(options: Options) -> (Client, Peer) {
         SockFlag::SOCK_CLOEXEC,
     )
     .expect("socketpair");
+    if let Some(n) = sndbuf {
+        nix::sys::socket::setsockopt(&a, nix::sys::socket::sockopt::SndBuf, &n).expect("SndBuf");
+    }
     let client = Client::from_socket(a, options, "socketpair".into()).expect("client");
     (
         client,
