@@ -341,6 +341,23 @@ impl State {
     /// Decides from a header alone what its body is for, so nothing is stored for a message
     /// nobody wants and no reply can be matched to the wrong request.
     pub fn classify(&mut self, h: &Header, kind: MessageType, fired: &mut Fired) -> Disposition {
+        let stray = kind == MessageType::Command || !self.pending.contains_key(&h.id);
+        if self.version_in_flight && stray {
+            // Until VERSION is answered nothing else may come, and VERSION is the only
+            // request in flight: anything else is a broken VERSION reply, said as such.
+            let what = match kind {
+                MessageType::Command => format!(
+                    "server sent a request ({}) instead of the VERSION reply",
+                    command_name(h.command)
+                ),
+                MessageType::Reply => format!(
+                    "VERSION reply carries id {}, which matches no request",
+                    h.id
+                ),
+            };
+            self.fail_version(Error::proto(what), fired);
+            return Disposition::Drop;
+        }
         if kind == MessageType::Command {
             return Disposition::Request {
                 keep: h.payload_len() <= self.max_request_payload,
@@ -393,6 +410,19 @@ impl State {
                 seq,
                 keep: !h.is_error(),
             },
+        }
+    }
+
+    /// Fails the VERSION request in flight; its real reply, if it ever comes, is dropped.
+    fn fail_version(&mut self, err: Error, fired: &mut Fired) {
+        let version = Command::Version as u16;
+        let found = self
+            .pending
+            .iter()
+            .find(|(_, p)| p.command == version)
+            .map(|(id, p)| (*id, p.seq));
+        if let Some((id, seq)) = found {
+            self.fail_request(id, seq, err, fired);
         }
     }
 

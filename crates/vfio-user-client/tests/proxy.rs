@@ -687,3 +687,30 @@ fn a_panicking_callback_does_not_stop_the_client() {
     assert!(rx.recv().unwrap());
     round_trip(&client, &mut peer);
 }
+
+#[test]
+fn anything_but_the_version_reply_fails_negotiation() {
+    for (as_command, want) in [
+        (false, "matches no request"),
+        (true, "instead of the VERSION reply"),
+    ] {
+        let (client, mut peer) = pair(Options::default());
+        let t = std::thread::spawn(move || {
+            let m = peer.read_msg();
+            let payload = version_payload(0, 0, RUST_VMM_CAPS);
+            let h = if as_command {
+                Header::command(m.header.id, 1, payload.len(), false)
+            } else {
+                let mut h = Header::reply_to(&m.header, payload.len());
+                h.id = m.header.id.wrapping_add(1);
+                h
+            };
+            peer.write(&message(h, &payload));
+            peer
+        });
+        let e = client.negotiate().unwrap_err();
+        assert_eq!(e.code(), "EPROTO", "{e}");
+        assert!(e.message.contains(want), "{e}");
+        drop(t.join().unwrap());
+    }
+}
