@@ -25,9 +25,8 @@ use vfio_user_proto::{
 /// Most fds we accept in one message, as advertised in our capabilities.
 pub const OUR_MAX_MSG_FDS: u32 = 16;
 
-/// Most bytes queued for a server that does not read: beyond this, new requests are refused
-/// (ENOBUFS) and a server that floods us with requests while not reading is disconnected.
-const MAX_QUEUED_BYTES: usize = 256 << 20;
+/// Default for [`Options::max_queued_bytes`].
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 << 20;
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -40,6 +39,10 @@ pub struct Options {
     pub send_queued: bool,
     /// What we propose in VERSION.
     pub proposal: VersionProposal,
+    /// Most bytes queued for a server that does not read: beyond this, new requests are
+    /// refused (ENOBUFS) and a server that floods us with requests while not reading our
+    /// replies is disconnected.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
                     ..Capabilities::default()
                 },
             },
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -255,7 +259,7 @@ impl Shared {
             if st.closed.is_some() {
                 return;
             }
-            if st.queued_bytes > MAX_QUEUED_BYTES {
+            if st.queued_bytes > self.options.max_queued_bytes {
                 Err(Error::new(
                     Errno::ECONNRESET,
                     "server floods requests without reading our replies",
@@ -662,7 +666,9 @@ impl Client {
                     )));
                 }
             }
-            if !st.outgoing.is_empty() && st.queued_bytes + bytes.len() > MAX_QUEUED_BYTES {
+            if !st.outgoing.is_empty()
+                && st.queued_bytes + bytes.len() > self.shared.options.max_queued_bytes
+            {
                 return Err(Error::new(
                     Errno::ENOBUFS,
                     format!(

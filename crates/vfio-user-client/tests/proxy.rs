@@ -714,3 +714,26 @@ fn anything_but_the_version_reply_fails_negotiation() {
         drop(t.join().unwrap());
     }
 }
+
+#[test]
+fn a_full_outgoing_queue_refuses_new_requests() {
+    let (client, mut peer) = negotiated(Options {
+        max_queued_bytes: 64 * 1024,
+        ..Options::default()
+    });
+    setsockopt(&peer.s, sockopt::RcvBuf, &4096).unwrap();
+    // The server does not read: the first big request fills the socket and the queue.
+    let big = vec![0u8; 1 << 20];
+    let first = client.send_nowait(Request::new(GET_INFO, &big)).unwrap();
+    let e = client
+        .send_nowait(Request::new(GET_INFO, &info_req()))
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), "ENOBUFS");
+    // Nothing was lost: once the server reads, the first completes and the next works.
+    let m = peer.read_msg();
+    assert_eq!(m.payload.len(), 1 << 20);
+    ok_info(&mut peer, &m);
+    first.wait().unwrap();
+    round_trip(&client, &mut peer);
+}
