@@ -119,29 +119,18 @@ impl Shared {
         if st.closed.is_some() {
             return;
         }
-        let mut want = EpollFlags::empty();
-        if !st.caller_reading && !st.external_reader {
+        // One-shot: one wakeup per burst of arrivals. The I/O thread then reads, or, when a
+        // caller or an event loop is the reader, only schedules a backup check. Leaving it
+        // armed while a caller reads costs less than two epoll_ctl calls per blocking call.
+        let mut want = EpollFlags::EPOLLONESHOT;
+        if st.backup_check_at.is_none() {
             want |= EpollFlags::EPOLLIN;
-        }
-        if st.external_reader && st.backup_check_at.is_none() {
-            // One wakeup per burst of arrivals, to schedule a backup check; not a read. Left
-            // armed while a caller reads: the event loop picks up whatever the caller leaves,
-            // and a one-shot wakeup costs less than two epoll_ctl calls per blocking call.
-            want |= EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT;
         }
         if st.want_write {
             want |= EpollFlags::EPOLLOUT;
         }
         if st.registered && st.armed == want.bits() as u32 {
             return;
-        }
-        if st.parked_on_hangup {
-            if st.caller_reading {
-                // Taken off after a hangup while a caller reads: re-adding now would only
-                // report the hangup again. The caller sees the EOF itself.
-                return;
-            }
-            st.parked_on_hangup = false;
         }
         let mut ev = EpollEvent::new(want, SOCK_TOKEN);
         let done = if st.registered {
@@ -152,15 +141,6 @@ impl Shared {
         if done.is_ok() {
             st.registered = true;
             st.armed = want.bits() as u32;
-        }
-    }
-
-    /// Takes the socket out of the I/O thread's epoll set (it is re-added by
-    /// [`Shared::sync_interest`]).
-    pub fn unregister(&self, st: &mut State) {
-        if st.registered && self.epoll.delete(&self.sock).is_ok() {
-            st.registered = false;
-            st.parked_on_hangup = true;
         }
     }
 
@@ -351,6 +331,11 @@ impl Drop for ReaderGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.caller_reading = false;
+        if !st.external_reader {
+            // The I/O thread was told to wait for us; we are done, so it may read (and be
+            // woken) at once rather than after the grace period.
+            st.backup_check_at = None;
+        }
         self.shared.sync_interest(&mut st);
     }
 }

@@ -65,13 +65,11 @@ pub fn run(shared: Arc<Shared>) {
                 continue;
             }
             let flags = ev.events();
-            let external = {
+            let (external, caller) = {
                 let mut st = shared.lock();
-                if st.external_reader {
-                    // A one-shot registration is disarmed by the kernel once it fires.
-                    st.armed = u32::MAX;
-                }
-                st.external_reader
+                // The one-shot registration is disarmed by the kernel once it fires.
+                st.armed = u32::MAX;
+                (st.external_reader, st.caller_reading)
             };
             if flags.contains(EpollFlags::EPOLLOUT) {
                 let result = shared.lock().flush(sock);
@@ -84,33 +82,32 @@ pub fn run(shared: Arc<Shared>) {
             if !flags.intersects(readable) {
                 continue;
             }
-            {
+            // Read, unless a caller or the event loop is the reader: then come back after a
+            // grace period in case it stops short (the one-shot will not wake us meanwhile).
+            let read = !external
+                && !caller
+                && match shared.rx_try_lock() {
+                    Some(mut rx) => {
+                        if let Err(e) = receive(&shared, &mut rx, sock) {
+                            shared.fail(e);
+                        }
+                        true
+                    }
+                    None => false,
+                };
+            if !read {
                 let mut st = shared.lock();
-                if external {
-                    // The external reader is expected to take it; check back later. A hangup
-                    // is reported again at every re-arm: look at it now instead.
-                    let hangup = flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
-                    if hangup {
-                        st.backup_check_at = Some(Instant::now());
-                    } else if st.backup_check_at.is_none() {
-                        st.backup_check_at = Some(Instant::now() + BACKUP_GRACE);
-                    }
-                    continue;
-                }
-                if st.caller_reading {
-                    // The caller reads and will see the hangup itself; epoll reports HUP
-                    // whatever the interest, so step off the socket until it is done.
-                    if flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
-                        shared.unregister(&mut st);
-                    }
-                    continue;
-                }
-            }
-            // A caller may hold the receive side for an instant while handing it back;
-            // level-triggered epoll brings us back here.
-            if let Some(mut rx) = shared.rx_try_lock() {
-                if let Err(e) = receive(&shared, &mut rx, sock) {
-                    shared.fail(e);
+                let now = Instant::now();
+                let hangup = flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+                // A reader handing back the role, or a hangup the event loop should see:
+                // look again right away. Otherwise give the reader its grace period.
+                let at = if (hangup && !st.caller_reading) || !(external || st.caller_reading) {
+                    now
+                } else {
+                    now + BACKUP_GRACE
+                };
+                if st.backup_check_at.is_none_or(|t| at < t) {
+                    st.backup_check_at = Some(at);
                 }
             }
         }
@@ -118,7 +115,7 @@ pub fn run(shared: Arc<Shared>) {
     shared.notify_closed();
 }
 
-/// With an external reader, reads whatever it has left waiting past the grace period.
+/// Reads whatever another reader (a caller, an event loop) left waiting past the grace period.
 fn backup_read(shared: &Shared, sock: i32) {
     let due = {
         let mut st = shared.lock();

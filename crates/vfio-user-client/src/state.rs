@@ -95,8 +95,6 @@ pub struct State {
     pub backup_check_at: Option<Instant>,
     /// The socket's current epoll registration: registered at all, and its event bits.
     pub registered: bool,
-    /// Unregistered because of a hangup seen while a caller was reading.
-    pub parked_on_hangup: bool,
     pub armed: u32,
     pub stats: Stats,
 }
