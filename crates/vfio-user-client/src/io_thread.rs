@@ -101,11 +101,9 @@ pub fn run(shared: Arc<Shared>) {
                 let hangup = flags.intersects(EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
                 // A reader handing back the role, or a hangup the event loop should see:
                 // look again right away. Otherwise give the reader its grace period.
-                let at = if (hangup && !st.caller_reading) || !(external || st.caller_reading) {
-                    now
-                } else {
-                    now + BACKUP_GRACE
-                };
+                let someone_reads = external || st.caller_reading;
+                let now_please = !st.caller_reading && (hangup || !someone_reads);
+                let at = if now_please { now } else { now + BACKUP_GRACE };
                 if st.backup_check_at.is_none_or(|t| at < t) {
                     st.backup_check_at = Some(at);
                 }
