@@ -24,11 +24,26 @@ fn ok_info(peer: &mut Peer, m: &Msg) {
     peer.reply(&m.header, &p);
 }
 
+/// Sends one GET_INFO.
+fn info(client: &Client) -> vfio_user_client::Ticket {
+    client
+        .send_nowait(Request::new(GET_INFO, &info_req()))
+        .unwrap()
+}
+
+/// Sends one GET_INFO with its own timeout.
+fn info_within(client: &Client, timeout: Duration) -> vfio_user_client::Ticket {
+    client
+        .send_nowait(Request {
+            timeout: Some(timeout),
+            ..Request::new(GET_INFO, &info_req())
+        })
+        .unwrap()
+}
+
 /// Sends one GET_INFO and answers it: proves the stream is still in sync.
 fn round_trip(client: &Client, peer: &mut Peer) {
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(client);
     let m = peer.read_msg();
     assert_eq!(m.header.command, GET_INFO);
     ok_info(peer, &m);
@@ -133,9 +148,7 @@ fn big_message_goes_out_in_partial_writes_and_order_is_kept() {
     let first = client
         .send_nowait(Request::new(REGION_WRITE, &big))
         .unwrap();
-    let second = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let second = info(&client);
     let m1 = peer.read_msg();
     assert_eq!(m1.header.command, REGION_WRITE);
     assert_eq!(m1.payload, big, "payload arrived intact and in order");
@@ -186,13 +199,7 @@ fn send_queued_goes_through_the_io_thread() {
         ..Options::default()
     });
     let before = client.stats();
-    let tickets: Vec<_> = (0..10)
-        .map(|_| {
-            client
-                .send_nowait(Request::new(GET_INFO, &info_req()))
-                .unwrap()
-        })
-        .collect();
+    let tickets: Vec<_> = (0..10).map(|_| info(&client)).collect();
     for _ in 0..10 {
         let m = peer.read_msg();
         ok_info(&mut peer, &m);
@@ -208,12 +215,7 @@ fn send_queued_goes_through_the_io_thread() {
 #[test]
 fn timeout_then_late_reply_is_dropped_and_next_request_works() {
     let (client, mut peer) = negotiated(Options::default());
-    let t = client
-        .send_nowait(Request {
-            timeout: Some(Duration::from_millis(50)),
-            ..Request::new(GET_INFO, &info_req())
-        })
-        .unwrap();
+    let t = info_within(&client, Duration::from_millis(50));
     let late = peer.read_msg();
     let e = t.wait().unwrap_err();
     assert_eq!(e.code(), "ETIMEDOUT");
@@ -225,9 +227,7 @@ fn timeout_then_late_reply_is_dropped_and_next_request_works() {
     h.size = (16 + p.len()) as u32;
     peer.write(&message(h, &p));
     // A new request gets a different id and its own reply.
-    let t2 = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t2 = info(&client);
     let m = peer.read_msg();
     assert_ne!(m.header.id, late.header.id, "timed-out id is not reused");
     ok_info(&mut peer, &m);
@@ -243,12 +243,7 @@ fn timeout_of_a_queued_request_removes_it_from_the_queue() {
     let mut big = vec![0u8; 1 << 20];
     big[0..4].copy_from_slice(&16u32.to_ne_bytes());
     let first = client.send_nowait(Request::new(GET_INFO, &big)).unwrap();
-    let second = client
-        .send_nowait(Request {
-            timeout: Some(Duration::from_millis(1)),
-            ..Request::new(GET_INFO, &info_req())
-        })
-        .unwrap();
+    let second = info_within(&client, Duration::from_millis(1));
     assert_eq!(second.wait().unwrap_err().code(), "ETIMEDOUT");
     let m = peer.read_msg();
     assert_eq!(m.payload.len(), 1 << 20);
@@ -273,11 +268,7 @@ fn eof_fails_every_pending_and_queued_request_at_once() {
         .send_nowait(Request::new(GET_INFO, &vec![0u8; 1 << 20]))
         .unwrap()];
     for _ in 0..20 {
-        tickets.push(
-            client
-                .send_nowait(Request::new(GET_INFO, &info_req()))
-                .unwrap(),
-        );
+        tickets.push(info(&client));
     }
     drop(peer);
     for t in tickets {
@@ -296,9 +287,7 @@ fn eof_fails_every_pending_and_queued_request_at_once() {
 #[test]
 fn eof_in_the_middle_of_a_reply() {
     let (client, mut peer) = negotiated(Options::default());
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let full = message(Header::reply_to(&m.header, 16), &[0; 16]);
     peer.write(&full[..20]);
@@ -311,9 +300,7 @@ fn eof_in_the_middle_of_a_reply() {
 #[test]
 fn close_fails_in_flight_with_econnaborted() {
     let (client, mut peer) = negotiated(Options::default());
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let _m = peer.read_msg();
     client.close();
     client.close();
@@ -323,9 +310,7 @@ fn close_fails_in_flight_with_econnaborted() {
 #[test]
 fn header_split_across_reads_is_reassembled() {
     let (client, mut peer) = negotiated(Options::default());
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let mut p = [0u8; 16];
     p[8..12].copy_from_slice(&9u32.to_ne_bytes());
@@ -339,9 +324,7 @@ fn header_split_across_reads_is_reassembled() {
 fn malformed_replies_fail_only_their_request() {
     let (client, mut peer) = negotiated(Options::default());
     // Wrong command.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let mut h = Header::reply_to(&m.header, 16);
     h.command = 5;
@@ -349,9 +332,7 @@ fn malformed_replies_fail_only_their_request() {
     assert!(t.wait().unwrap_err().message.contains("carries command"));
     round_trip(&client, &mut peer);
     // Bigger than the request's argsz allows.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     peer.reply(&m.header, &[0; 4096]);
     let e = t.wait().unwrap_err();
@@ -359,9 +340,7 @@ fn malformed_replies_fail_only_their_request() {
     assert!(e.message.contains("more than"), "{e}");
     round_trip(&client, &mut peer);
     // No_reply on a reply.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let mut h = Header::reply_to(&m.header, 0);
     h.flags |= FLAG_NO_REPLY;
@@ -369,15 +348,11 @@ fn malformed_replies_fail_only_their_request() {
     assert!(t.wait().unwrap_err().message.contains("No_reply"));
     round_trip(&client, &mut peer);
     // Error reply with errno 0, and one carrying a payload.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     peer.error_reply(&m.header, 0);
     assert_eq!(t.wait().unwrap_err().code(), "EIO");
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let mut h = Header::error_reply_to(&m.header, 2);
     h.size = 16 + 8;
@@ -389,9 +364,7 @@ fn malformed_replies_fail_only_their_request() {
 #[test]
 fn unknown_and_duplicate_replies_are_dropped() {
     let (client, mut peer) = negotiated(Options::default());
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let m = peer.read_msg();
     let mut stray = Header::reply_to(&m.header, 16);
     stray.id = m.header.id.wrapping_add(1000);
@@ -407,9 +380,7 @@ fn unknown_and_duplicate_replies_are_dropped() {
 fn framing_violations_close_the_connection() {
     for (size, flags) in [(8u32, 1u32), (0, 1), (u32::MAX, 1), (16, 2), (16, 15)] {
         let (client, mut peer) = negotiated(Options::default());
-        let t = client
-            .send_nowait(Request::new(GET_INFO, &info_req()))
-            .unwrap();
+        let t = info(&client);
         let m = peer.read_msg();
         let mut h = Header::reply_to(&m.header, 0);
         h.size = size;
@@ -426,9 +397,7 @@ fn framing_violations_close_the_connection() {
 fn server_requests_get_an_error_reply_and_the_stream_stays_in_sync() {
     let (client, mut peer) = negotiated(Options::default());
     // DMA_READ from the server while a request of ours is outstanding.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let mine = peer.read_msg();
     let mut dma = [0u8; 16];
     dma[8..16].copy_from_slice(&64u64.to_ne_bytes());
@@ -453,19 +422,12 @@ fn server_requests_get_an_error_reply_and_the_stream_stays_in_sync() {
 fn ids_skip_those_in_flight_and_wrap() {
     let (client, mut peer) = negotiated(Options::default());
     // One request stays unanswered for the whole test.
-    let stuck = client
-        .send_nowait(Request {
-            timeout: Some(Duration::from_secs(600)),
-            ..Request::new(GET_INFO, &info_req())
-        })
-        .unwrap();
+    let stuck = info_within(&client, Duration::from_secs(600));
     let stuck_id = peer.read_msg().header.id;
     let mut seen_wrap = false;
     let mut last = stuck_id;
     for _ in 0..66_000 {
-        let t = client
-            .send_nowait(Request::new(GET_INFO, &info_req()))
-            .unwrap();
+        let t = info(&client);
         let m = peer.read_msg();
         assert_ne!(m.header.id, stuck_id, "id in flight reused");
         if m.header.id < last {
@@ -584,9 +546,7 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
 
     // The loop is now "busy" (never calls on_readable): a server request and a reply still
     // get through, read by the I/O thread after its grace period.
-    let t = client
-        .send_nowait(Request::new(GET_INFO, &info_req()))
-        .unwrap();
+    let t = info(&client);
     let mine = peer.read_msg();
     let mut dma = [0u8; 16];
     dma[8..16].copy_from_slice(&8u64.to_ne_bytes());
