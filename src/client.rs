@@ -110,7 +110,7 @@ impl NativeClient {
         *self.loop_reader.borrow_mut() =
             Some(LoopReader::start(&env, self.client.external_reader())?);
         // Anything that happened before the sink existed (a close) is delivered now.
-        self.events.push_wakeup();
+        self.events.wake();
         Ok(())
     }
 

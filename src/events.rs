@@ -74,23 +74,19 @@ impl EventQueue {
     }
 
     pub fn push(&self, e: Event) {
-        let tsfn = {
+        let first = {
             let mut g = self.lock();
-            let first = g.events.is_empty();
             g.events.push(e);
-            if first {
-                g.tsfn.clone()
-            } else {
-                None
-            }
+            g.events.len() == 1
         };
-        if let Some(t) = tsfn {
-            t.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        if first {
+            self.wake();
         }
     }
 
-    /// Schedules a JS call if anything is queued (used once the sink exists).
-    pub fn push_wakeup(&self) {
+    /// Schedules one JS call for whatever is queued (also used once the sink exists, for
+    /// events pushed before it did).
+    pub fn wake(&self) {
         let tsfn = {
             let g = self.lock();
             if g.events.is_empty() {

@@ -74,6 +74,7 @@ export class VfioUserClient extends EventEmitter {
   #nextToken = 1
   #version?: Promise<VersionInfo>
   #closed?: VfioUserError
+  #closeEmitted = false
   readonly #closedPromise: Promise<void>
   #onClosed!: () => void
   // Keeps the event loop alive while requests are in flight (the native callback is weak).
@@ -279,8 +280,6 @@ export class VfioUserClient extends EventEmitter {
       this.#onClosed()
     }
   }
-
-  #closeEmitted = false
 }
 
 function closeQuietly(fd: number): void {

@@ -3,7 +3,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
-use std::time::Duration;
 use vfio_user_client::proto::Command;
 use vfio_user_client::{Client, Options, Request};
 
@@ -81,8 +80,7 @@ fn negotiates_and_gets_device_info() {
 fn serves_clients_one_after_another() {
     let dev = Device::start();
     for _ in 0..3 {
-        let client = Client::connect(&dev.socket, Options::default()).unwrap();
-        client.negotiate().unwrap();
+        let client = negotiated(&dev);
         client
             .send_wait(Request::new(
                 Command::DeviceGetInfo as u16,
@@ -95,8 +93,7 @@ fn serves_clients_one_after_another() {
 #[test]
 fn pipelined_requests_all_complete() {
     let dev = Device::start();
-    let client = Client::connect(&dev.socket, Options::default()).unwrap();
-    client.negotiate().unwrap();
+    let client = negotiated(&dev);
     let tickets: Vec<_> = (0..200)
         .map(|_| {
             client
@@ -115,8 +112,7 @@ fn pipelined_requests_all_complete() {
 #[test]
 fn region_info_passes_the_bar_fd() {
     let dev = Device::start();
-    let client = Client::connect(&dev.socket, Options::default()).unwrap();
-    client.negotiate().unwrap();
+    let client = negotiated(&dev);
     let mut p = [0u8; 32];
     p[0..4].copy_from_slice(&32u32.to_ne_bytes());
     let first = client
@@ -137,29 +133,21 @@ fn region_info_passes_the_bar_fd() {
 #[test]
 fn server_error_reply_is_an_error() {
     let dev = Device::start();
-    let client = Client::connect(
-        &dev.socket,
-        Options {
-            timeout: Duration::from_secs(5),
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    client.negotiate().unwrap();
+    let client = negotiated(&dev);
     // Region index 99 does not exist: the crate answers EINVAL.
-    let mut p = [0u8; 16];
-    p[8..12].copy_from_slice(&99u32.to_ne_bytes());
-    p[12..16].copy_from_slice(&4u32.to_ne_bytes());
     let e = client
-        .send_wait(Request::new(Command::RegionRead as u16, &p))
+        .send_wait(Request::new(
+            Command::RegionRead as u16,
+            &access(99, 0, &[], 4),
+        ))
         .unwrap_err();
     assert_eq!(e.code(), "EINVAL");
     // A backend error comes back with errno 0: EIO, never success.
-    let mut p = [0u8; 16];
-    p[0..8].copy_from_slice(&8192u64.to_ne_bytes());
-    p[12..16].copy_from_slice(&4u32.to_ne_bytes());
     let e = client
-        .send_wait(Request::new(Command::RegionRead as u16, &p))
+        .send_wait(Request::new(
+            Command::RegionRead as u16,
+            &access(0, 8192, &[], 4),
+        ))
         .unwrap_err();
     assert_eq!(e.code(), "EIO");
     // The stream is still in sync.

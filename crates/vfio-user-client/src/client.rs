@@ -392,19 +392,7 @@ impl Ticket {
         // Our deadline passed before the I/O thread noticed: expire it ourselves (no thread
         // hop), unless a reply slipped in meanwhile, which then is in the slot.
         let mut fired = Fired::default();
-        {
-            let mut st = self.shared.lock();
-            let command = st.pending.get(&self.id).map_or(0, |p| p.command);
-            st.fail_request(
-                self.id,
-                self.seq,
-                Error::new(
-                    Errno::ETIMEDOUT,
-                    format!("no reply to {} before the deadline", command_name(command)),
-                ),
-                &mut fired,
-            );
-        }
+        self.shared.lock().time_out(self.id, self.seq, &mut fired);
         fired.fire();
         self.slot.wait()
     }
@@ -586,7 +574,8 @@ impl Client {
         waiter: Option<Waiter>,
         version: bool,
     ) -> Result<(u16, u64, Instant), Error> {
-        let name = command_name(req.command);
+        // Only for messages: no allocation on the path of a request that goes out.
+        let name = || command_name(req.command);
         let invalid = |what: String| Error::new(Errno::EINVAL, what).with_command(req.command);
         if !version && req.command == Command::Version as u16 {
             return Err(invalid(
@@ -595,11 +584,12 @@ impl Client {
         }
         if Command::from_u16(req.command).is_some_and(|c| c.is_server_to_client()) {
             return Err(invalid(format!(
-                "{name} is sent by the server, not the client"
+                "{} is sent by the server, not the client",
+                name()
             )));
         }
         if HEADER_SIZE + req.payload.len() > u32::MAX as usize {
-            return Err(invalid(format!("{name} payload is too large")));
+            return Err(invalid(format!("{} payload is too large", name())));
         }
         let fds = req
             .fds
@@ -610,7 +600,7 @@ impl Client {
                 let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EBADF as i32));
                 Error::new(
                     errno,
-                    format!("cannot duplicate an fd for {name}: {}", errno.desc()),
+                    format!("cannot duplicate an fd for {}: {}", name(), errno.desc()),
                 )
             })?;
         let mut bytes = Vec::with_capacity(HEADER_SIZE + req.payload.len());
@@ -638,7 +628,10 @@ impl Client {
             } else if st.version.is_none() {
                 return Err(Error::new(
                     Errno::ENOTCONN,
-                    format!("cannot send {name} before version negotiation has succeeded"),
+                    format!(
+                        "cannot send {} before version negotiation has succeeded",
+                        name()
+                    ),
                 )
                 .with_command(req.command));
             }
@@ -646,7 +639,8 @@ impl Client {
                 let max = v.capabilities.max_msg_fds as usize;
                 if fds.len() > max {
                     return Err(invalid(format!(
-                        "{name} carries {} fds; the server accepts at most {max} per message",
+                        "{} carries {} fds; the server accepts at most {max} per message",
+                        name(),
                         fds.len()
                     )));
                 }
@@ -657,7 +651,8 @@ impl Client {
                 return Err(Error::new(
                     Errno::ENOBUFS,
                     format!(
-                        "{name} not sent: {} bytes already wait to be written to a server that is not reading",
+                        "{} not sent: {} bytes already wait to be written to a server that is not reading",
+                        name(),
                         st.queued_bytes
                     ),
                 )

@@ -213,6 +213,16 @@ impl State {
             .push((p.waiter, Err(err.with_command(p.command))));
     }
 
+    /// Fails request `id` (if it is still the one with `seq`) with ETIMEDOUT.
+    pub fn time_out(&mut self, id: u16, seq: u64, fired: &mut Fired) {
+        let command = self.pending.get(&id).map_or(0, |p| p.command);
+        let err = Error::new(
+            Errno::ETIMEDOUT,
+            format!("no reply to {} before the deadline", command_name(command)),
+        );
+        self.fail_request(id, seq, err, fired);
+    }
+
     /// Fails every request whose deadline has passed; returns the next deadline, if any.
     pub fn expire(&mut self, now: Instant, fired: &mut Fired) -> Option<Instant> {
         while let Some(Reverse((when, seq, id))) = self.deadlines.peek().copied() {
@@ -225,11 +235,8 @@ impl State {
                 return Some(when);
             }
             self.deadlines.pop();
-            let command = self.pending.get(&id).map_or(0, |p| p.command);
-            let err = timeout_error(command, when);
-            self.fail_request(id, seq, err, fired);
+            self.time_out(id, seq, fired);
         }
-        // Completed requests leave stale heap entries; rebuild when they dominate.
         None
     }
 
@@ -465,12 +472,4 @@ impl State {
         }
         fired.completions.push((p.waiter, result));
     }
-}
-
-fn timeout_error(command: u16, _when: Instant) -> Error {
-    Error::new(
-        Errno::ETIMEDOUT,
-        format!("no reply to {} before the deadline", command_name(command)),
-    )
-    .with_command(command)
 }

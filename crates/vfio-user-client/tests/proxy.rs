@@ -41,6 +41,23 @@ fn info_within(client: &Client, timeout: Duration) -> vfio_user_client::Ticket {
         .unwrap()
 }
 
+/// Sends one GET_INFO whose result goes to `done` (on whichever thread reads the reply).
+fn info_then(
+    client: &Client,
+    timeout: Option<Duration>,
+    done: impl FnOnce(Result<vfio_user_client::Reply, vfio_user_client::Error>) + Send + 'static,
+) {
+    client
+        .send_callback(
+            Request {
+                timeout,
+                ..Request::new(GET_INFO, &info_req())
+            },
+            Box::new(done),
+        )
+        .unwrap();
+}
+
 /// Sends one GET_INFO and answers it: proves the stream is still in sync.
 fn round_trip(client: &Client, peer: &mut Peer) {
     let t = info(client);
@@ -464,16 +481,16 @@ fn too_many_fds_for_the_server_is_refused_before_sending() {
 fn send_callback_calls_back_once() {
     let (client, mut peer) = negotiated(Options::default());
     let (tx, rx) = std::sync::mpsc::channel();
-    client
-        .send_callback(
-            Request::new(GET_INFO, &info_req()),
-            Box::new(move |r| tx.send(r.map(|r| r.payload.len())).unwrap()),
-        )
-        .unwrap();
+    info_then(&client, None, move |r| {
+        tx.send(r.map(|r| r.payload.len())).unwrap()
+    });
     let m = peer.read_msg();
     ok_info(&mut peer, &m);
     assert_eq!(rx.recv().unwrap().unwrap(), 16);
-    assert!(rx.recv_timeout(Duration::from_millis(10)).is_err());
+    // The callback (and with it the only sender) is gone once called: the channel ends
+    // after exactly one result, with no waiting on a clock.
+    client.close();
+    assert_eq!(rx.iter().count(), 0, "called exactly once");
 }
 
 #[test]
@@ -483,15 +500,9 @@ fn async_requests_time_out_on_the_io_thread() {
     // Idle first: the I/O thread is asleep with a far wakeup; a short deadline must wake it.
     for ms in [30u64, 5000] {
         let tx = tx.clone();
-        client
-            .send_callback(
-                Request {
-                    timeout: Some(Duration::from_millis(ms)),
-                    ..Request::new(GET_INFO, &info_req())
-                },
-                Box::new(move |r| tx.send((ms, r.map(|_| ()))).unwrap()),
-            )
-            .unwrap();
+        info_then(&client, Some(Duration::from_millis(ms)), move |r| {
+            tx.send((ms, r.map(|_| ()))).unwrap()
+        });
     }
     let a = peer.read_msg();
     let _b = peer.read_msg();
@@ -531,12 +542,9 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
     });
     for _ in 0..20 {
         let tx = tx.clone();
-        client
-            .send_callback(
-                Request::new(GET_INFO, &info_req()),
-                Box::new(move |r| tx.send(r.map(|r| r.payload.len())).unwrap()),
-            )
-            .unwrap();
+        info_then(&client, None, move |r| {
+            tx.send(r.map(|r| r.payload.len())).unwrap()
+        });
         let m = peer.read_msg();
         ok_info(&mut peer, &m);
         assert_eq!(rx.recv().unwrap().unwrap(), 16);
@@ -555,12 +563,7 @@ fn external_reader_reads_and_the_io_thread_backs_it_up() {
     ok_info(&mut peer, &mine);
     assert_eq!(t.wait().unwrap().payload.len(), 16);
     let (tx2, rx2) = std::sync::mpsc::channel();
-    client
-        .send_callback(
-            Request::new(GET_INFO, &info_req()),
-            Box::new(move |r| tx2.send(r.is_ok()).unwrap()),
-        )
-        .unwrap();
+    info_then(&client, None, move |r| tx2.send(r.is_ok()).unwrap());
     let m = peer.read_msg();
     ok_info(&mut peer, &m);
     assert!(
@@ -627,21 +630,13 @@ fn early_error_reply_to_a_partly_written_request() {
 #[test]
 fn a_panicking_callback_does_not_stop_the_client() {
     let (client, mut peer) = negotiated(Options::default());
-    client
-        .send_callback(
-            Request::new(GET_INFO, &info_req()),
-            Box::new(|_| panic!("callback bug (expected in this test)")),
-        )
-        .unwrap();
+    info_then(&client, None, |_| {
+        panic!("callback bug (expected in this test)")
+    });
     let m = peer.read_msg();
     ok_info(&mut peer, &m);
     let (tx, rx) = std::sync::mpsc::channel();
-    client
-        .send_callback(
-            Request::new(GET_INFO, &info_req()),
-            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
-        )
-        .unwrap();
+    info_then(&client, None, move |r| tx.send(r.is_ok()).unwrap());
     let m = peer.read_msg();
     ok_info(&mut peer, &m);
     assert!(rx.recv().unwrap());
@@ -695,5 +690,26 @@ fn a_full_outgoing_queue_refuses_new_requests() {
     assert_eq!(m.payload.len(), 1 << 20);
     ok_info(&mut peer, &m);
     first.wait().unwrap();
+    round_trip(&client, &mut peer);
+}
+
+#[test]
+fn a_server_request_too_big_to_store_gets_e2big_and_is_drained() {
+    let (client, mut peer) = negotiated(Options::default());
+    // A DMA_WRITE carrying more than our advertised max_data_xfer_size (1 MiB).
+    let mut payload = vec![0u8; 16 + (1 << 20) + 1];
+    payload[8..16].copy_from_slice(&(((1u64 << 20) + 1).to_ne_bytes()));
+    let writer = std::thread::spawn({
+        let mut s = peer.s.try_clone().unwrap();
+        move || {
+            let h = Header::command(9, 12, payload.len(), false);
+            std::io::Write::write_all(&mut s, &message(h, &payload)).unwrap();
+        }
+    });
+    let r = peer.read_msg();
+    writer.join().unwrap();
+    assert_eq!((r.header.id, r.header.command), (9, 12));
+    assert!(r.header.is_error());
+    assert_eq!(r.header.error, nix::errno::Errno::E2BIG as u32);
     round_trip(&client, &mut peer);
 }
