@@ -498,7 +498,7 @@ impl Client {
 
     /// Send-path and receive counters.
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats
+        self.shared.lock().stats()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -646,7 +646,8 @@ impl Client {
                 }
             }
             if !st.outgoing.is_empty()
-                && st.queued_bytes + bytes.len() > self.shared.options.max_queued_bytes
+                && st.queued_bytes + Outgoing::cost_of(bytes.len(), fds.len())
+                    > self.shared.options.max_queued_bytes
             {
                 return Err(Error::new(
                     Errno::ENOBUFS,
@@ -658,7 +659,7 @@ impl Client {
                 )
                 .with_command(req.command));
             }
-            let id = st.alloc_id()?;
+            let id = st.alloc_id(waiter.is_some())?;
             bytes[0..2].copy_from_slice(&id.to_ne_bytes());
             let seq = st.next_seq();
             if version {

@@ -181,30 +181,31 @@ fn read_and_dispatch(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutc
         ReadOutcome::WouldBlock => Ok(outcome),
     }
 }
+/// Dispatches every whole buffered message, one at a time and in stream order: each reply
+/// is completed before the next header is judged.
 fn dispatch(shared: &Shared, rx: &mut Rx) -> Result<(), Error> {
     let mut fired = Fired::default();
     let mut requests = Vec::new();
     let result = {
         let mut guard = shared.lock();
         let st = &mut *guard;
-        let mut replies = Vec::new();
-        let r = rx.process(
-            |h, kind| st.classify(h, kind, &mut fired),
-            |m| match m.disposition {
-                Disposition::Reply { seq, .. } => replies.push((m, seq)),
+        loop {
+            let m = match rx.next(|h, kind| st.classify(h, kind, &mut fired)) {
+                Ok(Some(m)) => m,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            match m.tag {
+                Disposition::Reply { seq, .. } => st.complete_reply(m, seq, &mut fired),
                 Disposition::Request { keep } => requests.push(ServerRequest {
                     header: m.header,
                     payload: m.payload,
-                    fds: m.fds,
+                    fds: m.attachments,
                     oversize: !keep,
                 }),
                 Disposition::Drop => drop(m),
-            },
-        );
-        for (m, seq) in replies {
-            st.complete_reply(m, seq, &mut fired);
+            }
         }
-        r
     };
     fired.fire();
     for req in requests {

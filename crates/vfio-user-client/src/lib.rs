@@ -14,6 +14,7 @@
 
 mod client;
 mod error;
+mod ids;
 mod io_thread;
 mod outgoing;
 mod pending;

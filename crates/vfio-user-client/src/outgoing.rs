@@ -14,7 +14,26 @@ pub struct Outgoing {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Allocator bookkeeping per heap block, counted so a flood of tiny messages costs what it
+/// really holds.
+const MALLOC_OVERHEAD: usize = 16;
+
 impl Outgoing {
+    /// Memory one queued message holds: its queue slot (counted twice, since a queue's
+    /// buffer may be up to twice its length), its bytes' heap block and its fds. Bounding
+    /// the sum of these, not the bytes on the wire, bounds the memory a server that never
+    /// reads can make us hold.
+    pub fn cost_of(bytes: usize, fds: usize) -> usize {
+        2 * std::mem::size_of::<Outgoing>()
+            + bytes.next_multiple_of(16)
+            + MALLOC_OVERHEAD
+            + fds * std::mem::size_of::<OwnedFd>()
+    }
+
+    pub fn cost(&self) -> usize {
+        Outgoing::cost_of(self.bytes.capacity(), self.fds.capacity())
+    }
+
     pub fn remaining(&self) -> &[u8] {
         &self.bytes[self.written..]
     }

@@ -1,6 +1,7 @@
 //! Everything shared between callers and the I/O thread, always used under one mutex:
 //! the outgoing queue, the pending table, ids, deadlines and the connection state.
 
+use crate::ids::Ids;
 use crate::outgoing::Outgoing;
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message};
@@ -8,7 +9,7 @@ use crate::socket::send_chunk;
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::os::fd::RawFd;
 use std::time::Instant;
@@ -16,10 +17,6 @@ use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
     HEADER_SIZE,
 };
-
-/// Ids of timed-out requests stay reserved until their late reply arrives, so that reply can
-/// never be taken for the answer to a newer request. Past this many, the oldest is released.
-const MAX_TOMBSTONES: usize = 4096;
 
 /// Results to hand out once the lock is released (callbacks must never run under it).
 #[derive(Default)]
@@ -71,14 +68,12 @@ pub struct State {
     pub max_request_payload: usize,
     pub outgoing: VecDeque<Outgoing>,
     pub pending: HashMap<u16, Pending>,
-    tombstones: HashSet<u16>,
-    tombstone_order: VecDeque<u16>,
+    ids: Ids,
     deadlines: BinaryHeap<Reverse<(Instant, u64, u16)>>,
-    next_id: u16,
     next_seq: u64,
     /// The I/O thread should poll for POLLOUT.
     pub want_write: bool,
-    /// Bytes in `outgoing` not yet written.
+    /// Memory held by `outgoing` (see [`Outgoing::cost`]): what `max_queued_bytes` bounds.
     pub queued_bytes: usize,
     /// When the I/O thread, asleep in poll, will wake up by itself at the latest. A new
     /// deadline before this needs a wakeup; a later one (the common case) costs nothing.
@@ -112,6 +107,8 @@ pub struct Stats {
     pub dropped_replies: u64,
     /// Requests from the server answered by the dispatch point.
     pub server_requests: u64,
+    /// Ids held for the late reply of a request that timed out or failed on the wire.
+    pub tombstones: u64,
 }
 
 impl State {
@@ -128,19 +125,25 @@ impl State {
         self.next_seq
     }
 
-    /// The next 16-bit id not held by a pending request or a tombstone.
-    pub fn alloc_id(&mut self) -> Result<u16, Error> {
-        for _ in 0..=u16::MAX as usize {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            if !self.pending.contains_key(&id) && !self.tombstones.contains(&id) {
-                return Ok(id);
-            }
+    /// The next 16-bit id not held by a pending request or a tombstone; held when the
+    /// request wants a reply. Refused at once (EAGAIN) when every id is held.
+    pub fn alloc_id(&mut self, hold: bool) -> Result<u16, Error> {
+        self.ids.take(hold).ok_or_else(|| {
+            Error::new(
+                Errno::EAGAIN,
+                format!(
+                    "all 65536 message ids are held ({} waiting for the late reply of a request that timed out)",
+                    self.ids.tombstones()
+                ),
+            )
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            tombstones: self.ids.tombstones() as u64,
+            ..self.stats
         }
-        Err(Error::new(
-            Errno::EAGAIN,
-            "all 65536 message ids are in flight",
-        ))
     }
 
     /// Adds a request to the pending table; returns true if the I/O thread must be woken to
@@ -152,27 +155,33 @@ impl State {
         wake
     }
 
-    fn tombstone(&mut self, id: u16) {
-        if self.tombstones.insert(id) {
-            self.tombstone_order.push_back(id);
-        }
-        while self.tombstone_order.len() > MAX_TOMBSTONES {
-            if let Some(old) = self.tombstone_order.pop_front() {
-                self.tombstones.remove(&old);
-            }
-        }
-    }
-
     /// A reply arrived for `id` that nobody waits for; returns true if it was a late reply
     /// to a timed-out request (its id is released now).
     pub fn bury(&mut self, id: u16) -> bool {
         self.stats.dropped_replies += 1;
-        if self.tombstones.remove(&id) {
-            self.tombstone_order.retain(|t| *t != id);
+        if self.ids.is_tombstone(id) {
+            self.ids.release(id);
             true
         } else {
             false
         }
+    }
+
+    /// Appends to the outgoing queue, charging what the entry costs.
+    fn enqueue(&mut self, msg: Outgoing) {
+        self.queued_bytes += msg.cost();
+        self.outgoing.push_back(msg);
+    }
+
+    /// Removes the front (or `pos`) of the outgoing queue, refunding its cost. A queue that
+    /// grew under a burst gives its memory back once it is empty.
+    fn dequeue(&mut self, pos: usize) -> Option<Outgoing> {
+        let msg = self.outgoing.remove(pos)?;
+        self.queued_bytes = self.queued_bytes.saturating_sub(msg.cost());
+        if self.outgoing.is_empty() && self.outgoing.capacity() > 64 {
+            self.outgoing.shrink_to(16);
+        }
+        Some(msg)
     }
 
     /// Removes request `id` (if it is still the one with `seq`) from whichever queue holds it
@@ -200,13 +209,15 @@ impl State {
                     // Its reply, if any, will be dropped.
                     self.outgoing[pos].id = None;
                     on_wire = true;
-                } else if let Some(o) = self.outgoing.remove(pos) {
-                    self.queued_bytes = self.queued_bytes.saturating_sub(o.bytes.len());
+                } else {
+                    self.dequeue(pos);
                 }
             }
         }
         if on_wire {
-            self.tombstone(id);
+            self.ids.tombstone(id);
+        } else {
+            self.ids.release(id);
         }
         fired
             .completions
@@ -254,8 +265,7 @@ impl State {
     /// Appends `msg` behind anything queued, or writes it inline when the queue is empty and
     /// `inline` is allowed. A request becomes `sent` once its last byte is written.
     pub fn send(&mut self, sock: RawFd, msg: Outgoing, inline: bool) -> Result<Sent, Error> {
-        self.queued_bytes += msg.bytes.len();
-        self.outgoing.push_back(msg);
+        self.enqueue(msg);
         if self.outgoing.len() > 1 || !inline {
             self.stats.queued_sends += 1;
             self.want_write = true;
@@ -277,12 +287,11 @@ impl State {
         while let Some(front) = self.outgoing.front_mut() {
             match send_chunk(sock, front.remaining(), &front.raw_fds()) {
                 Ok(n) => {
-                    self.queued_bytes = self.queued_bytes.saturating_sub(n);
                     if n < front.remaining().len() {
                         self.stats.partial_writes += 1;
                     }
                     if front.advance(n) {
-                        let done = self.outgoing.pop_front();
+                        let done = self.dequeue(0);
                         if let Some(Outgoing {
                             id: Some(id), seq, ..
                         }) = done
@@ -317,7 +326,7 @@ impl State {
             return;
         }
         self.closed = Some(err.clone());
-        self.outgoing.clear();
+        self.outgoing = VecDeque::new();
         self.queued_bytes = 0;
         for (_, p) in self.pending.drain() {
             fired
@@ -325,8 +334,7 @@ impl State {
                 .push((p.waiter, Err(err.clone().with_command(p.command))));
         }
         self.deadlines.clear();
-        self.tombstones.clear();
-        self.tombstone_order.clear();
+        self.ids.clear();
         self.want_write = false;
     }
 }
@@ -443,14 +451,15 @@ impl State {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
+        self.ids.release(id);
         let h = m.header;
         let mut result = if h.is_error() {
             Err(Error::from_error_reply(h.error, h.command))
-        } else if m.fds.len() > p.fd_limit {
+        } else if m.attachments.len() > p.fd_limit {
             Err(Error::proto(format!(
                 "reply to {} carried {} fds, at most {} expected",
                 command_name(h.command),
-                m.fds.len(),
+                m.attachments.len(),
                 p.fd_limit
             ))
             .with_command(h.command))
@@ -458,7 +467,7 @@ impl State {
             Ok(Reply {
                 header: h,
                 payload: m.payload,
-                fds: m.fds,
+                fds: m.attachments,
             })
         };
         if p.command == Command::Version as u16 {

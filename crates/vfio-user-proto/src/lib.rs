@@ -7,6 +7,7 @@
 mod caps;
 mod command;
 mod error;
+mod frame;
 mod header;
 mod limits;
 pub mod version;
@@ -18,6 +19,7 @@ pub use caps::{
 };
 pub use command::{command_name, Command};
 pub use error::ProtoError;
+pub use frame::{Frame, Framer};
 pub use header::{Header, MessageType, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE};
 pub use limits::{reply_fd_limit, reply_size_limit, MAX_INCOMING_MESSAGE};
 pub use version::{encode_version_request, validate_version_reply, Version, VersionProposal};
