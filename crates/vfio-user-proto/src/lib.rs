@@ -8,6 +8,7 @@ mod caps;
 mod command;
 mod error;
 mod frame;
+pub mod fuzzing;
 mod header;
 mod limits;
 pub mod version;
