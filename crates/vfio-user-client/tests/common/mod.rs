@@ -26,6 +26,20 @@ pub struct Msg {
 }
 
 impl Peer {
+    /// Reads one whole message, or None once the client has closed the connection.
+    pub fn try_read_msg(&mut self) -> Option<Msg> {
+        let mut raw = [0u8; HEADER_SIZE];
+        self.s.read_exact(&mut raw).ok()?;
+        let header = Header::decode(&raw);
+        let mut payload = vec![0u8; header.payload_len()];
+        self.s.read_exact(&mut payload).ok()?;
+        Some(Msg {
+            header,
+            payload,
+            fds: Vec::new(),
+        })
+    }
+
     /// Reads one whole message (fds come with its first bytes).
     pub fn read_msg(&mut self) -> Msg {
         let mut raw = [0u8; HEADER_SIZE];
