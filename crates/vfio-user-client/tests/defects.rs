@@ -122,7 +122,10 @@ fn every_id_held_by_a_late_reply_refuses_new_requests() {
             .err()
             .expect("refused");
         assert_eq!(e.code(), "EAGAIN", "{e}");
-        assert!(e.message.contains("65536 waiting for the late reply"), "{e}");
+        assert!(
+            e.message.contains("65536 waiting for the late reply"),
+            "{e}"
+        );
         let e = client
             .post(Request::new(GET_INFO, &nonce_req(NOW, 0)))
             .unwrap_err();
