@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vfio_user_proto::{
-    command_name, reply_fd_limit, reply_size_limit, version::version_payload, Capabilities,
-    Command, Header, Version, VersionProposal, HEADER_SIZE,
+    check_request, command_name, reply_fd_limit, reply_size_limit, version::version_payload,
+    Capabilities, Command, Header, Version, VersionProposal, HEADER_SIZE,
 };
 
 /// Most fds we accept in one message, as advertised in our capabilities.
@@ -644,6 +644,8 @@ impl Client {
                         fds.len()
                     )));
                 }
+                check_request(req.command, req.payload, &v.capabilities)
+                    .map_err(|what| Error::new(Errno::E2BIG, what).with_command(req.command))?;
             }
             if !st.outgoing.is_empty()
                 && st.queued_bytes + Outgoing::cost_of(bytes.len(), fds.len())

@@ -176,3 +176,27 @@ fn a_server_request_right_behind_the_version_reply() {
     t.wait().expect("stream in sync");
     assert_eq!(client.stats().server_requests, 1);
 }
+
+/// A REGION_WRITE or REGION_READ moving more than the server's max_data_xfer_size is refused
+/// (E2BIG) before anything is sent.
+#[test]
+fn transfers_beyond_the_servers_max_data_xfer_size_are_refused_unsent() {
+    let (client, mut peer) = negotiated(Options::default());
+    let mut write = vec![0u8; 16 + (1 << 20) + 1];
+    write[12..16].copy_from_slice(&((1u32 << 20) + 1).to_ne_bytes());
+    let e = client
+        .send_nowait(Request::new(10, &write))
+        .err()
+        .expect("refused");
+    assert_eq!((e.code().as_str(), e.command), ("E2BIG", Some(10)));
+    let mut read = [0u8; 16];
+    read[12..16].copy_from_slice(&((1u32 << 20) + 1).to_ne_bytes());
+    let e = client.post(Request::new(9, &read)).unwrap_err();
+    assert_eq!(e.code(), "E2BIG");
+    // Nothing went out: the next message the peer sees is this one.
+    let t = send(&client, NOW, 7, Duration::from_secs(600));
+    let m = peer.read_msg();
+    assert_eq!(m.header.command, GET_INFO);
+    peer.reply(&m.header, &m.payload);
+    assert_eq!(nonce_of(&t.wait().unwrap().payload), 7);
+}

@@ -2,7 +2,7 @@
 //! allocated for it.
 
 use crate::caps::MAX_DATA_XFER_SIZE_LIMIT;
-use crate::{Command, HEADER_SIZE};
+use crate::{Capabilities, Command, HEADER_SIZE};
 
 /// No frame may claim more than this: the largest data transfer we ever accept plus room for
 /// headers. A larger `msg_size` means the stream is corrupt or hostile, and it is closed.
@@ -48,6 +48,33 @@ pub fn reply_size_limit(command: u16, payload: &[u8]) -> usize {
     .min(MAX_INCOMING_MESSAGE)
 }
 
+/// Checks a request we are about to send against what the server accepts: a REGION_READ or
+/// REGION_WRITE moving more than its `max_data_xfer_size` (the count asked for, or the data
+/// carried) is refused before it is sent. Returns what is wrong.
+pub fn check_request(command: u16, payload: &[u8], server: &Capabilities) -> Result<(), String> {
+    let max = server.max_data_xfer_size;
+    let (count, what) = match Command::from_u16(command) {
+        Some(Command::RegionRead) => (u32_at(payload, 12).map_or(0, u64::from), "read"),
+        Some(Command::RegionWrite) => {
+            let count = u32_at(payload, 12).map_or(0, u64::from);
+            let data = payload.len().saturating_sub(16) as u64;
+            (count.max(data), "write")
+        }
+        _ => return Ok(()),
+    };
+    if count > max {
+        return Err(format!(
+            "{} of {count} bytes exceeds the server's max_data_xfer_size of {max}",
+            if what == "read" {
+                "REGION_READ"
+            } else {
+                "REGION_WRITE"
+            }
+        ));
+    }
+    Ok(())
+}
+
 /// How many fds a reply to `command` may carry; `our_max_fds` is what we advertised.
 pub fn reply_fd_limit(command: u16, our_max_fds: u32) -> usize {
     match Command::from_u16(command) {
@@ -79,6 +106,28 @@ mod tests {
         assert_eq!(reply_size_limit(5, &p), 80);
         assert_eq!(reply_size_limit(4, &[]), 32);
         assert_eq!(reply_size_limit(999, &[]), SMALL_REPLY_LIMIT);
+    }
+
+    #[test]
+    fn transfers_bounded_by_the_servers_max_data_xfer_size() {
+        let caps = Capabilities {
+            max_data_xfer_size: 4096,
+            ..Capabilities::default()
+        };
+        let mut read = [0u8; 16];
+        read[12..16].copy_from_slice(&4096u32.to_ne_bytes());
+        assert_eq!(check_request(9, &read, &caps), Ok(()));
+        read[12..16].copy_from_slice(&4097u32.to_ne_bytes());
+        assert!(check_request(9, &read, &caps)
+            .unwrap_err()
+            .contains("max_data_xfer_size of 4096"));
+        // A write is judged by its count and by the data it carries, whichever is larger.
+        let mut write = vec![0u8; 16 + 5000];
+        write[12..16].copy_from_slice(&8u32.to_ne_bytes());
+        assert!(check_request(10, &write, &caps).is_err());
+        write.truncate(16 + 8);
+        assert_eq!(check_request(10, &write, &caps), Ok(()));
+        assert_eq!(check_request(4, &[], &caps), Ok(()));
     }
 
     #[test]
