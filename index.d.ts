@@ -9,6 +9,11 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
+/**
+ * A connection as a JS class. Once the connection has ended and JS has taken its close
+ * event, [`NativeClient::release`] lets go of everything native (I/O thread, socket, eventfd,
+ * epoll, the JS callback); the same happens when the object is garbage-collected.
+ */
 export declare class NativeClient {
   /** Registers the function that receives batches of completions and the close event. */
   start(onEvents: (arg: Array<NativeEvent>) => void): void
@@ -30,8 +35,17 @@ export declare class NativeClient {
   /** Sends a request and blocks the JS thread until its reply (timed condvar). */
   sendSync(command: number, payload: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): NativeReplyResult
   get closed(): boolean
-  /** Closes the connection; in-flight requests fail with ECONNABORTED. Idempotent. */
+  /**
+   * Closes the connection; in-flight requests fail with ECONNABORTED, and the close event
+   * follows. Idempotent.
+   */
   close(): void
+  /**
+   * Lets go of everything native: the connection is closed if it was not, its I/O thread
+   * joined, its fds closed, and the JS callback released (no event follows). JS calls it
+   * once it has taken the close event. Idempotent.
+   */
+  release(): void
 }
 
 /**

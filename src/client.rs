@@ -6,17 +6,25 @@ use crate::loop_reader::LoopReader;
 use napi::bindgen_prelude::{AsyncTask, Buffer, Either, Function};
 use napi::{Env, Result, Task};
 use napi_derive::napi;
+use nix::errno::Errno;
 use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 use vfio_user_client::{Client, Error, Options, Request};
 
+/// A connection as a JS class. Once the connection has ended and JS has taken its close
+/// event, [`NativeClient::release`] lets go of everything native (I/O thread, socket, eventfd,
+/// epoll, the JS callback); the same happens when the object is garbage-collected.
 #[napi]
 pub struct NativeClient {
-    client: Client,
+    /// None once released.
+    client: RefCell<Option<Client>>,
     events: EventQueue,
     loop_reader: RefCell<Option<LoopReader>>,
+    path: String,
+    /// Why the connection ended, kept for calls made after release.
+    ended: RefCell<Option<Error>>,
 }
 
 #[napi(object)]
@@ -90,25 +98,41 @@ impl NativeClient {
         let on_close = events.clone();
         client.on_close(move |e| on_close.push(Event::Closed(e.clone())));
         NativeClient {
-            client,
+            path: client.path().to_string(),
+            client: RefCell::new(Some(client)),
             events,
             loop_reader: RefCell::new(None),
+            ended: RefCell::new(None),
+        }
+    }
+
+    /// Runs `f` on the live client, or returns the error that ended it.
+    fn live<R>(
+        &self,
+        f: impl FnOnce(&Client) -> std::result::Result<R, Error>,
+    ) -> std::result::Result<R, Error> {
+        match self.client.borrow().as_ref() {
+            Some(c) => f(c),
+            None => Err(self.ended.borrow().clone().unwrap_or_else(|| {
+                Error::new(Errno::ECONNABORTED, "connection was closed by the client")
+            })),
         }
     }
 
     /// Registers the function that receives batches of completions and the close event.
     #[napi]
     pub fn start(&self, env: Env, on_events: Function<'_, Vec<NativeEvent>, ()>) -> Result<()> {
-        let queue = self.events.clone();
+        let queue = self.events.downgrade();
         let tsfn = on_events
             .build_threadsafe_function::<()>()
             .callee_handled::<false>()
             .weak::<true>()
             .build_callback(move |_ctx| Ok(queue.take()))?;
         self.events.set_sink(tsfn);
-        // Replies are read on this event loop when it is free (no thread hop per reply).
-        *self.loop_reader.borrow_mut() =
-            Some(LoopReader::start(&env, self.client.external_reader())?);
+        if let Some(c) = self.client.borrow().as_ref() {
+            // Replies are read on this event loop when it is free (no thread hop per reply).
+            *self.loop_reader.borrow_mut() = Some(LoopReader::start(&env, c.external_reader())?);
+        }
         // Anything that happened before the sink existed (a close) is delivered now.
         self.events.wake();
         Ok(())
@@ -116,7 +140,7 @@ impl NativeClient {
 
     #[napi(getter)]
     pub fn path(&self) -> String {
-        self.client.path().to_string()
+        self.path.clone()
     }
 
     /// Sends VERSION; the result arrives as an event with `token`. Returns an error if
@@ -124,15 +148,14 @@ impl NativeClient {
     #[napi]
     pub fn negotiate(&self, token: u32) -> Option<NativeError> {
         let events = self.events.clone();
-        self.client
-            .negotiate_async(Box::new(move |r| events.push(Event::Done(token, r))))
+        self.live(|c| c.negotiate_async(Box::new(move |r| events.push(Event::Done(token, r)))))
             .err()
             .map(|e| convert::from_error(&e))
     }
 
     #[napi]
     pub fn negotiate_sync(&self) -> NativeVersionResult {
-        match self.client.negotiate() {
+        match self.live(Client::negotiate) {
             Ok(v) => NativeVersionResult {
                 version: Some(convert::version(&v)),
                 error: None,
@@ -146,7 +169,8 @@ impl NativeClient {
 
     #[napi]
     pub fn version(&self) -> Option<NativeVersion> {
-        self.client.version().as_ref().map(convert::version)
+        let v = self.client.borrow().as_ref().and_then(Client::version);
+        v.as_ref().map(convert::version)
     }
 
     /// Sends a request; the reply or failure arrives as an event with `token`. Returns an
@@ -162,21 +186,21 @@ impl NativeClient {
     ) -> Option<NativeError> {
         let events = self.events.clone();
         let borrowed = borrow_fds(&fds);
-        self.client
-            .send_callback(
+        self.live(|c| {
+            c.send_callback(
                 request(command, &payload, &borrowed, timeout_ms),
                 Box::new(move |r| events.push(Event::Done(token, r))),
             )
-            .err()
-            .map(|e| convert::from_error(&e))
+        })
+        .err()
+        .map(|e| convert::from_error(&e))
     }
 
     /// Sends a posted request (No_reply). Returns an error if nothing was sent.
     #[napi]
     pub fn post(&self, command: u32, payload: Buffer, fds: Vec<i32>) -> Option<NativeError> {
         let borrowed = borrow_fds(&fds);
-        self.client
-            .post(request(command, &payload, &borrowed, None))
+        self.live(|c| c.post(request(command, &payload, &borrowed, None)))
             .err()
             .map(|e| convert::from_error(&e))
     }
@@ -192,22 +216,47 @@ impl NativeClient {
     ) -> NativeReplyResult {
         let borrowed = borrow_fds(&fds);
         convert::reply_result(
-            self.client
-                .send_wait(request(command, &payload, &borrowed, timeout_ms)),
+            self.live(|c| c.send_wait(request(command, &payload, &borrowed, timeout_ms))),
         )
     }
 
     #[napi(getter)]
     pub fn closed(&self) -> bool {
-        self.client.is_closed()
+        self.client.borrow().as_ref().is_none_or(Client::is_closed)
     }
 
-    /// Closes the connection; in-flight requests fail with ECONNABORTED. Idempotent.
+    /// Closes the connection; in-flight requests fail with ECONNABORTED, and the close event
+    /// follows. Idempotent.
     #[napi]
     pub fn close(&self) {
         if let Some(mut r) = self.loop_reader.borrow_mut().take() {
             r.close();
         }
-        self.client.close();
+        if let Some(c) = self.client.borrow().as_ref() {
+            c.close();
+        }
+    }
+
+    /// Lets go of everything native: the connection is closed if it was not, its I/O thread
+    /// joined, its fds closed, and the JS callback released (no event follows). JS calls it
+    /// once it has taken the close event. Idempotent.
+    #[napi]
+    pub fn release(&self) {
+        if let Some(mut r) = self.loop_reader.borrow_mut().take() {
+            r.close();
+        }
+        let client = self.client.borrow_mut().take();
+        if let Some(c) = client {
+            c.close();
+            *self.ended.borrow_mut() = c.closed_reason();
+        }
+        self.events.clear_sink();
+    }
+}
+
+impl Drop for NativeClient {
+    /// Garbage-collected (unreachable from JS): nothing native may outlive it.
+    fn drop(&mut self) {
+        self.release();
     }
 }

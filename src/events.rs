@@ -7,7 +7,7 @@ use crate::convert::{self, NativeError, NativeReply};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use vfio_user_client::{Error, Reply};
 
 /// One thing that happened, for the JS side to settle.
@@ -69,6 +69,18 @@ impl EventQueue {
         self.lock().tsfn = Some(Arc::new(tsfn));
     }
 
+    /// Drops the sink: the JS callback is released, and events pushed later are discarded.
+    pub fn clear_sink(&self) {
+        let tsfn = self.lock().tsfn.take();
+        drop(tsfn);
+    }
+
+    /// A handle that does not keep the queue alive, for the sink's own callback (which the
+    /// queue owns: a strong handle there would be a cycle that is never freed).
+    pub fn downgrade(&self) -> WeakEventQueue {
+        WeakEventQueue(Arc::downgrade(&self.inner))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -104,5 +116,18 @@ impl EventQueue {
     pub fn take(&self) -> Vec<NativeEvent> {
         let events = std::mem::take(&mut self.lock().events);
         events.into_iter().map(Event::into_native).collect()
+    }
+}
+
+/// See [`EventQueue::downgrade`].
+pub struct WeakEventQueue(Weak<Mutex<Inner>>);
+
+impl WeakEventQueue {
+    /// Takes everything queued, if the queue still exists (on the JS thread).
+    pub fn take(&self) -> Vec<NativeEvent> {
+        match self.0.upgrade() {
+            Some(inner) => EventQueue { inner }.take(),
+            None => Vec::new(),
+        }
     }
 }

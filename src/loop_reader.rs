@@ -28,7 +28,9 @@ const UV_DISCONNECT: c_int = 4;
 
 /// Owned by the handle (through its `data` field) from start until libuv's close callback.
 struct PollContext {
-    reader: ExternalReader,
+    /// Taken out when the handle is closed: libuv no longer watches the fd from then on, so
+    /// the connection (and its socket) may be released at once, not a loop turn later.
+    reader: Option<ExternalReader>,
     /// The `uv_poll_t`, sized by libuv at run time, 8-byte aligned.
     handle: Box<[u64]>,
 }
@@ -45,7 +47,7 @@ impl LoopReader {
         let size = unsafe { uv_handle_size(UV_POLL) };
         let fd = reader.fd();
         let ctx = Box::into_raw(Box::new(PollContext {
-            reader,
+            reader: Some(reader),
             handle: vec![0u64; size.div_ceil(8)].into_boxed_slice(),
         }));
         // SAFETY: `ctx` is a live allocation we own; its `handle` buffer is at least
@@ -76,7 +78,13 @@ impl LoopReader {
             return;
         }
         // SAFETY: the handle was initialised by `start` and not closed yet (we null it).
-        unsafe { uv_close(self.handle, on_close) };
+        // uv_close stops the poll at once; the context stays allocated until on_close, and
+        // on_poll cannot run after this, so taking the reader out here races nothing.
+        unsafe {
+            uv_close(self.handle, on_close);
+            let ctx = *self.handle.cast::<*mut PollContext>();
+            drop((*ctx).reader.take());
+        }
         self.handle = std::ptr::null_mut();
     }
 }
@@ -91,7 +99,8 @@ extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
     // SAFETY: libuv passes the handle we started; its data field holds our live context
     // until on_close, which cannot have run while the handle is active.
     let ctx = unsafe { &*(*handle.cast::<*mut PollContext>()) };
-    if status < 0 || !ctx.reader.on_readable() {
+    let open = ctx.reader.as_ref().is_some_and(ExternalReader::on_readable);
+    if status < 0 || !open {
         // The connection is over (EOF keeps the fd readable): stop, or the loop would spin.
         // SAFETY: stopping an active or stopped poll handle is allowed.
         unsafe { uv_poll_stop(handle) };

@@ -24,7 +24,19 @@ export function checkPayload(value: unknown): Buffer {
 export function checkFds(value: unknown): number[] {
   if (value === undefined) return []
   if (!Array.isArray(value)) throw new TypeError(`fds must be an array of file descriptors, got ${describe(value)}`)
-  return value.map((fd, i) => checkInteger(`fds[${i}]`, fd, 0, 0x7fff_ffff))
+  const fds: number[] = []
+  // An index loop, not map(): map skips the holes of a sparse array, which would then reach
+  // the binding as a non-number.
+  for (let i = 0; i < value.length; i++) {
+    const fd: unknown = value[i]
+    if (typeof fd !== 'number' || !Number.isInteger(fd)) {
+      throw new TypeError(
+        `fds[${i}] must be a file descriptor (an integer), got ${i in value ? describe(fd) : 'a hole'}`,
+      )
+    }
+    fds.push(checkInteger(`fds[${i}]`, fd, 0, 0x7fff_ffff))
+  }
+  return fds
 }
 
 /** Checks an optional timeout in milliseconds. */
@@ -36,5 +48,6 @@ export function checkTimeout(name: string, value: unknown): number | undefined {
 function describe(value: unknown): string {
   if (value === null) return 'null'
   if (Array.isArray(value)) return 'an array'
+  if (typeof value === 'number') return String(value)
   return typeof value
 }

@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events'
 import { closeSync } from 'node:fs'
+import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
 import { Command } from './command'
@@ -52,7 +53,9 @@ export interface VersionInfo {
 
 interface Waiter {
   resolve(r: NativeReply): void
-  reject(e: VfioUserError): void
+  reject(e: unknown): void
+  /** Stops watching the request's AbortSignal. */
+  unwatch?: () => void
 }
 
 function toReply(r: NativeReply): Reply {
@@ -63,22 +66,41 @@ function toVersion(v: NativeVersion): VersionInfo {
   return { major: v.major, minor: v.minor, capabilities: toCapabilities(v.capabilities), warnings: v.warnings }
 }
 
+// One timer for the whole module keeps Node's event loop alive while any request is in
+// flight or any close is under way: the native callback and the socket's poll handle never
+// keep it alive by themselves, so an idle client does not hold `node` open.
+const keepAlive = setInterval(() => {}, 0x7fff_ffff)
+keepAlive.unref()
+let busyClients = 0
+
+/**
+ * How the native callback reaches its client: weakly while the client is idle, so a client
+ * nobody references is garbage-collected (and with it the native connection, its I/O thread
+ * and fds); strongly while requests are in flight, so their promises always settle.
+ */
+interface Link {
+  strong?: VfioUserClient
+  readonly weak: WeakRef<VfioUserClient>
+}
+
 /**
  * A connection to a vfio-user server. Emits `'close'` (with the `VfioUserError` that ended it)
- * once, when the connection ends for any reason.
+ * once, when the connection ends for any reason; by then everything native it held (socket,
+ * I/O thread, eventfd, epoll) has been released.
  */
 export class VfioUserClient extends EventEmitter {
   readonly #native: NativeClient
   readonly #path: string
   readonly #waiters = new Map<number, Waiter>()
+  readonly #link: Link
   #nextToken = 1
   #version?: Promise<VersionInfo>
+  #versionInfo?: VersionInfo
   #closed?: VfioUserError
+  #closing = false
   #closeEmitted = false
   readonly #closedPromise: Promise<void>
   #onClosed!: () => void
-  // Keeps the event loop alive while requests are in flight (the native callback is weak).
-  readonly #keepAlive: NodeJS.Timeout
 
   /** @internal Use {@link connect}. */
   constructor(nativeClient: NativeClient, path: string) {
@@ -88,9 +110,19 @@ export class VfioUserClient extends EventEmitter {
     this.#closedPromise = new Promise((resolve) => {
       this.#onClosed = resolve
     })
-    this.#keepAlive = setInterval(() => {}, 0x7fff_ffff)
-    this.#keepAlive.unref()
-    this.#native.start((events) => this.#deliver(events))
+    this.#link = { weak: new WeakRef(this) }
+    this.#native.start(VfioUserClient.#router(this.#link))
+  }
+
+  /**
+   * The native callback. Made in a static method so that it captures only `link`, never the
+   * client (a closure made in the constructor would share its context, `this` included).
+   */
+  static #router(link: Link): (events: NativeEvent[]) => void {
+    return (events) => {
+      const client = link.strong ?? link.weak.deref()
+      if (client) client.#deliver(events)
+    }
   }
 
   /** The socket path this client is connected to. */
@@ -122,15 +154,18 @@ export class VfioUserClient extends EventEmitter {
     }).then(() => {
       const v = this.#native.version()
       if (!v) throw new VfioUserError('EPROTO', 71, 'VERSION reply was not recorded', Command.VERSION, this.#path)
-      return toVersion(v)
+      this.#versionInfo = toVersion(v)
+      return this.#versionInfo
     })
     return this.#version
   }
 
   /** The negotiated version, once {@link validateVersion} has succeeded. */
   get version(): VersionInfo | undefined {
+    if (this.#versionInfo) return this.#versionInfo
     const v = this.#native.version()
-    return v ? toVersion(v) : undefined
+    if (v) this.#versionInfo = toVersion(v)
+    return this.#versionInfo
   }
 
   /**
@@ -139,7 +174,9 @@ export class VfioUserClient extends EventEmitter {
    * @param payload the bytes after the 16-byte header
    * @throws {TypeError|RangeError} synchronously for bad arguments; nothing is sent.
    * @throws {VfioUserError} (rejection) `'ETIMEDOUT'`, `'ECONNRESET'` when the connection ends,
-   *   `'EPROTO'` for a malformed reply, or the server's errno (`'EIO'` when it gave none).
+   *   `'EPROTO'` for a malformed reply, `'EAGAIN'` when every message id waits for a reply,
+   *   `'E2BIG'` for a transfer larger than the server accepts, or the server's errno
+   *   (`'EIO'` when it gave none).
    */
   sendWait(command: number, payload: Uint8Array, options: SendOptions = {}): Promise<Reply> {
     const args = this.#check(command, payload, options)
@@ -152,27 +189,16 @@ export class VfioUserClient extends EventEmitter {
       const token = this.#token()
       const refused = this.#native.send(token, command, args.payload, args.fds, args.timeoutMs)
       if (refused) return reject(fromNative(refused, this.#path))
-      let onAbort: (() => void) | undefined
+      const waiter: Waiter = { resolve, reject }
       if (signal) {
-        onAbort = () => {
+        // The request itself may still complete on the wire; its reply is then dropped
+        // (and any fds it carried closed).
+        waiter.unwatch = watchAbort(signal, () => {
           if (this.#waiters.delete(token)) this.#settled()
           reject(signal.reason)
-        }
-        signal.addEventListener('abort', onAbort, { once: true })
+        })
       }
-      const done = () => {
-        if (onAbort) signal?.removeEventListener('abort', onAbort)
-      }
-      this.#track(token, {
-        resolve: (r) => {
-          done()
-          resolve(r)
-        },
-        reject: (e) => {
-          done()
-          reject(e)
-        },
-      })
+      this.#track(token, waiter)
     }).then(toReply)
   }
 
@@ -209,10 +235,12 @@ export class VfioUserClient extends EventEmitter {
    * once every promise has settled and `'close'` has been emitted. Idempotent.
    */
   close(): Promise<void> {
-    // Keep the loop alive until the close event has been delivered (the native callback is
-    // weak); `#deliver` releases it.
-    if (!this.#closeEmitted) this.#keepAlive.ref()
-    this.#native.close()
+    if (!this.#closeEmitted) {
+      // Keep the loop alive, and this client reachable, until the close event arrives.
+      this.#closing = true
+      this.#updateHold()
+      this.#native.close()
+    }
     return this.#closedPromise
   }
 
@@ -242,12 +270,25 @@ export class VfioUserClient extends EventEmitter {
   }
 
   #track(token: number, w: Waiter): void {
-    if (this.#waiters.size === 0) this.#keepAlive.ref()
     this.#waiters.set(token, w)
+    if (this.#waiters.size === 1) this.#updateHold()
   }
 
   #settled(): void {
-    if (this.#waiters.size === 0) this.#keepAlive.unref()
+    if (this.#waiters.size === 0) this.#updateHold()
+  }
+
+  /** Holds the event loop and a strong link while anything is awaited from native code. */
+  #updateHold(): void {
+    const want = !this.#closeEmitted && (this.#waiters.size > 0 || this.#closing)
+    if (want === (this.#link.strong !== undefined)) return
+    if (want) {
+      this.#link.strong = this
+      if (busyClients++ === 0) keepAlive.ref()
+    } else {
+      this.#link.strong = undefined
+      if (--busyClients === 0) keepAlive.unref()
+    }
   }
 
   #deliver(events: NativeEvent[]): void {
@@ -263,22 +304,31 @@ export class VfioUserClient extends EventEmitter {
         continue
       }
       this.#waiters.delete(e.token)
+      w.unwatch?.()
       if (e.reply) w.resolve(e.reply)
       else w.reject(fromNative(e.error ?? { errno: 0, code: 'EIO', message: 'request failed' }, this.#path))
     }
     if (this.#closed) {
       // The native side fails everything before it reports the close; this only guards
       // against a promise that could otherwise never settle.
-      for (const w of this.#waiters.values()) w.reject(this.#closed)
+      for (const w of this.#waiters.values()) {
+        w.unwatch?.()
+        w.reject(this.#closed)
+      }
       this.#waiters.clear()
     }
-    this.#settled()
     if (this.#closed && !this.#closeEmitted) {
+      // Kept: the negotiated version outlives the native side.
+      if (!this.#versionInfo && this.#version) this.#versionInfo = this.version
+      // Nothing more can come: let go of the socket, eventfd, epoll and I/O thread now.
+      this.#native.release()
       this.#closeEmitted = true
-      clearInterval(this.#keepAlive)
+      this.#updateHold()
       this.emit('close', this.#closed)
       this.#onClosed()
+      return
     }
+    this.#settled()
   }
 }
 

@@ -54,8 +54,8 @@ export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDe
 
 /**
  * Starts the scripted misbehaving server (`vfio-user-scripted-peer`) with one of its
- * scenarios, for testing how your code handles a broken or hostile server. It serves one
- * client. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.
+ * scenarios, for testing how your code handles a broken or hostile server. It plays the
+ * scenario to every client that connects, until closed. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.
  */
 export function startScriptedPeer(scenario: string, options: TestDeviceOptions = {}): Promise<TestDevice> {
   if (typeof scenario !== 'string') throw new TypeError('scenario must be a string')
@@ -67,6 +67,7 @@ async function startListening(binary: string, args: string[], startTimeoutMs = 1
   const dir = mkdtempSync(join(tmpdir(), 'vfio-user-'))
   const socketPath = join(dir, 'device.sock')
   const child = spawn(binary, [socketPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+  const closed = new Promise<void>((done) => child.once('close', () => done()))
   let stderr = ''
   child.stderr?.setEncoding('utf8')
   child.stderr?.on('data', (d: string) => {
@@ -80,12 +81,14 @@ async function startListening(binary: string, args: string[], startTimeoutMs = 1
     cleanup()
     throw e
   }
+  // Nothing more is read from stdout; keep it flowing so its end (and 'close') comes.
+  child.stdout?.resume()
   let closing: Promise<void> | undefined
   const close = () => {
     closing ??= new Promise<void>((done) => {
-      if (child.exitCode !== null || child.signalCode !== null) return done()
-      child.once('exit', () => done())
-      child.kill('SIGTERM')
+      // 'close', not 'exit': by then its stdio pipes are closed too, so no fd of ours is left.
+      void closed.then(done)
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
     }).then(cleanup)
     return closing
   }

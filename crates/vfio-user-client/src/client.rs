@@ -505,6 +505,11 @@ impl Client {
         self.shared.lock().closed.is_some()
     }
 
+    /// Why the connection ended, once it has.
+    pub fn closed_reason(&self) -> Option<Error> {
+        self.shared.lock().closed.clone()
+    }
+
     /// Sends VERSION and validates the reply (blocking).
     pub fn negotiate(&self) -> Result<Version, Error> {
         let slot = Arc::new(Slot::default());

@@ -1,6 +1,7 @@
 //! `vfio-user-scripted-peer SOCKET SCENARIO`: a deliberately misbehaving vfio-user server for
-//! the failure cases the real device cannot produce. Built on our proto crate. It serves one
-//! client, then exits. Scenarios:
+//! the failure cases the real device cannot produce. Built on our proto crate. It plays the
+//! scenario to every client that connects, each on its own thread, until it is killed.
+//! Scenarios:
 //!
 //! - `version:major|minor|no-nul|short|error0|enotsup|bad-caps|wrong-command|silent|eof`:
 //!   a broken VERSION reply (or none).
@@ -10,6 +11,7 @@
 //!   reply to the first, then answers the second.
 //! - `eof-pending`: reads three requests, then closes the connection.
 //! - `errno0`: answers every request with an error reply whose errno is 0.
+//! - `hold`: reads every request and answers none (replies that never come).
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -142,6 +144,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
                 }
             }
         }
+        "hold" => while read_msg(s).is_some() {},
         "errno0" => {
             while let Some((h, _)) = read_msg(s) {
                 send(s, Header::error_reply_to(&h, 0), &[]);
@@ -176,8 +179,12 @@ fn main() {
         }
     };
     println!("listening {path}");
-    if let Ok((mut s, _)) = listener.accept() {
-        run(&mut s, scenario);
+    // Every client that connects is played the scenario on its own thread, so tests can open
+    // many connections (at once or one after another) against one peer process.
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { break };
+        let scenario = scenario.clone();
+        std::thread::spawn(move || run(&mut s, &scenario));
     }
     let _ = std::fs::remove_file(path);
 }

@@ -1,0 +1,174 @@
+// Hundreds of connections, ended every way: closed, ended by the server, killed with requests
+// in flight, closed while the server dies, or dropped and garbage-collected without close().
+// After each way, the process's open fds and threads are back where they started.
+import { readdirSync } from 'node:fs'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Command, connect } from '../ts/index'
+import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
+import { rejection } from './rejection'
+import { getInfoPayload } from './wire'
+
+setFlagsFromString('--expose-gc')
+const gc = runInNewContext('gc') as () => void
+
+const openFds = () => readdirSync('/proc/self/fd').length
+const threads = () => readdirSync('/proc/self/task').length
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve))
+
+interface Counts {
+  fds: number
+  threads: number
+}
+const counts = (): Counts => ({ fds: openFds(), threads: threads() })
+
+/** Collects garbage until the counts are back to `base` (or gives up after many rounds). */
+async function collectUntil(base: Counts): Promise<Counts> {
+  for (let i = 0; i < 200; i++) {
+    gc()
+    await turn()
+    const now = counts()
+    if (now.fds <= base.fds && now.threads <= base.threads) return now
+  }
+  return counts()
+}
+
+let serving: TestDevice
+let holding: TestDevice
+let base: Counts
+
+beforeAll(async () => {
+  serving = await startScriptedPeer('serve')
+  holding = await startScriptedPeer('hold')
+  // Warm up what is created once per process (libuv's threadpool, used by connect).
+  const c = await connect(serving.socketPath)
+  await c.validateVersion()
+  await c.close()
+  base = counts()
+})
+
+afterAll(async () => {
+  await serving?.close()
+  await holding?.close()
+})
+
+describe('connections ended every way release every fd and thread', () => {
+  it('close(): 300 connections, one after another and 50 at once', async () => {
+    for (let i = 0; i < 250; i++) {
+      const c = await connect(serving.socketPath)
+      await c.validateVersion()
+      await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+      await c.close()
+      expect(counts()).toEqual(base)
+    }
+    const many = await Promise.all(Array.from({ length: 50 }, () => connect(serving.socketPath)))
+    await Promise.all(many.map((c) => c.validateVersion()))
+    expect(openFds()).toBeGreaterThanOrEqual(base.fds + 50 * 3)
+    await Promise.all(many.map((c) => c.close()))
+    expect(counts()).toEqual(base)
+  })
+
+  it('server EOF with requests pending: 100 connections', async () => {
+    await using peer = await startScriptedPeer('eof-pending')
+    // The peer process's own pipes are ours too while it runs.
+    const withPeer = counts()
+    for (let i = 0; i < 100; i++) {
+      const c = await connect(peer.socketPath, { timeoutMs: 600_000 })
+      await c.validateVersion()
+      const closed = new Promise((resolve) => c.once('close', resolve))
+      const results = await Promise.allSettled(
+        Array.from({ length: 5 }, () => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())),
+      )
+      expect(results.map((r) => r.status === 'rejected' && r.reason.code)).toEqual(Array(5).fill('ECONNRESET'))
+      await closed
+      // Released when 'close' was emitted, without close() being called.
+      expect(c.closed).toBe(true)
+      expect(counts()).toEqual(withPeer)
+    }
+  })
+
+  it('the server killed with requests in flight, and close() racing its death', async () => {
+    for (let i = 0; i < 20; i++) {
+      const device = await startTestDevice()
+      const c = await connect(device.socketPath, { timeoutMs: 600_000 })
+      await c.validateVersion()
+      // Stopped first, so the requests are surely in flight when it dies.
+      process.kill(device.pid, 'SIGSTOP')
+      const closed = new Promise((resolve) => c.once('close', resolve))
+      const pending = Array.from({ length: 10 }, () => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+      process.kill(device.pid, 'SIGKILL')
+      if (i % 2 === 1) void c.close()
+      for (const p of pending) expect(['ECONNRESET', 'ECONNABORTED']).toContain((await rejection(p)).code)
+      await closed
+      await device.close()
+      expect(counts()).toEqual(base)
+    }
+  })
+
+  it('dropped without close(): 200 idle clients are garbage-collected with their thread and fds', async () => {
+    async function openAndForget(n: number) {
+      for (let i = 0; i < n; i++) {
+        const c = await connect(serving.socketPath)
+        await c.validateVersion()
+        await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+      }
+    }
+    await openAndForget(200)
+    expect(openFds()).toBeGreaterThan(base.fds + 200)
+    expect(await collectUntil(base)).toEqual(base)
+  })
+
+  it('a client with a request in flight is not collected: its promise settles', async () => {
+    // In a function, so nothing here keeps the client (or the error, whose unformatted stack
+    // refers to it) once the code is known.
+    async function inFlightWhileCollecting(): Promise<string> {
+      const pending = (async () => {
+        const c = await connect(holding.socketPath)
+        await c.validateVersion()
+        return c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 200 })
+      })()
+      for (let i = 0; i < 5; i++) {
+        gc()
+        await turn()
+      }
+      return (await rejection(pending)).code
+    }
+    expect(await inFlightWhileCollecting()).toBe('ETIMEDOUT')
+    expect(await collectUntil(base)).toEqual(base)
+  })
+})
+
+describe('a process with an idle client exits; one with a request in flight waits for it', () => {
+  // Run as a separate node process on the compiled package (dist/), as a user would.
+  async function runChild(script: string, socketPath: string) {
+    const { spawnSync } = await import('node:child_process')
+    const { join } = await import('node:path')
+    const dist = join(__dirname, '..', 'dist', 'index.js')
+    return spawnSync(process.execPath, ['-e', script, dist, socketPath], { encoding: 'utf8', timeout: 20_000 })
+  }
+
+  it('an idle, unclosed client does not keep node alive', async () => {
+    const r = await runChild(
+      `const { connect } = require(process.argv[1]);
+       connect(process.argv[2]).then((c) => c.validateVersion()).then(() => console.log('negotiated'))`,
+      serving.socketPath,
+    )
+    expect(r.stdout.trim()).toBe('negotiated')
+    expect(r.status).toBe(0)
+  })
+
+  it('a pending request keeps node alive until it settles', async () => {
+    const r = await runChild(
+      `const { connect } = require(process.argv[1]);
+       connect(process.argv[2]).then(async (c) => {
+         await c.validateVersion()
+         const p = Buffer.alloc(16); p.writeUInt32LE(16, 0)
+         c.sendWait(4, p, { timeoutMs: 300 }).catch((e) => console.log('settled', e.code))
+       })`,
+      holding.socketPath,
+    )
+    expect(r.stdout.trim()).toBe('settled ETIMEDOUT')
+    expect(r.status).toBe(0)
+  })
+})
