@@ -36,6 +36,8 @@ export class VfioUserError extends Error {
 /** Turns the binding's error record into a `VfioUserError`. */
 export function fromNative(e: NativeError, path?: string): VfioUserError {
   const errno = e.errno || (constants.errno as Record<string, number>)[e.code] || constants.errno.EIO
-  const where = path === undefined ? '' : ` (${path})`
+  // The socket is named once: native messages never name it, and an error passed through
+  // here twice is not named again.
+  const where = path === undefined || e.message.endsWith(`(${path})`) ? '' : ` (${path})`
   return new VfioUserError(e.code, errno, `${e.message}${where}`, e.command ?? undefined, path)
 }

@@ -714,7 +714,7 @@ impl Client {
     pub fn close(&self) {
         self.shared.fail(Error::new(
             Errno::ECONNABORTED,
-            format!("connection to {} was closed by the client", self.path),
+            "connection was closed by the client",
         ));
         // Called from a completion (which may hold the receive side the I/O thread needs to
         // announce the close), joining could deadlock: the thread is left to finish alone.

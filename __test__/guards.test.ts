@@ -1,0 +1,157 @@
+// The smaller defects found under attack (issue 5), each as a user meets it: bad fds arrays,
+// every id held by late replies, one AbortSignal shared by many requests, error messages
+// that name the socket once, transfers larger than the server accepts.
+import { getEventListeners } from 'node:events'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Command, connect, type VfioUserClient } from '../ts/index'
+import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
+import { rejection } from './rejection'
+import { getInfoPayload, regionAccess } from './wire'
+
+let hold: TestDevice
+let serve: TestDevice
+
+beforeAll(async () => {
+  hold = await startScriptedPeer('hold')
+  serve = await startScriptedPeer('serve')
+})
+
+afterAll(async () => {
+  await hold?.close()
+  await serve?.close()
+})
+
+async function client(server: TestDevice, timeoutMs = 5000): Promise<VfioUserClient> {
+  const c = await connect(server.socketPath, { timeoutMs })
+  await c.validateVersion()
+  return c
+}
+
+describe('bad fds arrays throw before anything is sent', () => {
+  it.each([
+    [
+      'a sparse array',
+      Object.assign(new Array<number>(2), { 1: 3 }),
+      TypeError,
+      'fds[0] must be a file descriptor (an integer), got a hole',
+    ],
+    ['a fraction', [1.5], TypeError, 'fds[0] must be a file descriptor (an integer), got 1.5'],
+    ['a string', ['3'] as unknown as number[], TypeError, 'got string'],
+    ['a negative number', [-1], RangeError, 'fds[0] must be an integer from 0'],
+  ])('%s', async (_, fds, type, message) => {
+    await using c = await client(serve)
+    expect(() => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { fds })).toThrow(type)
+    expect(() => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { fds })).toThrow(message)
+    expect(() => c.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload(), { fds })).toThrow(type)
+    expect(() => c.post(Command.DEVICE_GET_INFO, getInfoPayload(), { fds })).toThrow(type)
+    // Nothing went out: the next request is answered as the first.
+    expect((await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())).payload.length).toBe(16)
+  })
+})
+
+describe('late replies and the 16-bit ids', () => {
+  it('refuses with EAGAIN once every id waits for a late reply, and stays usable', async () => {
+    await using c = await client(hold)
+    // Requests that time out on the wire keep their ids until their (never coming) reply;
+    // ones that timed out before being written free theirs. Keep going until all are held.
+    let refused: string | undefined
+    for (let round = 0; round < 64 && !refused; round++) {
+      const results = await Promise.allSettled(
+        Array.from({ length: 8192 }, () => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 1 })),
+      )
+      for (const r of results) {
+        expect(r.status).toBe('rejected')
+        const code = (r as PromiseRejectedResult).reason.code
+        expect(['ETIMEDOUT', 'EAGAIN']).toContain(code)
+        if (code === 'EAGAIN') refused = (r as PromiseRejectedResult).reason.message
+      }
+    }
+    expect(refused).toContain('all 65536 message ids are held (65536 waiting for the late reply')
+    const e = await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    expect(e.code).toBe('EAGAIN')
+    expect(e.errno).toBe(-11)
+    expect(() => c.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())).toThrow(
+      expect.objectContaining({ code: 'EAGAIN' }),
+    )
+    expect(c.closed).toBe(false)
+  })
+})
+
+describe('AbortSignal', () => {
+  it('one signal shared by 100 requests: one listener, no warning, all abort', async () => {
+    await using c = await client(hold)
+    const warnings: Error[] = []
+    const onWarning = (w: Error) => warnings.push(w)
+    process.on('warning', onWarning)
+    try {
+      const ac = new AbortController()
+      const pending = Array.from({ length: 100 }, () =>
+        c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { signal: ac.signal }),
+      )
+      expect(getEventListeners(ac.signal, 'abort')).toHaveLength(1)
+      ac.abort()
+      for (const p of pending) await expect(p).rejects.toMatchObject({ name: 'AbortError' })
+      expect(c.inFlight).toBe(0)
+      expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0)
+      // Node reports the warning on a later tick.
+      await new Promise((resolve) => setImmediate(resolve))
+      expect(warnings.filter((w) => w.name === 'MaxListenersExceededWarning')).toEqual([])
+    } finally {
+      process.off('warning', onWarning)
+    }
+  })
+
+  it('the listener goes once every request using the signal has settled', async () => {
+    await using c = await client(serve)
+    const ac = new AbortController()
+    await Promise.all(
+      Array.from({ length: 20 }, () => c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { signal: ac.signal })),
+    )
+    expect(getEventListeners(ac.signal, 'abort')).toHaveLength(0)
+  })
+})
+
+describe('error messages name the socket once', () => {
+  const once = (message: string, path: string) => message.split(path).length - 1
+
+  it('timeout, close, and calls after close', async () => {
+    const c = await client(hold)
+    const timedOut = await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 5 }))
+    const inFlight = c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    await c.close()
+    const aborted = await rejection(inFlight)
+    const after = await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
+    let sync: unknown
+    try {
+      c.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    } catch (e) {
+      sync = e
+    }
+    for (const e of [timedOut, aborted, after, sync as Error]) {
+      expect(once(e.message, hold.socketPath), e.message).toBe(1)
+    }
+    expect([aborted.code, after.code, (sync as { code: string }).code]).toEqual([
+      'ECONNABORTED',
+      'ECONNABORTED',
+      'ECONNABORTED',
+    ])
+  })
+})
+
+describe('transfers larger than the server accepts', () => {
+  it('a REGION_WRITE past max_data_xfer_size is E2BIG and nothing is sent', async () => {
+    await using device = await startTestDevice()
+    await using c = await client(device)
+    const max = c.version?.capabilities.maxDataXferSize ?? 0
+    expect(max).toBe(1 << 20)
+    const big = Buffer.alloc(max + 1)
+    const e = await rejection(c.sendWait(Command.REGION_WRITE, regionAccess(0, 0, big.length, big)))
+    expect(e.code).toBe('E2BIG')
+    expect(e.commandName).toBe('REGION_WRITE')
+    expect(e.message).toContain('max_data_xfer_size of 1048576')
+    expect(() => c.sendWaitSync(Command.REGION_READ, regionAccess(0, 0, max + 1))).toThrow(
+      expect.objectContaining({ code: 'E2BIG' }),
+    )
+    expect((await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())).payload.length).toBe(16)
+  })
+})
