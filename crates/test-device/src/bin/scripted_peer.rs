@@ -12,6 +12,9 @@
 //! - `eof-pending`: reads three requests, then closes the connection.
 //! - `errno0`: answers every request with an error reply whose errno is 0.
 //! - `hold`: reads every request and answers none (replies that never come).
+//! - `echo`: answers REGION_READ (offset, region, count) with `count` bytes, byte i being
+//!   `(offset + i) & 0xff`, after sleeping `region` ms (so a client's timeout meets a late
+//!   reply); answers everything else like `serve`. For soaks: every reply proves whose it is.
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -145,6 +148,23 @@ fn run(s: &mut UnixStream, scenario: &str) {
             }
         }
         "hold" => while read_msg(s).is_some() {},
+        "echo" => {
+            while let Some((h, p)) = read_msg(s) {
+                if h.command != 9 || p.len() < 16 {
+                    reply(s, &h, &info_payload(16));
+                    continue;
+                }
+                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                let offset = u64::from_ne_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
+                let (delay, count) = (word(8), word(12));
+                if delay > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(u64::from(delay)));
+                }
+                let mut data = p[..16].to_vec();
+                data.extend((0..u64::from(count)).map(|i| (offset.wrapping_add(i) & 0xff) as u8));
+                reply(s, &h, &data);
+            }
+        }
         "errno0" => {
             while let Some((h, _)) = read_msg(s) {
                 send(s, Header::error_reply_to(&h, 0), &[]);

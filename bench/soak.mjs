@@ -1,0 +1,176 @@
+// `npm run soak [-- --requests N]`: one million requests (by default) through the public API,
+// and the process's RSS, open fds and threads at the start and the end, which must be flat.
+//
+// The mix, per connection (reconnecting every CONNECTION_REQUESTS requests, alternating ways
+// of ending: close(), the server killed under it, the client dropped without close()):
+// - DEVICE_GET_INFO and REGION_READ/REGION_WRITE of 1 B to 4 KiB against the real test device
+//   (rust-vmm's vfio_user Server), 64 in flight;
+// - REGION_READ of 0 B to 64 KiB against the scripted `echo` peer, whose reply bytes derive
+//   from the request's offset, so every reply proves it answered its own request;
+// - requests carrying an fd (an eventfd-like pipe end), sent to the echo peer;
+// - requests that time out (the peer answers 5 ms late, the request allows 1 ms): their late
+//   replies arrive while newer requests are in flight and must be dropped.
+// Exits non-zero if a reply reaches the wrong request, or RSS, fds or threads are not flat.
+import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import { Command, connect } from '../dist/index.js'
+import { startScriptedPeer, startTestDevice } from '../dist/testing.js'
+
+setFlagsFromString('--expose-gc')
+const gc = runInNewContext('gc')
+
+const arg = (name, fallback) => {
+  const i = process.argv.indexOf(`--${name}`)
+  return i > 0 ? Number(process.argv[i + 1]) : fallback
+}
+const TOTAL = arg('requests', 1_000_000)
+const CONNECTION_REQUESTS = arg('per-connection', 20_000)
+const DEPTH = 64
+
+const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? 0) * 1024
+const fds = () => readdirSync('/proc/self/fd').length
+const threads = () => readdirSync('/proc/self/task').length
+const turn = () => new Promise((resolve) => setImmediate(resolve))
+const snapshot = () => ({ rssMiB: +(rss() / 2 ** 20).toFixed(1), fds: fds(), threads: threads() })
+
+let wrong = 0
+let timedOut = 0
+let answered = 0
+let nonce = 0
+
+function access(offset, region, count, data) {
+  const p = Buffer.alloc(16 + (data?.length ?? 0))
+  p.writeBigUInt64LE(BigInt(offset), 0)
+  p.writeUInt32LE(region, 8)
+  p.writeUInt32LE(count, 12)
+  data?.copy(p, 16)
+  return p
+}
+
+function info() {
+  const p = Buffer.alloc(16)
+  p.writeUInt32LE(16, 0)
+  return p
+}
+
+/** One request of the mix; resolves when it has settled and been checked. */
+async function one(device, echo, i, fd) {
+  const kind = i % 16
+  try {
+    if (kind < 6) {
+      const r = await device.sendWait(Command.DEVICE_GET_INFO, info())
+      if (r.payload.readUInt32LE(8) < 9) wrong++
+    } else if (kind < 9) {
+      const size = 1 + (i % 4096)
+      if (kind === 8) {
+        await device.sendWait(Command.REGION_WRITE, access(0, 0, size, Buffer.alloc(size, i & 0xff)))
+      } else {
+        const r = await device.sendWait(Command.REGION_READ, access(0, 0, size))
+        if (r.payload.length !== 16 + size) wrong++
+      }
+    } else if (kind < 15) {
+      const offset = ++nonce
+      const size = kind === 14 ? (i * 7919) % (64 << 10) : i % 512
+      const late = kind === 13 && i % 256 === 13
+      const options = late ? { timeoutMs: 1 } : kind === 12 ? { fds: [fd] } : {}
+      const r = await echo.sendWait(Command.REGION_READ, access(offset, late ? 5 : 0, size), options)
+      const data = r.payload.subarray(16)
+      if (r.payload.readBigUInt64LE(0) !== BigInt(offset) || data.length !== size) wrong++
+      else if (size > 0 && (data[0] !== (offset & 0xff) || data[size - 1] !== ((offset + size - 1) & 0xff))) wrong++
+    } else {
+      const r = echo.sendWaitSync(Command.DEVICE_GET_INFO, info())
+      if (r.payload.length !== 16) wrong++
+    }
+    answered++
+  } catch (e) {
+    if (e.code !== 'ETIMEDOUT') throw e
+    timedOut++
+  }
+}
+
+async function connection(deviceSocket, echoSocket, fd, count) {
+  const device = await connect(deviceSocket)
+  const echo = await connect(echoSocket)
+  await device.validateVersion()
+  await echo.validateVersion()
+  let next = 0
+  const worker = async () => {
+    while (next < count) await one(device, echo, next++, fd)
+  }
+  await Promise.all(Array.from({ length: DEPTH }, worker))
+  return { device, echo }
+}
+
+async function main() {
+  const device = await startTestDevice()
+  const echoPeer = await startScriptedPeer('echo')
+  // One long-lived test device serves one connection at a time; each connection gets a
+  // fresh device so the server can be killed as one way of ending.
+  let current = device
+  const pipeFd = openSync('/dev/null', 'r')
+
+  // Warm up (JIT, allocator, libuv's threadpool) before the baseline.
+  const warm = await connection(current.socketPath, echoPeer.socketPath, pipeFd, 2000)
+  await warm.device.close()
+  await warm.echo.close()
+  gc()
+  await turn()
+  answered = 0
+  timedOut = 0
+  const start = snapshot()
+  const t0 = process.hrtime.bigint()
+  const cpu0 = process.cpuUsage()
+  console.log(`start   ${JSON.stringify(start)}`)
+
+  let sent = 0
+  let round = 0
+  while (sent < TOTAL) {
+    const count = Math.min(CONNECTION_REQUESTS, TOTAL - sent)
+    const { device: d, echo } = await connection(current.socketPath, echoPeer.socketPath, pipeFd, count)
+    sent += count
+    round++
+    // End the connection one of three ways.
+    const way = round % 3
+    if (way === 0) {
+      await d.close()
+    } else if (way === 1) {
+      const closed = new Promise((resolve) => d.once('close', resolve))
+      await current.close() // the server goes away under the client
+      await closed
+    } // way 2: dropped without close(): the GC or the server's end releases it
+    await echo.close()
+    if (way !== 0) {
+      if (way === 2) await current.close()
+      current = await startTestDevice()
+    }
+    if (round % 10 === 0) {
+      gc()
+      await turn()
+      console.log(`${String(sent).padStart(8)} requests  ${JSON.stringify(snapshot())}`)
+    }
+  }
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9
+  const cpu = process.cpuUsage(cpu0)
+  await current.close()
+  await echoPeer.close()
+  closeSync(pipeFd)
+  for (let i = 0; i < 50; i++) {
+    gc()
+    await turn()
+  }
+  const end = snapshot()
+  console.log(`end     ${JSON.stringify(end)}`)
+  console.log(
+    `${sent} requests over ${round} connections in ${seconds.toFixed(1)} s (${((seconds / sent) * 1e6).toFixed(1)} µs each; ` +
+      `CPU ${(cpu.user / sent).toFixed(2)} µs user + ${(cpu.system / sent).toFixed(2)} µs sys per request)`,
+  )
+  console.log(`answered ${answered}, timed out ${timedOut} (late replies dropped), misdelivered ${wrong}`)
+  // The soak's own fds (/dev/null, the peers' pipes) are closed by now, so end may sit below
+  // start; it must not sit above it. RSS may wobble with the allocator: allow 20%.
+  const flat = end.fds <= start.fds && end.threads <= start.threads && end.rssMiB <= start.rssMiB * 1.2 + 8
+  console.log(flat && wrong === 0 ? 'flat: yes' : 'flat: NO')
+  process.exitCode = flat && wrong === 0 ? 0 : 1
+}
+
+await main()
