@@ -1,19 +1,15 @@
 //! The I/O thread: waits (epoll) on the socket and a wake eventfd, receives and dispatches,
 //! finishes queued writes, enforces deadlines. It never waits on a caller.
 
-use crate::client::Shared;
-use crate::rx::{Disposition, ReadOutcome, Rx};
-use crate::state::{Fired, ServerRequest};
+use crate::receive::receive;
+use crate::shared::{Shared, WAKE_TOKEN};
+use crate::state::Fired;
 use crate::Error;
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags, EpollTimeout};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// epoll data for the socket and the wake eventfd.
-pub const SOCK_TOKEN: u64 = 1;
-pub const WAKE_TOKEN: u64 = 2;
 
 /// How long data may wait for an external reader before the I/O thread reads it itself.
 const BACKUP_GRACE: Duration = Duration::from_millis(10);
@@ -134,82 +130,4 @@ fn backup_read(shared: &Shared, sock: i32) {
             shared.fail(e);
         }
     }
-}
-
-/// Reads per wakeup at most (64 KiB each): a flooding server cannot keep a reader, the I/O
-/// thread or Node's event loop, from its other work; level-triggered readiness brings it back.
-const MAX_READS_PER_WAKEUP: usize = 16;
-
-/// Reads until the socket is drained (or the per-wakeup budget is spent), dispatching every
-/// complete message.
-pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
-    for _ in 0..MAX_READS_PER_WAKEUP {
-        match read_once(shared, rx, sock)? {
-            ReadOutcome::WouldBlock => return Ok(()),
-            ReadOutcome::Data { drained: true } => return Ok(()),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// One read and the dispatch of whatever it completed. EOF is an error. After any error the
-/// buffered state is dropped (its fds closed): the stream is over.
-pub fn read_once(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
-    let r = read_and_dispatch(shared, rx, sock);
-    if r.is_err() {
-        rx.reset();
-    }
-    r
-}
-
-fn read_and_dispatch(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
-    let outcome = rx.read(sock)?;
-    match outcome {
-        ReadOutcome::Eof => {
-            let what = if rx.mid_message() {
-                "server closed the connection in the middle of a message"
-            } else {
-                "server closed the connection"
-            };
-            Err(Error::new(Errno::ECONNRESET, what))
-        }
-        ReadOutcome::Data { .. } => {
-            dispatch(shared, rx)?;
-            Ok(outcome)
-        }
-        ReadOutcome::WouldBlock => Ok(outcome),
-    }
-}
-/// Dispatches every whole buffered message, one at a time and in stream order: each reply
-/// is completed before the next header is judged.
-fn dispatch(shared: &Shared, rx: &mut Rx) -> Result<(), Error> {
-    let mut fired = Fired::default();
-    let mut requests = Vec::new();
-    let result = {
-        let mut guard = shared.lock();
-        let st = &mut *guard;
-        loop {
-            let m = match rx.next(|h, kind| st.classify(h, kind, &mut fired)) {
-                Ok(Some(m)) => m,
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(e),
-            };
-            match m.tag {
-                Disposition::Reply { seq, .. } => st.complete_reply(m, seq, &mut fired),
-                Disposition::Request { keep } => requests.push(ServerRequest {
-                    header: m.header,
-                    payload: m.payload,
-                    fds: m.attachments,
-                    oversize: !keep,
-                }),
-                Disposition::Drop => drop(m),
-            }
-        }
-    };
-    fired.fire();
-    for req in requests {
-        shared.serve(req);
-    }
-    result
 }

@@ -1,0 +1,180 @@
+//! What callers, readers and the I/O thread share: the socket, the wake eventfd, the epoll
+//! set, the receive side and the state, plus the operations every one of them needs (failing
+//! the connection, announcing its end, answering server requests).
+
+use crate::options::Options;
+use crate::outgoing::Outgoing;
+use crate::rx::Rx;
+use crate::state::{Fired, Sent, ServerRequest, State};
+use crate::Error;
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+use nix::sys::eventfd::EventFd;
+use nix::sys::socket::{shutdown, Shutdown};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::Duration;
+use vfio_user_proto::Header;
+
+/// epoll data for the socket and the wake eventfd.
+pub const SOCK_TOKEN: u64 = 1;
+pub const WAKE_TOKEN: u64 = 2;
+
+pub type CloseHook = Box<dyn FnOnce(&Error) + Send>;
+
+pub(crate) struct Shared {
+    pub sock: OwnedFd,
+    pub wake: EventFd,
+    pub epoll: Epoll,
+    /// The receive side. Whoever holds it reads: the I/O thread, or a caller waiting for its
+    /// own reply (lock order: rx before state).
+    pub rx: Mutex<Rx>,
+    pub state: Mutex<State>,
+    pub options: Options,
+    pub on_close: Mutex<CloseNotice>,
+}
+
+/// The close hook and whether the end has been announced, under one lock so a hook
+/// registered at any moment is called exactly once.
+#[derive(Default)]
+pub struct CloseNotice {
+    pub hook: Option<CloseHook>,
+    pub announced: Option<Error>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way that
+        // matters more than refusing all further use would; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the socket's epoll registration match what is wanted (called with the state
+    /// locked): readable while the I/O thread is the reader, writable while writes queue.
+    pub fn sync_interest(&self, st: &mut State) {
+        if st.closed.is_some() {
+            return;
+        }
+        // One-shot: one wakeup per burst of arrivals. The I/O thread then reads, or, when a
+        // caller or an event loop is the reader, only schedules a backup check. Leaving it
+        // armed while a caller reads costs less than two epoll_ctl calls per blocking call.
+        let mut want = EpollFlags::EPOLLONESHOT;
+        if st.backup_check_at.is_none() {
+            want |= EpollFlags::EPOLLIN;
+        }
+        if st.want_write {
+            want |= EpollFlags::EPOLLOUT;
+        }
+        if st.registered && st.armed == want.bits() as u32 {
+            return;
+        }
+        let mut ev = EpollEvent::new(want, SOCK_TOKEN);
+        let done = if st.registered {
+            self.epoll.modify(&self.sock, &mut ev)
+        } else {
+            self.epoll.add(&self.sock, ev)
+        };
+        if done.is_ok() {
+            st.registered = true;
+            st.armed = want.bits() as u32;
+        }
+    }
+
+    pub fn default_timeout(&self) -> Duration {
+        self.options.timeout
+    }
+
+    pub fn wake_io(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    /// Ends the connection with `err`: fails everything at once and stops the I/O thread.
+    pub fn fail(&self, err: Error) {
+        let mut fired = Fired::default();
+        self.lock().close(err, &mut fired);
+        let _ = shutdown(self.sock.as_raw_fd(), Shutdown::Both);
+        self.wake_io();
+        fired.fire();
+    }
+
+    /// Announces the end to the close hook, after every completion already taken by a reader
+    /// has been handed out (readers fire completions while holding `rx`), so "closed" never
+    /// overtakes a reply.
+    pub fn notify_closed(&self) {
+        drop(self.rx_lock());
+        let Some(err) = self.lock().closed.clone() else {
+            return;
+        };
+        let hook = {
+            let mut n = self.on_close.lock().unwrap_or_else(|p| p.into_inner());
+            n.announced = Some(err.clone());
+            n.hook.take()
+        };
+        if let Some(hook) = hook {
+            hook(&err);
+        }
+    }
+
+    /// The receive side, waiting for it. A completion that panicked while it was held does
+    /// not stop everyone else from reading.
+    pub fn rx_lock(&self) -> MutexGuard<'_, Rx> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The receive side if nobody holds it right now.
+    pub fn rx_try_lock(&self) -> Option<MutexGuard<'_, Rx>> {
+        match self.rx.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The dispatch point for server-to-client requests. Until DMA is served, every request
+    /// gets an error reply (ENOSYS, or E2BIG when too big to store) unless it said No_reply;
+    /// its fds are closed. The stream stays in sync either way.
+    pub fn serve(&self, req: ServerRequest) {
+        self.lock().stats.server_requests += 1;
+        drop(req.fds);
+        if req.header.no_reply() {
+            return;
+        }
+        let errno = if req.oversize {
+            Errno::E2BIG
+        } else {
+            Errno::ENOSYS
+        };
+        let reply = Header::error_reply_to(&req.header, errno as u32).encode();
+        self.send_unnumbered(reply.to_vec());
+    }
+
+    /// Sends a message that expects no reply (our replies to server requests).
+    fn send_unnumbered(&self, bytes: Vec<u8>) {
+        let msg = Outgoing {
+            id: None,
+            seq: 0,
+            bytes,
+            written: 0,
+            fds: Vec::new(),
+        };
+        let result = {
+            let mut st = self.lock();
+            if st.closed.is_some() {
+                return;
+            }
+            if st.queued_bytes > self.options.max_queued_bytes {
+                Err(Error::new(
+                    Errno::ECONNRESET,
+                    "server floods requests without reading our replies",
+                ))
+            } else {
+                st.send(self.sock.as_raw_fd(), msg, !self.options.send_queued)
+            }
+        };
+        match result {
+            Ok(Sent::Done) => {}
+            Ok(Sent::Queued) => self.wake_io(),
+            Err(e) => self.fail(e),
+        }
+    }
+}
