@@ -73,6 +73,8 @@ export interface NativeCapabilitiesResult {
 export interface NativeConnectOptions {
   timeoutMs: number
   sendQueued: boolean
+  /** Checked by ts/ to be a safe integer of at least 64 KiB. */
+  maxQueuedBytes?: number
 }
 
 export interface NativeError {

@@ -3,7 +3,7 @@
 // that name the socket once, transfers larger than the server accepts.
 import { getEventListeners } from 'node:events'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, connect, type VfioUserClient } from '../ts/index'
+import { Command, connect, type VfioUserClient, type VfioUserError } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload, regionAccess } from './wire'
@@ -153,5 +153,23 @@ describe('transfers larger than the server accepts', () => {
       expect.objectContaining({ code: 'E2BIG' }),
     )
     expect((await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())).payload.length).toBe(16)
+  })
+})
+
+describe('a server that floods requests and never reads our replies', () => {
+  it('is disconnected once what we hold for it passes maxQueuedBytes', async () => {
+    await using flood = await startScriptedPeer('flood')
+    const c = await connect(flood.socketPath, { maxQueuedBytes: 4 << 20 })
+    const closed = new Promise<VfioUserError>((resolve) => c.once('close', resolve))
+    await c.validateVersion()
+    const e = await closed
+    expect(e.code).toBe('ECONNRESET')
+    expect(e.message).toContain('floods requests without reading our replies')
+    expect(c.closed).toBe(true)
+  })
+
+  it('maxQueuedBytes is checked', async () => {
+    await expect(connect(serve.socketPath, { maxQueuedBytes: 1000 })).rejects.toThrow(RangeError)
+    await expect(connect(serve.socketPath, { maxQueuedBytes: '1' as unknown as number })).rejects.toThrow(TypeError)
   })
 })

@@ -31,6 +31,8 @@ pub struct NativeClient {
 pub struct NativeConnectOptions {
     pub timeout_ms: u32,
     pub send_queued: bool,
+    /// Checked by ts/ to be a safe integer of at least 64 KiB.
+    pub max_queued_bytes: Option<f64>,
 }
 
 pub struct ConnectTask {
@@ -63,6 +65,9 @@ pub fn connect(path: String, options: NativeConnectOptions) -> AsyncTask<Connect
         options: Options {
             timeout: Duration::from_millis(u64::from(options.timeout_ms)),
             send_queued: options.send_queued,
+            max_queued_bytes: options
+                .max_queued_bytes
+                .map_or(Options::default().max_queued_bytes, |b| b as usize),
             ..Options::default()
         },
     })

@@ -16,6 +16,13 @@ export interface ConnectOptions {
    * the I/O thread (QEMU's `x-send-queued`). Slower; for tests and special callers.
    */
   sendQueued?: boolean
+  /**
+   * Most memory, in bytes, held for messages the server has not read yet (our requests, and
+   * our replies to its requests), counted with each entry's bookkeeping, not just its wire
+   * bytes. Past it, new requests fail with `'ENOBUFS'`, and a server that floods requests
+   * without reading our replies is disconnected. Default 256 MiB; at least 64 KiB.
+   */
+  maxQueuedBytes?: number
 }
 
 /** Per-request options. */
@@ -353,7 +360,11 @@ export async function connect(path: string, options: ConnectOptions = {}): Promi
   if (options.sendQueued !== undefined && typeof options.sendQueued !== 'boolean') {
     throw new TypeError('sendQueued must be a boolean')
   }
-  const r = await native.connect(path, { timeoutMs, sendQueued: options.sendQueued ?? false })
+  const maxQueuedBytes =
+    options.maxQueuedBytes === undefined
+      ? undefined
+      : checkInteger('maxQueuedBytes', options.maxQueuedBytes, 64 * 1024, Number.MAX_SAFE_INTEGER)
+  const r = await native.connect(path, { timeoutMs, sendQueued: options.sendQueued ?? false, maxQueuedBytes })
   if ('errno' in r) throw fromNative(r)
   return new VfioUserClient(r, path)
 }

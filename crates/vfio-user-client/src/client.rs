@@ -300,7 +300,7 @@ impl Client {
                     .map_err(|what| Error::new(Errno::E2BIG, what).with_command(req.command))?;
             }
             if !st.outgoing.is_empty()
-                && st.queued_bytes + Outgoing::cost_of(bytes.len(), fds.len())
+                && st.outgoing.cost() + Outgoing::cost_of(bytes.len(), fds.len())
                     > self.shared.options.max_queued_bytes
             {
                 return Err(Error::new(
@@ -308,7 +308,7 @@ impl Client {
                     format!(
                         "{} not sent: {} bytes already wait to be written to a server that is not reading",
                         name(),
-                        st.queued_bytes
+                        st.outgoing.cost()
                     ),
                 )
                 .with_command(req.command));
@@ -336,6 +336,7 @@ impl Client {
             };
             let msg = Outgoing {
                 id: (!posted).then_some(id),
+                reply: false,
                 seq,
                 bytes,
                 written: 0,

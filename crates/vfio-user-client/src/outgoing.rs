@@ -1,11 +1,16 @@
 //! A message not yet (fully) written to the socket.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 pub struct Outgoing {
     /// The request id, or None for a message that expects no reply (our replies to server
     /// requests, posted writes).
     pub id: Option<u16>,
+    /// Our answer to a server request: it goes ahead of our own requests that have not
+    /// started, since a server may take the next message it reads as that answer (and must
+    /// never wait behind our queue for it).
+    pub reply: bool,
     pub seq: u64,
     pub bytes: Vec<u8>,
     pub written: usize,
@@ -54,5 +59,96 @@ impl Outgoing {
         }
         self.written += n;
         self.written >= self.bytes.len()
+    }
+}
+
+/// Messages waiting to be written, in two lines: our replies to server requests, which go
+/// first, and our own requests, in submission order. A message partly written is always
+/// finished before any other starts (the stream would be corrupt otherwise). Tracks what the
+/// queued entries cost in memory.
+#[derive(Default)]
+pub struct Queue {
+    replies: VecDeque<Outgoing>,
+    requests: VecDeque<Outgoing>,
+    /// Sum of [`Outgoing::cost`] of everything queued.
+    cost: usize,
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        self.replies.len() + self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Memory held by queued messages (see [`Outgoing::cost`]).
+    pub fn cost(&self) -> usize {
+        self.cost
+    }
+
+    pub fn push(&mut self, msg: Outgoing) {
+        self.cost += msg.cost();
+        if msg.reply {
+            self.replies.push_back(msg);
+        } else {
+            self.requests.push_back(msg);
+        }
+    }
+
+    /// The line the next bytes come from: whichever message is partly written, else replies.
+    fn line(&mut self) -> &mut VecDeque<Outgoing> {
+        let request_started = self.requests.front().is_some_and(|m| m.written > 0);
+        if request_started || self.replies.is_empty() {
+            &mut self.requests
+        } else {
+            &mut self.replies
+        }
+    }
+
+    /// The message to write next.
+    pub fn next(&mut self) -> Option<&mut Outgoing> {
+        self.line().front_mut()
+    }
+
+    /// Removes the message [`Queue::next`] returned, once it is completely written.
+    pub fn pop_next(&mut self) -> Option<Outgoing> {
+        let msg = self.line().pop_front()?;
+        self.refund(&msg);
+        Some(msg)
+    }
+
+    /// Our request `id` (with `seq`) if it is still queued: None if it is not.
+    pub fn request_mut(&mut self, id: u16, seq: u64) -> Option<&mut Outgoing> {
+        self.requests
+            .iter_mut()
+            .find(|o| o.id == Some(id) && o.seq == seq)
+    }
+
+    /// Drops our request `id` (with `seq`) if none of it has been written.
+    pub fn remove_unstarted(&mut self, id: u16, seq: u64) {
+        let pos = self
+            .requests
+            .iter()
+            .position(|o| o.id == Some(id) && o.seq == seq && o.written == 0);
+        if let Some(msg) = pos.and_then(|p| self.requests.remove(p)) {
+            self.refund(&msg);
+        }
+    }
+
+    fn refund(&mut self, msg: &Outgoing) {
+        self.cost = self.cost.saturating_sub(msg.cost());
+        // A line that grew under a burst gives its memory back once it is empty.
+        for line in [&mut self.replies, &mut self.requests] {
+            if line.is_empty() && line.capacity() > 64 {
+                line.shrink_to(16);
+            }
+        }
+    }
+
+    /// Drops everything queued (the connection ended); fds are closed with their messages.
+    pub fn clear(&mut self) {
+        *self = Queue::default();
     }
 }

@@ -152,6 +152,7 @@ impl Shared {
     fn send_unnumbered(&self, bytes: Vec<u8>) {
         let msg = Outgoing {
             id: None,
+            reply: true,
             seq: 0,
             bytes,
             written: 0,
@@ -162,7 +163,7 @@ impl Shared {
             if st.closed.is_some() {
                 return;
             }
-            if st.queued_bytes > self.options.max_queued_bytes {
+            if st.outgoing.cost() > self.options.max_queued_bytes {
                 Err(Error::new(
                     Errno::ECONNRESET,
                     "server floods requests without reading our replies",

@@ -2,14 +2,14 @@
 //! the outgoing queue, the pending table, ids, deadlines and the connection state.
 
 use crate::ids::Ids;
-use crate::outgoing::Outgoing;
+use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message};
 use crate::socket::send_chunk;
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::OwnedFd;
 use std::os::fd::RawFd;
 use std::time::Instant;
@@ -66,15 +66,13 @@ pub struct State {
     pub proposal: Option<VersionProposal>,
     /// Largest server request body we store (DMA_WRITE data plus its 16-byte header).
     pub max_request_payload: usize,
-    pub outgoing: VecDeque<Outgoing>,
+    pub outgoing: Queue,
     pub pending: HashMap<u16, Pending>,
     ids: Ids,
     deadlines: BinaryHeap<Reverse<(Instant, u64, u16)>>,
     next_seq: u64,
     /// The I/O thread should poll for POLLOUT.
     pub want_write: bool,
-    /// Memory held by `outgoing` (see [`Outgoing::cost`]): what `max_queued_bytes` bounds.
-    pub queued_bytes: usize,
     /// When the I/O thread, asleep in poll, will wake up by itself at the latest. A new
     /// deadline before this needs a wakeup; a later one (the common case) costs nothing.
     pub io_wake_at: Option<Instant>,
@@ -167,23 +165,6 @@ impl State {
         }
     }
 
-    /// Appends to the outgoing queue, charging what the entry costs.
-    fn enqueue(&mut self, msg: Outgoing) {
-        self.queued_bytes += msg.cost();
-        self.outgoing.push_back(msg);
-    }
-
-    /// Removes the front (or `pos`) of the outgoing queue, refunding its cost. A queue that
-    /// grew under a burst gives its memory back once it is empty.
-    fn dequeue(&mut self, pos: usize) -> Option<Outgoing> {
-        let msg = self.outgoing.remove(pos)?;
-        self.queued_bytes = self.queued_bytes.saturating_sub(msg.cost());
-        if self.outgoing.is_empty() && self.outgoing.capacity() > 64 {
-            self.outgoing.shrink_to(16);
-        }
-        Some(msg)
-    }
-
     /// Removes request `id` (if it is still the one with `seq`) from whichever queue holds it
     /// and fails it with `err`. A request already on the wire leaves a tombstone.
     pub fn fail_request(&mut self, id: u16, seq: u64, err: Error, fired: &mut Fired) {
@@ -199,18 +180,14 @@ impl State {
         }
         let mut on_wire = p.sent;
         if !p.sent {
-            if let Some(pos) = self
-                .outgoing
-                .iter()
-                .position(|o| o.id == Some(id) && o.seq == seq)
-            {
-                if self.outgoing[pos].written > 0 {
+            if let Some(queued) = self.outgoing.request_mut(id, seq) {
+                if queued.written > 0 {
                     // Partly written: the rest must still go out or the stream desyncs.
                     // Its reply, if any, will be dropped.
-                    self.outgoing[pos].id = None;
+                    queued.id = None;
                     on_wire = true;
                 } else {
-                    self.dequeue(pos);
+                    self.outgoing.remove_unstarted(id, seq);
                 }
             }
         }
@@ -265,7 +242,7 @@ impl State {
     /// Appends `msg` behind anything queued, or writes it inline when the queue is empty and
     /// `inline` is allowed. A request becomes `sent` once its last byte is written.
     pub fn send(&mut self, sock: RawFd, msg: Outgoing, inline: bool) -> Result<Sent, Error> {
-        self.enqueue(msg);
+        self.outgoing.push(msg);
         if self.outgoing.len() > 1 || !inline {
             self.stats.queued_sends += 1;
             self.want_write = true;
@@ -284,14 +261,14 @@ impl State {
     /// Writes queued messages until the queue is empty or the socket would block.
     /// An error other than would-block is fatal for the connection.
     pub fn flush(&mut self, sock: RawFd) -> Result<(), Error> {
-        while let Some(front) = self.outgoing.front_mut() {
+        while let Some(front) = self.outgoing.next() {
             match send_chunk(sock, front.remaining(), &front.raw_fds()) {
                 Ok(n) => {
                     if n < front.remaining().len() {
                         self.stats.partial_writes += 1;
                     }
                     if front.advance(n) {
-                        let done = self.dequeue(0);
+                        let done = self.outgoing.pop_next();
                         if let Some(Outgoing {
                             id: Some(id), seq, ..
                         }) = done
@@ -326,8 +303,7 @@ impl State {
             return;
         }
         self.closed = Some(err.clone());
-        self.outgoing = VecDeque::new();
-        self.queued_bytes = 0;
+        self.outgoing.clear();
         for (_, p) in self.pending.drain() {
             fired
                 .completions
@@ -354,7 +330,10 @@ impl State {
     /// Decides from a header alone what its body is for, so nothing is stored for a message
     /// nobody wants and no reply can be matched to the wrong request.
     pub fn classify(&mut self, h: &Header, kind: MessageType, fired: &mut Fired) -> Disposition {
-        let stray = kind == MessageType::Command || !self.pending.contains_key(&h.id);
+        // A late reply to a timed-out request (a VERSION tried again, too) is not stray: it
+        // is drained and dropped below like any late reply.
+        let stray = kind == MessageType::Command
+            || !(self.pending.contains_key(&h.id) || self.ids.is_tombstone(h.id));
         if self.version_in_flight && stray {
             // Until VERSION is answered nothing else may come, and VERSION is the only
             // request in flight: anything else is a broken VERSION reply, said as such.

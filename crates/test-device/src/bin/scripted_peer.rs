@@ -11,6 +11,8 @@
 //!   reply to the first, then answers the second.
 //! - `eof-pending`: reads three requests, then closes the connection.
 //! - `errno0`: answers every request with an error reply whose errno is 0.
+//! - `flood`: sends requests (16 bytes, an unknown command) as fast as it can and never
+//!   reads the replies.
 //! - `hold`: reads every request and answers none (replies that never come).
 //! - `echo`: answers REGION_READ (offset, region, count) with `count` bytes, byte i being
 //!   `(offset + i) & 0xff`, after sleeping `region` ms (so a client's timeout meets a late
@@ -148,6 +150,11 @@ fn run(s: &mut UnixStream, scenario: &str) {
             }
         }
         "hold" => while read_msg(s).is_some() {},
+        "flood" => {
+            let one = Header::command(1, 99, 0, false).encode();
+            let batch: Vec<u8> = one.iter().copied().cycle().take(16 * 4096).collect();
+            while s.write_all(&batch).is_ok() {}
+        }
         "echo" => {
             while let Some((h, p)) = read_msg(s) {
                 if h.command != 9 || p.len() < 16 {
