@@ -1,5 +1,6 @@
-// `npm run soak [-- --requests N]`: one million requests (by default) through the public API,
-// and the process's RSS, open fds and threads at the start and the end, which must be flat.
+// `npm run soak [-- --requests N --warmup N]`: one million requests (by default) through the
+// public API after a warm-up with the same mix, and the process's RSS, open fds and threads
+// before the warm-up, at the start and at the end; start and end must be flat.
 //
 // The mix, per connection (reconnecting every CONNECTION_REQUESTS requests, alternating ways
 // of ending: close(), the server killed under it, the client dropped without close()):
@@ -26,6 +27,7 @@ const arg = (name, fallback) => {
 }
 const TOTAL = arg('requests', 1_000_000)
 const CONNECTION_REQUESTS = arg('per-connection', 20_000)
+const WARMUP = arg('warmup', Math.round(TOTAL * 0.3))
 const DEPTH = 64
 
 const rss = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))?.[1] ?? 0) * 1024
@@ -102,32 +104,13 @@ async function connection(deviceSocket, echoSocket, fd, count) {
   return { device, echo }
 }
 
-async function main() {
-  const device = await startTestDevice()
-  const echoPeer = await startScriptedPeer('echo')
-  // One long-lived test device serves one connection at a time; each connection gets a
-  // fresh device so the server can be killed as one way of ending.
-  let current = device
-  const pipeFd = openSync('/dev/null', 'r')
-
-  // Warm up (JIT, allocator, libuv's threadpool) before the baseline.
-  const warm = await connection(current.socketPath, echoPeer.socketPath, pipeFd, 2000)
-  await warm.device.close()
-  await warm.echo.close()
-  gc()
-  await turn()
-  answered = 0
-  timedOut = 0
-  const start = snapshot()
-  const t0 = process.hrtime.bigint()
-  const cpu0 = process.cpuUsage()
-  console.log(`start   ${JSON.stringify(start)}`)
-
+/** Runs `total` requests over connections ended three ways; returns the rounds run. */
+async function soak(total, servers) {
   let sent = 0
   let round = 0
-  while (sent < TOTAL) {
-    const count = Math.min(CONNECTION_REQUESTS, TOTAL - sent)
-    const { device: d, echo } = await connection(current.socketPath, echoPeer.socketPath, pipeFd, count)
+  while (sent < total) {
+    const count = Math.min(CONNECTION_REQUESTS, total - sent)
+    const { device: d, echo } = await connection(servers.device.socketPath, servers.echo.socketPath, servers.fd, count)
     sent += count
     round++
     // End the connection one of three ways.
@@ -136,13 +119,13 @@ async function main() {
       await d.close()
     } else if (way === 1) {
       const closed = new Promise((resolve) => d.once('close', resolve))
-      await current.close() // the server goes away under the client
+      await servers.device.close() // the server goes away under the client
       await closed
     } // way 2: dropped without close(): the GC or the server's end releases it
     await echo.close()
     if (way !== 0) {
-      if (way === 2) await current.close()
-      current = await startTestDevice()
+      if (way === 2) await servers.device.close()
+      servers.device = await startTestDevice()
     }
     if (round % 10 === 0) {
       gc()
@@ -150,25 +133,51 @@ async function main() {
       console.log(`${String(sent).padStart(8)} requests  ${JSON.stringify(snapshot())}`)
     }
   }
-  const seconds = Number(process.hrtime.bigint() - t0) / 1e9
-  const cpu = process.cpuUsage(cpu0)
-  await current.close()
-  await echoPeer.close()
-  closeSync(pipeFd)
+  return round
+}
+
+async function settled() {
   for (let i = 0; i < 50; i++) {
     gc()
     await turn()
   }
-  const end = snapshot()
-  console.log(`end     ${JSON.stringify(end)}`)
+  return snapshot()
+}
+
+async function main() {
+  // The test device serves one connection at a time, so each connection whose server is
+  // killed (or whose client is dropped) gets a fresh one.
+  const servers = {
+    device: await startTestDevice(),
+    echo: await startScriptedPeer('echo'),
+    fd: openSync('/dev/null', 'r'),
+  }
+  const before = await settled()
+  console.log(`before warm-up  ${JSON.stringify(before)}`)
+  // Warm up (JIT, V8's heap sizing, malloc's per-thread arenas, libuv's threadpool) with
+  // the same mix, so the measured run starts from a steady state.
+  await soak(WARMUP, servers)
+  answered = 0
+  timedOut = 0
+  const start = await settled()
+  const t0 = process.hrtime.bigint()
+  const cpu0 = process.cpuUsage()
+  console.log(`start           ${JSON.stringify(start)}  (after ${WARMUP} warm-up requests)`)
+  const rounds = await soak(TOTAL, servers)
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9
+  const cpu = process.cpuUsage(cpu0)
+  const end = await settled()
+  console.log(`end             ${JSON.stringify(end)}`)
+  await servers.device.close()
+  await servers.echo.close()
+  closeSync(servers.fd)
   console.log(
-    `${sent} requests over ${round} connections in ${seconds.toFixed(1)} s (${((seconds / sent) * 1e6).toFixed(1)} µs each; ` +
-      `CPU ${(cpu.user / sent).toFixed(2)} µs user + ${(cpu.system / sent).toFixed(2)} µs sys per request)`,
+    `${TOTAL} requests over ${rounds} connections in ${seconds.toFixed(1)} s (${((seconds / TOTAL) * 1e6).toFixed(1)} µs each; ` +
+      `CPU ${(cpu.user / TOTAL).toFixed(2)} µs user + ${(cpu.system / TOTAL).toFixed(2)} µs sys per request)`,
   )
   console.log(`answered ${answered}, timed out ${timedOut} (late replies dropped), misdelivered ${wrong}`)
-  // The soak's own fds (/dev/null, the peers' pipes) are closed by now, so end may sit below
-  // start; it must not sit above it. RSS may wobble with the allocator: allow 20%.
-  const flat = end.fds <= start.fds && end.threads <= start.threads && end.rssMiB <= start.rssMiB * 1.2 + 8
+  // fds and threads exactly as at the start; RSS within 10% (the allocator keeps some slack).
+  const flat = end.fds === start.fds && end.threads === start.threads && end.rssMiB <= start.rssMiB * 1.1
   console.log(flat && wrong === 0 ? 'flat: yes' : 'flat: NO')
   process.exitCode = flat && wrong === 0 ? 0 : 1
 }
