@@ -15,8 +15,11 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
  * epoll, the JS callback); the same happens when the object is garbage-collected.
  */
 export declare class NativeClient {
-  /** Registers the function that receives batches of completions and the close event. */
-  start(onEvents: (arg: Array<NativeEvent>) => void): void
+  /**
+   * Registers the function that receives batches of completions and the close event, and
+   * the scratch array of `send_sync` (at least [`SCRATCH_WORDS`] long).
+   */
+  start(onEvents: (arg: Array<NativeEvent>) => void, scratch: Uint32Array): void
   get path(): string
   /**
    * Sends VERSION; the result arrives as an event with `token`. Returns an error if
@@ -29,11 +32,17 @@ export declare class NativeClient {
    * Sends a request; the reply or failure arrives as an event with `token`. Returns an
    * error if nothing was sent (then no event follows).
    */
-  send(token: number, command: number, payload: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): NativeError | null
+  send(token: number, command: number, payload: Buffer, fds?: Array<number> | undefined | null, timeoutMs?: number | undefined | null): NativeError | null
   /** Sends a posted request (No_reply). Returns an error if nothing was sent. */
-  post(command: number, payload: Buffer, fds: Array<number>): NativeError | null
-  /** Sends a request and blocks the JS thread until its reply (timed condvar). */
-  sendSync(command: number, payload: Buffer, fds: Array<number>, timeoutMs?: number | undefined | null): NativeReplyResult
+  post(command: number, payload: Buffer, fds?: Array<number> | undefined | null): NativeError | null
+  /**
+   * Sends a request and blocks the JS thread until its reply (timed condvar). Returns the
+   * reply's payload, its header fields and fds in the scratch array; or null, and the
+   * error is taken with `take_error`.
+   */
+  sendSync(command: number, payload: Buffer, fds?: Array<number> | undefined | null, timeoutMs?: number | undefined | null): Buffer | null
+  /** The error of the last `send_sync` that returned null. */
+  takeError(): NativeError | null
   get closed(): boolean
   /**
    * Closes the connection; in-flight requests fail with ECONNABORTED, and the close event
@@ -106,11 +115,6 @@ export interface NativeReply {
   payload: Buffer
   /** Received fds, now owned by JavaScript. */
   fds: Array<number>
-}
-
-export interface NativeReplyResult {
-  reply?: NativeReply
-  error?: NativeError
 }
 
 export interface NativeTwinSocket {

@@ -88,6 +88,14 @@ describe('against the test device', () => {
     const fd = second.fds[0] as number
     expect(fstatSync(fd).size).toBe(4096)
     closeSync(fd)
+    // The same through sendWaitSync, whose reply comes back through a scratch array.
+    const sync = client.sendWaitSync(Command.DEVICE_GET_REGION_INFO, regionInfoPayload(0, needed))
+    expect(sync).toMatchObject({ command: Command.DEVICE_GET_REGION_INFO, flags: 1 })
+    expect(sync.payload.equals(second.payload)).toBe(true)
+    expect(sync.fds.length).toBe(1)
+    expect(fstatSync(sync.fds[0] as number).size).toBe(4096)
+    closeSync(sync.fds[0] as number)
+    expect(client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload()).fds).toEqual([])
   })
 
   it('turns error replies into VfioUserError with code and errno', async () => {

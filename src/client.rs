@@ -1,14 +1,15 @@
 //! `NativeClient`: a `vfio_user_client::Client` as a JS class.
 
-use crate::convert::{self, NativeError, NativeReplyResult, NativeVersion, NativeVersionResult};
+use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
 use crate::events::{Event, EventQueue, NativeEvent};
 use crate::loop_reader::LoopReader;
-use napi::bindgen_prelude::{AsyncTask, Buffer, Either, Function};
-use napi::{Env, Result, Task};
+use napi::bindgen_prelude::{AsyncTask, BufferSlice, Either, Function, Uint32Array};
+use napi::{Env, Result, Status, Task};
 use napi_derive::napi;
 use nix::errno::Errno;
 use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
+use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 use vfio_user_client::{Client, Error, Options, Request};
@@ -25,7 +26,19 @@ pub struct NativeClient {
     path: String,
     /// Why the connection ended, kept for calls made after release.
     ended: RefCell<Option<Error>>,
+    /// Where `send_sync` puts a reply's header fields and fds (see [`SCRATCH_WORDS`]), so a
+    /// reply reaches JS as one Buffer and a few integers instead of two objects.
+    scratch: RefCell<Option<Uint32Array>>,
+    /// The failure of the last `send_sync` that returned no reply, for `take_error`.
+    last_error: RefCell<Option<Error>>,
 }
+
+/// `send_sync`'s scratch: id, command, flags, fd count, then up to 16 fds.
+pub const SCRATCH_WORDS: usize = 4 + vfio_user_client::OUR_MAX_MSG_FDS as usize;
+
+/// Reply payloads up to this size are copied into a JS-owned Buffer (cheaper than an
+/// external one, which needs a finalizer); bigger ones are handed over without a copy.
+const COPY_LIMIT: usize = 64 * 1024;
 
 #[napi(object)]
 pub struct NativeConnectOptions {
@@ -108,6 +121,8 @@ impl NativeClient {
             events,
             loop_reader: RefCell::new(None),
             ended: RefCell::new(None),
+            scratch: RefCell::new(None),
+            last_error: RefCell::new(None),
         }
     }
 
@@ -124,9 +139,22 @@ impl NativeClient {
         }
     }
 
-    /// Registers the function that receives batches of completions and the close event.
+    /// Registers the function that receives batches of completions and the close event, and
+    /// the scratch array of `send_sync` (at least [`SCRATCH_WORDS`] long).
     #[napi]
-    pub fn start(&self, env: Env, on_events: Function<'_, Vec<NativeEvent>, ()>) -> Result<()> {
+    pub fn start(
+        &self,
+        env: Env,
+        on_events: Function<'_, Vec<NativeEvent>, ()>,
+        scratch: Uint32Array,
+    ) -> Result<()> {
+        if scratch.len() < SCRATCH_WORDS {
+            return Err(napi::Error::new(
+                Status::InvalidArg,
+                format!("scratch must hold {SCRATCH_WORDS} words"),
+            ));
+        }
+        *self.scratch.borrow_mut() = Some(scratch);
         let queue = self.events.downgrade();
         let tsfn = on_events
             .build_threadsafe_function::<()>()
@@ -185,12 +213,12 @@ impl NativeClient {
         &self,
         token: u32,
         command: u32,
-        payload: Buffer,
-        fds: Vec<i32>,
+        payload: BufferSlice,
+        fds: Option<Vec<i32>>,
         timeout_ms: Option<u32>,
     ) -> Option<NativeError> {
         let events = self.events.clone();
-        let borrowed = borrow_fds(&fds);
+        let borrowed = borrow_fds(fds.as_deref().unwrap_or_default());
         self.live(|c| {
             c.send_callback(
                 request(command, &payload, &borrowed, timeout_ms),
@@ -203,26 +231,73 @@ impl NativeClient {
 
     /// Sends a posted request (No_reply). Returns an error if nothing was sent.
     #[napi]
-    pub fn post(&self, command: u32, payload: Buffer, fds: Vec<i32>) -> Option<NativeError> {
-        let borrowed = borrow_fds(&fds);
+    pub fn post(
+        &self,
+        command: u32,
+        payload: BufferSlice,
+        fds: Option<Vec<i32>>,
+    ) -> Option<NativeError> {
+        let borrowed = borrow_fds(fds.as_deref().unwrap_or_default());
         self.live(|c| c.post(request(command, &payload, &borrowed, None)))
             .err()
             .map(|e| convert::from_error(&e))
     }
 
-    /// Sends a request and blocks the JS thread until its reply (timed condvar).
-    #[napi]
-    pub fn send_sync(
+    /// Sends a request and blocks the JS thread until its reply (timed condvar). Returns the
+    /// reply's payload, its header fields and fds in the scratch array; or null, and the
+    /// error is taken with `take_error`.
+    #[napi(ts_return_type = "Buffer | null")]
+    pub fn send_sync<'env>(
         &self,
+        env: &'env Env,
         command: u32,
-        payload: Buffer,
-        fds: Vec<i32>,
+        payload: BufferSlice,
+        fds: Option<Vec<i32>>,
         timeout_ms: Option<u32>,
-    ) -> NativeReplyResult {
-        let borrowed = borrow_fds(&fds);
-        convert::reply_result(
-            self.live(|c| c.send_wait(request(command, &payload, &borrowed, timeout_ms))),
-        )
+    ) -> Result<Option<BufferSlice<'env>>> {
+        let borrowed = borrow_fds(fds.as_deref().unwrap_or_default());
+        let result = self.live(|c| c.send_wait(request(command, &payload, &borrowed, timeout_ms)));
+        let reply = match result {
+            Ok(r) => r,
+            Err(e) => {
+                *self.last_error.borrow_mut() = Some(e);
+                return Ok(None);
+            }
+        };
+        let mut scratch = self.scratch.borrow_mut();
+        let Some(array) = scratch.as_mut() else {
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "start() was not called",
+            ));
+        };
+        // SAFETY: the array is referenced (kept alive) by this object and we are on the JS
+        // thread, which runs no JS during this call: nothing else reads or writes it now.
+        let words = unsafe { array.as_mut() };
+        let h = reply.header;
+        words[0] = u32::from(h.id);
+        words[1] = u32::from(h.command);
+        words[2] = h.flags;
+        // The client bounds a reply's fds by what we advertised (16); more cannot arrive.
+        words[3] = reply.fds.len().min(SCRATCH_WORDS - 4) as u32;
+        for (w, fd) in words[4..].iter_mut().zip(reply.fds) {
+            *w = fd.into_raw_fd() as u32;
+        }
+        let payload = if reply.payload.len() <= COPY_LIMIT {
+            BufferSlice::copy_from(env, &reply.payload)?
+        } else {
+            BufferSlice::from_data(env, reply.payload)?
+        };
+        Ok(Some(payload))
+    }
+
+    /// The error of the last `send_sync` that returned null.
+    #[napi]
+    pub fn take_error(&self) -> Option<NativeError> {
+        self.last_error
+            .borrow_mut()
+            .take()
+            .map(|e| convert::from_error(&e))
     }
 
     #[napi(getter)]

@@ -51,25 +51,6 @@ pub fn reply(r: Reply) -> NativeReply {
 }
 
 #[napi(object)]
-pub struct NativeReplyResult {
-    pub reply: Option<NativeReply>,
-    pub error: Option<NativeError>,
-}
-
-pub fn reply_result(r: Result<Reply, Error>) -> NativeReplyResult {
-    match r {
-        Ok(r) => NativeReplyResult {
-            reply: Some(reply(r)),
-            error: None,
-        },
-        Err(e) => NativeReplyResult {
-            reply: None,
-            error: Some(from_error(&e)),
-        },
-    }
-}
-
-#[napi(object)]
 pub struct NativeMigration {
     pub pgsize: f64,
     pub max_bitmap_size: f64,

@@ -20,9 +20,9 @@ export function checkPayload(value: unknown): Buffer {
   return Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength)
 }
 
-/** Checks a list of file descriptors. */
-export function checkFds(value: unknown): number[] {
-  if (value === undefined) return []
+/** Checks a list of file descriptors; undefined when there are none (nothing to convert). */
+export function checkFds(value: unknown): number[] | undefined {
+  if (value === undefined) return undefined
   if (!Array.isArray(value)) throw new TypeError(`fds must be an array of file descriptors, got ${describe(value)}`)
   const fds: number[] = []
   // An index loop, not map(): map skips the holes of a sparse array, which would then reach
@@ -36,7 +36,7 @@ export function checkFds(value: unknown): number[] {
     }
     fds.push(checkInteger(`fds[${i}]`, fd, 0, 0x7fff_ffff))
   }
-  return fds
+  return fds.length === 0 ? undefined : fds
 }
 
 /** Checks an optional timeout in milliseconds. */

@@ -73,6 +73,9 @@ function toVersion(v: NativeVersion): VersionInfo {
   return { major: v.major, minor: v.minor, capabilities: toCapabilities(v.capabilities), warnings: v.warnings }
 }
 
+/** Words of the scratch array `sendSync` fills: id, command, flags, fd count, 16 fds. */
+const SCRATCH_WORDS = 20
+
 // One timer for the whole module keeps Node's event loop alive while any request is in
 // flight or any close is under way: the native callback and the socket's poll handle never
 // keep it alive by themselves, so an idle client does not hold `node` open.
@@ -100,6 +103,8 @@ export class VfioUserClient extends EventEmitter {
   readonly #path: string
   readonly #waiters = new Map<number, Waiter>()
   readonly #link: Link
+  /** Where the native `sendSync` leaves a reply's id, command, flags, fd count and fds. */
+  readonly #scratch = new Uint32Array(SCRATCH_WORDS)
   #nextToken = 1
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
@@ -118,7 +123,7 @@ export class VfioUserClient extends EventEmitter {
       this.#onClosed = resolve
     })
     this.#link = { weak: new WeakRef(this) }
-    this.#native.start(VfioUserClient.#router(this.#link))
+    this.#native.start(VfioUserClient.#router(this.#link), this.#scratch)
   }
 
   /**
@@ -217,11 +222,13 @@ export class VfioUserClient extends EventEmitter {
    */
   sendWaitSync(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'> = {}): Reply {
     const args = this.#check(command, payload, options)
-    const r = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
-    if (r.error || !r.reply) {
-      throw fromNative(r.error ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path)
+    const data = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
+    if (data == null) {
+      throw fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path)
     }
-    return toReply(r.reply)
+    const s = this.#scratch
+    const fds = s[3] === 0 ? [] : Array.from(s.subarray(4, 4 + (s[3] as number)))
+    return { id: s[0] as number, command: s[1] as number, flags: s[2] as number, payload: data, fds }
   }
 
   /**

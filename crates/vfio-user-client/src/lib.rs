@@ -29,7 +29,7 @@ mod ticket;
 
 pub use client::{Client, Request};
 pub use error::Error;
-pub use options::Options;
+pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};
 pub use reader::ExternalReader;
 pub use socket::{connect_unix, MAX_RECV_FDS};
