@@ -53,7 +53,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::sys::stat::fstat;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
@@ -84,6 +84,14 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// Tests that count fds run alone (write lock); every other test holds it shared, so no test
 /// opens or closes fds while a census is taken.
 static CENSUS: RwLock<()> = RwLock::new(());
+
+/// Sends a DMA_MAP carrying `fds`.
+fn map_with_fds(client: &Client, fds: &[BorrowedFd<'_>]) -> Result<Ticket, Error> {
+    client.send_nowait(Request {
+        fds,
+        ..Request::new(DMA_MAP, &dma_map())
+    })
+}
 
 fn concurrent() -> RwLockReadGuard<'static, ()> {
     CENSUS.read().unwrap_or_else(|p| p.into_inner())
@@ -805,13 +813,7 @@ fn a_version_reply_of_20_bytes_takes_the_spec_defaults() {
     // The spec's max_msg_fds default of 1 is enforced.
     let (e1, e2) = (eventfd(), eventfd());
     let fds = [e1.as_fd(), e2.as_fd()];
-    let e = client
-        .send_nowait(Request {
-            fds: &fds,
-            ..Request::new(DMA_MAP, &dma_map())
-        })
-        .err()
-        .expect("refused");
+    let e = map_with_fds(&client, &fds).err().expect("refused");
     assert_eq!(e.code(), "EINVAL");
     assert!(e.message.contains("at most 1"), "{e}");
     round_trip(&client, &mut peer);
@@ -903,13 +905,7 @@ fn version_capabilities_out_of_range() {
     assert_eq!(r.unwrap().capabilities.max_msg_fds, 0);
     let memory = eventfd();
     let fds = [memory.as_fd()];
-    let e = client
-        .send_nowait(Request {
-            fds: &fds,
-            ..Request::new(DMA_MAP, &dma_map())
-        })
-        .err()
-        .expect("refused");
+    let e = map_with_fds(&client, &fds).err().expect("refused");
     assert_eq!(e.code(), "EINVAL");
     assert!(e.message.contains("at most 0"), "{e}");
     round_trip(&client, &mut peer);
@@ -1429,14 +1425,7 @@ fn close_with_requests_queued_fails_them_all_and_closes_their_fds() {
         let held = open_fds();
         let fds = [memory.as_fd()];
         let queued: Vec<Ticket> = (0..4)
-            .map(|_| {
-                client
-                    .send_nowait(Request {
-                        fds: &fds,
-                        ..Request::new(DMA_MAP, &dma_map())
-                    })
-                    .unwrap()
-            })
+            .map(|_| map_with_fds(&client, &fds).unwrap())
             .collect();
         let mut posted = access(8).to_vec();
         posted.extend_from_slice(&[1; 8]);
@@ -1483,12 +1472,7 @@ fn after_a_server_disconnect_a_new_client_works_and_the_old_ones_fds_are_release
         let memory = eventfd();
         let fds = [memory.as_fd()];
         let map = |client: &Client, peer: &mut Peer| {
-            let t = client
-                .send_nowait(Request {
-                    fds: &fds,
-                    ..Request::new(DMA_MAP, &dma_map())
-                })
-                .unwrap();
+            let t = map_with_fds(&client, &fds).unwrap();
             let m = peer.read_msg();
             assert_eq!(m.fds.len(), 1);
             assert_eq!(
