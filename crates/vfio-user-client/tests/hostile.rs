@@ -1472,7 +1472,7 @@ fn after_a_server_disconnect_a_new_client_works_and_the_old_ones_fds_are_release
         let memory = eventfd();
         let fds = [memory.as_fd()];
         let map = |client: &Client, peer: &mut Peer| {
-            let t = map_with_fds(&client, &fds).unwrap();
+            let t = map_with_fds(client, &fds).unwrap();
             let m = peer.read_msg();
             assert_eq!(m.fds.len(), 1);
             assert_eq!(
