@@ -17,9 +17,10 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 export declare class NativeClient {
   /**
    * Registers the function that receives batches of completions and the close event, and
-   * the scratch array of `send_sync` (at least [`SCRATCH_WORDS`] long).
+   * the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
+   * `data`, for small payloads.
    */
-  start(onEvents: (arg: Array<NativeEvent>) => void, scratch: Uint32Array): void
+  start(onEvents: (arg: Array<NativeEvent>) => void, scratch: Uint32Array, data: Uint8Array): void
   get path(): string
   /**
    * Sends VERSION; the result arrives as an event with `token`. Returns an error if
@@ -36,11 +37,12 @@ export declare class NativeClient {
   /** Sends a posted request (No_reply). Returns an error if nothing was sent. */
   post(command: number, payload: Buffer, fds?: Array<number> | undefined | null): NativeError | null
   /**
-   * Sends a request and blocks the JS thread until its reply (timed condvar). Returns the
-   * reply's payload, its header fields and fds in the scratch array; or null, and the
+   * Sends a request and blocks the JS thread until its reply (timed condvar). Puts the
+   * reply's header fields and fds in the scratch array and returns its payload: its length
+   * when it was copied into the data array, else a Buffer. Returns null on failure; the
    * error is taken with `take_error`.
    */
-  sendSync(command: number, payload: Buffer, fds?: Array<number> | undefined | null, timeoutMs?: number | undefined | null): Buffer | null
+  sendSync(command: number, payload: Buffer, fds?: Array<number> | undefined | null, timeoutMs?: number | undefined | null): number | Buffer | null
   /** The error of the last `send_sync` that returned null. */
   takeError(): NativeError | null
   get closed(): boolean

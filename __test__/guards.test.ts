@@ -173,3 +173,23 @@ describe('a server that floods requests and never reads our replies', () => {
     await expect(connect(serve.socketPath, { maxQueuedBytes: '1' as unknown as number })).rejects.toThrow(TypeError)
   })
 })
+
+describe('sendWaitSync replies of every size', () => {
+  it('small payloads (through the reused array) and large ones (a Buffer of their own) are intact and owned', async () => {
+    await using echo = await startScriptedPeer('echo')
+    await using c = await client(echo)
+    const replies = [0, 1, 4064, 4080, 4081, 70_000, 300_000].map((count, i) => {
+      const r = c.sendWaitSync(Command.REGION_READ, regionAccess(0, i * 1000 + 7, count))
+      return { count, offset: BigInt(i * 1000 + 7), r }
+    })
+    // Checked after all calls: no reply's bytes were overwritten by a later one.
+    for (const { count, offset, r } of replies) {
+      expect(r.payload.length).toBe(16 + count)
+      expect(r.payload.readBigUInt64LE(0)).toBe(offset)
+      const data = r.payload.subarray(16)
+      for (const at of [0, count >> 1, count - 1].filter((n) => n >= 0 && n < count)) {
+        expect(data[at]).toBe(Number((offset + BigInt(at)) & 0xffn))
+      }
+    }
+  })
+})

@@ -3,7 +3,7 @@
 use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
 use crate::events::{Event, EventQueue, NativeEvent};
 use crate::loop_reader::LoopReader;
-use napi::bindgen_prelude::{AsyncTask, BufferSlice, Either, Function, Uint32Array};
+use napi::bindgen_prelude::{AsyncTask, BufferSlice, Either, Function, Uint32Array, Uint8Array};
 use napi::{Env, Result, Status, Task};
 use napi_derive::napi;
 use nix::errno::Errno;
@@ -29,6 +29,9 @@ pub struct NativeClient {
     /// Where `send_sync` puts a reply's header fields and fds (see [`SCRATCH_WORDS`]), so a
     /// reply reaches JS as one Buffer and a few integers instead of two objects.
     scratch: RefCell<Option<Uint32Array>>,
+    /// Where `send_sync` copies a reply payload of up to the array's length; JS copies it out
+    /// into a pooled Buffer, which costs less than a new Buffer made here.
+    data: RefCell<Option<Uint8Array>>,
     /// The failure of the last `send_sync` that returned no reply, for `take_error`.
     last_error: RefCell<Option<Error>>,
 }
@@ -36,8 +39,9 @@ pub struct NativeClient {
 /// `send_sync`'s scratch: id, command, flags, fd count, then up to 16 fds.
 pub const SCRATCH_WORDS: usize = 4 + vfio_user_client::OUR_MAX_MSG_FDS as usize;
 
-/// Reply payloads up to this size are copied into a JS-owned Buffer (cheaper than an
-/// external one, which needs a finalizer); bigger ones are handed over without a copy.
+/// Reply payloads too big for the data array but up to this size are copied into a
+/// JS-owned Buffer (cheaper than an external one, which needs a finalizer); bigger ones are
+/// handed over without a copy.
 const COPY_LIMIT: usize = 64 * 1024;
 
 #[napi(object)]
@@ -122,6 +126,7 @@ impl NativeClient {
             loop_reader: RefCell::new(None),
             ended: RefCell::new(None),
             scratch: RefCell::new(None),
+            data: RefCell::new(None),
             last_error: RefCell::new(None),
         }
     }
@@ -140,13 +145,15 @@ impl NativeClient {
     }
 
     /// Registers the function that receives batches of completions and the close event, and
-    /// the scratch array of `send_sync` (at least [`SCRATCH_WORDS`] long).
+    /// the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
+    /// `data`, for small payloads.
     #[napi]
     pub fn start(
         &self,
         env: Env,
         on_events: Function<'_, Vec<NativeEvent>, ()>,
         scratch: Uint32Array,
+        data: Uint8Array,
     ) -> Result<()> {
         if scratch.len() < SCRATCH_WORDS {
             return Err(napi::Error::new(
@@ -155,6 +162,7 @@ impl NativeClient {
             ));
         }
         *self.scratch.borrow_mut() = Some(scratch);
+        *self.data.borrow_mut() = Some(data);
         let queue = self.events.downgrade();
         let tsfn = on_events
             .build_threadsafe_function::<()>()
@@ -243,10 +251,11 @@ impl NativeClient {
             .map(|e| convert::from_error(&e))
     }
 
-    /// Sends a request and blocks the JS thread until its reply (timed condvar). Returns the
-    /// reply's payload, its header fields and fds in the scratch array; or null, and the
+    /// Sends a request and blocks the JS thread until its reply (timed condvar). Puts the
+    /// reply's header fields and fds in the scratch array and returns its payload: its length
+    /// when it was copied into the data array, else a Buffer. Returns null on failure; the
     /// error is taken with `take_error`.
-    #[napi(ts_return_type = "Buffer | null")]
+    #[napi(ts_return_type = "number | Buffer | null")]
     pub fn send_sync<'env>(
         &self,
         env: &'env Env,
@@ -254,7 +263,7 @@ impl NativeClient {
         payload: BufferSlice,
         fds: Option<Vec<i32>>,
         timeout_ms: Option<u32>,
-    ) -> Result<Option<BufferSlice<'env>>> {
+    ) -> Result<Option<Either<u32, BufferSlice<'env>>>> {
         let borrowed = borrow_fds(fds.as_deref().unwrap_or_default());
         let result = self.live(|c| c.send_wait(request(command, &payload, &borrowed, timeout_ms)));
         let reply = match result {
@@ -283,12 +292,21 @@ impl NativeClient {
         for (w, fd) in words[4..].iter_mut().zip(reply.fds) {
             *w = fd.into_raw_fd() as u32;
         }
-        let payload = if reply.payload.len() <= COPY_LIMIT {
+        let len = reply.payload.len();
+        if let Some(data) = self.data.borrow_mut().as_mut() {
+            // SAFETY: as for the scratch array above.
+            let bytes = unsafe { data.as_mut() };
+            if let Some(room) = bytes.get_mut(..len) {
+                room.copy_from_slice(&reply.payload);
+                return Ok(Some(Either::A(len as u32)));
+            }
+        }
+        let payload = if len <= COPY_LIMIT {
             BufferSlice::copy_from(env, &reply.payload)?
         } else {
             BufferSlice::from_data(env, reply.payload)?
         };
-        Ok(Some(payload))
+        Ok(Some(Either::B(payload)))
     }
 
     /// The error of the last `send_sync` that returned null.

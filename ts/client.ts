@@ -75,6 +75,8 @@ function toVersion(v: NativeVersion): VersionInfo {
 
 /** Words of the scratch array `sendSync` fills: id, command, flags, fd count, 16 fds. */
 const SCRATCH_WORDS = 20
+/** Reply payloads up to this size come back from `sendSync` through a reused array. */
+const DATA_BYTES = 4096
 
 // One timer for the whole module keeps Node's event loop alive while any request is in
 // flight or any close is under way: the native callback and the socket's poll handle never
@@ -105,6 +107,8 @@ export class VfioUserClient extends EventEmitter {
   readonly #link: Link
   /** Where the native `sendSync` leaves a reply's id, command, flags, fd count and fds. */
   readonly #scratch = new Uint32Array(SCRATCH_WORDS)
+  /** Where it copies a small reply payload, which is then copied into a pooled Buffer. */
+  readonly #data = Buffer.alloc(DATA_BYTES)
   #nextToken = 1
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
@@ -123,7 +127,7 @@ export class VfioUserClient extends EventEmitter {
       this.#onClosed = resolve
     })
     this.#link = { weak: new WeakRef(this) }
-    this.#native.start(VfioUserClient.#router(this.#link), this.#scratch)
+    this.#native.start(VfioUserClient.#router(this.#link), this.#scratch, this.#data)
   }
 
   /**
@@ -222,13 +226,20 @@ export class VfioUserClient extends EventEmitter {
    */
   sendWaitSync(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'> = {}): Reply {
     const args = this.#check(command, payload, options)
-    const data = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
-    if (data == null) {
+    const r = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
+    if (r == null) {
       throw fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path)
+    }
+    let body: Buffer
+    if (typeof r === 'number') {
+      body = Buffer.allocUnsafe(r)
+      this.#data.copy(body, 0, 0, r)
+    } else {
+      body = r
     }
     const s = this.#scratch
     const fds = s[3] === 0 ? [] : Array.from(s.subarray(4, 4 + (s[3] as number)))
-    return { id: s[0] as number, command: s[1] as number, flags: s[2] as number, payload: data, fds }
+    return { id: s[0] as number, command: s[1] as number, flags: s[2] as number, payload: body, fds }
   }
 
   /**
