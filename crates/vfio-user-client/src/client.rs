@@ -255,12 +255,8 @@ impl Client {
                     format!("cannot duplicate an fd for {}: {}", name(), errno.desc()),
                 )
             })?;
-        let mut bytes = Vec::with_capacity(HEADER_SIZE + req.payload.len());
         let posted = waiter.is_none();
-        bytes.extend_from_slice(
-            &Header::command(0, req.command, req.payload.len(), posted).encode(),
-        );
-        bytes.extend_from_slice(req.payload);
+        let mut header = Header::command(0, req.command, req.payload.len(), posted).encode();
         let timeout = req.timeout.unwrap_or(self.shared.options.timeout);
         let deadline = Instant::now() + timeout;
         let sock = self.shared.sock.as_raw_fd();
@@ -300,7 +296,8 @@ impl Client {
                     .map_err(|what| Error::new(Errno::E2BIG, what).with_command(req.command))?;
             }
             if !st.outgoing.is_empty()
-                && st.outgoing.cost() + Outgoing::cost_of(bytes.len(), fds.len())
+                && st.outgoing.cost()
+                    + Outgoing::cost_of(HEADER_SIZE + req.payload.len(), fds.len())
                     > self.shared.options.max_queued_bytes
             {
                 return Err(Error::new(
@@ -314,7 +311,7 @@ impl Client {
                 .with_command(req.command));
             }
             let id = st.alloc_id(waiter.is_some())?;
-            bytes[0..2].copy_from_slice(&id.to_ne_bytes());
+            header[0..2].copy_from_slice(&id.to_ne_bytes());
             let seq = st.next_seq();
             if version {
                 st.version_in_flight = true;
@@ -334,15 +331,15 @@ impl Client {
                 ),
                 None => false,
             };
-            let msg = Outgoing {
-                id: (!posted).then_some(id),
-                reply: false,
-                seq,
-                bytes,
-                written: 0,
+            let sent = st.send_request(
+                sock,
+                header,
+                req.payload,
                 fds,
-            };
-            let sent = st.send(sock, msg, !self.shared.options.send_queued);
+                (!posted).then_some(id),
+                seq,
+                !self.shared.options.send_queued,
+            );
             (id, seq, sent, wake_for_deadline)
         };
         let (id, seq, result, wake_for_deadline) = result;

@@ -53,13 +53,17 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> Result<OwnedFd, Error> {
 /// One nonblocking sendmsg of `bytes`, with `fds` as SCM_RIGHTS when there are any.
 /// MSG_NOSIGNAL: a closed peer is an EPIPE error, not a process-killing SIGPIPE.
 pub fn send_chunk(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<usize> {
-    let iov = [IoSlice::new(bytes)];
+    send_parts(sock, &[IoSlice::new(bytes)], fds)
+}
+
+/// One nonblocking sendmsg of `iov` gathered (writev-style), with `fds` as SCM_RIGHTS.
+pub fn send_parts(sock: RawFd, iov: &[IoSlice<'_>], fds: &[RawFd]) -> nix::Result<usize> {
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     loop {
         match sendmsg::<()>(
             sock,
-            &iov,
+            iov,
             cmsgs,
             MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             None,

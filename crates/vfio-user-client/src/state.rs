@@ -5,13 +5,14 @@ use crate::ids::Ids;
 use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message};
-use crate::socket::send_chunk;
+use crate::socket::{send_chunk, send_parts};
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::io::IoSlice;
 use std::os::fd::OwnedFd;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
@@ -256,6 +257,69 @@ impl State {
             self.stats.queued_sends += 1;
             Sent::Queued
         })
+    }
+
+    /// Sends request `id` (None: posted) made of `header` and `payload`. When nothing is
+    /// queued and `inline` is allowed it is written straight from them in one gathered
+    /// sendmsg, with no copy; whatever the socket did not take is queued, as a copy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_request(
+        &mut self,
+        sock: RawFd,
+        header: [u8; HEADER_SIZE],
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+        id: Option<u16>,
+        seq: u64,
+        inline: bool,
+    ) -> Result<Sent, Error> {
+        let queued = |written: usize, fds: Vec<OwnedFd>| {
+            let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
+            bytes.extend_from_slice(&header);
+            bytes.extend_from_slice(payload);
+            let mut msg = Outgoing {
+                id,
+                reply: false,
+                seq,
+                bytes,
+                written: 0,
+                fds,
+            };
+            msg.advance(written);
+            msg
+        };
+        if !inline || !self.outgoing.is_empty() {
+            return self.send(sock, queued(0, fds), inline);
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let iov = [IoSlice::new(&header), IoSlice::new(payload)];
+        let total = HEADER_SIZE + payload.len();
+        let written = match send_parts(sock, &iov, &raw) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN) => 0,
+            Err(e) => {
+                return Err(Error::new(
+                    Errno::ECONNRESET,
+                    format!("connection lost while sending: {}", e.desc()),
+                ))
+            }
+        };
+        if written >= total {
+            if let Some(p) = id.and_then(|id| self.pending.get_mut(&id)) {
+                if p.seq == seq {
+                    p.sent = true;
+                }
+            }
+            self.stats.inline_sends += 1;
+            return Ok(Sent::Done);
+        }
+        if written > 0 {
+            self.stats.partial_writes += 1;
+        }
+        self.outgoing.push(queued(written, fds));
+        self.stats.queued_sends += 1;
+        self.want_write = true;
+        Ok(Sent::Queued)
     }
 
     /// Writes queued messages until the queue is empty or the socket would block.
