@@ -2,8 +2,11 @@
 
 use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
 use crate::events::{Event, EventQueue, NativeEvent};
+use crate::js_callback::JsCallback;
 use crate::loop_reader::LoopReader;
-use napi::bindgen_prelude::{AsyncTask, BufferSlice, Either, Function, Uint32Array, Uint8Array};
+use napi::bindgen_prelude::{
+    AsyncTask, BufferSlice, Either, Function, JsValue, Uint32Array, Uint8Array,
+};
 use napi::{Env, Result, Status, Task};
 use napi_derive::napi;
 use nix::errno::Errno;
@@ -163,6 +166,7 @@ impl NativeClient {
         }
         *self.scratch.borrow_mut() = Some(scratch);
         *self.data.borrow_mut() = Some(data);
+        let callback = JsCallback::new(env.raw(), on_events.value().value)?;
         let queue = self.events.downgrade();
         let tsfn = on_events
             .build_threadsafe_function::<()>()
@@ -172,7 +176,11 @@ impl NativeClient {
         self.events.set_sink(tsfn);
         if let Some(c) = self.client.borrow().as_ref() {
             // Replies are read on this event loop when it is free (no thread hop per reply).
-            *self.loop_reader.borrow_mut() = Some(LoopReader::start(&env, c.external_reader())?);
+            *self.loop_reader.borrow_mut() = Some(LoopReader::start(
+                &env,
+                c.external_reader(),
+                (callback, self.events.clone()),
+            )?);
         }
         // Anything that happened before the sink existed (a close) is delivered now.
         self.events.wake();

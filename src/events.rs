@@ -27,7 +27,7 @@ pub enum Event {
 }
 
 impl Event {
-    fn into_native(self) -> NativeEvent {
+    pub fn into_native(self) -> NativeEvent {
         match self {
             Event::Done(token, Ok(r)) => NativeEvent {
                 token,
@@ -62,6 +62,9 @@ pub struct EventQueue {
 struct Inner {
     events: Vec<Event>,
     tsfn: Option<Arc<Tsfn>>,
+    /// The event loop is reading the socket and will hand over what is queued itself when
+    /// done: pushes meanwhile need not wake the threadsafe function.
+    loop_delivers: bool,
 }
 
 impl EventQueue {
@@ -89,7 +92,7 @@ impl EventQueue {
         let first = {
             let mut g = self.lock();
             g.events.push(e);
-            g.events.len() == 1
+            g.events.len() == 1 && !g.loop_delivers
         };
         if first {
             self.wake();
@@ -110,6 +113,20 @@ impl EventQueue {
         if let Some(t) = tsfn {
             t.call((), ThreadsafeFunctionCallMode::NonBlocking);
         }
+    }
+
+    /// The event loop starts reading; it delivers what gets queued with
+    /// [`EventQueue::take_from_loop`].
+    pub fn loop_delivers(&self) {
+        self.lock().loop_delivers = true;
+    }
+
+    /// Takes everything queued and ends [`EventQueue::loop_delivers`], in one step, so an event
+    /// pushed from another thread right after is not missed (its push wakes the sink).
+    pub fn take_from_loop(&self) -> Vec<Event> {
+        let mut g = self.lock();
+        g.loop_delivers = false;
+        std::mem::take(&mut g.events)
     }
 
     /// Takes everything queued (on the JS thread).

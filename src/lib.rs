@@ -7,6 +7,7 @@
 mod client;
 mod convert;
 mod events;
+mod js_callback;
 mod loop_reader;
 
 use convert::{NativeCapabilitiesResult, NativeError};

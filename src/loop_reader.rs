@@ -5,8 +5,11 @@
 //! libuv is reached through the symbols Node exports to addons; this is the N-API boundary,
 //! and the only `unsafe` in the binding besides borrowing fds.
 
+use crate::events::EventQueue;
+use crate::js_callback::JsCallback;
 use napi::{Env, Error, Result, Status};
 use std::os::raw::{c_int, c_void};
+use std::rc::Rc;
 use vfio_user_client::ExternalReader;
 
 extern "C" {
@@ -31,6 +34,9 @@ struct PollContext {
     /// Taken out when the handle is closed: libuv no longer watches the fd from then on, so
     /// the connection (and its socket) may be released at once, not a loop turn later.
     reader: Option<ExternalReader>,
+    /// What reading completed is handed to JS right here, in the same loop turn, rather than
+    /// through the threadsafe function (an eventfd write and read and a turn later).
+    deliver: Option<(Rc<JsCallback>, EventQueue)>,
     /// The `uv_poll_t`, sized by libuv at run time, 8-byte aligned.
     handle: Box<[u64]>,
 }
@@ -41,13 +47,18 @@ pub struct LoopReader {
 }
 
 impl LoopReader {
-    pub fn start(env: &Env, reader: ExternalReader) -> Result<LoopReader> {
+    pub fn start(
+        env: &Env,
+        reader: ExternalReader,
+        deliver: (JsCallback, EventQueue),
+    ) -> Result<LoopReader> {
         let event_loop = env.get_uv_event_loop()?.cast::<c_void>();
         // SAFETY: uv_handle_size only reads a static table.
         let size = unsafe { uv_handle_size(UV_POLL) };
         let fd = reader.fd();
         let ctx = Box::into_raw(Box::new(PollContext {
             reader: Some(reader),
+            deliver: Some((Rc::new(deliver.0), deliver.1)),
             handle: vec![0u64; size.div_ceil(8)].into_boxed_slice(),
         }));
         // SAFETY: `ctx` is a live allocation we own; its `handle` buffer is at least
@@ -84,6 +95,7 @@ impl LoopReader {
             uv_close(self.handle, on_close);
             let ctx = *self.handle.cast::<*mut PollContext>();
             drop((*ctx).reader.take());
+            drop((*ctx).deliver.take());
         }
         self.handle = std::ptr::null_mut();
     }
@@ -97,13 +109,36 @@ impl Drop for LoopReader {
 
 extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
     // SAFETY: libuv passes the handle we started; its data field holds our live context
-    // until on_close, which cannot have run while the handle is active.
-    let ctx = unsafe { &*(*handle.cast::<*mut PollContext>()) };
-    let open = ctx.reader.as_ref().is_some_and(ExternalReader::on_readable);
+    // until on_close, which cannot run during this callback. Each access below borrows the
+    // context only briefly: the JS called at the end may close the reader, which changes it.
+    let ctx = unsafe { *handle.cast::<*mut PollContext>() };
+    // SAFETY: as above; a short borrow.
+    let deliver = unsafe { (*ctx).deliver.clone() };
+    if let Some((_, events)) = &deliver {
+        events.loop_delivers();
+    }
+    // SAFETY: as above; `on_readable` never calls into JS.
+    let open = unsafe {
+        (*ctx)
+            .reader
+            .as_ref()
+            .is_some_and(ExternalReader::on_readable)
+    };
     if status < 0 || !open {
         // The connection is over (EOF keeps the fd readable): stop, or the loop would spin.
         // SAFETY: stopping an active or stopped poll handle is allowed.
         unsafe { uv_poll_stop(handle) };
+    }
+    if let Some((callback, events)) = deliver {
+        let taken = events.take_from_loop();
+        if !taken.is_empty() {
+            if let Err(back) = callback.call(taken) {
+                // Not deliverable from here: the threadsafe function takes them.
+                for e in back {
+                    events.push(e);
+                }
+            }
+        }
     }
 }
 
