@@ -174,22 +174,32 @@ describe('a server that floods requests and never reads our replies', () => {
   })
 })
 
-describe('sendWaitSync replies of every size', () => {
-  it('small payloads (through the reused array) and large ones (a Buffer of their own) are intact and owned', async () => {
-    await using echo = await startScriptedPeer('echo')
-    await using c = await client(echo)
-    const replies = [0, 1, 4064, 4080, 4081, 70_000, 300_000].map((count, i) => {
-      const r = c.sendWaitSync(Command.REGION_READ, regionAccess(0, i * 1000 + 7, count))
-      return { count, offset: BigInt(i * 1000 + 7), r }
-    })
-    // Checked after all calls: no reply's bytes were overwritten by a later one.
-    for (const { count, offset, r } of replies) {
-      expect(r.payload.length).toBe(16 + count)
-      expect(r.payload.readBigUInt64LE(0)).toBe(offset)
-      const data = r.payload.subarray(16)
-      for (const at of [0, count >> 1, count - 1].filter((n) => n >= 0 && n < count)) {
-        expect(data[at]).toBe(Number((offset + BigInt(at)) & 0xffn))
+describe('replies of every size', () => {
+  it.each(['sendWaitSync', 'sendWait'])(
+    '%s: small payloads (copied) and large ones (handed over) are intact and owned',
+    async (how) => {
+      await using echo = await startScriptedPeer('echo')
+      await using c = await client(echo)
+      const sizes = [0, 1, 4064, 4080, 4081, 65_520, 65_521, 70_000, 300_000]
+      const replies = await Promise.all(
+        sizes.map(async (count, i) => {
+          const payload = regionAccess(0, i * 1000 + 7, count)
+          const r =
+            how === 'sendWait'
+              ? await c.sendWait(Command.REGION_READ, payload)
+              : c.sendWaitSync(Command.REGION_READ, payload)
+          return { count, offset: BigInt(i * 1000 + 7), r }
+        }),
+      )
+      // Checked after all calls: no reply's bytes were overwritten by a later one.
+      for (const { count, offset, r } of replies) {
+        expect(r.payload.length).toBe(16 + count)
+        expect(r.payload.readBigUInt64LE(0)).toBe(offset)
+        const data = r.payload.subarray(16)
+        for (const at of [0, count >> 1, count - 1].filter((n) => n >= 0 && n < count)) {
+          expect(data[at]).toBe(Number((offset + BigInt(at)) & 0xffn))
+        }
       }
-    }
-  })
+    },
+  )
 })

@@ -1,7 +1,8 @@
 //! Plain-object shapes handed to JavaScript, and conversions into them. Results are tagged
 //! (`error` set or not) rather than thrown, so the errno survives the trip; `ts/` throws.
 
-use napi::bindgen_prelude::Buffer;
+use napi::bindgen_prelude::{Buffer, ToNapiValue, TypeName};
+use napi::{sys, ValueType};
 use napi_derive::napi;
 use std::os::fd::IntoRawFd;
 use vfio_user_client::proto::{Capabilities, Version};
@@ -30,12 +31,57 @@ pub fn from_error(e: &Error) -> NativeError {
     }
 }
 
-#[napi(object)]
+/// A reply payload on its way to JS: small ones are copied into a JS-owned Buffer, which
+/// costs less than an external one (a backing store and a finalizer per reply, swept later);
+/// big ones are handed over without a copy.
+pub struct Payload(pub Vec<u8>);
+
+/// Payloads up to this size are copied.
+const COPY_LIMIT: usize = 64 * 1024;
+
+impl TypeName for Payload {
+    fn type_name() -> &'static str {
+        "Buffer"
+    }
+
+    fn value_type() -> ValueType {
+        ValueType::Object
+    }
+}
+
+impl ToNapiValue for Payload {
+    unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<sys::napi_value> {
+        if val.0.is_empty() || val.0.len() > COPY_LIMIT {
+            // SAFETY: forwarded as received (same env, during a conversion into JS).
+            return unsafe { Buffer::to_napi_value(env, Buffer::from(val.0)) };
+        }
+        let mut data = std::ptr::null_mut();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: `env` is live (we are converting a value for JS on its thread); the source
+        // slice is valid for its length and napi copies it before returning.
+        let status = unsafe {
+            sys::napi_create_buffer_copy(
+                env,
+                val.0.len(),
+                val.0.as_ptr().cast(),
+                &mut data,
+                &mut out,
+            )
+        };
+        if status != sys::Status::napi_ok {
+            return Err(napi::Error::from_reason("cannot create a reply Buffer"));
+        }
+        Ok(out)
+    }
+}
+
+#[napi(object, object_from_js = false)]
 pub struct NativeReply {
     pub id: u32,
     pub command: u32,
     pub flags: u32,
-    pub payload: Buffer,
+    #[napi(ts_type = "Buffer")]
+    pub payload: Payload,
     /// Received fds, now owned by JavaScript.
     pub fds: Vec<i32>,
 }
@@ -45,7 +91,7 @@ pub fn reply(r: Reply) -> NativeReply {
         id: u32::from(r.header.id),
         command: u32::from(r.header.command),
         flags: r.header.flags,
-        payload: r.payload.into(),
+        payload: Payload(r.payload),
         fds: r.fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
     }
 }

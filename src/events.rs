@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 use vfio_user_client::{Error, Reply};
 
 /// One thing that happened, for the JS side to settle.
-#[napi(object)]
+#[napi(object, object_from_js = false)]
 pub struct NativeEvent {
     /// The request's token, or 0 for the connection's own events.
     pub token: u32,
