@@ -1,4 +1,5 @@
-//! Completions travel from the I/O thread to JavaScript in batches: each completion is pushed
+//! Completions travel to JavaScript in batches: read on the event loop, they are handed over
+//! by the poll callback itself (`loop_reader.rs`); from other threads, each completion is pushed
 //! on a queue, and only the push that finds the queue empty schedules a call into JS, which
 //! then takes everything queued. Thousands in flight cost one JS call per wakeup, not one
 //! per request, and no libuv threadpool thread is ever parked.
