@@ -59,7 +59,7 @@ export interface VersionInfo {
 }
 
 interface Waiter {
-  resolve(r: NativeReply): void
+  resolve(r: Reply): void
   reject(e: unknown): void
   /** Stops watching the request's AbortSignal. */
   unwatch?: () => void
@@ -162,7 +162,7 @@ export class VfioUserClient extends EventEmitter {
    * @throws {VfioUserError} `'EPROTO'` naming the broken rule, or the errno the server replied with.
    */
   validateVersion(): Promise<VersionInfo> {
-    this.#version ??= new Promise<NativeReply>((resolve, reject) => {
+    this.#version ??= new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
       const refused = this.#native.negotiate(token)
       if (refused) return reject(fromNative(refused, this.#path))
@@ -201,7 +201,8 @@ export class VfioUserClient extends EventEmitter {
       throw new TypeError('signal must be an AbortSignal')
     }
     if (signal?.aborted) return Promise.reject(signal.reason)
-    return new Promise<NativeReply>((resolve, reject) => {
+    // One promise per request, settled with the reply in its final shape.
+    return new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
       const refused = this.#native.send(token, command, args.payload, args.fds, args.timeoutMs)
       if (refused) return reject(fromNative(refused, this.#path))
@@ -215,7 +216,7 @@ export class VfioUserClient extends EventEmitter {
         })
       }
       this.#track(token, waiter)
-    }).then(toReply)
+    })
   }
 
   /**
@@ -330,7 +331,7 @@ export class VfioUserClient extends EventEmitter {
       }
       this.#waiters.delete(e.token)
       w.unwatch?.()
-      if (e.reply) w.resolve(e.reply)
+      if (e.reply) w.resolve(toReply(e.reply))
       else w.reject(fromNative(e.error ?? { errno: 0, code: 'EIO', message: 'request failed' }, this.#path))
     }
     if (this.#closed) {
