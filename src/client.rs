@@ -1,7 +1,8 @@
 //! `NativeClient`: a `vfio_user_client::Client` as a JS class.
 
+use crate::batch::Batch;
 use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
-use crate::events::{Event, EventQueue, NativeEvent};
+use crate::events::{Event, EventQueue};
 use crate::js_callback::JsCallback;
 use crate::loop_reader::LoopReader;
 use napi::bindgen_prelude::{
@@ -150,11 +151,13 @@ impl NativeClient {
     /// Registers the function that receives batches of completions and the close event, and
     /// the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
     /// `data`, for small payloads.
-    #[napi]
+    #[napi(
+        ts_args_type = "onEvents: (batch: Array<number | Buffer | NativeEvent>) => void, scratch: Uint32Array, data: Uint8Array"
+    )]
     pub fn start(
         &self,
         env: Env,
-        on_events: Function<'_, Vec<NativeEvent>, ()>,
+        on_events: Function<'_, Batch, ()>,
         scratch: Uint32Array,
         data: Uint8Array,
     ) -> Result<()> {

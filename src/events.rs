@@ -4,6 +4,7 @@
 //! then takes everything queued. Thousands in flight cost one JS call per wakeup, not one
 //! per request, and no libuv threadpool thread is ever parked.
 
+use crate::batch::Batch;
 use crate::convert::{self, NativeError, NativeReply};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
@@ -28,6 +29,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// The request's token, or 0 for the connection's own events.
+    pub fn token(&self) -> u32 {
+        match self {
+            Event::Done(token, _) => *token,
+            Event::Closed(_) => 0,
+        }
+    }
+
     pub fn into_native(self) -> NativeEvent {
         match self {
             Event::Done(token, Ok(r)) => NativeEvent {
@@ -52,7 +61,7 @@ impl Event {
     }
 }
 
-pub type Tsfn = ThreadsafeFunction<(), (), Vec<NativeEvent>, Status, false, true>;
+pub type Tsfn = ThreadsafeFunction<(), (), Batch, Status, false, true>;
 
 #[derive(Clone, Default)]
 pub struct EventQueue {
@@ -131,9 +140,8 @@ impl EventQueue {
     }
 
     /// Takes everything queued (on the JS thread).
-    pub fn take(&self) -> Vec<NativeEvent> {
-        let events = std::mem::take(&mut self.lock().events);
-        events.into_iter().map(Event::into_native).collect()
+    pub fn take(&self) -> Batch {
+        Batch(std::mem::take(&mut self.lock().events))
     }
 }
 
@@ -142,10 +150,10 @@ pub struct WeakEventQueue(Weak<Mutex<Inner>>);
 
 impl WeakEventQueue {
     /// Takes everything queued, if the queue still exists (on the JS thread).
-    pub fn take(&self) -> Vec<NativeEvent> {
+    pub fn take(&self) -> Batch {
         match self.0.upgrade() {
             Some(inner) => EventQueue { inner }.take(),
-            None => Vec::new(),
+            None => Batch(Vec::new()),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! `process.nextTick` callbacks run right after it, and an exception it throws becomes an
 //! uncaught exception like any other callback's.
 
-use crate::events::{Event, NativeEvent};
+use crate::batch::Batch;
+use crate::events::Event;
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
 use std::ptr;
@@ -74,8 +75,7 @@ impl JsCallback {
                 return Err(events);
             }
             {
-                let native = events.into_iter().map(Event::into_native).collect();
-                if let Ok(arg) = Vec::<NativeEvent>::to_napi_value(env, native) {
+                if let Ok(arg) = Batch::to_napi_value(env, Batch(events)) {
                     let (context, mut result) = (self.context, ptr::null_mut());
                     let status =
                         sys::napi_make_callback(env, context, recv, func, 1, &arg, &mut result);

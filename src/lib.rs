@@ -4,6 +4,7 @@
 //! The N-API binding: argument conversion between JavaScript and `vfio-user-client`, nothing
 //! else. Protocol logic lives in the crates; the typed API lives in `ts/`.
 
+mod batch;
 mod client;
 mod convert;
 mod events;

@@ -59,6 +59,8 @@ export interface VersionInfo {
 }
 
 interface Waiter {
+  /** The request's command (a plain reply arrives without it). */
+  command: number
   resolve(r: Reply): void
   reject(e: unknown): void
   /** Stops watching the request's AbortSignal. */
@@ -72,6 +74,9 @@ function toReply(r: NativeReply): Reply {
 function toVersion(v: NativeVersion): VersionInfo {
   return { major: v.major, minor: v.minor, capabilities: toCapabilities(v.capabilities), warnings: v.warnings }
 }
+
+/** Completions from native code: `token, id, payload` or `token, 0, event`, flat. */
+type NativeBatch = Array<number | Buffer | NativeEvent>
 
 /** Words of the scratch array `sendSync` fills: id, command, flags, fd count, 16 fds. */
 const SCRATCH_WORDS = 20
@@ -134,7 +139,7 @@ export class VfioUserClient extends EventEmitter {
    * The native callback. Made in a static method so that it captures only `link`, never the
    * client (a closure made in the constructor would share its context, `this` included).
    */
-  static #router(link: Link): (events: NativeEvent[]) => void {
+  static #router(link: Link): (batch: NativeBatch) => void {
     return (events) => {
       const client = link.strong ?? link.weak.deref()
       if (client) client.#deliver(events)
@@ -166,7 +171,7 @@ export class VfioUserClient extends EventEmitter {
       const token = this.#token()
       const refused = this.#native.negotiate(token)
       if (refused) return reject(fromNative(refused, this.#path))
-      this.#track(token, { resolve, reject })
+      this.#track(token, { command: Command.VERSION, resolve, reject })
     }).then(() => {
       const v = this.#native.version()
       if (!v) throw new VfioUserError('EPROTO', 71, 'VERSION reply was not recorded', Command.VERSION, this.#path)
@@ -206,7 +211,7 @@ export class VfioUserClient extends EventEmitter {
       const token = this.#token()
       const refused = this.#native.send(token, command, args.payload, args.fds, args.timeoutMs)
       if (refused) return reject(fromNative(refused, this.#path))
-      const waiter: Waiter = { resolve, reject }
+      const waiter: Waiter = { command, resolve, reject }
       if (signal) {
         // The request itself may still complete on the wire; its reply is then dropped
         // (and any fds it carried closed).
@@ -317,8 +322,21 @@ export class VfioUserClient extends EventEmitter {
     }
   }
 
-  #deliver(events: NativeEvent[]): void {
-    for (const e of events) {
+  /** Settles what a batch from native code says: see `src/batch.rs` for its layout. */
+  #deliver(batch: NativeBatch): void {
+    for (let i = 0; i < batch.length; i += 3) {
+      const token = batch[i] as number
+      const value = batch[i + 2]
+      if (value instanceof Uint8Array) {
+        // A plain reply: payload only, flags 1, no fds.
+        const w = this.#waiters.get(token)
+        if (!w) continue
+        this.#waiters.delete(token)
+        w.unwatch?.()
+        w.resolve({ id: batch[i + 1] as number, command: w.command, flags: 1, payload: value as Buffer, fds: [] })
+        continue
+      }
+      const e = value as NativeEvent
       if (e.closed) {
         this.#closed = fromNative(e.closed, this.#path)
         continue
