@@ -8,7 +8,7 @@ use crate::reader::{ExternalReader, ReaderGuard};
 use crate::rx::Rx;
 use crate::shared::{CloseNotice, Shared, WAKE_TOKEN};
 use crate::socket::connect_unix;
-use crate::state::{Sent, State, Stats};
+use crate::state::{NewRequest, Sent, State, Stats};
 use crate::ticket::Ticket;
 use crate::Error;
 use nix::errno::Errno;
@@ -333,11 +333,13 @@ impl Client {
             };
             let sent = st.send_request(
                 sock,
-                header,
-                req.payload,
-                fds,
-                (!posted).then_some(id),
-                seq,
+                NewRequest {
+                    header,
+                    payload: req.payload,
+                    fds,
+                    id: (!posted).then_some(id),
+                    seq,
+                },
                 !self.shared.options.send_queued,
             );
             (id, seq, sent, wake_for_deadline)

@@ -48,6 +48,16 @@ impl Fired {
     }
 }
 
+/// A request about to be sent: its encoded header, the caller's payload (borrowed: copied only
+/// if it must wait in the queue), our duplicates of its fds, its id (None: posted) and seq.
+pub struct NewRequest<'a> {
+    pub header: [u8; HEADER_SIZE],
+    pub payload: &'a [u8],
+    pub fds: Vec<OwnedFd>,
+    pub id: Option<u16>,
+    pub seq: u64,
+}
+
 /// What a send attempt did.
 pub enum Sent {
     /// Written whole.
@@ -262,17 +272,19 @@ impl State {
     /// Sends request `id` (None: posted) made of `header` and `payload`. When nothing is
     /// queued and `inline` is allowed it is written straight from them in one gathered
     /// sendmsg, with no copy; whatever the socket did not take is queued, as a copy.
-    #[allow(clippy::too_many_arguments)]
     pub fn send_request(
         &mut self,
         sock: RawFd,
-        header: [u8; HEADER_SIZE],
-        payload: &[u8],
-        fds: Vec<OwnedFd>,
-        id: Option<u16>,
-        seq: u64,
+        req: NewRequest<'_>,
         inline: bool,
     ) -> Result<Sent, Error> {
+        let NewRequest {
+            header,
+            payload,
+            fds,
+            id,
+            seq,
+        } = req;
         let queued = |written: usize, fds: Vec<OwnedFd>| {
             let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
             bytes.extend_from_slice(&header);
