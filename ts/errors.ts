@@ -36,8 +36,7 @@ export class VfioUserError extends Error {
 /** Turns the binding's error record into a `VfioUserError`. */
 export function fromNative(e: NativeError, path?: string): VfioUserError {
   const errno = e.errno || (constants.errno as Record<string, number>)[e.code] || constants.errno.EIO
-  // The socket is named once: native messages never name it, and an error passed through
-  // here twice is not named again.
-  const where = path === undefined || e.message.endsWith(`(${path})`) ? '' : ` (${path})`
+  // Native messages never name the socket; it is named here, once.
+  const where = path === undefined ? '' : ` (${path})`
   return new VfioUserError(e.code, errno, `${e.message}${where}`, e.command ?? undefined, path)
 }

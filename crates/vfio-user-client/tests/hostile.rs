@@ -85,6 +85,14 @@ const PATIENCE: Duration = Duration::from_secs(10);
 /// opens or closes fds while a census is taken.
 static CENSUS: RwLock<()> = RwLock::new(());
 
+/// Sends a GET_INFO that must be refused before anything is sent; returns why.
+fn refused_info(client: &Client) -> Error {
+    client
+        .send_nowait(Request::new(GET_INFO, &get_info()))
+        .err()
+        .expect("refused")
+}
+
 /// Sends a DMA_MAP carrying `fds`.
 fn map_with_fds(client: &Client, fds: &[BorrowedFd<'_>]) -> Result<Ticket, Error> {
     client.send_nowait(Request {
@@ -360,10 +368,7 @@ fn eof_mid_header_or_mid_body_fails_every_waiter_at_once() {
         });
         assert_eq!(hook_rx.recv_timeout(PATIENCE).unwrap(), "ECONNRESET");
         assert!(client.is_closed());
-        let e = client
-            .send_nowait(Request::new(GET_INFO, &get_info()))
-            .err()
-            .expect("refused");
+        let e = refused_info(&client);
         assert_eq!(e.code(), "ECONNRESET");
     }
 }
@@ -752,10 +757,7 @@ fn version_without_a_reply_times_out() {
     assert_eq!(e.command, Some(VERSION));
     assert_eq!(peer.read_msg().header.command, VERSION);
     assert!(client.version().is_none());
-    let e = client
-        .send_nowait(Request::new(GET_INFO, &get_info()))
-        .err()
-        .expect("refused");
+    let e = refused_info(&client);
     assert_eq!(e.code(), "ENOTCONN");
 }
 
