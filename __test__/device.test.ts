@@ -64,6 +64,30 @@ describe('against the test device', () => {
     expect(client.inFlight).toBe(0)
   })
 
+  it('sends from reply reactions, async and sync, in order (requests sent there are corked)', async () => {
+    await using client = await connect(device.socketPath)
+    await client.validateVersion()
+    // Each chain sends its next request from the reaction to its last reply: those sends are
+    // written together when the batch of replies has been handed out. A sendWaitSync made
+    // there must not wait behind them, and writes must land in the order they were made.
+    const chains = Array.from({ length: 32 }, async (_, chain) => {
+      for (let step = 0; step < 20; step++) {
+        const data = Buffer.alloc(4)
+        data.writeUInt32LE(chain * 1000 + step)
+        await client.sendWait(Command.REGION_WRITE, regionAccess(0, chain * 4, 4, data))
+        if (step % 5 === 4) {
+          const r = client.sendWaitSync(Command.REGION_READ, regionAccess(0, chain * 4, 4))
+          expect(r.payload.readUInt32LE(16)).toBe(chain * 1000 + step)
+        }
+      }
+    })
+    await Promise.all(chains)
+    for (let chain = 0; chain < 32; chain++) {
+      const r = await client.sendWait(Command.REGION_READ, regionAccess(0, chain * 4, 4))
+      expect(r.payload.readUInt32LE(16)).toBe(chain * 1000 + 19)
+    }
+  })
+
   it('writes and reads BAR0 through the socket', async () => {
     await using client = await connect(device.socketPath)
     await client.validateVersion()

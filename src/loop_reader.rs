@@ -70,6 +70,9 @@ impl LoopReader {
                 drop(Box::from_raw(ctx));
                 return Err(Error::new(Status::GenericFailure, "uv_poll_init failed"));
             }
+            if let Some(r) = (*ctx).reader.as_ref() {
+                r.watched();
+            }
             // `data` is the first field of every uv handle.
             *handle.cast::<*mut c_void>() = ctx.cast::<c_void>();
             if uv_poll_start(handle, UV_READABLE | UV_DISCONNECT, on_poll) != 0 {
@@ -132,6 +135,10 @@ extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
     if let Some((callback, events)) = deliver {
         let taken = events.take_from_loop();
         if !taken.is_empty() {
+            // Requests the callbacks send (promise reactions run before `call` returns) are
+            // written together when this is dropped: one sendmsg for the lot.
+            // SAFETY: as above; a short borrow (the cork holds its own reference).
+            let _cork = unsafe { (*ctx).reader.as_ref().map(ExternalReader::cork) };
             if let Err(back) = callback.call(taken) {
                 // Not deliverable from here: the threadsafe function takes them.
                 for e in back {

@@ -1,5 +1,6 @@
 //! The public client: connect, negotiate, send, close.
 
+use crate::cork::Cork;
 use crate::io_thread;
 use crate::options::{Options, OUR_MAX_MSG_FDS};
 use crate::outgoing::Outgoing;
@@ -45,6 +46,14 @@ impl<'a> Request<'a> {
     }
 }
 
+/// What [`Client::submit`] did with a request: its id and seq, and when it times out.
+struct Submitted {
+    id: u16,
+    seq: u64,
+    deadline: Instant,
+    timeout: Duration,
+}
+
 /// A vfio-user client connection. Dropping it closes the connection.
 pub struct Client {
     shared: Arc<Shared>,
@@ -59,15 +68,16 @@ impl Client {
         Client::from_socket(sock, options, path.display().to_string())
     }
 
-    /// Wraps an already connected stream socket (it is made nonblocking). `name` appears in
-    /// messages.
+    /// Wraps an already connected stream socket. `name` appears in messages. Its O_NONBLOCK
+    /// flag is cleared: every call that must not block says so itself (MSG_DONTWAIT), and a
+    /// caller waiting for its own reply sleeps inside recvmsg.
     pub fn from_socket(sock: OwnedFd, options: Options, name: String) -> Result<Client, Error> {
         use nix::fcntl::{fcntl, FcntlArg, OFlag};
         let flags = fcntl(&sock, FcntlArg::F_GETFL)
             .map_err(|e| Error::new(e, format!("cannot configure socket {name}")))?;
         fcntl(
             &sock,
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
         )
         .map_err(|e| Error::new(e, format!("cannot configure socket {name}")))?;
         let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -143,6 +153,14 @@ impl Client {
         }
     }
 
+    /// Corks sends until the returned [`Cork`] is dropped: requests nobody blocks on
+    /// ([`Client::send_callback`], [`Client::post`]) are then written together, in order, in
+    /// as few sendmsg calls as the socket allows. A blocking request sent meanwhile is queued
+    /// behind them and the I/O thread writes the lot at once, so nothing waits for the cork.
+    pub fn cork(&self) -> Cork {
+        Cork::new(&self.shared)
+    }
+
     /// Send-path and receive counters.
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats()
@@ -161,8 +179,8 @@ impl Client {
     pub fn negotiate(&self) -> Result<Version, Error> {
         let slot = Arc::new(Slot::default());
         let reader = ReaderGuard::take(&self.shared);
-        let (id, seq, deadline) = self.submit_version(Waiter::Slot(slot.clone()))?;
-        self.ticket(slot, id, seq, deadline).wait_reading(reader)?;
+        let sent = self.submit_version(Waiter::Slot(slot.clone()))?;
+        self.ticket(slot, sent).wait_reading(reader)?;
         self.version()
             .ok_or_else(|| Error::proto("VERSION reply was not recorded"))
     }
@@ -173,7 +191,7 @@ impl Client {
         self.submit_version(Waiter::Callback(done)).map(|_| ())
     }
 
-    fn submit_version(&self, waiter: Waiter) -> Result<(u16, u64, Instant), Error> {
+    fn submit_version(&self, waiter: Waiter) -> Result<Submitted, Error> {
         let proposal = &self.shared.options.proposal;
         let json = proposal.capabilities.to_json();
         let payload = version_payload(proposal, &json);
@@ -191,8 +209,8 @@ impl Client {
     /// Sends a request; its reply is collected later with [`Ticket::wait`].
     pub fn send_nowait(&self, req: Request<'_>) -> Result<Ticket, Error> {
         let slot = Arc::new(Slot::default());
-        let (id, seq, deadline) = self.submit(req, Some(Waiter::Slot(slot.clone())), false)?;
-        Ok(self.ticket(slot, id, seq, deadline))
+        let sent = self.submit(req, Some(Waiter::Slot(slot.clone())), false)?;
+        Ok(self.ticket(slot, sent))
     }
 
     /// Sends a request; `done` is called exactly once with the reply or the failure (timeout,
@@ -202,13 +220,14 @@ impl Client {
             .map(|_| ())
     }
 
-    fn ticket(&self, slot: Arc<Slot>, id: u16, seq: u64, deadline: Instant) -> Ticket {
+    fn ticket(&self, slot: Arc<Slot>, sent: Submitted) -> Ticket {
         Ticket {
             shared: self.shared.clone(),
             slot,
-            id,
-            seq,
-            deadline,
+            id: sent.id,
+            seq: sent.seq,
+            deadline: sent.deadline,
+            timeout: sent.timeout,
         }
     }
 
@@ -225,7 +244,7 @@ impl Client {
         req: Request<'_>,
         waiter: Option<Waiter>,
         version: bool,
-    ) -> Result<(u16, u64, Instant), Error> {
+    ) -> Result<Submitted, Error> {
         // Only for messages: no allocation on the path of a request that goes out.
         let name = || command_name(req.command);
         let invalid = |what: String| Error::new(Errno::EINVAL, what).with_command(req.command);
@@ -256,6 +275,8 @@ impl Client {
                 )
             })?;
         let posted = waiter.is_none();
+        // A request someone will block on (send_wait, a ticket) never waits behind a cork.
+        let corkable = !matches!(waiter, Some(Waiter::Slot(_)));
         let mut header = Header::command(0, req.command, req.payload.len(), posted).encode();
         let timeout = req.timeout.unwrap_or(self.shared.options.timeout);
         let deadline = Instant::now() + timeout;
@@ -331,29 +352,36 @@ impl Client {
                 ),
                 None => false,
             };
-            let sent = st.send_request(
-                sock,
-                NewRequest {
-                    header,
-                    payload: req.payload,
-                    fds,
-                    id: (!posted).then_some(id),
-                    seq,
-                },
-                !self.shared.options.send_queued,
-            );
+            let new = NewRequest {
+                header,
+                payload: req.payload,
+                fds,
+                id: (!posted).then_some(id),
+                seq,
+            };
+            let sent = if st.corks > 0 && corkable {
+                st.cork_request(new);
+                Ok(Sent::Corked)
+            } else {
+                st.send_request(sock, new, !self.shared.options.send_queued)
+            };
             (id, seq, sent, wake_for_deadline)
         };
         let (id, seq, result, wake_for_deadline) = result;
         match result {
             // Written inline, but its deadline is earlier than the I/O thread's next wakeup.
-            Ok(Sent::Done) if wake_for_deadline => self.shared.wake_io(),
-            Ok(Sent::Done) => {}
+            Ok(Sent::Done | Sent::Corked) if wake_for_deadline => self.shared.wake_io(),
+            Ok(Sent::Done | Sent::Corked) => {}
             // The I/O thread may be asleep in poll without POLLOUT; wake it to watch.
             Ok(Sent::Queued) => self.shared.wake_io(),
             Err(e) => self.shared.fail(e),
         }
-        Ok((id, seq, deadline))
+        Ok(Submitted {
+            id,
+            seq,
+            deadline,
+            timeout,
+        })
     }
 
     /// Closes the connection: every queued and pending request fails with ECONNABORTED,

@@ -13,6 +13,7 @@
 //! callers use [`Client::send_callback`].
 
 mod client;
+mod cork;
 mod error;
 mod ids;
 mod io_thread;
@@ -28,6 +29,7 @@ mod state;
 mod ticket;
 
 pub use client::{Client, Request};
+pub use cork::Cork;
 pub use error::Error;
 pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};

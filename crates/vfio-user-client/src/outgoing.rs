@@ -1,6 +1,7 @@
 //! A message not yet (fully) written to the socket.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 pub struct Outgoing {
@@ -110,6 +111,48 @@ impl Queue {
     /// The message to write next.
     pub fn next(&mut self) -> Option<&mut Outgoing> {
         self.line().front_mut()
+    }
+
+    /// Every queued message in the order [`Queue::next`] hands them out.
+    fn in_order(&self) -> impl Iterator<Item = &Outgoing> {
+        let started = self.requests.front().filter(|m| m.written > 0);
+        let behind = self.requests.iter().skip(usize::from(started.is_some()));
+        started.into_iter().chain(&self.replies).chain(behind)
+    }
+
+    /// What one gathered sendmsg should carry: the next message's unwritten bytes and the
+    /// fds that go with them, then whole messages behind it in write order, up to `max`
+    /// slices. A message with fds is written alone: its fds must arrive with its own bytes.
+    pub fn gather(&self, max: usize) -> (Vec<IoSlice<'_>>, Vec<RawFd>) {
+        let mut iov = Vec::new();
+        let mut fds = Vec::new();
+        for m in self.in_order().take(max) {
+            if iov.is_empty() {
+                fds = m.raw_fds();
+            } else if !fds.is_empty() || !m.fds.is_empty() {
+                break;
+            }
+            iov.push(IoSlice::new(m.remaining()));
+        }
+        (iov, fds)
+    }
+
+    /// Records that `n` bytes of a [`Queue::gather`] went out; `done` sees each message
+    /// that is now completely written, as it leaves the queue.
+    pub fn wrote(&mut self, mut n: usize, mut done: impl FnMut(&Outgoing)) {
+        while n > 0 {
+            let Some(front) = self.next() else {
+                return;
+            };
+            let take = n.min(front.remaining().len());
+            n -= take;
+            if !front.advance(take) {
+                return;
+            }
+            if let Some(m) = self.pop_next() {
+                done(&m);
+            }
+        }
     }
 
     /// Removes the message [`Queue::next`] returned, once it is completely written.

@@ -1,8 +1,9 @@
 //! Reading on a thread other than the I/O thread: a caller waiting for its own reply
 //! ([`ReaderGuard`], no thread hop), or an event loop ([`ExternalReader`]).
 
+use crate::cork::Cork;
 use crate::pending::Slot;
-use crate::receive::{read_once, receive};
+use crate::receive::{read_once, read_once_waiting, receive};
 use crate::rx::Rx;
 use crate::shared::Shared;
 use crate::Error;
@@ -10,7 +11,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Lets an event loop (Node's, through the binding) read the socket on its own thread when it
 /// is readable, so replies reach promise callbacks without a hop through the I/O thread.
@@ -22,6 +23,25 @@ impl ExternalReader {
     /// The socket, to watch for readability. Borrowed: never close it.
     pub fn fd(&self) -> RawFd {
         self.shared.sock.as_raw_fd()
+    }
+
+    /// Call once the event loop watches [`ExternalReader::fd`]: undoes what some loops do to
+    /// a watched fd (libuv's `uv_poll_init` sets O_NONBLOCK), which would make a caller's
+    /// blocking wait for its reply return at once and fall back to poll plus recvmsg. The
+    /// client's own nonblocking calls say MSG_DONTWAIT, so they need no flag. Should this
+    /// fail, waits only cost that extra syscall.
+    pub fn watched(&self) {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let sock = &self.shared.sock;
+        if let Ok(flags) = fcntl(sock, FcntlArg::F_GETFL) {
+            let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+            let _ = fcntl(sock, FcntlArg::F_SETFL(flags));
+        }
+    }
+
+    /// Corks sends (see [`Cork`]) while the loop hands what it read to its callbacks.
+    pub fn cork(&self) -> Cork {
+        Cork::new(&self.shared)
     }
 
     /// Reads and dispatches what is available. Returns false once the connection has ended
@@ -46,6 +66,9 @@ impl Drop for ExternalReader {
     }
 }
 
+/// How late past its deadline a blocking read may wake (see [`ReaderGuard::read_until`]).
+const BLOCKING_SLACK: Duration = Duration::from_millis(1);
+
 /// The receive side held by a waiting caller; hands it back to the I/O thread on drop.
 pub struct ReaderGuard<'a> {
     shared: &'a Shared,
@@ -69,12 +92,28 @@ impl<'a> ReaderGuard<'a> {
 
 impl ReaderGuard<'_> {
     /// Reads and dispatches until `slot` is filled, `deadline` passes or the connection ends.
-    pub fn read_until(&mut self, slot: &Slot, deadline: Instant) {
+    /// `timeout` is the request's whole timeout: while almost all of it is left (the request
+    /// was just sent), the first wait happens inside a blocking recvmsg bounded by it, which
+    /// overshoots the deadline by less than [`BLOCKING_SLACK`]; after that, poll with the
+    /// exact time left.
+    pub fn read_until(&mut self, slot: &Slot, deadline: Instant, timeout: Duration) {
         let sock = self.shared.sock.as_fd();
+        let mut first = true;
         while !slot.is_filled() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
+            }
+            if std::mem::take(&mut first) && timeout.saturating_sub(left) < BLOCKING_SLACK {
+                // The timeout is the same from call to call, so the socket's SO_RCVTIMEO
+                // is set once, not per request.
+                let r =
+                    read_once_waiting(self.shared, &mut self.rx, sock.as_raw_fd(), Some(timeout));
+                if let Err(e) = r {
+                    self.shared.fail(e);
+                    return;
+                }
+                continue;
             }
             let timeout =
                 PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);

@@ -6,6 +6,7 @@ use crate::shared::Shared;
 use crate::state::{Fired, ServerRequest};
 use crate::Error;
 use nix::errno::Errno;
+use std::time::Duration;
 
 /// Reads per wakeup at most (64 KiB each): a flooding server cannot keep a reader, the I/O
 /// thread or Node's event loop, from its other work; level-triggered readiness brings it back.
@@ -27,15 +28,33 @@ pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
 /// One read and the dispatch of whatever it completed. EOF is an error. After any error the
 /// buffered state is dropped (its fds closed): the stream is over.
 pub fn read_once(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
-    let r = read_and_dispatch(shared, rx, sock);
+    read_once_waiting(shared, rx, sock, None)
+}
+
+/// [`read_once`], waiting up to `wait` (if given) for data to arrive.
+pub fn read_once_waiting(
+    shared: &Shared,
+    rx: &mut Rx,
+    sock: i32,
+    wait: Option<Duration>,
+) -> Result<ReadOutcome, Error> {
+    let r = read_and_dispatch(shared, rx, sock, wait);
     if r.is_err() {
         rx.reset();
     }
     r
 }
 
-fn read_and_dispatch(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<ReadOutcome, Error> {
-    let outcome = rx.read(sock)?;
+fn read_and_dispatch(
+    shared: &Shared,
+    rx: &mut Rx,
+    sock: i32,
+    wait: Option<Duration>,
+) -> Result<ReadOutcome, Error> {
+    let outcome = match wait {
+        Some(t) => rx.read_blocking(sock, t)?,
+        None => rx.read(sock)?,
+    };
     match outcome {
         ReadOutcome::Eof => {
             let what = if rx.mid_message() {

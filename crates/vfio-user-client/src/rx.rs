@@ -1,10 +1,11 @@
 //! The receive side: reads the socket in large chunks (with any fds) into the proto crate's
 //! [`Framer`], which splits the stream into messages. Whoever holds it reads.
 
-use crate::socket::{cmsg_buffer, recv_chunk};
+use crate::socket::{cmsg_buffer, recv_chunk, set_receive_timeout};
 use crate::Error;
 use nix::errno::Errno;
 use std::os::fd::{OwnedFd, RawFd};
+use std::time::Duration;
 use vfio_user_proto::{Frame, Framer, Header, MessageType, MAX_INCOMING_MESSAGE};
 
 const READ_BUFFER: usize = 64 * 1024;
@@ -46,6 +47,8 @@ pub enum ReadOutcome {
 pub struct Rx {
     framer: Framer<Disposition, OwnedFd>,
     cmsg: Vec<u8>,
+    /// The socket's SO_RCVTIMEO as last set here (only the holder of `Rx` reads).
+    receive_timeout: Option<Duration>,
 }
 
 impl Default for Rx {
@@ -53,15 +56,37 @@ impl Default for Rx {
         Rx {
             framer: Framer::new(READ_BUFFER, MAX_INCOMING_MESSAGE),
             cmsg: cmsg_buffer(),
+            receive_timeout: None,
         }
     }
 }
 
 impl Rx {
+    /// One nonblocking read.
     pub fn read(&mut self, sock: RawFd) -> Result<ReadOutcome, Error> {
+        self.read_inner(sock, false)
+    }
+
+    /// One read that waits up to `timeout` for data (WouldBlock when none came, or a signal
+    /// interrupted it): a caller waiting for its reply sleeps in recvmsg itself rather than
+    /// in poll followed by recvmsg, one syscall fewer per round trip.
+    pub fn read_blocking(&mut self, sock: RawFd, timeout: Duration) -> Result<ReadOutcome, Error> {
+        if self.receive_timeout != Some(timeout) {
+            set_receive_timeout(sock, timeout).map_err(|e| {
+                Error::new(
+                    e,
+                    format!("cannot set the socket's receive timeout: {}", e.desc()),
+                )
+            })?;
+            self.receive_timeout = Some(timeout);
+        }
+        self.read_inner(sock, true)
+    }
+
+    fn read_inner(&mut self, sock: RawFd, block: bool) -> Result<ReadOutcome, Error> {
         let space = self.framer.space();
         let room = space.len();
-        match recv_chunk(sock, space, &mut self.cmsg) {
+        match recv_chunk(sock, space, &mut self.cmsg, block) {
             Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
             Ok(r) => {
                 self.framer.filled(r.bytes, r.fds);
@@ -70,6 +95,7 @@ impl Rx {
                 })
             }
             Err(Errno::EAGAIN) => Ok(ReadOutcome::WouldBlock),
+            Err(Errno::EINTR) if block => Ok(ReadOutcome::WouldBlock),
             Err(e) => Err(Error::new(
                 Errno::ECONNRESET,
                 format!("connection lost while receiving: {}", e.desc()),

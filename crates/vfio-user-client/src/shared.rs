@@ -56,10 +56,13 @@ impl Shared {
             return;
         }
         // One-shot: one wakeup per burst of arrivals. The I/O thread then reads, or, when a
-        // caller or an event loop is the reader, only schedules a backup check. Leaving it
-        // armed while a caller reads costs less than two epoll_ctl calls per blocking call.
+        // caller or an event loop is the reader, only schedules a backup check and stays
+        // unarmed until it is due. A caller reading while the I/O thread is the usual reader
+        // (no event loop) disarms it for the call: two epoll_ctl calls cost less than the
+        // thread waking on every reply it is not to read.
         let mut want = EpollFlags::EPOLLONESHOT;
-        if st.backup_check_at.is_none() {
+        let caller_only = st.caller_reading && !st.external_reader;
+        if st.backup_check_at.is_none() && !caller_only {
             want |= EpollFlags::EPOLLIN;
         }
         if st.want_write {
@@ -174,7 +177,7 @@ impl Shared {
         };
         match result {
             Ok(Sent::Done) => {}
-            Ok(Sent::Queued) => self.wake_io(),
+            Ok(Sent::Queued | Sent::Corked) => self.wake_io(),
             Err(e) => self.fail(e),
         }
     }

@@ -50,13 +50,9 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> Result<OwnedFd, Error> {
     }
 }
 
-/// One nonblocking sendmsg of `bytes`, with `fds` as SCM_RIGHTS when there are any.
-/// MSG_NOSIGNAL: a closed peer is an EPIPE error, not a process-killing SIGPIPE.
-pub fn send_chunk(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<usize> {
-    send_parts(sock, &[IoSlice::new(bytes)], fds)
-}
-
-/// One nonblocking sendmsg of `iov` gathered (writev-style), with `fds` as SCM_RIGHTS.
+/// One nonblocking sendmsg of `iov` gathered (writev-style), with `fds` as SCM_RIGHTS when
+/// there are any. MSG_NOSIGNAL: a closed peer is an EPIPE error, not a process-killing
+/// SIGPIPE.
 pub fn send_parts(sock: RawFd, iov: &[IoSlice<'_>], fds: &[RawFd]) -> nix::Result<usize> {
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
@@ -80,17 +76,24 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
-/// One nonblocking recvmsg into `buf`. `cmsg` must hold [`MAX_RECV_FDS`] descriptors.
-pub fn recv_chunk(sock: RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> nix::Result<Received> {
+/// One recvmsg into `buf`. `cmsg` must hold [`MAX_RECV_FDS`] descriptors. Nonblocking unless
+/// `block`; a blocking one waits at most the socket's SO_RCVTIMEO (then EAGAIN) and returns
+/// EINTR when a signal interrupts it, so its caller can look at its deadline again.
+pub fn recv_chunk(
+    sock: RawFd,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+    block: bool,
+) -> nix::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
+    let flags = if block {
+        MsgFlags::MSG_CMSG_CLOEXEC
+    } else {
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
+    };
     loop {
-        let msg = match recvmsg::<()>(
-            sock,
-            &mut iov,
-            Some(cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Err(Errno::EINTR) => continue,
+        let msg = match recvmsg::<()>(sock, &mut iov, Some(cmsg), flags) {
+            Err(Errno::EINTR) if !block => continue,
             other => other?,
         };
         let mut fds = Vec::new();
@@ -110,6 +113,18 @@ pub fn recv_chunk(sock: RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> nix::Result<R
             fds,
         });
     }
+}
+
+/// Sets how long a blocking recvmsg on `sock` may wait.
+pub fn set_receive_timeout(sock: RawFd, timeout: Duration) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};
+    use nix::sys::time::{TimeVal, TimeValLike};
+    // SAFETY: `sock` is the client's socket, open for as long as its owner (Shared) lives,
+    // which outlives this call; the borrow ends with it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+    // Zero would mean "wait for ever": never ask for less than a microsecond.
+    let micros = timeout.as_micros().clamp(1, i64::MAX as u128) as i64;
+    setsockopt(&fd, ReceiveTimeout, &TimeVal::microseconds(micros))
 }
 
 /// A control buffer big enough for [`MAX_RECV_FDS`] descriptors.

@@ -5,7 +5,7 @@ use crate::ids::Ids;
 use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message};
-use crate::socket::{send_chunk, send_parts};
+use crate::socket::send_parts;
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
@@ -18,6 +18,9 @@ use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
     HEADER_SIZE,
 };
+
+/// Most messages one gathered sendmsg carries (well under IOV_MAX).
+const MAX_GATHER: usize = 64;
 
 /// Results to hand out once the lock is released (callbacks must never run under it).
 #[derive(Default)]
@@ -58,6 +61,25 @@ pub struct NewRequest<'a> {
     pub seq: u64,
 }
 
+impl NewRequest<'_> {
+    /// The request as a queued message (a copy of its bytes), `written` of them already sent.
+    fn queued(self, written: usize) -> Outgoing {
+        let mut bytes = Vec::with_capacity(HEADER_SIZE + self.payload.len());
+        bytes.extend_from_slice(&self.header);
+        bytes.extend_from_slice(self.payload);
+        let mut msg = Outgoing {
+            id: self.id,
+            reply: false,
+            seq: self.seq,
+            bytes,
+            written: 0,
+            fds: self.fds,
+        };
+        msg.advance(written);
+        msg
+    }
+}
+
 /// What a send attempt did.
 pub enum Sent {
     /// Written whole.
@@ -65,6 +87,8 @@ pub enum Sent {
     /// Queued (would block, or sends are forced through the queue): the I/O thread must
     /// watch for writability.
     Queued,
+    /// Queued while sends are corked: written when the cork is released.
+    Corked,
 }
 
 #[derive(Default)]
@@ -97,6 +121,9 @@ pub struct State {
     /// When the I/O thread checks whether data the external reader should have taken is
     /// still waiting.
     pub backup_check_at: Option<Instant>,
+    /// Corks held ([`crate::Cork`]): while any is, requests nobody waits for on the spot are
+    /// queued and written together when the last is released.
+    pub corks: u32,
     /// The socket's current epoll registration: registered at all, and its event bits.
     pub registered: bool,
     pub armed: u32,
@@ -110,6 +137,8 @@ pub struct Stats {
     pub inline_sends: u64,
     /// Messages that went through the outgoing queue (would-block, ordering, send_queued).
     pub queued_sends: u64,
+    /// sendmsg calls that wrote from the queue (several messages each when they can).
+    pub queue_writes: u64,
     /// Write calls that wrote only part of what was offered.
     pub partial_writes: u64,
     /// Replies read and dropped because nobody waited for them (late or unexpected).
@@ -278,34 +307,13 @@ impl State {
         req: NewRequest<'_>,
         inline: bool,
     ) -> Result<Sent, Error> {
-        let NewRequest {
-            header,
-            payload,
-            fds,
-            id,
-            seq,
-        } = req;
-        let queued = |written: usize, fds: Vec<OwnedFd>| {
-            let mut bytes = Vec::with_capacity(HEADER_SIZE + payload.len());
-            bytes.extend_from_slice(&header);
-            bytes.extend_from_slice(payload);
-            let mut msg = Outgoing {
-                id,
-                reply: false,
-                seq,
-                bytes,
-                written: 0,
-                fds,
-            };
-            msg.advance(written);
-            msg
-        };
         if !inline || !self.outgoing.is_empty() {
-            return self.send(sock, queued(0, fds), inline);
+            return self.send(sock, req.queued(0), inline);
         }
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let iov = [IoSlice::new(&header), IoSlice::new(payload)];
-        let total = HEADER_SIZE + payload.len();
+        let raw: Vec<RawFd> = req.fds.iter().map(|f| f.as_raw_fd()).collect();
+        let iov = [IoSlice::new(&req.header), IoSlice::new(req.payload)];
+        let total = HEADER_SIZE + req.payload.len();
+        let (id, seq) = (req.id, req.seq);
         let written = match send_parts(sock, &iov, &raw) {
             Ok(n) => n,
             Err(Errno::EAGAIN) => 0,
@@ -328,34 +336,44 @@ impl State {
         if written > 0 {
             self.stats.partial_writes += 1;
         }
-        self.outgoing.push(queued(written, fds));
+        self.outgoing.push(req.queued(written));
         self.stats.queued_sends += 1;
         self.want_write = true;
         Ok(Sent::Queued)
     }
 
-    /// Writes queued messages until the queue is empty or the socket would block.
-    /// An error other than would-block is fatal for the connection.
+    /// Queues request `req` while sends are corked; written with the rest at uncork.
+    pub fn cork_request(&mut self, req: NewRequest<'_>) {
+        self.outgoing.push(req.queued(0));
+        self.stats.queued_sends += 1;
+    }
+
+    /// Writes queued messages, several per sendmsg, until the queue is empty or the socket
+    /// would block. An error other than would-block is fatal for the connection.
     pub fn flush(&mut self, sock: RawFd) -> Result<(), Error> {
-        while let Some(front) = self.outgoing.next() {
-            match send_chunk(sock, front.remaining(), &front.raw_fds()) {
+        loop {
+            let (result, offered) = {
+                let (iov, fds) = self.outgoing.gather(MAX_GATHER);
+                if iov.is_empty() {
+                    break;
+                }
+                let offered: usize = iov.iter().map(|s| s.len()).sum();
+                (send_parts(sock, &iov, &fds), offered)
+            };
+            match result {
                 Ok(n) => {
-                    if n < front.remaining().len() {
+                    self.stats.queue_writes += 1;
+                    if n < offered {
                         self.stats.partial_writes += 1;
                     }
-                    if front.advance(n) {
-                        let done = self.outgoing.pop_next();
-                        if let Some(Outgoing {
-                            id: Some(id), seq, ..
-                        }) = done
-                        {
-                            if let Some(p) = self.pending.get_mut(&id) {
-                                if p.seq == seq {
-                                    p.sent = true;
-                                }
+                    let pending = &mut self.pending;
+                    self.outgoing.wrote(n, |m| {
+                        if let Some(p) = m.id.and_then(|id| pending.get_mut(&id)) {
+                            if p.seq == m.seq {
+                                p.sent = true;
                             }
                         }
-                    }
+                    });
                 }
                 Err(Errno::EAGAIN) => {
                     self.want_write = true;

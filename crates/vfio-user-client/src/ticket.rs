@@ -15,6 +15,8 @@ pub struct Ticket {
     pub(crate) id: u16,
     pub(crate) seq: u64,
     pub(crate) deadline: Instant,
+    /// The request's whole timeout (deadline minus when it was sent).
+    pub(crate) timeout: Duration,
 }
 
 impl Ticket {
@@ -34,7 +36,7 @@ impl Ticket {
     /// (or another reading caller) fills the slot.
     pub(crate) fn wait_reading(self, reader: Option<ReaderGuard<'_>>) -> Result<Reply, Error> {
         if let Some(mut reader) = reader {
-            reader.read_until(&self.slot, self.deadline);
+            reader.read_until(&self.slot, self.deadline, self.timeout);
         } else {
             // Someone else was reading. They may stop before our reply comes (an event loop's
             // backup read, another caller): look again now and then instead of relying on a
@@ -49,7 +51,7 @@ impl Ticket {
                     return r;
                 }
                 if let Some(mut reader) = ReaderGuard::take(&self.shared) {
-                    reader.read_until(&self.slot, self.deadline);
+                    reader.read_until(&self.slot, self.deadline, self.timeout);
                     break;
                 }
             }

@@ -115,4 +115,16 @@ fn fds_pass_both_ways_and_none_leak() {
         client.close();
     }
     assert_eq!(open_fds(), baseline, "every fd was closed");
+
+    // A cork does not keep a dropped client's socket, eventfd and epoll open.
+    let (client, peer) = negotiated(Options::default());
+    let cork = client.cork();
+    drop(client);
+    drop(peer);
+    assert_eq!(
+        open_fds(),
+        baseline,
+        "the cork kept the connection's fds open"
+    );
+    drop(cork);
 }

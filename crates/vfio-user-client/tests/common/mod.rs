@@ -151,7 +151,16 @@ pub fn pair_with_sndbuf(options: Options, sndbuf: Option<usize>) -> (Client, Pee
 
 /// A client that has negotiated with the peer (which offered `max_msg_fds` 8).
 pub fn negotiated(options: Options) -> (Client, Peer) {
-    let (client, peer) = pair(options);
+    negotiated_with_sndbuf_opt(options, None)
+}
+
+/// Like [`negotiated`], with the client's SO_SNDBUF set first.
+pub fn negotiated_with_sndbuf(options: Options, sndbuf: usize) -> (Client, Peer) {
+    negotiated_with_sndbuf_opt(options, Some(sndbuf))
+}
+
+fn negotiated_with_sndbuf_opt(options: Options, sndbuf: Option<usize>) -> (Client, Peer) {
+    let (client, peer) = pair_with_sndbuf(options, sndbuf);
     let t = std::thread::spawn(move || {
         let mut peer = peer;
         peer.accept_version(RUST_VMM_CAPS);
