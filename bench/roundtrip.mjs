@@ -8,16 +8,32 @@
 // threads: process.cpuUsage() here, getrusage in the floor), since a slow machine hides
 // what a client adds to the wall time but not to its CPU. Rounds alternate floor and ours so
 // drift on a shared VM hits both; every round is printed, then the medians.
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { Command, connect } from '../dist/index.js'
 import { startTestDevice } from '../dist/testing.js'
 
 const root = resolve(import.meta.dirname, '..')
+
+// BENCH_PIN=1: run everything (this process, its threads, the device, the floors) on one CPU.
+// A wakeup on the same CPU costs a context switch, not an inter-processor interrupt to a
+// halted vCPU, so round trips take ~10 µs instead of ~40 here: how a machine with cheap
+// wakeups behaves, which exposes what the client itself adds.
+if (process.env.BENCH_PIN && !process.env.BENCH_PINNED) {
+  const cpu = process.env.BENCH_PIN === '1' ? '0' : process.env.BENCH_PIN
+  const r = spawnSync('taskset', ['-c', cpu, process.execPath, ...process.argv.slice(1)], {
+    stdio: 'inherit',
+    env: { ...process.env, BENCH_PINNED: cpu },
+  })
+  if (r.error) throw new Error(`BENCH_PIN needs taskset (util-linux): ${r.error.message}`)
+  process.exit(r.status ?? 1)
+}
 const COUNT = Number(process.env.BENCH_COUNT ?? 20000)
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5)
 const DEPTH = 64
+/** The floor's loop with sendmsg/recvmsg: what the calls that can pass fds cost by themselves. */
+const MSG_FLOOR = 'floor, sendmsg/recvmsg'
 
 function binary(name) {
   for (const profile of ['release', 'debug']) {
@@ -103,7 +119,7 @@ function table(rows) {
 
 const device = await startTestDevice({ binary: binary('vfio-user-test-device') })
 try {
-  const runs = { floor: [], ceiling: [], ...Object.fromEntries(Object.keys(modes).map((k) => [k, []])) }
+  const runs = { floor: [], [MSG_FLOOR]: [], ceiling: [], ...Object.fromEntries(Object.keys(modes).map((k) => [k, []])) }
   for (let round = 1; round <= ROUNDS; round++) {
     const row = [['round', 'mode', 'µs/request', 'user µs', 'sys µs']]
     const record = (name, r) => {
@@ -111,6 +127,7 @@ try {
       row.push([String(round), name, fmt(r.us), fmt(r.user), fmt(r.sys)])
     }
     record('floor', floor(device.socketPath, 'raw'))
+    record(MSG_FLOOR, floor(device.socketPath, 'msg'))
     record('ceiling', floor(device.socketPath, 'pipelined'))
     for (const [name, run] of Object.entries(modes)) {
       record(name, await run(device.socketPath))
@@ -120,10 +137,12 @@ try {
     console.log('')
   }
   const f = medianOf(runs.floor)
+  const m = medianOf(runs[MSG_FLOOR])
   const c = medianOf(runs.ceiling)
   const rows = [
     ['mode (medians)', 'µs/request', 'user µs', 'sys µs', 'time vs', 'CPU', 'goal'],
     ['floor (1 in flight)', fmt(f.us), fmt(f.user), fmt(f.sys), '1.00x', fmt(f.user + f.sys), ''],
+    [MSG_FLOOR, fmt(m.us), fmt(m.user), fmt(m.sys), `${(m.us / f.us).toFixed(2)}x floor`, fmt(m.user + m.sys), 'for reference'],
     [`ceiling (${DEPTH} in flight)`, fmt(c.us), fmt(c.user), fmt(c.sys), '1.00x', fmt(c.user + c.sys), ''],
   ]
   const results = {}
@@ -150,6 +169,7 @@ try {
   }
   table(rows)
   console.log(`\n${COUNT} requests x ${ROUNDS} rounds; CPU is user + sys µs per request of the client's process`)
+  if (process.env.BENCH_PINNED) console.log(`everything pinned to CPU ${process.env.BENCH_PINNED} (BENCH_PIN)`)
   if (process.env.BENCH_JSON) console.log(JSON.stringify({ floor: f, ceiling: c, results }))
   if (missed > 0) console.log(`${missed} goal(s) missed`)
 } finally {

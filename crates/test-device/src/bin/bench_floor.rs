@@ -1,11 +1,14 @@
-//! `vfio-user-bench-floor SOCKET COUNT [raw|pipelined|client] [DEPTH]`: the benchmark's floor
+//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client] [DEPTH]`: the benchmark's floor
 //! and ceiling, the least a client can do.
 //!
 //! - `raw` (default): one blocking write of DEVICE_GET_INFO, one blocking read of the reply
 //!   into a fixed buffer (a reply arrives whole, so one read), on the same kind of socket to
 //!   the same server; no threads, no queues, no checks, no allocation in the loop.
-//! - `pipelined`: the same, keeping DEPTH (default 64) requests in flight: the device's own
-//!   ceiling, since its single thread is then the limit.
+//! - `pipelined`: the same, keeping DEPTH (default 64) requests in flight and writing as many
+//!   new requests in one write as a read brought replies: the device's own ceiling, since
+//!   its single thread is then the limit.
+//! - `msg`: `raw` with sendmsg and recvmsg (and a control buffer for fds), the calls any
+//!   client that passes fds makes: what they cost beyond write and read.
 //! - `client`: the same round trips with `vfio-user-client`'s blocking `send_wait` from Rust,
 //!   to split our cost between the transport and the JS layers.
 //!
@@ -57,6 +60,60 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// Reads at least one whole message; consumes every whole message buffered and returns
+    /// how many.
+    fn messages(&mut self, s: &mut UnixStream) -> std::io::Result<u32> {
+        self.message(s)?;
+        let mut n = 1;
+        while self.end - self.start >= HEADER_SIZE {
+            let mut raw = [0u8; HEADER_SIZE];
+            raw.copy_from_slice(&self.buf[self.start..self.start + HEADER_SIZE]);
+            let size = Header::decode(&raw).size as usize;
+            if self.end - self.start < size {
+                break;
+            }
+            self.start += size;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// `pipelined`: keeps `depth` requests in flight, writing as many new ones, in one write, as
+/// one read brought replies: the device's ceiling, with the least work per request here.
+fn pipelined(
+    s: &mut UnixStream,
+    reader: &mut Reader,
+    count: u32,
+    depth: u32,
+) -> std::io::Result<()> {
+    let depth = depth.clamp(1, count.max(1));
+    let mut batch = vec![0u8; 32 * depth as usize];
+    for m in batch.chunks_exact_mut(32) {
+        m[..HEADER_SIZE].copy_from_slice(&Header::command(0, 4, 16, false).encode());
+        m[16..20].copy_from_slice(&16u32.to_ne_bytes());
+    }
+    let mut write = |s: &mut UnixStream, first: u32, n: u32| {
+        for (i, m) in batch.chunks_exact_mut(32).take(n as usize).enumerate() {
+            m[0..2].copy_from_slice(&((first + i as u32) as u16).to_ne_bytes());
+        }
+        s.write_all(&batch[..32 * n as usize])
+    };
+    write(s, 0, depth)?;
+    let (mut sent, mut done) = (depth, 0);
+    while done < count {
+        let k = reader.messages(s)?;
+        done += k;
+        let n = k.min(count - sent);
+        if n > 0 {
+            write(s, sent, n)?;
+            sent += n;
+        }
+    }
+    Ok(())
+}
+
 fn cpu_us() -> (f64, f64) {
     let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
     match getrusage(UsageWho::RUSAGE_SELF) {
@@ -84,7 +141,7 @@ fn measure(count: u32, body: impl FnOnce() -> std::io::Result<()>) -> std::io::R
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
-        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|pipelined|client] [DEPTH]");
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client] [DEPTH]");
         std::process::exit(2);
     };
     let count: u32 = count;
@@ -115,19 +172,10 @@ fn main() -> std::io::Result<()> {
         s.write_all(&msg)
     };
     if mode == "pipelined" {
-        return measure(count, || {
-            let first = depth.min(count);
-            for i in 0..first {
-                send(&mut s, i)?;
-            }
-            for i in first..count + first {
-                reader.message(&mut s)?;
-                if i < count {
-                    send(&mut s, i)?;
-                }
-            }
-            Ok(())
-        });
+        return measure(count, || pipelined(&mut s, &mut reader, count, depth));
+    }
+    if mode == "msg" {
+        return measure(count, || msg_round_trips(&s, &mut msg, count));
     }
     measure(count, || {
         for i in 0..count {
@@ -136,6 +184,25 @@ fn main() -> std::io::Result<()> {
         }
         Ok(())
     })
+}
+
+/// `msg`: the raw loop with the calls a client that can pass fds must make: sendmsg, and
+/// recvmsg with a control buffer big enough for the most fds one message may carry.
+fn msg_round_trips(s: &UnixStream, msg: &mut [u8; 32], count: u32) -> std::io::Result<()> {
+    use nix::sys::socket::{recvmsg, sendmsg, MsgFlags};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let mut cmsg = nix::cmsg_space!([i32; 253]);
+    let mut buf = [0u8; 64 * 1024];
+    for i in 0..count {
+        msg[0..2].copy_from_slice(&(i as u16).to_ne_bytes());
+        sendmsg::<()>(fd, &[IoSlice::new(msg)], &[], MsgFlags::MSG_NOSIGNAL, None)?;
+        // The test device's reply is 32 bytes and arrives whole.
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    }
+    Ok(())
 }
 
 fn with_client(path: &str, count: u32) -> std::io::Result<()> {
