@@ -119,7 +119,12 @@ function table(rows) {
 
 const device = await startTestDevice({ binary: binary('vfio-user-test-device') })
 try {
-  const runs = { floor: [], [MSG_FLOOR]: [], ceiling: [], ...Object.fromEntries(Object.keys(modes).map((k) => [k, []])) }
+  const runs = {
+    floor: [],
+    [MSG_FLOOR]: [],
+    ceiling: [],
+    ...Object.fromEntries(Object.keys(modes).map((k) => [k, []])),
+  }
   for (let round = 1; round <= ROUNDS; round++) {
     const row = [['round', 'mode', 'µs/request', 'user µs', 'sys µs']]
     const record = (name, r) => {
@@ -142,7 +147,15 @@ try {
   const rows = [
     ['mode (medians)', 'µs/request', 'user µs', 'sys µs', 'time vs', 'CPU', 'goal'],
     ['floor (1 in flight)', fmt(f.us), fmt(f.user), fmt(f.sys), '1.00x', fmt(f.user + f.sys), ''],
-    [MSG_FLOOR, fmt(m.us), fmt(m.user), fmt(m.sys), `${(m.us / f.us).toFixed(2)}x floor`, fmt(m.user + m.sys), 'for reference'],
+    [
+      MSG_FLOOR,
+      fmt(m.us),
+      fmt(m.user),
+      fmt(m.sys),
+      `${(m.us / f.us).toFixed(2)}x floor`,
+      fmt(m.user + m.sys),
+      'for reference',
+    ],
     [`ceiling (${DEPTH} in flight)`, fmt(c.us), fmt(c.user), fmt(c.sys), '1.00x', fmt(c.user + c.sys), ''],
   ]
   const results = {}
