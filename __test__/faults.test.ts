@@ -27,11 +27,12 @@ describe('the server stopped and continued (SIGSTOP/SIGCONT)', () => {
     // A write the server will apply late, then reads that time out.
     const marker = Buffer.from([0xa5, 0x5a, 0xc3, 0x3c])
     process.kill(device.pid, 'SIGSTOP')
+    // Each watched at once: they may settle in different turns, in any order.
     const timedOut = [
       c.sendWait(Command.REGION_WRITE, regionAccess(0, 0, 4, marker), { timeoutMs: 50 }),
       ...Array.from({ length: 20 }, () => c.sendWait(Command.REGION_READ, regionAccess(0, 0, 4), { timeoutMs: 50 })),
-    ]
-    for (const p of timedOut) expect((await rejection(p)).code).toBe('ETIMEDOUT')
+    ].map(rejection)
+    for (const e of await Promise.all(timedOut)) expect(e.code).toBe('ETIMEDOUT')
     process.kill(device.pid, 'SIGCONT')
     // The server answers everything in order: the late replies come first and are dropped;
     // this read's reply is its own and sees the late write.

@@ -1,8 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
+import { platformPackage } from './platform'
 
 /** A running server process: the test device (rust-vmm's vfio_user Server) or the scripted peer. */
 export interface TestDevice {
@@ -18,30 +19,48 @@ export interface TestDevice {
 
 /** Options for {@link startTestDevice} and {@link startScriptedPeer}. */
 export interface TestDeviceOptions {
-  /** Path of the binary; default: `$VFIO_USER_TEST_DEVICE` / `$VFIO_USER_SCRIPTED_PEER` or the newest cargo build. */
+  /** Path of the binary; default: see {@link testDeviceBinary} (the scripted peer: `$VFIO_USER_SCRIPTED_PEER` or the newest cargo build). */
   binary?: string
   /** How long to wait for it to start listening, in ms (default 10000). */
   startTimeoutMs?: number
 }
 
+/** `name` as shipped in this machine's platform package (`vfio-user-linux-x64-gnu`…), if installed. */
+function fromPlatformPackage(name: string): string | undefined {
+  let dir: string
+  try {
+    dir = dirname(require.resolve(`${platformPackage()}/package.json`))
+  } catch {
+    return undefined
+  }
+  const p = join(dir, name)
+  return existsSync(p) ? p : undefined
+}
+
 /** Finds a binary of `crates/test-device` built by `npm install` (release) or `cargo build` (debug). */
-function findBinary(name: string, envVar: string): string {
-  const fromEnv = process.env[envVar]
-  if (fromEnv) return fromEnv
+function fromCargoBuild(name: string): string | undefined {
   const root = resolve(__dirname, '..')
   const candidates = ['release', 'debug']
     .map((profile) => join(root, 'target', profile, name))
     .filter((p) => existsSync(p))
     .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs)
-  if (candidates.length === 0) {
-    throw new Error(`${name} is not built: run \`npm run build:device\` (or \`cargo build -p test-device\`)`)
-  }
-  return candidates[0] as string
+  return candidates[0]
 }
 
-/** The test device binary: `$VFIO_USER_TEST_DEVICE` or the newest cargo build. */
+function findBinary(name: string, envVar: string, shipped: boolean): string {
+  const found = process.env[envVar] || (shipped ? fromPlatformPackage(name) : undefined) || fromCargoBuild(name)
+  if (found) return found
+  const where = shipped ? `not in ${platformPackage()} and ` : ''
+  throw new Error(`${name} is ${where}not built: run \`npm run build:device\` (or \`cargo build -p test-device\`)`)
+}
+
+/**
+ * The test device binary: `$VFIO_USER_TEST_DEVICE`, else the one shipped in this machine's
+ * platform package (so an installed `vfio-user` needs no Rust toolchain), else the newest
+ * cargo build of a source checkout.
+ */
 export function testDeviceBinary(): string {
-  return findBinary('vfio-user-test-device', 'VFIO_USER_TEST_DEVICE')
+  return findBinary('vfio-user-test-device', 'VFIO_USER_TEST_DEVICE', true)
 }
 
 /**
@@ -59,7 +78,7 @@ export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDe
  */
 export function startScriptedPeer(scenario: string, options: TestDeviceOptions = {}): Promise<TestDevice> {
   if (typeof scenario !== 'string') throw new TypeError('scenario must be a string')
-  const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER')
+  const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER', false)
   return startListening(binary, [scenario], options.startTimeoutMs)
 }
 
