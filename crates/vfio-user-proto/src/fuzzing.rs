@@ -389,3 +389,41 @@ pub fn limits(data: &[u8]) {
         );
     }
 }
+
+/// The per-command reply decoders (device, irq and region info, region access echoes).
+/// Input: 4 bytes of request index, 8 of offset, 4 of count, then the reply payload. Checks
+/// that nothing panics and that what is accepted keeps its promises.
+pub fn command_replies(data: &[u8]) {
+    use crate::{device, irq, region};
+    let Some((head, payload)) = data.split_at_checked(16) else {
+        return;
+    };
+    let index = u32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&head[4..12]);
+    let offset = u64::from_ne_bytes(o);
+    let count = u32::from_ne_bytes([head[12], head[13], head[14], head[15]]);
+
+    if let Ok(d) = device::decode_device_info(payload) {
+        assert!(d.num_regions <= device::MAX_REGIONS && d.num_irqs <= device::MAX_IRQS);
+    }
+    if let Ok(i) = irq::decode_irq_info(payload, index) {
+        assert_eq!(i.index, index);
+        assert!(i.count <= irq::MAX_IRQ_VECTORS);
+    }
+    if let Ok(r) = region::decode_region_info(payload, index) {
+        assert_eq!(r.index, index);
+        for a in r.sparse.iter().flatten() {
+            assert!(a
+                .offset
+                .checked_add(a.size)
+                .is_some_and(|end| end <= r.size));
+        }
+    }
+    if let Ok(bytes) = region::region_read_data(payload, index, offset, count) {
+        assert_eq!(bytes.len(), count as usize);
+    }
+    if region::check_region_write_reply(payload, index, offset, count).is_ok() {
+        assert!(payload.is_empty() || payload.len() == region::ACCESS_HEADER_SIZE);
+    }
+}

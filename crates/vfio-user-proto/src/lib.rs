@@ -4,13 +4,17 @@
 //! asks this crate whether a peer's bytes are acceptable; everything a hostile server can
 //! influence is decoded in this crate so it can be tested (and fuzzed) without a socket.
 
+mod bytes;
 mod caps;
 mod command;
+pub mod device;
 mod error;
 mod frame;
 pub mod fuzzing;
 mod header;
+pub mod irq;
 mod limits;
+pub mod region;
 pub mod version;
 
 pub use caps::{

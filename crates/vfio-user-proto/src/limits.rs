@@ -1,6 +1,7 @@
 //! How big a peer's message may be, and how many fds it may carry, decided before anything is
 //! allocated for it.
 
+use crate::bytes::u32_at;
 use crate::caps::MAX_DATA_XFER_SIZE_LIMIT;
 use crate::{Capabilities, Command, HEADER_SIZE};
 
@@ -10,11 +11,6 @@ pub const MAX_INCOMING_MESSAGE: usize = MAX_DATA_XFER_SIZE_LIMIT as usize + 4096
 
 /// Replies whose size is not tied to the request (VERSION JSON, unknown commands).
 const SMALL_REPLY_LIMIT: usize = HEADER_SIZE + 64 * 1024;
-
-fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
-    let b = payload.get(at..at + 4)?;
-    Some(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-}
 
 /// The largest whole reply message acceptable for a request of `command` with `payload`.
 /// A bigger reply fails that request (the rest of the stream is unaffected).

@@ -69,3 +69,8 @@ fn header() {
 fn limits() {
     replay("limits", fuzzing::limits);
 }
+
+#[test]
+fn command_replies() {
+    replay("command_replies", fuzzing::command_replies);
+}
