@@ -107,7 +107,7 @@ fn walk_caps(payload: &[u8], info: &mut RegionInfo) -> Result<(), ProtoError> {
     let mut taken: Vec<(usize, usize)> = Vec::new();
     let mut at = u32_at(payload, 12).unwrap_or(0) as usize;
     while at != 0 {
-        if at < REGION_INFO_SIZE || at % 4 != 0 {
+        if at < REGION_INFO_SIZE || !at.is_multiple_of(4) {
             return Err(bad(format!(
                 "a capability at offset {at} (must be 4-byte aligned, past the first {REGION_INFO_SIZE} bytes)"
             )));
