@@ -1,0 +1,282 @@
+//! Region access: REGION_READ (9) and REGION_WRITE (10) of any length, split into pieces of
+//! at most the server's `max_data_xfer_size`, the pieces pipelined, and every echoed offset,
+//! region and count checked (protocol.md section 3.8). A short or mismatched echo is EPROTO.
+
+use crate::pending::Reply;
+use crate::{Client, Error};
+use nix::errno::Errno;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vfio_user_proto::region::{check_region_write_reply, region_access, region_read_data};
+use vfio_user_proto::{Command, ProtoError};
+
+/// Called once with the bytes read (or nothing, for a write), or the failure.
+pub type DataCompletion = Box<dyn FnOnce(Result<Vec<u8>, Error>) + Send>;
+
+/// Where one piece of a transfer goes: its region offset, its byte count, and where its bytes
+/// sit in the caller's buffer.
+#[derive(Clone, Copy)]
+struct Piece {
+    offset: u64,
+    count: u32,
+    at: usize,
+}
+
+fn proto(command: Command, e: ProtoError) -> Error {
+    Error::proto(e.0).with_command(command as u16)
+}
+
+/// Splits `len` bytes at `offset` into pieces of at most `max`.
+fn split(command: Command, offset: u64, len: usize, max: usize) -> Result<Vec<Piece>, Error> {
+    if offset.checked_add(len as u64).is_none() {
+        return Err(Error::new(
+            Errno::EINVAL,
+            format!("{len} bytes at offset {offset} run past 2^64"),
+        )
+        .with_command(command as u16));
+    }
+    let max = max.clamp(1, u32::MAX as usize);
+    Ok((0..len)
+        .step_by(max)
+        .map(|at| Piece {
+            offset: offset + at as u64,
+            count: (len - at).min(max) as u32,
+            at,
+        })
+        .collect())
+}
+
+/// A transfer's pieces completing on whichever threads read their replies: the last one
+/// hands the whole result to the caller.
+struct Gather {
+    out: Vec<u8>,
+    left: usize,
+    failed: Option<Error>,
+    done: Option<DataCompletion>,
+}
+
+impl Gather {
+    /// Records one piece's outcome; returns the completion to call if it was the last.
+    fn settle(&mut self, r: Result<(), Error>) -> Option<(DataCompletion, Result<Vec<u8>, Error>)> {
+        if let Err(e) = r {
+            self.failed.get_or_insert(e);
+        }
+        self.left -= 1;
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Option<(DataCompletion, Result<Vec<u8>, Error>)> {
+        if self.left > 0 {
+            return None;
+        }
+        let done = self.done.take()?;
+        Some(match self.failed.take() {
+            Some(e) => (done, Err(e)),
+            None => (done, Ok(std::mem::take(&mut self.out))),
+        })
+    }
+}
+
+fn lock(g: &Mutex<Gather>) -> std::sync::MutexGuard<'_, Gather> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Client {
+    /// The server's `max_data_xfer_size`, once negotiated.
+    fn max_transfer(&self, command: Command) -> Result<usize, Error> {
+        self.version()
+            .map(|v| v.capabilities.max_data_xfer_size as usize)
+            .ok_or_else(|| {
+                Error::new(
+                    Errno::ENOTCONN,
+                    "cannot access a region before version negotiation has succeeded",
+                )
+                .with_command(command as u16)
+            })
+    }
+
+    /// Reads `len` bytes at `offset` of region `index`, blocking.
+    pub fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>, Error> {
+        let command = Command::RegionRead;
+        let pieces = split(command, offset, len, self.max_transfer(command)?)?;
+        let request = |p: &Piece| region_access(index, p.offset, p.count, None);
+        if let [p] = pieces.as_slice() {
+            let reply = self.send_wait(self.request(command, &request(p), timeout))?;
+            return region_read_data(&reply.payload, index, p.offset, p.count)
+                .map(<[u8]>::to_vec)
+                .map_err(|e| proto(command, e));
+        }
+        let tickets = pieces
+            .iter()
+            .map(|p| self.send_nowait(self.request(command, &request(p), timeout)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = vec![0u8; len];
+        for (t, p) in tickets.into_iter().zip(&pieces) {
+            let reply = t.wait()?;
+            let data = region_read_data(&reply.payload, index, p.offset, p.count)
+                .map_err(|e| proto(command, e))?;
+            out[p.at..p.at + data.len()].copy_from_slice(data);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` of region `index`, blocking until the server has answered
+    /// every piece.
+    pub fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), Error> {
+        let command = Command::RegionWrite;
+        let pieces = split(command, offset, data.len(), self.max_transfer(command)?)?;
+        let tickets = pieces
+            .iter()
+            .map(|p| {
+                let bytes = &data[p.at..p.at + p.count as usize];
+                let payload = region_access(index, p.offset, p.count, Some(bytes));
+                self.send_nowait(self.request(command, &payload, timeout))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (t, p) in tickets.into_iter().zip(&pieces) {
+            let reply = t.wait()?;
+            check_region_write_reply(&reply.payload, index, p.offset, p.count)
+                .map_err(|e| proto(command, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of region `index` as posted writes (No_reply): ordered with
+    /// everything else on the socket, answered by nothing.
+    pub fn region_write_posted(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let command = Command::RegionWrite;
+        for p in split(command, offset, data.len(), self.max_transfer(command)?)? {
+            let bytes = &data[p.at..p.at + p.count as usize];
+            let payload = region_access(index, p.offset, p.count, Some(bytes));
+            self.post(self.request(command, &payload, None))?;
+        }
+        Ok(())
+    }
+
+    /// [`Client::region_read`] without blocking: `done` gets the bytes. If this returns an
+    /// error, nothing was sent and `done` is not called.
+    pub fn region_read_callback(
+        &self,
+        index: u32,
+        offset: u64,
+        len: usize,
+        timeout: Option<Duration>,
+        done: DataCompletion,
+    ) -> Result<(), Error> {
+        let command = Command::RegionRead;
+        let pieces = split(command, offset, len, self.max_transfer(command)?)?;
+        self.gather(command, &pieces, vec![0u8; len], done, |p| {
+            let request = region_access(index, p.offset, p.count, None);
+            let check = move |reply: &Reply, out: &mut Vec<u8>| {
+                let data = region_read_data(&reply.payload, index, p.offset, p.count)?;
+                out[p.at..p.at + data.len()].copy_from_slice(data);
+                Ok(())
+            };
+            (request, timeout, Box::new(check))
+        })
+    }
+
+    /// [`Client::region_write`] without blocking: `done` gets an empty result once every
+    /// piece is answered. If this returns an error, nothing was sent and `done` is not called.
+    pub fn region_write_callback(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+        timeout: Option<Duration>,
+        done: DataCompletion,
+    ) -> Result<(), Error> {
+        let command = Command::RegionWrite;
+        let pieces = split(command, offset, data.len(), self.max_transfer(command)?)?;
+        self.gather(command, &pieces, Vec::new(), done, |p| {
+            let bytes = &data[p.at..p.at + p.count as usize];
+            let request = region_access(index, p.offset, p.count, Some(bytes));
+            let check = move |reply: &Reply, _: &mut Vec<u8>| {
+                check_region_write_reply(&reply.payload, index, p.offset, p.count)
+            };
+            (request, timeout, Box::new(check))
+        })
+    }
+
+    /// Sends every piece with a callback that checks its reply; the last to settle calls
+    /// `done`. A send refused midway fails the transfer once the pieces already sent settle.
+    fn gather(
+        &self,
+        command: Command,
+        pieces: &[Piece],
+        out: Vec<u8>,
+        done: DataCompletion,
+        mut build: impl FnMut(Piece) -> (Vec<u8>, Option<Duration>, Box<PieceCheck>),
+    ) -> Result<(), Error> {
+        if pieces.is_empty() {
+            done(Ok(out));
+            return Ok(());
+        }
+        let gather = Arc::new(Mutex::new(Gather {
+            out,
+            left: pieces.len(),
+            failed: None,
+            done: Some(done),
+        }));
+        for (i, p) in pieces.iter().enumerate() {
+            let (payload, timeout, check) = build(*p);
+            let g = gather.clone();
+            let on_reply = Box::new(move |r: Result<Reply, Error>| {
+                let fired = {
+                    let mut g = lock(&g);
+                    let r = r
+                        .and_then(|reply| check(&reply, &mut g.out).map_err(|e| proto(command, e)));
+                    g.settle(r)
+                };
+                if let Some((done, result)) = fired {
+                    done(result);
+                }
+            });
+            if let Err(e) = self.send_callback(self.request(command, &payload, timeout), on_reply) {
+                if i == 0 {
+                    return Err(e);
+                }
+                let fired = {
+                    let mut g = lock(&gather);
+                    g.failed.get_or_insert(e);
+                    g.left -= pieces.len() - i;
+                    g.finish()
+                };
+                if let Some((done, result)) = fired {
+                    done(result);
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn request<'a>(
+        &self,
+        command: Command,
+        payload: &'a [u8],
+        timeout: Option<Duration>,
+    ) -> crate::Request<'a> {
+        crate::Request {
+            command: command as u16,
+            payload,
+            fds: &[],
+            timeout,
+        }
+    }
+}
+
+/// Checks one piece's reply and puts its bytes where they belong.
+type PieceCheck = dyn FnOnce(&Reply, &mut Vec<u8>) -> Result<(), ProtoError> + Send;
