@@ -57,6 +57,31 @@ export declare class NativeClient {
    * once it has taken the close event. Idempotent.
    */
   release(): void
+  /**
+   * Reads `length` bytes of region `index` at offset (hi, lo), blocking. Null on failure
+   * (see `take_error`).
+   */
+  regionReadSync(index: number, offsetHi: number, offsetLo: number, length: number, timeoutMs?: number | undefined | null): Buffer | null
+  /**
+   * Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see
+   * `take_error`).
+   */
+  regionWriteSync(index: number, offsetHi: number, offsetLo: number, data: Buffer, timeoutMs?: number | undefined | null): boolean
+  /**
+   * Reads like `region_read_sync`; the bytes arrive as the payload of a reply event with
+   * `token`. Returns an error if nothing was sent (then no event follows).
+   */
+  regionRead(token: number, index: number, offsetHi: number, offsetLo: number, length: number, timeoutMs?: number | undefined | null): NativeError | null
+  /**
+   * Writes like `region_write_sync`; an empty reply event with `token` follows. Returns an
+   * error if nothing was sent (then no event follows).
+   */
+  regionWrite(token: number, index: number, offsetHi: number, offsetLo: number, data: Buffer, timeoutMs?: number | undefined | null): NativeError | null
+  /**
+   * Writes as posted writes (No_reply): nothing follows. Returns an error if it could not
+   * all be sent.
+   */
+  regionWritePosted(index: number, offsetHi: number, offsetLo: number, data: Buffer): NativeError | null
 }
 
 /**
@@ -64,6 +89,21 @@ export declare class NativeClient {
  * client or to the error.
  */
 export declare function connect(path: string, options: NativeConnectOptions): Promise<NativeClient | NativeError>
+
+/** Decodes a DEVICE_GET_INFO reply payload. */
+export declare function decodeDeviceInfo(payload: Buffer): NativeDeviceInfo | NativeError
+
+/** Decodes a DEVICE_GET_IRQ_INFO reply payload for `index`. */
+export declare function decodeIrqInfo(payload: Buffer, index: number): NativeIrqInfo | NativeError
+
+/** Decodes a DEVICE_GET_REGION_INFO reply payload for `index`. */
+export declare function decodeRegionInfo(payload: Buffer, index: number): NativeRegionInfo | NativeError
+
+/** The DEVICE_GET_INFO request payload. */
+export declare function deviceInfoRequest(): Buffer
+
+/** The DEVICE_GET_IRQ_INFO request payload for `index`. */
+export declare function irqInfoRequest(index: number): Buffer
 
 export interface NativeCapabilities {
   maxMsgFds: number
@@ -88,6 +128,13 @@ export interface NativeConnectOptions {
   maxQueuedBytes?: number
 }
 
+/** A decoded DEVICE_GET_INFO reply. */
+export interface NativeDeviceInfo {
+  flags: number
+  numRegions: number
+  numIrqs: number
+}
+
 export interface NativeError {
   errno: number
   code: string
@@ -105,9 +152,30 @@ export interface NativeEvent {
   closed?: NativeError
 }
 
+/** A decoded DEVICE_GET_IRQ_INFO reply. */
+export interface NativeIrqInfo {
+  flags: number
+  index: number
+  count: number
+}
+
 export interface NativeMigration {
   pgsize: number
   maxBitmapSize: number
+}
+
+/** A decoded DEVICE_GET_REGION_INFO reply. */
+export interface NativeRegionInfo {
+  argsz: number
+  flags: number
+  index: number
+  size: bigint
+  offset: bigint
+  /** Offset and size of each sparse mmap area, flat: [offset0, size0, offset1, size1, …]. */
+  sparse?: Array<bigint>
+  regionType?: number
+  regionSubtype?: number
+  warnings: Array<string>
 }
 
 export interface NativeReply {
@@ -138,3 +206,6 @@ export interface NativeVersionResult {
 
 /** Parses a capability JSON text (without its NUL) exactly as VERSION replies are parsed. */
 export declare function parseCapabilities(json: string): NativeCapabilitiesResult
+
+/** The DEVICE_GET_REGION_INFO request payload for `index`, accepting up to `argsz` bytes. */
+export declare function regionInfoRequest(index: number, argsz: number): Buffer

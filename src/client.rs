@@ -25,7 +25,7 @@ use vfio_user_client::{Client, Error, Options, Request};
 pub struct NativeClient {
     /// None once released.
     client: RefCell<Option<Client>>,
-    events: EventQueue,
+    pub(crate) events: EventQueue,
     loop_reader: RefCell<Option<LoopReader>>,
     path: String,
     /// Why the connection ended, kept for calls made after release.
@@ -37,7 +37,7 @@ pub struct NativeClient {
     /// into a pooled Buffer, which costs less than a new Buffer made here.
     data: RefCell<Option<Uint8Array>>,
     /// The failure of the last `send_sync` that returned no reply, for `take_error`.
-    last_error: RefCell<Option<Error>>,
+    pub(crate) last_error: RefCell<Option<Error>>,
 }
 
 /// `send_sync`'s scratch: id, command, flags, fd count, then up to 16 fds.
@@ -94,7 +94,7 @@ pub fn connect(path: String, options: NativeConnectOptions) -> AsyncTask<Connect
     })
 }
 
-fn borrow_fds(fds: &[i32]) -> Vec<BorrowedFd<'_>> {
+pub(crate) fn borrow_fds(fds: &[i32]) -> Vec<BorrowedFd<'_>> {
     fds.iter()
         // SAFETY: the caller (ts/) has checked each is a non-negative integer; the client
         // only duplicates them (F_DUPFD_CLOEXEC) during this call, and a number that is not
@@ -136,7 +136,7 @@ impl NativeClient {
     }
 
     /// Runs `f` on the live client, or returns the error that ended it.
-    fn live<R>(
+    pub(crate) fn live<R>(
         &self,
         f: impl FnOnce(&Client) -> std::result::Result<R, Error>,
     ) -> std::result::Result<R, Error> {

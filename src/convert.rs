@@ -5,7 +5,7 @@ use napi::bindgen_prelude::{Buffer, ToNapiValue, TypeName};
 use napi::{sys, ValueType};
 use napi_derive::napi;
 use std::os::fd::IntoRawFd;
-use vfio_user_client::proto::{Capabilities, Version};
+use vfio_user_client::proto::{Capabilities, Command, ProtoError, Version};
 use vfio_user_client::{Error, Reply};
 
 #[napi(object)]
@@ -19,6 +19,11 @@ pub struct NativeError {
 impl NativeError {
     pub fn proto(message: String) -> NativeError {
         from_error(&Error::proto(message))
+    }
+
+    /// A reply to `command` that broke the protocol (EPROTO).
+    pub fn proto_reply(command: Command, e: ProtoError) -> NativeError {
+        from_error(&Error::proto(e.0).with_command(command as u16))
     }
 }
 

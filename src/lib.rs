@@ -7,9 +7,12 @@
 mod batch;
 mod client;
 mod convert;
+mod device;
 mod events;
+mod irq;
 mod js_callback;
 mod loop_reader;
+mod region;
 
 use convert::{NativeCapabilitiesResult, NativeError};
 use napi_derive::napi;

@@ -51,3 +51,32 @@ function describe(value: unknown): string {
   if (typeof value === 'number') return String(value)
   return typeof value
 }
+
+const TWO_POW_32 = 0x1_0000_0000
+
+/** An offset within a region: a safe non-negative integer or a bigint below 2^64, as two u32 halves. */
+export function checkOffset(name: string, value: unknown): { hi: number; lo: number; value: bigint } {
+  if (typeof value === 'number') {
+    if (!Number.isSafeInteger(value) || value < 0) {
+      throw new RangeError(`${name} must be a non-negative safe integer or a bigint, got ${value}`)
+    }
+    return { hi: Math.floor(value / TWO_POW_32), lo: value % TWO_POW_32, value: BigInt(value) }
+  }
+  if (typeof value === 'bigint') {
+    if (value < 0n || value >= 1n << 64n) throw new RangeError(`${name} must be from 0 to 2^64 - 1, got ${value}`)
+    return { hi: Number(value >> 32n), lo: Number(value & 0xffff_ffffn), value }
+  }
+  throw new TypeError(`${name} must be a number or a bigint, got ${describe(value)}`)
+}
+
+/** Data to write: a Uint8Array (Buffer included) that is not detached, as a Buffer view. */
+export function checkData(value: unknown): Buffer {
+  if (value instanceof Uint8Array && value.byteLength === 0 && value.buffer.byteLength === 0) {
+    // A view of a detached (transferred) buffer reads as empty; refuse rather than write nothing.
+    const detached = (value.buffer as ArrayBuffer & { detached?: boolean }).detached
+    if (detached) throw new TypeError('data is a view of a detached ArrayBuffer')
+  }
+  const data = checkPayload(value)
+  if (data.byteLength === 0) throw new RangeError('data must not be empty')
+  return data
+}

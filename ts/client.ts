@@ -3,9 +3,31 @@ import { closeSync } from 'node:fs'
 import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
+import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
+import { type DeviceInfo, deviceInfo, reset } from './device'
 import { fromNative, VfioUserError } from './errors'
-import { type NativeClient, type NativeEvent, type NativeReply, type NativeVersion, native } from './native'
+import { type IrqInfo, irqInfo } from './irq'
+import {
+  type NativeClient,
+  type NativeError,
+  type NativeEvent,
+  type NativeReply,
+  type NativeVersion,
+  native,
+} from './native'
+import {
+  type RegionInfo,
+  type RegionWriteOptions,
+  regionInfo,
+  regionRead,
+  regionReadSync,
+  regionWrite,
+  regionWriteSync,
+} from './region'
+import type { Reply } from './reply'
+
+export type { Reply } from './reply'
 
 /** Options for {@link connect}. */
 export interface ConnectOptions {
@@ -35,19 +57,6 @@ export interface SendOptions {
   signal?: AbortSignal
 }
 
-/** A reply from the server. */
-export interface Reply {
-  /** The message id it answered. */
-  id: number
-  command: number
-  /** Header flags (type bits, No_reply, Error). */
-  flags: number
-  /** The payload after the 16-byte header. */
-  payload: Buffer
-  /** File descriptors that came with the reply. They are yours: close them (`fs.closeSync`). */
-  fds: number[]
-}
-
 /** The result of version negotiation. */
 export interface VersionInfo {
   major: number
@@ -74,6 +83,9 @@ function toReply(r: NativeReply): Reply {
 function toVersion(v: NativeVersion): VersionInfo {
   return { major: v.major, minor: v.minor, capabilities: toCapabilities(v.capabilities), warnings: v.warnings }
 }
+
+/** @internal How the per-command modules reach a client's channel. */
+export const CHANNEL: unique symbol = Symbol('vfio-user channel')
 
 /** Completions from native code: `token, id, payload` or `token, 0, event`, flat. */
 type NativeBatch = Array<number | Buffer | NativeEvent>
@@ -115,6 +127,8 @@ export class VfioUserClient extends EventEmitter {
   /** Where it copies a small reply payload, which is then copied into a pooled Buffer. */
   readonly #data = Buffer.alloc(DATA_BYTES)
   #nextToken = 1
+  #channel?: Channel
+  #deviceInfo?: DeviceInfo
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
   #closed?: VfioUserError
@@ -201,15 +215,26 @@ export class VfioUserClient extends EventEmitter {
    */
   sendWait(command: number, payload: Uint8Array, options: SendOptions = {}): Promise<Reply> {
     const args = this.#check(command, payload, options)
+    return this.#call(
+      command,
+      (token) => this.#native.send(token, command, args.payload, args.fds, args.timeoutMs),
+      options,
+    )
+  }
+
+  /**
+   * Starts a native call whose completion is a reply event for its token, and settles one
+   * promise with the reply in its final shape.
+   */
+  #call(command: number, start: (token: number) => NativeError | null, options: CallOptions): Promise<Reply> {
     const { signal } = options
     if (signal !== undefined && !(signal instanceof AbortSignal)) {
       throw new TypeError('signal must be an AbortSignal')
     }
     if (signal?.aborted) return Promise.reject(signal.reason)
-    // One promise per request, settled with the reply in its final shape.
     return new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
-      const refused = this.#native.send(token, command, args.payload, args.fds, args.timeoutMs)
+      const refused = start(token)
       if (refused) return reject(fromNative(refused, this.#path))
       const waiter: Waiter = { command, resolve, reject }
       if (signal) {
@@ -222,6 +247,19 @@ export class VfioUserClient extends EventEmitter {
       }
       this.#track(token, waiter)
     })
+  }
+
+  /** @internal The connection as device.ts, region.ts and irq.ts use it. */
+  get [CHANNEL](): Channel {
+    this.#channel ??= {
+      native: this.#native,
+      send: (command, payload, options) => this.sendWait(command, payload, options),
+      call: (command, start, options = {}) => this.#call(command, start, options),
+      lastError: () =>
+        fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path),
+      error: (e) => fromNative(e, this.#path),
+    }
+    return this.#channel
   }
 
   /**
@@ -259,6 +297,95 @@ export class VfioUserClient extends EventEmitter {
     const args = this.#check(command, payload, options)
     const refused = this.#native.post(command, args.payload, args.fds)
     if (refused) throw fromNative(refused, this.#path)
+  }
+
+  /**
+   * DEVICE_GET_INFO: the device's flags (reset support, PCI), region and irq counts.
+   * @throws {VfioUserError} (rejection) `'EPROTO'` for a reply that breaks the protocol or
+   *   claims more than 100 regions or 50 irq indexes; otherwise as {@link sendWait}.
+   */
+  deviceInfo(options: CallOptions = {}): Promise<DeviceInfo> {
+    return deviceInfo(this[CHANNEL], options).then((info) => {
+      this.#deviceInfo = info
+      return info
+    })
+  }
+
+  /**
+   * DEVICE_RESET. Asks {@link deviceInfo} first unless it has been asked already.
+   * @throws {VfioUserError} (rejection) `'ENOTSUP'` when the device did not report reset
+   *   support; otherwise as {@link sendWait}.
+   */
+  async reset(options: CallOptions = {}): Promise<void> {
+    const info = this.#deviceInfo ?? (await this.deviceInfo(options))
+    await reset(this[CHANNEL], info, options)
+  }
+
+  /**
+   * DEVICE_GET_REGION_INFO for region `index`: flags, size, mmap offset, sparse areas, type,
+   * and the region's fd when the server sent one (owned by the result: close it with
+   * `close()`, or take it with `takeFd()`). Asks again with more room when the server needs it.
+   * @throws {RangeError} for a bad index, before anything is sent.
+   * @throws {VfioUserError} (rejection) `'EPROTO'` for a capability chain that loops, overlaps
+   *   or points outside the reply, or a sparse area past the region; otherwise as {@link sendWait}.
+   */
+  regionInfo(index: number, options: CallOptions = {}): Promise<RegionInfo> {
+    return regionInfo(this[CHANNEL], index, options)
+  }
+
+  /**
+   * REGION_READ of `length` bytes at `offset` of region `index`, split into pieces of the
+   * server's `maxDataXferSize` sent pipelined; every echoed offset, region and count is checked.
+   * @throws {TypeError|RangeError} for bad arguments (a length of 0 or over 2^32 - 1, an offset
+   *   past 2^64), before anything is sent.
+   * @throws {VfioUserError} (rejection) `'EPROTO'` for a short or mismatched echo; otherwise as
+   *   {@link sendWait}.
+   */
+  regionRead(index: number, offset: number | bigint, length: number, options: CallOptions = {}): Promise<Buffer> {
+    return regionRead(this[CHANNEL], index, offset, length, options)
+  }
+
+  /** {@link regionRead}, blocking the JavaScript thread (the fastest way to read a register). */
+  regionReadSync(
+    index: number,
+    offset: number | bigint,
+    length: number,
+    options: Omit<CallOptions, 'signal'> = {},
+  ): Buffer {
+    return regionReadSync(this[CHANNEL], index, offset, length, options)
+  }
+
+  /**
+   * REGION_WRITE of `data` at `offset` of region `index`, split and checked like
+   * {@link regionRead}. With `posted`, sent as posted writes (No_reply) and resolved once sent.
+   * @throws {TypeError|RangeError} for bad arguments (empty or detached data), before anything is sent.
+   * @throws {VfioUserError} (rejection) as {@link regionRead}.
+   */
+  regionWrite(
+    index: number,
+    offset: number | bigint,
+    data: Uint8Array,
+    options: RegionWriteOptions = {},
+  ): Promise<void> {
+    return regionWrite(this[CHANNEL], index, offset, data, options)
+  }
+
+  /** {@link regionWrite} (not posted), blocking the JavaScript thread. */
+  regionWriteSync(
+    index: number,
+    offset: number | bigint,
+    data: Uint8Array,
+    options: Omit<CallOptions, 'signal'> = {},
+  ): void {
+    regionWriteSync(this[CHANNEL], index, offset, data, options)
+  }
+
+  /**
+   * DEVICE_GET_IRQ_INFO for irq index `index` (PCI: 0 INTx, 1 MSI, 2 MSI-X, 3 ERR, 4 REQ).
+   * @throws {VfioUserError} (rejection) `'EPROTO'` when the reply is for another index.
+   */
+  irqInfo(index: number, options: CallOptions = {}): Promise<IrqInfo> {
+    return irqInfo(this[CHANNEL], index, options)
   }
 
   /**

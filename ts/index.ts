@@ -10,6 +10,10 @@ export {
   parseCapabilities,
   type TwinSocketCapability,
 } from './capabilities'
+export type { CallOptions } from './channel'
 export { type ConnectOptions, connect, type Reply, type SendOptions, type VersionInfo, VfioUserClient } from './client'
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
+export type { DeviceInfo } from './device'
 export { VfioUserError } from './errors'
+export type { IrqInfo } from './irq'
+export { RegionInfo, type RegionWriteOptions, type SparseArea } from './region'

@@ -95,7 +95,10 @@ pub fn decode_region_info(payload: &[u8], index: u32) -> Result<RegionInfo, Prot
             info.size, info.offset
         )));
     }
-    if info.flags & REGION_FLAG_CAPS == 0 {
+    // A server asked with too little room says how much it needs and leaves its capabilities
+    // out (libvfio-user also clears CAPS then; rust-vmm's server leaves it set): nothing to
+    // walk until asked again with that much.
+    if info.flags & REGION_FLAG_CAPS == 0 || info.argsz as usize > payload.len() {
         return Ok(info);
     }
     walk_caps(payload, &mut info)?;
@@ -358,6 +361,11 @@ mod tests {
             .contains("past region"));
         let mut outside = info(4096, &[(CAP_SPARSE_MMAP, sparse(&[(0, 16)]))]);
         put_u32(&mut outside, 12, 4096);
+        // Claiming more room than it used does not excuse a chain that leaves the payload.
+        assert!(decode_region_info(&outside, 0).is_err());
+        put_u32(&mut outside, 0, 4096);
+        assert!(decode_region_info(&outside, 0).unwrap().sparse.is_none());
+        put_u32(&mut outside, 0, 64);
         assert!(decode_region_info(&outside, 0).is_err());
         let mut unaligned = info(4096, &[(CAP_SPARSE_MMAP, sparse(&[(0, 16)]))]);
         put_u32(&mut unaligned, 12, 33);

@@ -1,0 +1,139 @@
+// The typed device, region and irq calls against the real rust-vmm server (crates/test-device).
+import { closeSync, fstatSync, readdirSync } from 'node:fs'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Command, connect, type VfioUserClient } from '../ts/index'
+import { startTestDevice, type TestDevice } from '../ts/testing'
+import { rejection } from './rejection'
+import { regionAccess } from './wire'
+
+let device: TestDevice
+let client: VfioUserClient
+
+beforeAll(async () => {
+  device = await startTestDevice()
+  client = await connect(device.socketPath)
+  await client.validateVersion()
+})
+
+afterAll(async () => {
+  await client.close()
+  await device.close()
+})
+
+const openFds = () => readdirSync('/proc/self/fd').length
+
+describe('typed calls against the test device', () => {
+  it('deviceInfo: a PCI device with 9 regions and 5 irq indexes', async () => {
+    expect(await client.deviceInfo()).toEqual({ flags: 3, reset: true, pci: true, numRegions: 9, numIrqs: 5 })
+  })
+
+  it('reset: sent once deviceInfo said it is supported', async () => {
+    await client.reset()
+  })
+
+  it('regionInfo: BAR0 after asking again with room for its sparse area, with its fd', async () => {
+    const before = openFds()
+    const bar0 = await client.regionInfo(0)
+    expect(bar0).toMatchObject({ index: 0, read: true, write: true, mmap: true, size: 4096n, offset: 0n })
+    expect(bar0.sparse).toEqual([{ offset: 0n, size: 4096n }])
+    expect(bar0.warnings).toEqual([])
+    const fd = bar0.fd as number
+    expect(fstatSync(fd).size).toBeGreaterThanOrEqual(4096)
+    expect(openFds()).toBe(before + 1)
+    bar0.close()
+    bar0.close()
+    expect(bar0.fd).toBeUndefined()
+    expect(openFds()).toBe(before)
+    // Handed over: the caller owns it from then on.
+    using again = await client.regionInfo(0)
+    const taken = again.takeFd() as number
+    expect(again.fd).toBeUndefined()
+    expect(fstatSync(taken).isFile()).toBe(true)
+    closeSync(taken)
+  })
+
+  it('regionInfo: config space has no fd and no capabilities', async () => {
+    using config = await client.regionInfo(7)
+    expect(config).toMatchObject({ index: 7, read: true, write: true, mmap: false, size: 256n })
+    expect(config.fd).toBeUndefined()
+    expect(config.sparse).toBeUndefined()
+  })
+
+  it('regionRead and regionWrite, async and sync, agree with a raw REGION_READ', async () => {
+    const data = Buffer.from('typed calls!')
+    await client.regionWrite(0, 100, data)
+    expect(await client.regionRead(0, 100, data.length)).toEqual(data)
+    expect(client.regionReadSync(0, 100n, data.length)).toEqual(data)
+    client.regionWriteSync(0, 200, Buffer.from([1, 2, 3, 4]))
+    const raw = client.sendWaitSync(Command.REGION_READ, regionAccess(0, 200, 4))
+    expect(raw.payload.subarray(16)).toEqual(Buffer.from([1, 2, 3, 4]))
+    // Posted writes are ordered: the read behind them sees them.
+    await client.regionWrite(0, 300, Buffer.from([9, 9]), { posted: true })
+    expect(await client.regionRead(0, 300, 2)).toEqual(Buffer.from([9, 9]))
+    // PCI config space: QEMU's test device ids.
+    const ids = client.regionReadSync(7, 0, 4)
+    expect([ids.readUInt16LE(0), ids.readUInt16LE(2)]).toEqual([0x1b36, 0x0005])
+  })
+
+  it('a whole BAR in one call, and many calls in flight', async () => {
+    const pattern = Buffer.alloc(4096)
+    for (let i = 0; i < pattern.length - 4; i++) pattern[i] = (i * 7) & 0xff
+    await client.regionWrite(0, 0, pattern.subarray(0, 4092))
+    const reads = await Promise.all(Array.from({ length: 64 }, (_, i) => client.regionRead(0, i * 16, 16)))
+    expect(Buffer.concat(reads)).toEqual(pattern.subarray(0, 1024))
+    expect((await client.regionRead(0, 0, 4092)).equals(pattern.subarray(0, 4092))).toBe(true)
+  })
+
+  it('irqInfo: INTx has one vector, MSI four', async () => {
+    expect(await client.irqInfo(0)).toMatchObject({ index: 0, count: 1, eventfd: true })
+    expect(await client.irqInfo(1)).toMatchObject({ index: 1, count: 4, eventfd: true, maskable: false })
+  })
+
+  it("the server's errors: an access past a region, an unreadable region", async () => {
+    const past = await rejection(client.regionRead(0, 4094, 4))
+    expect(past.command).toBe(Command.REGION_READ)
+    const unreadable = await rejection(client.regionRead(1, 0, 4))
+    expect(unreadable.commandName).toBe('REGION_READ')
+    // The connection is still in sync.
+    expect((await client.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
+  })
+
+  it('bad arguments throw before anything is sent', () => {
+    const c = client as unknown as Record<string, (...a: unknown[]) => unknown>
+    const call =
+      (name: string, ...args: unknown[]) =>
+      () =>
+        c[name]?.apply(client, args)
+    expect(call('regionRead', -1, 0, 4)).toThrow(RangeError)
+    expect(call('regionRead', 2 ** 32, 0, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, -1, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, 1.5, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, 2 ** 64 * 2, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, 1n << 64n, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, (1n << 64n) - 2n, 4)).toThrow(RangeError)
+    expect(call('regionRead', 0, '0', 4)).toThrow(TypeError)
+    expect(call('regionRead', 0, 0, 0)).toThrow(RangeError)
+    expect(call('regionRead', 0, 0, 2 ** 32)).toThrow(RangeError)
+    expect(call('regionReadSync', 0, 0, 2 ** 32)).toThrow(RangeError)
+    expect(call('regionWrite', 0, 0, Buffer.alloc(0))).toThrow(RangeError)
+    expect(call('regionWrite', 0, 0, 'data')).toThrow(TypeError)
+    expect(call('regionWrite', 0, 0, Buffer.alloc(1), { posted: 1 })).toThrow(TypeError)
+    expect(call('regionWriteSync', 0, 0, [1, 2])).toThrow(TypeError)
+    expect(call('regionInfo', -1)).toThrow(RangeError)
+    expect(call('irqInfo', 0.5)).toThrow(RangeError)
+    const detached = new Uint8Array(new ArrayBuffer(8))
+    structuredClone(detached.buffer, { transfer: [detached.buffer] })
+    expect(call('regionWrite', 0, 0, detached)).toThrow(TypeError)
+  })
+
+  it('calls after close fail with ECONNABORTED', async () => {
+    // The test device serves one connection at a time: this one needs its own.
+    await using own = await startTestDevice()
+    const c = await connect(own.socketPath)
+    await c.validateVersion()
+    await c.close()
+    expect((await rejection(c.regionRead(0, 0, 4))).code).toBe('ECONNABORTED')
+    expect((await rejection(c.deviceInfo())).code).toBe('ECONNABORTED')
+    expect(() => c.regionReadSync(0, 0, 4)).toThrow(expect.objectContaining({ code: 'ECONNABORTED' }))
+  })
+})

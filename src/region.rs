@@ -1,0 +1,192 @@
+//! Region calls on `NativeClient`: REGION_READ/REGION_WRITE through the client crate's
+//! `region.rs`, and the REGION_INFO request and reply through the proto crate's.
+//! Offsets arrive as two u32 halves (hi, lo): exact past 2^53, and cheaper than a BigInt.
+
+use crate::client::NativeClient;
+use crate::convert::{self, NativeError};
+use crate::events::Event;
+use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
+use napi::{Env, Result};
+use napi_derive::napi;
+use std::time::Duration;
+use vfio_user_client::proto::{region, Command, Header, HEADER_SIZE};
+use vfio_user_client::{Error, Reply};
+
+fn offset(hi: u32, lo: u32) -> u64 {
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+fn timeout(ms: Option<u32>) -> Option<Duration> {
+    ms.map(|ms| Duration::from_millis(u64::from(ms)))
+}
+
+/// What an async transfer's completion hands to JS: a plain reply whose payload is the bytes
+/// read (none for a write), settled by the facade like any reply.
+fn as_reply(
+    command: Command,
+    r: std::result::Result<Vec<u8>, Error>,
+) -> std::result::Result<Reply, Error> {
+    r.map(|payload| Reply {
+        header: Header {
+            id: 0,
+            command: command as u16,
+            size: (HEADER_SIZE + payload.len()).min(u32::MAX as usize) as u32,
+            flags: 1,
+            error: 0,
+        },
+        payload,
+        fds: Vec::new(),
+    })
+}
+
+#[napi]
+impl NativeClient {
+    /// Reads `length` bytes of region `index` at offset (hi, lo), blocking. Null on failure
+    /// (see `take_error`).
+    #[napi]
+    pub fn region_read_sync<'env>(
+        &self,
+        env: &'env Env,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        length: u32,
+        timeout_ms: Option<u32>,
+    ) -> Result<Option<BufferSlice<'env>>> {
+        let at = offset(offset_hi, offset_lo);
+        match self.live(|c| c.region_read(index, at, length as usize, timeout(timeout_ms))) {
+            Ok(data) => Ok(Some(BufferSlice::copy_from(env, &data)?)),
+            Err(e) => {
+                *self.last_error.borrow_mut() = Some(e);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see
+    /// `take_error`).
+    #[napi]
+    pub fn region_write_sync(
+        &self,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        data: BufferSlice,
+        timeout_ms: Option<u32>,
+    ) -> bool {
+        let at = offset(offset_hi, offset_lo);
+        match self.live(|c| c.region_write(index, at, &data, timeout(timeout_ms))) {
+            Ok(()) => true,
+            Err(e) => {
+                *self.last_error.borrow_mut() = Some(e);
+                false
+            }
+        }
+    }
+
+    /// Reads like `region_read_sync`; the bytes arrive as the payload of a reply event with
+    /// `token`. Returns an error if nothing was sent (then no event follows).
+    #[napi]
+    pub fn region_read(
+        &self,
+        token: u32,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        length: u32,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let at = offset(offset_hi, offset_lo);
+        let done =
+            Box::new(move |r| events.push(Event::Done(token, as_reply(Command::RegionRead, r))));
+        self.live(|c| c.region_read_callback(index, at, length as usize, timeout(timeout_ms), done))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Writes like `region_write_sync`; an empty reply event with `token` follows. Returns an
+    /// error if nothing was sent (then no event follows).
+    #[napi]
+    pub fn region_write(
+        &self,
+        token: u32,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        data: BufferSlice,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let at = offset(offset_hi, offset_lo);
+        let events = self.events.clone();
+        let done =
+            Box::new(move |r| events.push(Event::Done(token, as_reply(Command::RegionWrite, r))));
+        self.live(|c| c.region_write_callback(index, at, &data, timeout(timeout_ms), done))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Writes as posted writes (No_reply): nothing follows. Returns an error if it could not
+    /// all be sent.
+    #[napi]
+    pub fn region_write_posted(
+        &self,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        data: BufferSlice,
+    ) -> Option<NativeError> {
+        let at = offset(offset_hi, offset_lo);
+        self.live(|c| c.region_write_posted(index, at, &data))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+}
+
+/// A decoded DEVICE_GET_REGION_INFO reply.
+#[napi(object, object_from_js = false)]
+pub struct NativeRegionInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub size: BigInt,
+    pub offset: BigInt,
+    /// Offset and size of each sparse mmap area, flat: [offset0, size0, offset1, size1, …].
+    pub sparse: Option<Vec<BigInt>>,
+    pub region_type: Option<u32>,
+    pub region_subtype: Option<u32>,
+    pub warnings: Vec<String>,
+}
+
+/// The DEVICE_GET_REGION_INFO request payload for `index`, accepting up to `argsz` bytes.
+#[napi]
+pub fn region_info_request(index: u32, argsz: u32) -> Buffer {
+    region::region_info_request(index, argsz).to_vec().into()
+}
+
+/// Decodes a DEVICE_GET_REGION_INFO reply payload for `index`.
+#[napi]
+pub fn decode_region_info(
+    payload: BufferSlice,
+    index: u32,
+) -> Either<NativeRegionInfo, NativeError> {
+    match region::decode_region_info(&payload, index) {
+        Ok(r) => Either::A(NativeRegionInfo {
+            argsz: r.argsz,
+            flags: r.flags,
+            index: r.index,
+            size: BigInt::from(r.size),
+            offset: BigInt::from(r.offset),
+            sparse: r.sparse.map(|areas| {
+                areas
+                    .iter()
+                    .flat_map(|a| [BigInt::from(a.offset), BigInt::from(a.size)])
+                    .collect()
+            }),
+            region_type: r.region_type.map(|t| t.0),
+            region_subtype: r.region_type.map(|t| t.1),
+            warnings: r.warnings,
+        }),
+        Err(e) => Either::B(NativeError::proto_reply(Command::DeviceGetRegionInfo, e)),
+    }
+}

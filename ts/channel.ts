@@ -1,0 +1,30 @@
+// What the per-command modules (device.ts, region.ts, irq.ts) need from a connection: the
+// native client and the ways to send through it. A client hands its own to them; they
+// shape arguments and results and never see its other internals.
+import type { VfioUserError } from './errors'
+import type { NativeClient, NativeError } from './native'
+import type { Reply } from './reply'
+
+/** Options every typed asynchronous call accepts. */
+export interface CallOptions {
+  /** Overrides the client's timeout for this call, in ms. */
+  timeoutMs?: number
+  /** Rejects the promise with an `AbortError` when aborted (what was sent may still complete). */
+  signal?: AbortSignal
+}
+
+/** @internal A connection as the per-command modules use it. */
+export interface Channel {
+  readonly native: NativeClient
+  /** Sends `command` with `payload` and resolves with the reply (`sendWait`). */
+  send(command: number, payload: Uint8Array, options?: CallOptions): Promise<Reply>
+  /**
+   * Starts a native call that completes with a reply event for `token`; `start` returns the
+   * error when nothing was sent. Resolves with the reply, or rejects with the error.
+   */
+  call(command: number, start: (token: number) => NativeError | null, options?: CallOptions): Promise<Reply>
+  /** The error of the last native sync call that failed, as a `VfioUserError`. */
+  lastError(): VfioUserError
+  /** A native error record as a `VfioUserError` naming this connection. */
+  error(e: NativeError): VfioUserError
+}

@@ -1,0 +1,233 @@
+// DEVICE_GET_REGION_INFO, REGION_READ and REGION_WRITE as typed calls (protocol.md 3.4,
+// 3.8). Region info is encoded and decoded by the proto crate's region.rs; reads and writes
+// are split, pipelined and checked by the client crate's region.rs.
+import { closeSync } from 'node:fs'
+import { checkData, checkInteger, checkOffset, checkTimeout } from './args'
+import type { CallOptions, Channel } from './channel'
+import { Command } from './command'
+import { native } from './native'
+
+/** The most bytes of region info (fixed part and capabilities) a server may ask us to accept. */
+const MAX_REGION_INFO = 64 * 1024
+const FIXED_REGION_INFO = 32
+
+/** An area of a region that may be mmapped, relative to the region's mmap offset. */
+export interface SparseArea {
+  offset: bigint
+  size: bigint
+}
+
+/**
+ * What DEVICE_GET_REGION_INFO reports about one region. When the server sent the region's fd
+ * (mmappable regions) this object owns it: `close()` (or `using`) closes it, `takeFd()` hands
+ * it over to you.
+ */
+export class RegionInfo {
+  /** The region index (PCI: 0-5 BARs, 6 ROM, 7 config space, 8 VGA). */
+  readonly index: number
+  /** The raw flags. */
+  readonly flags: number
+  readonly read: boolean
+  readonly write: boolean
+  /** The region may be mmapped from its fd. */
+  readonly mmap: boolean
+  /** Size in bytes. */
+  readonly size: bigint
+  /** The offset to mmap the region's fd at; sparse areas are relative to it. */
+  readonly offset: bigint
+  /** The SPARSE_MMAP capability's areas, when the server sent one. */
+  readonly sparse?: SparseArea[]
+  /** The TYPE capability, for device-specific regions. */
+  readonly type?: { type: number; subtype: number }
+  /** Accepted oddities (unknown capabilities skipped, an fd that came without MMAP). */
+  readonly warnings: string[]
+  #fd?: number
+
+  /** @internal Built by {@link regionInfo}. */
+  constructor(fields: Omit<RegionInfo, 'fd' | 'takeFd' | 'close' | typeof Symbol.dispose>, fd: number | undefined) {
+    this.index = fields.index
+    this.flags = fields.flags
+    this.read = fields.read
+    this.write = fields.write
+    this.mmap = fields.mmap
+    this.size = fields.size
+    this.offset = fields.offset
+    if (fields.sparse) this.sparse = fields.sparse
+    if (fields.type) this.type = fields.type
+    this.warnings = fields.warnings
+    this.#fd = fd
+  }
+
+  /** The region's fd while this object owns it. */
+  get fd(): number | undefined {
+    return this.#fd
+  }
+
+  /** Hands the fd over: it is yours to close; this object forgets it. */
+  takeFd(): number | undefined {
+    const fd = this.#fd
+    this.#fd = undefined
+    return fd
+  }
+
+  /** Closes the fd if this object still owns it. Idempotent. */
+  close(): void {
+    const fd = this.takeFd()
+    if (fd !== undefined) closeSync(fd)
+  }
+
+  /** Same as {@link RegionInfo.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close()
+  }
+}
+
+function closeAll(fds: number[]): void {
+  for (const fd of fds) {
+    try {
+      closeSync(fd)
+    } catch {
+      // Already closed: nothing to release.
+    }
+  }
+}
+
+/**
+ * Sends DEVICE_GET_REGION_INFO for `index`. A server that needs more room than the fixed 32
+ * bytes (for capabilities, and then the fd) says so in its reply; the request is then sent
+ * once more with that much room.
+ */
+export function regionInfo(ch: Channel, index: number, options: CallOptions = {}): Promise<RegionInfo> {
+  checkInteger('index', index, 0, 0xffff_ffff)
+  return askRegionInfo(ch, index, options)
+}
+
+async function askRegionInfo(ch: Channel, index: number, options: CallOptions): Promise<RegionInfo> {
+  let argsz = FIXED_REGION_INFO
+  for (let attempt = 0; ; attempt++) {
+    const reply = await ch.send(Command.DEVICE_GET_REGION_INFO, native.regionInfoRequest(index, argsz), options)
+    const d = native.decodeRegionInfo(reply.payload, index)
+    if ('errno' in d) {
+      closeAll(reply.fds)
+      throw ch.error(d)
+    }
+    if (d.argsz > argsz && attempt === 0 && d.argsz <= MAX_REGION_INFO) {
+      closeAll(reply.fds)
+      argsz = d.argsz
+      continue
+    }
+    const warnings = [...d.warnings]
+    if (d.argsz > argsz) warnings.push(`the server needs ${d.argsz} bytes of region info; ${argsz} were accepted`)
+    const mmap = (d.flags & 4) !== 0
+    let fd: number | undefined
+    if (reply.fds.length > 0 && mmap) fd = reply.fds[0]
+    else if (reply.fds.length > 0) warnings.push('an fd came with a region that is not mmappable; it was closed')
+    closeAll(reply.fds.slice(fd === undefined ? 0 : 1))
+    const sparse = d.sparse
+      ? Array.from({ length: d.sparse.length / 2 }, (_, i) => ({
+          offset: d.sparse?.[2 * i] as bigint,
+          size: d.sparse?.[2 * i + 1] as bigint,
+        }))
+      : undefined
+    const type =
+      d.regionType === undefined || d.regionType === null
+        ? undefined
+        : { type: d.regionType, subtype: d.regionSubtype ?? 0 }
+    return new RegionInfo(
+      {
+        index: d.index,
+        flags: d.flags,
+        read: (d.flags & 1) !== 0,
+        write: (d.flags & 2) !== 0,
+        mmap,
+        size: d.size,
+        offset: d.offset,
+        sparse,
+        type,
+        warnings,
+      },
+      fd,
+    )
+  }
+}
+
+/** Options of {@link regionWrite}. */
+export interface RegionWriteOptions extends CallOptions {
+  /** Send as posted writes (No_reply): ordered with everything else, answered by nothing. */
+  posted?: boolean
+}
+
+function checkAccess(index: number, offset: unknown, length: number) {
+  checkInteger('index', index, 0, 0xffff_ffff)
+  const at = checkOffset('offset', offset)
+  checkInteger('length', length, 1, 0xffff_ffff)
+  if (at.value + BigInt(length) > 1n << 64n) throw new RangeError(`${length} bytes at offset ${at.value} pass 2^64`)
+  return at
+}
+
+/** Reads `length` bytes at `offset` of region `index`. */
+export function regionRead(
+  ch: Channel,
+  index: number,
+  offset: number | bigint,
+  length: number,
+  options: CallOptions = {},
+): Promise<Buffer> {
+  const at = checkAccess(index, offset, length)
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  return ch
+    .call(Command.REGION_READ, (token) => ch.native.regionRead(token, index, at.hi, at.lo, length, timeoutMs), options)
+    .then((reply) => reply.payload)
+}
+
+/** {@link regionRead}, blocking the JavaScript thread. */
+export function regionReadSync(
+  ch: Channel,
+  index: number,
+  offset: number | bigint,
+  length: number,
+  options: Omit<CallOptions, 'signal'> = {},
+): Buffer {
+  const at = checkAccess(index, offset, length)
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
+  if (data === null) throw ch.lastError()
+  return data
+}
+
+/** Writes `data` at `offset` of region `index`. */
+export function regionWrite(
+  ch: Channel,
+  index: number,
+  offset: number | bigint,
+  data: Uint8Array,
+  options: RegionWriteOptions = {},
+): Promise<void> {
+  const bytes = checkData(data)
+  const at = checkAccess(index, offset, bytes.byteLength)
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  if (options.posted !== undefined && typeof options.posted !== 'boolean') {
+    throw new TypeError('posted must be a boolean')
+  }
+  if (options.posted) {
+    const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
+    return refused ? Promise.reject(ch.error(refused)) : Promise.resolve()
+  }
+  return ch
+    .call(Command.REGION_WRITE, (token) => ch.native.regionWrite(token, index, at.hi, at.lo, bytes, timeoutMs), options)
+    .then(() => undefined)
+}
+
+/** {@link regionWrite} (not posted), blocking the JavaScript thread. */
+export function regionWriteSync(
+  ch: Channel,
+  index: number,
+  offset: number | bigint,
+  data: Uint8Array,
+  options: Omit<CallOptions, 'signal'> = {},
+): void {
+  const bytes = checkData(data)
+  const at = checkAccess(index, offset, bytes.byteLength)
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
+}
