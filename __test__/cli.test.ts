@@ -23,6 +23,11 @@ describe('vfio-user probe', () => {
       /^write_multiple +false$/m,
       /^migration +pgsize 4096/m,
       /^twin_socket +absent$/m,
+      /^device +9 regions, 5 irq indexes, flags PCI reset$/m,
+      /^region 0 +BAR0 +rwm size 0x1000 mmap offset 0x0 sparse 0x0\+0x1000 fd$/m,
+      /^region 7 +CONFIG +rw- size 0x100$/m,
+      /^irq 1 +MSI +4 vector\(s\), eventfd$/m,
+      /^pci +vendor 0x1b36 device 0x0005 /m,
     ]) {
       expect(r.stdout).toMatch(line)
     }
@@ -36,6 +41,16 @@ describe('vfio-user probe', () => {
     expect(out.socket).toBe(device.socketPath)
     expect(out.capabilities.maxMsgFds).toBe(1)
     expect(out.warnings).toEqual([])
+    expect(out.device).toMatchObject({ numRegions: 9, numIrqs: 5, reset: true })
+    expect(out.regions[0]).toMatchObject({
+      index: 0,
+      size: '4096',
+      hasFd: true,
+      sparse: [{ offset: '0', size: '4096' }],
+    })
+    expect(out.irqs.map((i: { count: number }) => i.count)).toEqual([1, 4, 0, 0, 0])
+    expect(out.pci).toMatchObject({ vendorId: 0x1b36, deviceId: 0x0005, capabilities: [] })
+    expect(out.errors).toEqual([])
   })
 
   it('fails with the errno name and the path', () => {

@@ -16,4 +16,5 @@ export { Command, type CommandName, type CommandNumber, commandName } from './co
 export type { DeviceInfo } from './device'
 export { VfioUserError } from './errors'
 export type { IrqInfo } from './irq'
+export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
 export { RegionInfo, type RegionWriteOptions, type SparseArea } from './region'
