@@ -117,6 +117,80 @@ function table(rows) {
   for (const r of rows) console.log(r.map((c, i) => c.padEnd(widths[i])).join('  '))
 }
 
+/**
+ * The typed calls (issue 8's goals): `regionReadSync` of 4 bytes against `sendWaitSync` of the
+ * same REGION_READ, and 1 MiB `regionRead`s against the same bytes pushed through a socketpair
+ * (the floor binary's `stream` mode), rounds alternating. Returns the goals missed.
+ */
+async function typedCalls(socketPath) {
+  const MIB = 1 << 20
+  const BIG = Number(process.env.BENCH_MIB ?? 200)
+  const access = Buffer.alloc(16)
+  access.writeUInt32LE(4, 12)
+  const runs = { regionReadSync: [], sendWaitSync: [], regionRead: [], stream: [] }
+  const client = await connect(socketPath)
+  try {
+    await client.validateVersion()
+    for (let i = 0; i < 1000; i++) client.regionReadSync(0, 0, 4)
+    const timed = (fn, n) => {
+      const start = process.hrtime.bigint()
+      fn()
+      return Number(process.hrtime.bigint() - start) / 1e3 / n
+    }
+    const timedAsync = async (fn, n) => {
+      const start = process.hrtime.bigint()
+      await fn()
+      return Number(process.hrtime.bigint() - start) / 1e3 / n
+    }
+    for (let round = 0; round < ROUNDS; round++) {
+      runs.sendWaitSync.push(
+        timed(() => {
+          for (let i = 0; i < COUNT; i++) client.sendWaitSync(Command.REGION_READ, access)
+        }, COUNT),
+      )
+      runs.regionReadSync.push(
+        timed(() => {
+          for (let i = 0; i < COUNT; i++) client.regionReadSync(0, 0, 4)
+        }, COUNT),
+      )
+      runs.regionRead.push(
+        await timedAsync(async () => {
+          for (let i = 0; i < BIG; i++) await client.regionRead(2, 0, MIB)
+        }, BIG),
+      )
+      const out = execFileSync(binary('vfio-user-bench-floor'), ['-', String(BIG), 'stream'], { encoding: 'utf8' })
+      const r = JSON.parse(out)
+      runs.stream.push((r.seconds / BIG) * 1e6)
+    }
+  } finally {
+    await client.close()
+  }
+  const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]))
+  const mbs = (usPerMib) => (1e6 / usPerMib).toFixed(0)
+  const readRatio = m.regionReadSync / m.sendWaitSync
+  const throughput = m.stream / m.regionRead
+  const rows = [
+    ['typed calls (medians)', 'per call', 'vs', 'goal'],
+    ['sendWaitSync REGION_READ 4 B', `${fmt(m.sendWaitSync)} µs`, '1.00x', ''],
+    [
+      'regionReadSync 4 B',
+      `${fmt(m.regionReadSync)} µs`,
+      `${readRatio.toFixed(2)}x`,
+      `<= 1.1x ${readRatio <= 1.1 ? 'met' : 'MISSED'}`,
+    ],
+    ['socketpair, 1 MiB', `${mbs(m.stream)} MB/s`, '1.00x', ''],
+    [
+      'regionRead 1 MiB',
+      `${mbs(m.regionRead)} MB/s`,
+      `${throughput.toFixed(2)}x`,
+      `>= 0.8x ${throughput >= 0.8 ? 'met' : 'MISSED'}`,
+    ],
+  ]
+  console.log('')
+  table(rows)
+  return (readRatio <= 1.1 ? 0 : 1) + (throughput >= 0.8 ? 0 : 1)
+}
+
 const device = await startTestDevice({ binary: binary('vfio-user-test-device') })
 try {
   const runs = {
@@ -184,6 +258,7 @@ try {
   console.log(`\n${COUNT} requests x ${ROUNDS} rounds; CPU is user + sys µs per request of the client's process`)
   if (process.env.BENCH_PINNED) console.log(`everything pinned to CPU ${process.env.BENCH_PINNED} (BENCH_PIN)`)
   if (process.env.BENCH_JSON) console.log(JSON.stringify({ floor: f, ceiling: c, results }))
+  missed += await typedCalls(device.socketPath)
   if (missed > 0) console.log(`${missed} goal(s) missed`)
 } finally {
   await device.close()

@@ -41,7 +41,14 @@ impl ToNapiValue for Batch {
                         if r.header.flags == PLAIN_REPLY && r.fds.is_empty() =>
                     {
                         let id = u32::from(r.header.id);
-                        (token, id, Payload::to_napi_value(env, Payload(r.payload))?)
+                        (
+                            token,
+                            id,
+                            Payload::to_napi_value(env, Payload::whole(r.payload))?,
+                        )
+                    }
+                    Event::Data(token, payload) => {
+                        (token, 0, Payload::to_napi_value(env, payload)?)
                     }
                     other => (
                         other.token(),

@@ -1,9 +1,10 @@
 //! Plain-object shapes handed to JavaScript, and conversions into them. Results are tagged
 //! (`error` set or not) rather than thrown, so the errno survives the trip; `ts/` throws.
 
-use napi::bindgen_prelude::{Buffer, ToNapiValue, TypeName};
+use napi::bindgen_prelude::{ToNapiValue, TypeName};
 use napi::{sys, ValueType};
 use napi_derive::napi;
+use std::ffi::c_void;
 use std::os::fd::IntoRawFd;
 use vfio_user_client::proto::{Capabilities, Command, ProtoError, Version};
 use vfio_user_client::{Error, Reply};
@@ -39,7 +40,21 @@ pub fn from_error(e: &Error) -> NativeError {
 /// A reply payload on its way to JS: small ones are copied into a JS-owned Buffer, which
 /// costs less than an external one (a backing store and a finalizer per reply, swept later);
 /// big ones are handed over without a copy.
-pub struct Payload(pub Vec<u8>);
+pub struct Payload {
+    pub buf: Vec<u8>,
+    /// Where the bytes start in `buf` (a region read leaves its access header in front).
+    pub start: usize,
+}
+
+impl Payload {
+    pub fn whole(buf: Vec<u8>) -> Payload {
+        Payload { buf, start: 0 }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
+    }
+}
 
 /// Payloads up to this size are copied.
 const COPY_LIMIT: usize = 64 * 1024;
@@ -54,30 +69,64 @@ impl TypeName for Payload {
     }
 }
 
+/// Frees the Vec behind an external Buffer once V8 has collected the Buffer.
+extern "C" fn drop_payload(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `hint` is the Box<Vec<u8>> leaked in `to_napi_value` for this Buffer alone, and
+    // napi calls this finalizer exactly once.
+    drop(unsafe { Box::from_raw(hint.cast::<Vec<u8>>()) });
+}
+
 impl ToNapiValue for Payload {
     unsafe fn to_napi_value(env: sys::napi_env, val: Self) -> napi::Result<sys::napi_value> {
-        if val.0.is_empty() || val.0.len() > COPY_LIMIT {
-            // SAFETY: forwarded as received (same env, during a conversion into JS).
-            return unsafe { Buffer::to_napi_value(env, Buffer::from(val.0)) };
+        let len = val.bytes().len();
+        if len > COPY_LIMIT {
+            // Handed over without a copy: the Buffer views our Vec from `start`.
+            let start = val.start;
+            let owned = Box::into_raw(Box::new(val.buf));
+            let mut out = std::ptr::null_mut();
+            // SAFETY: `owned` is a live Vec of at least `start + len` bytes that nothing else
+            // touches until the finalizer frees it; `env` is live, on its thread.
+            let status = unsafe {
+                let data = (*owned).as_mut_ptr().add(start);
+                sys::napi_create_external_buffer(
+                    env,
+                    len,
+                    data.cast(),
+                    Some(drop_payload),
+                    owned.cast(),
+                    &mut out,
+                )
+            };
+            if status == sys::Status::napi_ok {
+                return Ok(out);
+            }
+            // External buffers refused (some embedders forbid them): copy instead.
+            // SAFETY: napi did not take `owned`; it is ours again.
+            let buf = unsafe { Box::from_raw(owned) };
+            // SAFETY: as below.
+            return unsafe { copy_buffer(env, buf.get(start..).unwrap_or_default()) };
         }
-        let mut data = std::ptr::null_mut();
-        let mut out = std::ptr::null_mut();
-        // SAFETY: `env` is live (we are converting a value for JS on its thread); the source
-        // slice is valid for its length and napi copies it before returning.
-        let status = unsafe {
-            sys::napi_create_buffer_copy(
-                env,
-                val.0.len(),
-                val.0.as_ptr().cast(),
-                &mut data,
-                &mut out,
-            )
-        };
-        if status != sys::Status::napi_ok {
-            return Err(napi::Error::from_reason("cannot create a reply Buffer"));
-        }
-        Ok(out)
+        // SAFETY: forwarded as received (same env, during a conversion into JS).
+        unsafe { copy_buffer(env, val.bytes()) }
     }
+}
+
+/// A JS-owned Buffer holding a copy of `bytes`.
+///
+/// # Safety
+/// `env` must be live and the call made on its thread.
+unsafe fn copy_buffer(env: sys::napi_env, bytes: &[u8]) -> napi::Result<sys::napi_value> {
+    let mut data = std::ptr::null_mut();
+    let mut out = std::ptr::null_mut();
+    // SAFETY: per this function's contract; the source slice is valid for its length and napi
+    // copies it before returning.
+    let status = unsafe {
+        sys::napi_create_buffer_copy(env, bytes.len(), bytes.as_ptr().cast(), &mut data, &mut out)
+    };
+    if status != sys::Status::napi_ok {
+        return Err(napi::Error::from_reason("cannot create a reply Buffer"));
+    }
+    Ok(out)
 }
 
 #[napi(object, object_from_js = false)]
@@ -96,7 +145,7 @@ pub fn reply(r: Reply) -> NativeReply {
         id: u32::from(r.header.id),
         command: u32::from(r.header.command),
         flags: r.header.flags,
-        payload: Payload(r.payload),
+        payload: Payload::whole(r.payload),
         fds: r.fds.into_iter().map(IntoRawFd::into_raw_fd).collect(),
     }
 }

@@ -5,7 +5,7 @@
 //! per request, and no libuv threadpool thread is ever parked.
 
 use crate::batch::Batch;
-use crate::convert::{self, NativeError, NativeReply};
+use crate::convert::{self, NativeError, NativeReply, Payload};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
@@ -25,6 +25,8 @@ pub struct NativeEvent {
 
 pub enum Event {
     Done(u32, Result<Reply, Error>),
+    /// A typed call's bytes (a region read; none for a write), settled like a plain reply.
+    Data(u32, Payload),
     Closed(Error),
 }
 
@@ -32,7 +34,7 @@ impl Event {
     /// The request's token, or 0 for the connection's own events.
     pub fn token(&self) -> u32 {
         match self {
-            Event::Done(token, _) => *token,
+            Event::Done(token, _) | Event::Data(token, _) => *token,
             Event::Closed(_) => 0,
         }
     }
@@ -49,6 +51,18 @@ impl Event {
                 token,
                 reply: None,
                 error: Some(convert::from_error(&e)),
+                closed: None,
+            },
+            Event::Data(token, payload) => NativeEvent {
+                token,
+                reply: Some(NativeReply {
+                    id: 0,
+                    command: 0,
+                    flags: 1,
+                    payload,
+                    fds: Vec::new(),
+                }),
+                error: None,
                 closed: None,
             },
             Event::Closed(e) => NativeEvent {

@@ -3,14 +3,14 @@
 //! Offsets arrive as two u32 halves (hi, lo): exact past 2^53, and cheaper than a BigInt.
 
 use crate::client::NativeClient;
-use crate::convert::{self, NativeError};
+use crate::convert::{self, NativeError, Payload};
 use crate::events::Event;
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
 use napi::{Env, Result};
 use napi_derive::napi;
 use std::time::Duration;
-use vfio_user_client::proto::{region, Command, Header, HEADER_SIZE};
-use vfio_user_client::{Error, Reply};
+use vfio_user_client::proto::{region, Command};
+use vfio_user_client::{Error, ReadData};
 
 fn offset(hi: u32, lo: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
@@ -20,23 +20,19 @@ fn timeout(ms: Option<u32>) -> Option<Duration> {
     ms.map(|ms| Duration::from_millis(u64::from(ms)))
 }
 
-/// What an async transfer's completion hands to JS: a plain reply whose payload is the bytes
-/// read (none for a write), settled by the facade like any reply.
-fn as_reply(
-    command: Command,
-    r: std::result::Result<Vec<u8>, Error>,
-) -> std::result::Result<Reply, Error> {
-    r.map(|payload| Reply {
-        header: Header {
-            id: 0,
-            command: command as u16,
-            size: (HEADER_SIZE + payload.len()).min(u32::MAX as usize) as u32,
-            flags: 1,
-            error: 0,
-        },
-        payload,
-        fds: Vec::new(),
-    })
+/// What an async transfer's completion hands to JS: the bytes read (none for a write) as a
+/// plain reply's payload, or the failure.
+fn settle(token: u32, r: std::result::Result<ReadData, Error>) -> Event {
+    match r {
+        Ok(d) => Event::Data(
+            token,
+            Payload {
+                buf: d.buf,
+                start: d.start,
+            },
+        ),
+        Err(e) => Event::Done(token, Err(e)),
+    }
 }
 
 #[napi]
@@ -55,7 +51,7 @@ impl NativeClient {
     ) -> Result<Option<BufferSlice<'env>>> {
         let at = offset(offset_hi, offset_lo);
         match self.live(|c| c.region_read(index, at, length as usize, timeout(timeout_ms))) {
-            Ok(data) => Ok(Some(BufferSlice::copy_from(env, &data)?)),
+            Ok(data) => Ok(Some(BufferSlice::copy_from(env, data.as_slice())?)),
             Err(e) => {
                 *self.last_error.borrow_mut() = Some(e);
                 Ok(None)
@@ -98,8 +94,7 @@ impl NativeClient {
     ) -> Option<NativeError> {
         let events = self.events.clone();
         let at = offset(offset_hi, offset_lo);
-        let done =
-            Box::new(move |r| events.push(Event::Done(token, as_reply(Command::RegionRead, r))));
+        let done = Box::new(move |r| events.push(settle(token, r)));
         self.live(|c| c.region_read_callback(index, at, length as usize, timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))
@@ -119,8 +114,7 @@ impl NativeClient {
     ) -> Option<NativeError> {
         let at = offset(offset_hi, offset_lo);
         let events = self.events.clone();
-        let done =
-            Box::new(move |r| events.push(Event::Done(token, as_reply(Command::RegionWrite, r))));
+        let done = Box::new(move |r| events.push(settle(token, r)));
         self.live(|c| c.region_write_callback(index, at, &data, timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))

@@ -7,8 +7,10 @@
 //!   handed out as an mmapable fd through a sparse-mmap area covering the whole region.
 //!   Writing a u32 `v` at `DOORBELL` (0xffc) signals MSI vector `v` if an eventfd is wired to
 //!   it, else INTx.
+//! - BAR2 (region 2, 1 MiB) of plain memory, readable and writable over the socket only: room
+//!   for large transfers (split by `max_data_xfer_size`) and the throughput benchmark.
 //! - IRQs: INTx (1 vector), MSI (4 vectors), MSI-X/ERR/REQ with none; eventfds via SET_IRQS.
-//! - DEVICE_RESET clears BAR0 and restores config space.
+//! - DEVICE_RESET clears BAR0 and BAR2 and restores config space.
 //!
 //! It prints `listening SOCKET` once bound, then serves clients one after another until it is
 //! killed. A client that trips a panic inside the crate does not take the device down.
@@ -31,6 +33,8 @@ use vfio_user::{
 
 const NUM_REGIONS: u32 = 9;
 const BAR0: u32 = 0;
+const BAR2: u32 = 2;
+const BAR2_SIZE: u64 = 1 << 20;
 const CONFIG: u32 = 7;
 const BAR0_SIZE: u64 = 4096;
 const CONFIG_SIZE: u64 = 256;
@@ -41,6 +45,7 @@ const MSI_VECTORS: u32 = 4;
 
 struct Device {
     bar0: File,
+    bar2: Vec<u8>,
     config: [u8; CONFIG_SIZE as usize],
     /// (irq index, vector) -> eventfd.
     irqs: HashMap<(u32, u32), File>,
@@ -90,6 +95,11 @@ impl ServerBackend for Device {
                 check_range(region, offset, data.len(), BAR0_SIZE)?;
                 self.bar0.read_exact_at(data, offset)
             }
+            BAR2 => {
+                check_range(region, offset, data.len(), BAR2_SIZE)?;
+                data.copy_from_slice(&self.bar2[offset as usize..offset as usize + data.len()]);
+                Ok(())
+            }
             CONFIG => {
                 check_range(region, offset, data.len(), CONFIG_SIZE)?;
                 data.copy_from_slice(&self.config[offset as usize..offset as usize + data.len()]);
@@ -108,6 +118,11 @@ impl ServerBackend for Device {
                     let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
                     self.signal(v)?;
                 }
+                Ok(())
+            }
+            BAR2 => {
+                check_range(region, offset, data.len(), BAR2_SIZE)?;
+                self.bar2[offset as usize..offset as usize + data.len()].copy_from_slice(data);
                 Ok(())
             }
             CONFIG => {
@@ -152,6 +167,7 @@ impl ServerBackend for Device {
 
     fn reset(&mut self) -> io::Result<()> {
         self.bar0.write_all_at(&[0u8; BAR0_SIZE as usize], 0)?;
+        self.bar2.fill(0);
         self.config = initial_config();
         Ok(())
     }
@@ -237,6 +253,11 @@ fn main() {
                 }],
                 mmap_fd: Some(bar0.as_raw_fd()),
             },
+            BAR2 => ServerRegion {
+                region_info: region(i, BAR2_SIZE, rw),
+                sparse_areas: vec![],
+                mmap_fd: None,
+            },
             CONFIG => ServerRegion {
                 region_info: region(i, CONFIG_SIZE, rw),
                 sparse_areas: vec![],
@@ -285,6 +306,7 @@ fn main() {
     };
     let mut device = Device {
         bar0,
+        bar2: vec![0; BAR2_SIZE as usize],
         config: initial_config(),
         irqs: HashMap::new(),
         dma: HashMap::new(),

@@ -35,7 +35,7 @@ pub use error::Error;
 pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};
 pub use reader::ExternalReader;
-pub use region::DataCompletion;
+pub use region::{DataCompletion, ReadData};
 pub use socket::{connect_unix, MAX_RECV_FDS};
 pub use state::Stats;
 pub use ticket::Ticket;

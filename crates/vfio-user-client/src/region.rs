@@ -7,11 +7,37 @@ use crate::{Client, Error};
 use nix::errno::Errno;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vfio_user_proto::region::{check_region_write_reply, region_access, region_read_data};
+use vfio_user_proto::region::{
+    check_region_write_reply, region_access, region_read_data, ACCESS_HEADER_SIZE,
+};
 use vfio_user_proto::{Command, ProtoError};
 
-/// Called once with the bytes read (or nothing, for a write), or the failure.
-pub type DataCompletion = Box<dyn FnOnce(Result<Vec<u8>, Error>) + Send>;
+/// Called once with the bytes read (none, for a write), or the failure.
+pub type DataCompletion = Box<dyn FnOnce(Result<ReadData, Error>) + Send>;
+
+/// Bytes read from a region: `buf[start..]`. A transfer of one piece hands over the reply's
+/// own buffer with its access header still in front, rather than moving the data.
+#[derive(Debug)]
+pub struct ReadData {
+    pub buf: Vec<u8>,
+    pub start: usize,
+}
+
+impl ReadData {
+    fn whole(buf: Vec<u8>) -> ReadData {
+        ReadData { buf, start: 0 }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
+    }
+
+    /// The bytes as a Vec of their own (moves them to the front when needed).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start.min(self.buf.len()));
+        self.buf
+    }
+}
 
 /// Where one piece of a transfer goes: its region offset, its byte count, and where its bytes
 /// sit in the caller's buffer.
@@ -57,7 +83,10 @@ struct Gather {
 
 impl Gather {
     /// Records one piece's outcome; returns the completion to call if it was the last.
-    fn settle(&mut self, r: Result<(), Error>) -> Option<(DataCompletion, Result<Vec<u8>, Error>)> {
+    fn settle(
+        &mut self,
+        r: Result<(), Error>,
+    ) -> Option<(DataCompletion, Result<ReadData, Error>)> {
         if let Err(e) = r {
             self.failed.get_or_insert(e);
         }
@@ -65,14 +94,14 @@ impl Gather {
         self.finish()
     }
 
-    fn finish(&mut self) -> Option<(DataCompletion, Result<Vec<u8>, Error>)> {
+    fn finish(&mut self) -> Option<(DataCompletion, Result<ReadData, Error>)> {
         if self.left > 0 {
             return None;
         }
         let done = self.done.take()?;
         Some(match self.failed.take() {
             Some(e) => (done, Err(e)),
-            None => (done, Ok(std::mem::take(&mut self.out))),
+            None => (done, Ok(ReadData::whole(std::mem::take(&mut self.out)))),
         })
     }
 }
@@ -102,15 +131,13 @@ impl Client {
         offset: u64,
         len: usize,
         timeout: Option<Duration>,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<ReadData, Error> {
         let command = Command::RegionRead;
         let pieces = split(command, offset, len, self.max_transfer(command)?)?;
         let request = |p: &Piece| region_access(index, p.offset, p.count, None);
         if let [p] = pieces.as_slice() {
             let reply = self.send_wait(self.request(command, &request(p), timeout))?;
-            return region_read_data(&reply.payload, index, p.offset, p.count)
-                .map(<[u8]>::to_vec)
-                .map_err(|e| proto(command, e));
+            return one_piece(reply, index, *p);
         }
         let tickets = pieces
             .iter()
@@ -123,7 +150,7 @@ impl Client {
                 .map_err(|e| proto(command, e))?;
             out[p.at..p.at + data.len()].copy_from_slice(data);
         }
-        Ok(out)
+        Ok(ReadData::whole(out))
     }
 
     /// Writes `data` at `offset` of region `index`, blocking until the server has answered
@@ -177,6 +204,14 @@ impl Client {
     ) -> Result<(), Error> {
         let command = Command::RegionRead;
         let pieces = split(command, offset, len, self.max_transfer(command)?)?;
+        if let [p] = pieces.as_slice() {
+            let p = *p;
+            let payload = region_access(index, p.offset, p.count, None);
+            let on_reply = Box::new(move |r: Result<Reply, Error>| {
+                done(r.and_then(|reply| one_piece(reply, index, p)));
+            });
+            return self.send_callback(self.request(command, &payload, timeout), on_reply);
+        }
         self.gather(command, &pieces, vec![0u8; len], done, |p| {
             let request = region_access(index, p.offset, p.count, None);
             let check = move |reply: &Reply, out: &mut Vec<u8>| {
@@ -221,7 +256,7 @@ impl Client {
         mut build: impl FnMut(Piece) -> (Vec<u8>, Option<Duration>, Box<PieceCheck>),
     ) -> Result<(), Error> {
         if pieces.is_empty() {
-            done(Ok(out));
+            done(Ok(ReadData::whole(out)));
             return Ok(());
         }
         let gather = Arc::new(Mutex::new(Gather {
@@ -276,6 +311,16 @@ impl Client {
             timeout,
         }
     }
+}
+
+/// A one-piece read: the reply checked, its buffer handed over as it is.
+fn one_piece(reply: Reply, index: u32, p: Piece) -> Result<ReadData, Error> {
+    region_read_data(&reply.payload, index, p.offset, p.count)
+        .map_err(|e| proto(Command::RegionRead, e))?;
+    Ok(ReadData {
+        buf: reply.payload,
+        start: ACCESS_HEADER_SIZE,
+    })
 }
 
 /// Checks one piece's reply and puts its bytes where they belong.

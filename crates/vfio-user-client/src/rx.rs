@@ -1,7 +1,7 @@
 //! The receive side: reads the socket in large chunks (with any fds) into the proto crate's
 //! [`Framer`], which splits the stream into messages. Whoever holds it reads.
 
-use crate::socket::{cmsg_buffer, recv_chunk, set_receive_timeout};
+use crate::socket::{cmsg_buffer, recv_append, recv_chunk, set_receive_timeout};
 use crate::Error;
 use nix::errno::Errno;
 use std::os::fd::{OwnedFd, RawFd};
@@ -9,6 +9,8 @@ use std::time::Duration;
 use vfio_user_proto::{Frame, Framer, Header, MessageType, MAX_INCOMING_MESSAGE};
 
 const READ_BUFFER: usize = 64 * 1024;
+/// A body with at least this much still to come is read straight into its own memory.
+const DIRECT_BODY: usize = 16 * 1024;
 
 /// What to do with the message being received, decided from its header before any of its
 /// body is stored.
@@ -84,6 +86,17 @@ impl Rx {
     }
 
     fn read_inner(&mut self, sock: RawFd, block: bool) -> Result<ReadOutcome, Error> {
+        if let Some((body, left)) = self.framer.direct_body(DIRECT_BODY) {
+            return match recv_append(sock, body, left, &mut self.cmsg, block) {
+                Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
+                Ok(r) => {
+                    let drained = r.bytes < left;
+                    self.framer.filled_body(r.bytes, r.fds);
+                    Ok(ReadOutcome::Data { drained })
+                }
+                Err(e) => Self::failed(e, block),
+            };
+        }
         let space = self.framer.space();
         let room = space.len();
         match recv_chunk(sock, space, &mut self.cmsg, block) {
@@ -94,9 +107,15 @@ impl Rx {
                     drained: r.bytes < room,
                 })
             }
-            Err(Errno::EAGAIN) => Ok(ReadOutcome::WouldBlock),
-            Err(Errno::EINTR) if block => Ok(ReadOutcome::WouldBlock),
-            Err(e) => Err(Error::new(
+            Err(e) => Self::failed(e, block),
+        }
+    }
+
+    fn failed(e: Errno, block: bool) -> Result<ReadOutcome, Error> {
+        match e {
+            Errno::EAGAIN => Ok(ReadOutcome::WouldBlock),
+            Errno::EINTR if block => Ok(ReadOutcome::WouldBlock),
+            e => Err(Error::new(
                 Errno::ECONNRESET,
                 format!("connection lost while receiving: {}", e.desc()),
             )),

@@ -115,6 +115,80 @@ pub fn recv_chunk(
     }
 }
 
+/// One recvmsg appending at most `max` bytes to `body`, straight into its spare capacity
+/// (reserved as needed), with any fds; blocking or not as for [`recv_chunk`]. A large message
+/// body then crosses memory once: from the kernel into the Vec the caller receives.
+pub fn recv_append(
+    sock: RawFd,
+    body: &mut Vec<u8>,
+    max: usize,
+    cmsg: &mut [u8],
+    block: bool,
+) -> nix::Result<Received> {
+    use nix::libc;
+    body.reserve(max);
+    let spare = &mut body.spare_capacity_mut()[..max];
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one; the fields set below point at `iov`
+    // and `cmsg`, which outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.len() as _;
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if !block {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    let n = loop {
+        // SAFETY: `msg` describes writable memory we own (the Vec's spare capacity, `max`
+        // bytes, and the control buffer); the kernel writes at most that much.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, flags) };
+        if n >= 0 {
+            break n as usize;
+        }
+        match Errno::last() {
+            Errno::EINTR if !block => continue,
+            e => return Err(e),
+        }
+    };
+    // SAFETY: recvmsg initialised exactly the first `n` bytes of the spare capacity.
+    unsafe { body.set_len(body.len() + n) };
+    let fds = take_rights(&msg)?;
+    Ok(Received { bytes: n, fds })
+}
+
+/// The fds an SCM_RIGHTS control message of `msg` carried, now owned. A truncated control
+/// buffer means something other than fds came (ours holds SCM_MAX_FD): fail the stream.
+fn take_rights(msg: &nix::libc::msghdr) -> nix::Result<Vec<OwnedFd>> {
+    use nix::libc;
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was just filled by recvmsg; the CMSG_* walk stays within
+    // msg_control/msg_controllen, as those macros guarantee.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    // The kernel just installed it for us; this OwnedFd is its only owner.
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    if msg.msg_flags & nix::libc::MSG_CTRUNC != 0 {
+        return Err(Errno::ENOBUFS);
+    }
+    Ok(fds)
+}
+
 /// Sets how long a blocking recvmsg on `sock` may wait.
 pub fn set_receive_timeout(sock: RawFd, timeout: Duration) -> nix::Result<()> {
     use nix::sys::socket::{setsockopt, sockopt::ReceiveTimeout};

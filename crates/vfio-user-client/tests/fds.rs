@@ -14,6 +14,7 @@ const DMA_MAP: u16 = 2;
 const GET_INFO: u16 = 4;
 const REGION_INFO: u16 = 5;
 const DMA_READ: u16 = 11;
+const REGION_READ: u16 = 9;
 
 #[test]
 fn fds_pass_both_ways_and_none_leak() {
@@ -127,4 +128,36 @@ fn fds_pass_both_ways_and_none_leak() {
         "the cork kept the connection's fds open"
     );
     drop(cork);
+
+    // An fd that arrives in the middle of a large body (read straight into the body) belongs
+    // to that message: a REGION_READ reply may carry none, so it fails and the fd is closed.
+    {
+        let (client, mut peer) = negotiated(Options::default());
+        let memory = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
+        let count = 200_000u32;
+        let mut p = [0u8; 16];
+        p[8..12].copy_from_slice(&2u32.to_ne_bytes());
+        p[12..16].copy_from_slice(&count.to_ne_bytes());
+        let t = client.send_nowait(Request::new(REGION_READ, &p)).unwrap();
+        let m = peer.read_msg();
+        let mut body = p.to_vec();
+        body.resize(16 + count as usize, 0xab);
+        let whole = message(Header::reply_to(&m.header, body.len()), &body);
+        peer.write(&whole[..100_000]);
+        peer.send_with_fds(&whole[100_000..], &[memory.as_raw_fd()]);
+        let e = t.wait().unwrap_err();
+        assert_eq!(e.code(), "EPROTO", "{}", e.message);
+        // The stream is still in sync.
+        let t = client
+            .send_nowait(Request::new(GET_INFO, &get_info()))
+            .unwrap();
+        let m = peer.read_msg();
+        peer.reply(&m.header, &get_info());
+        t.wait().unwrap();
+    }
+    assert_eq!(
+        open_fds(),
+        baseline,
+        "an fd that came mid-body was not closed"
+    );
 }

@@ -63,7 +63,7 @@ fn serve(
 fn a_read_is_split_by_max_data_xfer_size_and_reassembled() {
     let (client, peer) = small();
     let server = serve(peer, 4, None);
-    let data = client.region_read(2, 1000, 200, None).unwrap();
+    let data = client.region_read(2, 1000, 200, None).unwrap().into_vec();
     assert_eq!(
         data,
         (1000..1200u64).map(|o| (o % 251) as u8).collect::<Vec<_>>()
@@ -90,6 +90,19 @@ fn a_write_is_split_and_every_piece_answered() {
 }
 
 #[test]
+fn a_one_piece_read_hands_over_the_reply_buffer() {
+    let (client, peer) = small();
+    let server = serve(peer, 1, None);
+    let data = client.region_read(1, 5, 40, None).unwrap();
+    assert_eq!(data.start, 16, "the data was moved");
+    assert_eq!(
+        data.as_slice(),
+        (5..45u64).map(|o| (o % 251) as u8).collect::<Vec<_>>()
+    );
+    server.join().unwrap();
+}
+
+#[test]
 fn a_mismatched_echo_is_eproto() {
     let (client, peer) = small();
     let server = serve(peer, 2, Some(1));
@@ -106,7 +119,13 @@ fn callbacks_gather_every_piece_once() {
     let (tx, rx) = mpsc::channel();
     let read = tx.clone();
     client
-        .region_read_callback(3, 10, 150, None, Box::new(move |r| read.send(r).unwrap()))
+        .region_read_callback(
+            3,
+            10,
+            150,
+            None,
+            Box::new(move |r| read.send(r.map(|d| d.into_vec())).unwrap()),
+        )
         .unwrap();
     client
         .region_write_callback(
@@ -114,7 +133,7 @@ fn callbacks_gather_every_piece_once() {
             0,
             &[1u8; 100],
             None,
-            Box::new(move |r| tx.send(r).unwrap()),
+            Box::new(move |r| tx.send(r.map(|d| d.into_vec())).unwrap()),
         )
         .unwrap();
     let mut results: Vec<_> = (0..2)
@@ -140,7 +159,11 @@ fn a_transfer_past_2_pow_64_and_an_empty_one_send_nothing() {
         client.region_read(0, u64::MAX, 2, None).unwrap_err().code(),
         "EINVAL"
     );
-    assert!(client.region_read(0, 0, 0, None).unwrap().is_empty());
+    assert!(client
+        .region_read(0, 0, 0, None)
+        .unwrap()
+        .as_slice()
+        .is_empty());
     client.region_write(0, 0, &[], None).unwrap();
     // The next message the peer sees is the one sent now.
     let t = client

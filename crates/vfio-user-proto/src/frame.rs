@@ -87,6 +87,41 @@ impl<D: Copy, A> Framer<D, A> {
         self.end += n;
     }
 
+    /// The body of the message being received, when the rest of it may be read straight
+    /// into it: it is kept, at least `min` of its bytes are still to come, and nothing else is
+    /// buffered. The transport reads at most the returned count into the Vec's spare
+    /// capacity (reserved in full when the header arrived) and reports it with
+    /// [`Framer::filled_body`]: a large body then crosses memory once, not through the read
+    /// buffer and again into the body.
+    pub fn direct_body(&mut self, min: usize) -> Option<(&mut Vec<u8>, usize)> {
+        if self.start != self.end {
+            return None;
+        }
+        let cur = self.cur.as_mut()?;
+        if !cur.keep || cur.remaining < min.max(1) {
+            return None;
+        }
+        Some((&mut cur.body, cur.remaining))
+    }
+
+    /// Records that `n` bytes were appended to the body [`Framer::direct_body`] returned,
+    /// with `attachments`.
+    pub fn filled_body(&mut self, n: usize, attachments: impl IntoIterator<Item = A>) {
+        let Some(cur) = self.cur.as_mut() else {
+            return;
+        };
+        let n = n.min(cur.remaining);
+        if n == 0 {
+            return;
+        }
+        cur.remaining -= n;
+        let last = self.pos + n as u64 - 1;
+        self.attachments
+            .extend(attachments.into_iter().map(|a| (last, a)));
+        // Nothing is buffered, so the next byte to arrive is the one after these.
+        self.pos += n as u64;
+    }
+
     /// True while part of a message has been received.
     pub fn mid_message(&self) -> bool {
         self.cur.is_some() || self.start != self.end

@@ -140,9 +140,23 @@ pub fn framing(data: &[u8]) {
         if fed == stream.len() {
             break;
         }
+        let roll = rng.next();
+        // Sometimes the rest of a kept body goes straight into it, as the client reads
+        // large bodies.
+        if roll % 4 == 3 {
+            if let Some((body, left)) = framer.direct_body(1) {
+                let n = (1 + rng.below(left)).min(stream.len() - fed);
+                body.extend_from_slice(&stream[fed..fed + n]);
+                fed += n;
+                let id = next_attachment;
+                next_attachment += 1;
+                given.push((id, fed - 1));
+                framer.filled_body(n, [id]);
+                continue;
+            }
+        }
         let space = framer.space();
         assert!(!space.is_empty(), "space() returned no room");
-        let roll = rng.next();
         let attachments = match roll % 8 {
             0 => 2,
             1 | 2 => 1,

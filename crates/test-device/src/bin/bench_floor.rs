@@ -1,4 +1,4 @@
-//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client] [DEPTH]`: the benchmark's floor
+//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|stream|read1m] [DEPTH]`: the benchmark's floor
 //! and ceiling, the least a client can do.
 //!
 //! - `raw` (default): one blocking write of DEVICE_GET_INFO, one blocking read of the reply
@@ -9,6 +9,8 @@
 //!   its single thread is then the limit.
 //! - `msg`: `raw` with sendmsg and recvmsg (and a control buffer for fds), the calls any
 //!   client that passes fds makes: what they cost beyond write and read.
+//! - `read1m`: COUNT REGION_READs of 1 MiB from region 2 (the device's ceiling for them).
+//! - `stream`: COUNT MiB through a socketpair between two threads (the throughput floor).
 //! - `client`: the same round trips with `vfio-user-client`'s blocking `send_wait` from Rust,
 //!   to split our cost between the transport and the JS layers.
 //!
@@ -141,13 +143,16 @@ fn measure(count: u32, body: impl FnOnce() -> std::io::Result<()>) -> std::io::R
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
-        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client] [DEPTH]");
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|stream|read1m] [DEPTH]");
         std::process::exit(2);
     };
     let count: u32 = count;
     let mode = args.get(3).map_or("raw", String::as_str);
     if mode == "client" {
         return with_client(path, count);
+    }
+    if mode == "stream" {
+        return stream(count);
     }
     let depth: u32 = args.get(4).and_then(|d| d.parse().ok()).unwrap_or(64);
     let mut s = UnixStream::connect(path)?;
@@ -173,6 +178,9 @@ fn main() -> std::io::Result<()> {
     };
     if mode == "pipelined" {
         return measure(count, || pipelined(&mut s, &mut reader, count, depth));
+    }
+    if mode == "read1m" {
+        return measure(count, || read_mib(&mut s, count));
     }
     if mode == "msg" {
         return measure(count, || msg_round_trips(&s, &mut msg, count));
@@ -203,6 +211,52 @@ fn msg_round_trips(s: &UnixStream, msg: &mut [u8; 32], count: u32) -> std::io::R
         recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
     }
     Ok(())
+}
+
+/// `read1m`: COUNT REGION_READs of 1 MiB from region 2, each reply read into a fixed buffer:
+/// the device's own ceiling for large reads.
+fn read_mib(s: &mut UnixStream, count: u32) -> std::io::Result<()> {
+    const MIB: usize = 1 << 20;
+    let mut msg = [0u8; 32];
+    msg[..HEADER_SIZE].copy_from_slice(&Header::command(0, 9, 16, false).encode());
+    msg[24..28].copy_from_slice(&2u32.to_ne_bytes());
+    msg[28..32].copy_from_slice(&(MIB as u32).to_ne_bytes());
+    let mut buf = vec![0u8; HEADER_SIZE + 16 + MIB];
+    for i in 0..count {
+        msg[0..2].copy_from_slice(&(i as u16).to_ne_bytes());
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+    }
+    Ok(())
+}
+
+/// `stream`: COUNT MiB pushed through a socketpair from one thread to another, read into a
+/// fixed buffer: what moving bytes over an AF_UNIX stream costs by itself (SOCKET unused).
+fn stream(count: u32) -> std::io::Result<()> {
+    const MIB: usize = 1 << 20;
+    let (mut a, mut b) = UnixStream::pair()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0x5au8; MIB];
+        for _ in 0..count {
+            a.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let mut buf = vec![0u8; MIB];
+    measure(count, || {
+        let mut left = count as usize * MIB;
+        while left > 0 {
+            let n = b.read(&mut buf[..left.min(MIB)])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n;
+        }
+        Ok(())
+    })?;
+    writer
+        .join()
+        .map_err(|_| std::io::Error::other("writer panicked"))?
 }
 
 fn with_client(path: &str, count: u32) -> std::io::Result<()> {
