@@ -93,18 +93,17 @@ impl<'a> ReaderGuard<'a> {
 impl ReaderGuard<'_> {
     /// Reads and dispatches until `slot` is filled, `deadline` passes or the connection ends.
     /// `timeout` is the request's whole timeout: while almost all of it is left (the request
-    /// was just sent), the first wait happens inside a blocking recvmsg bounded by it, which
-    /// overshoots the deadline by less than [`BLOCKING_SLACK`]; after that, poll with the
-    /// exact time left.
+    /// was sent less than [`BLOCKING_SLACK`] ago), waits happen inside a blocking recvmsg
+    /// bounded by it, which overshoots the deadline by less than [`BLOCKING_SLACK`]; after
+    /// that, poll with the exact time left.
     pub fn read_until(&mut self, slot: &Slot, deadline: Instant, timeout: Duration) {
         let sock = self.shared.sock.as_fd();
-        let mut first = true;
         while !slot.is_filled() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            if std::mem::take(&mut first) && timeout.saturating_sub(left) < BLOCKING_SLACK {
+            if timeout.saturating_sub(left) < BLOCKING_SLACK {
                 // The timeout is the same from call to call, so the socket's SO_RCVTIMEO
                 // is set once, not per request.
                 let r =
