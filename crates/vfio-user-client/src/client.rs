@@ -1,6 +1,7 @@
 //! The public client: connect, negotiate, send, close.
 
 use crate::cork::Cork;
+use crate::dma_table::DmaTable;
 use crate::io_thread;
 use crate::options::{Options, OUR_MAX_MSG_FDS};
 use crate::outgoing::Outgoing;
@@ -99,6 +100,7 @@ impl Client {
             state: Mutex::new(state),
             options,
             on_close: Mutex::new(CloseNotice::default()),
+            dma: Arc::default(),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -159,6 +161,11 @@ impl Client {
     /// behind them and the I/O thread writes the lot at once, so nothing waits for the cork.
     pub fn cork(&self) -> Cork {
         Cork::new(&self.shared)
+    }
+
+    /// The DMA ranges offered to the server (see `dma.rs`).
+    pub(crate) fn dma_table(&self) -> &Arc<Mutex<DmaTable>> {
+        &self.shared.dma
     }
 
     /// Send-path and receive counters.

@@ -14,6 +14,9 @@
 
 mod client;
 mod cork;
+mod dma;
+mod dma_memory;
+mod dma_table;
 mod error;
 mod ids;
 mod io_thread;
@@ -31,6 +34,9 @@ mod ticket;
 
 pub use client::{Client, Request};
 pub use cork::Cork;
+pub use dma::DmaMap;
+pub use dma_memory::DmaMemory;
+pub use dma_table::LocalMemory;
 pub use error::Error;
 pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};

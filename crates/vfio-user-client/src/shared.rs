@@ -2,6 +2,7 @@
 //! set, the receive side and the state, plus the operations every one of them needs (failing
 //! the connection, announcing its end, answering server requests).
 
+use crate::dma_table::DmaTable;
 use crate::options::Options;
 use crate::outgoing::Outgoing;
 use crate::rx::Rx;
@@ -12,9 +13,9 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::eventfd::EventFd;
 use nix::sys::socket::{shutdown, Shutdown};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
-use vfio_user_proto::Header;
+use vfio_user_proto::{Command, Header};
 
 /// epoll data for the socket and the wake eventfd.
 pub const SOCK_TOKEN: u64 = 1;
@@ -32,6 +33,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub options: Options,
     pub on_close: Mutex<CloseNotice>,
+    /// The DMA ranges offered to the server, for serving its DMA_READ/DMA_WRITE.
+    pub dma: Arc<Mutex<DmaTable>>,
 }
 
 /// The close hook and whether the end has been announced, under one lock so a hook
@@ -95,6 +98,8 @@ impl Shared {
     pub fn fail(&self, err: Error) {
         let mut fired = Fired::default();
         self.lock().close(err, &mut fired);
+        // Nothing more will be served: let go of the memory behind every range.
+        self.dma.lock().unwrap_or_else(|p| p.into_inner()).clear();
         let _ = shutdown(self.sock.as_raw_fd(), Shutdown::Both);
         self.wake_io();
         fired.fire();
@@ -133,22 +138,42 @@ impl Shared {
         }
     }
 
-    /// The dispatch point for server-to-client requests. Until DMA is served, every request
-    /// gets an error reply (ENOSYS, or E2BIG when too big to store) unless it said No_reply;
-    /// its fds are closed. The stream stays in sync either way.
+    /// The dispatch point for server-to-client requests: DMA_READ and DMA_WRITE are served
+    /// from the memory behind the ranges mapped (on whichever thread read them: no JS round
+    /// trip); anything else gets ENOSYS, and a request too big to store E2BIG. A request that
+    /// said No_reply gets nothing back. Fds a server sends with a request are closed: none
+    /// belongs there. The stream stays in sync either way.
     pub fn serve(&self, req: ServerRequest) {
         self.lock().stats.server_requests += 1;
+        let had_fds = !req.fds.is_empty();
         drop(req.fds);
+        let command = Command::from_u16(req.header.command);
+        let result = match command {
+            _ if req.oversize => Err(Errno::E2BIG),
+            _ if had_fds => Err(Errno::EINVAL),
+            Some(c @ (Command::DmaRead | Command::DmaWrite)) => {
+                let max = self.options.proposal.capabilities.max_data_xfer_size;
+                let table = self.dma.lock().unwrap_or_else(|p| p.into_inner());
+                table.serve(&req.payload, c == Command::DmaWrite, max)
+            }
+            _ => Err(Errno::ENOSYS),
+        };
         if req.header.no_reply() {
             return;
         }
-        let errno = if req.oversize {
-            Errno::E2BIG
-        } else {
-            Errno::ENOSYS
+        let reply = match result {
+            Ok(payload) => {
+                let mut bytes = Header::reply_to(&req.header, payload.len())
+                    .encode()
+                    .to_vec();
+                bytes.extend_from_slice(&payload);
+                bytes
+            }
+            Err(errno) => Header::error_reply_to(&req.header, errno as u32)
+                .encode()
+                .to_vec(),
         };
-        let reply = Header::error_reply_to(&req.header, errno as u32).encode();
-        self.send_unnumbered(reply.to_vec());
+        self.send_unnumbered(reply);
     }
 
     /// Sends a message that expects no reply (our replies to server requests).

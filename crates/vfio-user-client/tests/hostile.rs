@@ -16,7 +16,7 @@
 //! | 1 | EOF mid-header / mid-body, all pending fail at once | proxy::eof_fails_every_pending_and_queued_request_at_once, proxy::eof_in_the_middle_of_a_reply, hostile::eof_mid_header_or_mid_body_fails_every_waiter_at_once, hostile::eof_inside_a_server_request_closes_its_fds |
 //! | 2 | header split across reads | proxy::header_split_across_reads_is_reassembled, defects::a_server_request_right_behind_the_version_reply (several messages in one read), hostile::a_split_header_keeps_the_fd_of_its_first_byte; unit frame::tests::split_header_is_reassembled_and_attachments_follow_their_message |
 //! | 3 | msg_size < 16, 0, 0xFFFFFFFF, above the maximum; per-command bounds | proxy::framing_violations_close_the_connection, hostile::msg_size_out_of_bounds_closes_the_connection_at_once, hostile::messages_before_a_framing_violation_are_still_delivered, hostile::replies_above_their_limit_or_to_nobody_are_drained, proxy::a_server_request_too_big_to_store_gets_e2big_and_is_drained; unit header::tests::validate_framing, limits::tests |
-//! | 4 | type bits 2..15; reply with No_reply; command with the Error bit | proxy::framing_violations_close_the_connection, proxy::malformed_replies_fail_only_their_request (No_reply), hostile::every_invalid_type_closes_the_connection, hostile::a_command_with_the_error_bit_is_served_as_a_request (served like any request: ENOSYS reply, or none with No_reply; never taken for a reply) |
+//! | 4 | type bits 2..15; reply with No_reply; command with the Error bit | proxy::framing_violations_close_the_connection, proxy::malformed_replies_fail_only_their_request (No_reply), hostile::every_invalid_type_closes_the_connection, hostile::a_command_with_the_error_bit_is_served_as_a_request (served like any request: an error reply, or none with No_reply; never taken for a reply) |
 //! | 5 | reply matching nothing, late reply | proxy::unknown_and_duplicate_replies_are_dropped, proxy::timeout_then_late_reply_is_dropped_and_next_request_works, defects::a_late_reply_never_answers_a_newer_request_after_the_ids_wrap, defects::every_id_held_by_a_late_reply_refuses_new_requests, hostile::a_reply_to_a_request_not_yet_written_is_dropped, hostile::replies_above_their_limit_or_to_nobody_are_drained |
 //! | 6 | id matches, command differs | proxy::malformed_replies_fail_only_their_request, proxy::version_error_reply_and_wrong_command, hostile::fds_on_replies_that_must_not_carry_them_are_closed |
 //! | 7 | two replies with one id | proxy::unknown_and_duplicate_replies_are_dropped, hostile::the_first_of_two_replies_with_one_id_wins |
@@ -37,7 +37,7 @@
 //! | 22 | REGION_READ reply checks | waits for the typed calls (issue 8). Transport: hostile::reply_size_limits_per_command (count > requested: EPROTO for that request only; exact, short and header-only replies handed over) |
 //! | 23 | REGION_WRITE reply checks | waits for the typed calls (issue 8). Transport: hostile::reply_size_limits_per_command (a reply carrying data: EPROTO) |
 //! | 24 | DMA_UNMAP reply sizes | waits for the typed calls (issue 8). Transport: hostile::reply_size_limits_per_command (header-only and 24-byte echo accepted, larger: EPROTO) |
-//! | 25 | server DMA_READ/DMA_WRITE requests | count/address/overflow checks wait for the typed calls (issue 8). Transport: proxy::server_requests_get_an_error_reply_and_the_stream_stays_in_sync (No_reply, own request outstanding), proxy::a_server_request_too_big_to_store_gets_e2big_and_is_drained, fds::fds_pass_both_ways_and_none_leak, hostile::malformed_dma_requests_are_answered_in_order, hostile::dma_requests_with_fds_are_answered_and_their_fds_closed, hostile::a_server_request_is_answered_while_a_caller_blocks_on_its_own_reply, hostile::a_reply_to_a_server_request_overtakes_requests_not_yet_started |
+//! | 25 | server DMA_READ/DMA_WRITE requests | served from mapped memory: dma::* (bounds, overflow, permissions, EFAULT when unmapped, E2BIG past our max, EINVAL with fds or a malformed payload, No_reply respected). Transport: proxy::server_requests_get_an_error_reply_and_the_stream_stays_in_sync (No_reply, own request outstanding), proxy::a_server_request_too_big_to_store_gets_e2big_and_is_drained, fds::fds_pass_both_ways_and_none_leak, hostile::malformed_dma_requests_are_answered_in_order, hostile::dma_requests_with_fds_are_answered_and_their_fds_closed, hostile::a_server_request_is_answered_while_a_caller_blocks_on_its_own_reply, hostile::a_reply_to_a_server_request_overtakes_requests_not_yet_started |
 //! | 26 | unknown server command | proxy::server_requests_get_an_error_reply_and_the_stream_stays_in_sync, hostile::unknown_server_commands_get_enosys_unless_no_reply |
 //! | 27 | fds: too many, where none belong, MSG_CTRUNC, on rejected messages | fds::fds_pass_both_ways_and_none_leak, hostile::fds_on_replies_that_must_not_carry_them_are_closed, hostile::fds_that_arrive_with_a_framing_violation_are_closed, hostile::fds_sent_with_two_replies_at_once_are_closed, hostile::the_most_fds_one_message_can_carry_are_all_closed (MSG_CTRUNC cannot be caused by a peer: one recvmsg returns at most one sendmsg's fds, at most SCM_MAX_FD = 253, and the client's control buffer holds 253), and the fd censuses of groups 1, 2, 17-21, 25, 28, 30, 31 |
 //! | 28 | server never replies; late reply | proxy::timeout_then_late_reply_is_dropped_and_next_request_works, proxy::async_requests_time_out_on_the_io_thread, proxy::timeout_of_a_queued_request_removes_it_from_the_queue, defects::*, hostile::a_blocking_caller_times_out_and_the_late_reply_and_its_fd_are_dropped, hostile::a_deadline_passing_mid_body_drops_the_rest_of_the_reply, hostile::version_without_a_reply_times_out |
@@ -224,6 +224,16 @@ fn dma_read(id: u16, no_reply: bool) -> Vec<u8> {
     let mut p = [0u8; 16];
     p[8..16].copy_from_slice(&8u64.to_ne_bytes());
     message(Header::command(id, DMA_READ, 16, no_reply), &p)
+}
+
+/// What we answer a server request with when nothing serves it: DMA to an address nobody
+/// mapped is EFAULT; any other command is ENOSYS.
+fn unserved(command: u16) -> Errno {
+    if command == DMA_READ || command == DMA_WRITE {
+        Errno::EFAULT
+    } else {
+        Errno::ENOSYS
+    }
 }
 
 /// Checks that `m` is our header-only error reply to server request `id`.
@@ -538,8 +548,13 @@ fn a_command_with_the_error_bit_is_served_as_a_request() {
     d.error = 5;
     peer.write(&message(d, &[0; 16]));
     peer.write(&dma_read(79, false));
-    expect_error_reply(&peer.read_msg(), mine.header.id, GET_INFO, Errno::ENOSYS);
-    expect_error_reply(&peer.read_msg(), 79, DMA_READ, Errno::ENOSYS);
+    expect_error_reply(
+        &peer.read_msg(),
+        mine.header.id,
+        GET_INFO,
+        unserved(GET_INFO),
+    );
+    expect_error_reply(&peer.read_msg(), 79, DMA_READ, unserved(DMA_READ));
     // Our request still waits for its own reply.
     peer.reply(&mine.header, &mine.payload);
     assert_eq!(t.wait().unwrap().payload, mine.payload);
@@ -735,7 +750,7 @@ fn a_server_request_during_a_partial_write_is_answered_after_it() {
         m.payload, write,
         "not a byte of the answer inside the request"
     );
-    expect_error_reply(&peer.read_msg(), 77, DMA_READ, Errno::ENOSYS);
+    expect_error_reply(&peer.read_msg(), 77, DMA_READ, unserved(DMA_READ));
     peer.reply(&m.header, &write[..16]);
     t.wait().unwrap();
     assert!(client.stats().partial_writes > 0);
@@ -1046,32 +1061,33 @@ fn malformed_dma_requests_are_answered_in_order() {
     short_write.extend_from_slice(&[1; 4]);
     let mut count32 = 0u64.to_ne_bytes().to_vec();
     count32.extend_from_slice(&8u32.to_ne_bytes());
-    let cases: Vec<(u16, u16, bool, Vec<u8>)> = vec![
+    let cases: Vec<(u16, u16, bool, Vec<u8>, Errno)> = vec![
         // count above our max_data_xfer_size
-        (1, DMA_READ, false, read(0, 2 << 20)),
+        (1, DMA_READ, false, read(0, 2 << 20), Errno::E2BIG),
         // count != data length
-        (2, DMA_WRITE, false, short_write),
+        (2, DMA_WRITE, false, short_write, Errno::EINVAL),
         // address + count overflows
-        (3, DMA_READ, false, read(u64::MAX - 3, 8)),
+        (3, DMA_READ, false, read(u64::MAX - 3, 8), Errno::EINVAL),
         // a 32-bit count (pre-2021 servers)
-        (4, DMA_READ, false, count32),
+        (4, DMA_READ, false, count32, Errno::EINVAL),
         // no payload at all
-        (5, DMA_WRITE, false, Vec::new()),
+        (5, DMA_WRITE, false, Vec::new(), Errno::EINVAL),
         // No_reply: nothing comes back
-        (6, DMA_WRITE, true, read(0, 0)),
-        (7, DMA_READ, false, read(0, 8)),
+        (6, DMA_WRITE, true, read(0, 0), Errno::EFAULT),
+        // well formed, but nothing is mapped there
+        (7, DMA_READ, false, read(0, 8), Errno::EFAULT),
     ];
     // A request of ours is outstanding throughout.
     let t = send(&client, GET_INFO, &tagged(6));
     let mine = peer.read_msg();
-    for (id, command, no_reply, payload) in &cases {
+    for (id, command, no_reply, payload, _) in &cases {
         peer.write(&message(
             Header::command(*id, *command, payload.len(), *no_reply),
             payload,
         ));
     }
-    for (id, command, _, _) in cases.iter().filter(|c| !c.2) {
-        expect_error_reply(&peer.read_msg(), *id, *command, Errno::ENOSYS);
+    for (id, command, _, _, errno) in cases.iter().filter(|c| !c.2) {
+        expect_error_reply(&peer.read_msg(), *id, *command, *errno);
     }
     peer.reply(&mine.header, &mine.payload);
     assert_eq!(t.wait().unwrap().payload, tagged(6));
@@ -1101,10 +1117,11 @@ fn dma_requests_with_fds_are_answered_and_their_fds_closed() {
             &[raw],
         );
         peer.write(&dma_read(9, false));
-        expect_error_reply(&peer.read_msg(), 5, DMA_READ, Errno::ENOSYS);
-        expect_error_reply(&peer.read_msg(), 6, DMA_WRITE, Errno::ENOSYS);
+        // No server request may carry fds.
+        expect_error_reply(&peer.read_msg(), 5, DMA_READ, Errno::EINVAL);
+        expect_error_reply(&peer.read_msg(), 6, DMA_WRITE, Errno::EINVAL);
         expect_error_reply(&peer.read_msg(), 8, DMA_WRITE, Errno::E2BIG);
-        expect_error_reply(&peer.read_msg(), 9, DMA_READ, Errno::ENOSYS);
+        expect_error_reply(&peer.read_msg(), 9, DMA_READ, unserved(DMA_READ));
         round_trip(&client, &mut peer);
     });
 }
@@ -1118,7 +1135,7 @@ fn a_server_request_is_answered_while_a_caller_blocks_on_its_own_reply() {
         let mine = peer.read_msg();
         peer.write(&dma_read(77, false));
         // Answered while the caller is blocked in send_wait, reading the socket itself.
-        expect_error_reply(&peer.read_msg(), 77, DMA_READ, Errno::ENOSYS);
+        expect_error_reply(&peer.read_msg(), 77, DMA_READ, unserved(DMA_READ));
         peer.reply(&mine.header, &mine.payload);
         peer
     });
@@ -1151,12 +1168,12 @@ fn a_reply_to_a_server_request_overtakes_requests_not_yet_started() {
     assert_eq!(ma.payload, big);
     let next = peer.read_msg();
     let mb = if next.header.command == DMA_READ {
-        expect_error_reply(&next, 77, DMA_READ, Errno::ENOSYS);
+        expect_error_reply(&next, 77, DMA_READ, unserved(DMA_READ));
         peer.read_msg()
     } else {
         // Drain and answer everything first so the failure below is the only symptom.
         let answer = peer.read_msg();
-        expect_error_reply(&answer, 77, DMA_READ, Errno::ENOSYS);
+        expect_error_reply(&answer, 77, DMA_READ, unserved(DMA_READ));
         peer.reply(&ma.header, &tagged(1));
         peer.reply(&next.header, &next.payload);
         a.wait().unwrap();
@@ -1190,7 +1207,7 @@ fn unknown_server_commands_get_enosys_unless_no_reply() {
         ));
     }
     for (i, &command) in commands.iter().enumerate() {
-        expect_error_reply(&peer.read_msg(), 100 + i as u16, command, Errno::ENOSYS);
+        expect_error_reply(&peer.read_msg(), 100 + i as u16, command, unserved(command));
     }
     round_trip(&client, &mut peer);
     assert_eq!(client.stats().server_requests, 2 * commands.len() as u64);
@@ -1386,7 +1403,7 @@ fn a_busy_server_that_reads_our_replies_does_not_starve_our_requests() {
             let m = peer.read_msg();
             if m.header.command == DMA_READ {
                 // Every server request answered, in order.
-                expect_error_reply(&m, answered, DMA_READ, Errno::ENOSYS);
+                expect_error_reply(&m, answered, DMA_READ, unserved(DMA_READ));
                 answered += 1;
             } else {
                 assert_eq!(m.header.command, GET_INFO);

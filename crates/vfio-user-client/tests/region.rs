@@ -86,7 +86,14 @@ fn a_write_is_split_and_every_piece_answered() {
     let server = serve(peer, 3, None);
     client.region_write(1, 0, &[7u8; 130], None).unwrap();
     let seen = server.join().unwrap();
-    assert_eq!(seen, vec![(10, 0, 1, 64), (10, 64, 1, 64), (10, 128, 1, 2)]);
+    assert_eq!(
+        seen,
+        vec![
+            (REGION_WRITE, 0, 1, 64),
+            (REGION_WRITE, 64, 1, 64),
+            (REGION_WRITE, 128, 1, 2)
+        ]
+    );
 }
 
 #[test]

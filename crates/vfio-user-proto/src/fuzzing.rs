@@ -437,6 +437,12 @@ pub fn command_replies(data: &[u8]) {
     if let Ok(bytes) = region::region_read_data(payload, index, offset, count) {
         assert_eq!(bytes.len(), count as usize);
     }
+    for write in [false, true] {
+        if let Ok(a) = crate::dma::decode_dma_request(payload, write) {
+            assert!(a.address.checked_add(a.count).is_some());
+            assert!(!write || a.data.len() as u64 == a.count);
+        }
+    }
     if region::check_region_write_reply(payload, index, offset, count).is_ok() {
         assert!(payload.is_empty() || payload.len() == region::ACCESS_HEADER_SIZE);
     }

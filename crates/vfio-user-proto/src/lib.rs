@@ -8,6 +8,7 @@ mod bytes;
 mod caps;
 mod command;
 pub mod device;
+pub mod dma;
 mod error;
 mod frame;
 pub mod fuzzing;
