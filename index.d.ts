@@ -58,6 +58,24 @@ export declare class NativeClient {
    */
   release(): void
   /**
+   * Sends DMA_MAP; a reply event with `token` follows. Returns an error if nothing was
+   * sent (a check failed before sending).
+   */
+  dmaMap(token: number, args: NativeDmaMapArgs, memory: NativeDmaMemory): NativeError | null
+  /** Sends DMA_MAP and blocks until the reply. False on failure (see `take_error`). */
+  dmaMapSync(args: NativeDmaMapArgs, memory: NativeDmaMemory): boolean
+  /**
+   * Sends DMA_UNMAP for a range mapped earlier; a reply event with `token` follows.
+   * Returns an error if nothing was sent.
+   */
+  dmaUnmap(token: number, iova: bigint, size: bigint, timeoutMs?: number | undefined | null): NativeError | null
+  /** Sends DMA_UNMAP and blocks until the reply. False on failure (see `take_error`). */
+  dmaUnmapSync(iova: bigint, size: bigint, timeoutMs?: number | undefined | null): boolean
+  /** Sends DMA_UNMAP for everything; a reply event with `token` follows. */
+  dmaUnmapAll(token: number, timeoutMs?: number | undefined | null): NativeError | null
+  /** How many DMA ranges are mapped now. */
+  get dmaMaps(): number
+  /**
    * Reads `length` bytes of region `index` at offset (hi, lo), blocking. Null on failure
    * (see `take_error`).
    */
@@ -83,6 +101,24 @@ export declare class NativeClient {
    */
   regionWritePosted(index: number, offsetHi: number, offsetLo: number, data: Buffer): NativeError | null
 }
+
+/**
+ * DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `buffer()` views
+ * the mapping, which lives until this object, every such Buffer and every map using it are
+ * gone.
+ */
+export declare class NativeDmaMemory {
+  /** The memfd while it is open (borrowed: close it with `close`), else null. */
+  get fd(): number | null
+  get size(): number
+  /** A Buffer over the mapping (no copy: reads and writes are the device's view). */
+  buffer(): Buffer
+  /** Closes the fd now (the mapping stays while anything uses it). Idempotent. */
+  close(): void
+}
+
+/** Allocates `size` bytes of DMA memory (a memfd, mapped shared). */
+export declare function allocateDmaMemory(size: number): NativeDmaMemory | NativeError
 
 /**
  * Connects on a libuv worker (a full listen backlog can make connect wait); resolves to the
@@ -133,6 +169,17 @@ export interface NativeDeviceInfo {
   flags: number
   numRegions: number
   numIrqs: number
+}
+
+/** A DMA_MAP request as JS describes it. */
+export interface NativeDmaMapArgs {
+  iova: bigint
+  size: bigint
+  /** Offset of the range in the memory (and its fd). */
+  offset: bigint
+  read: boolean
+  write: boolean
+  timeoutMs?: number
 }
 
 export interface NativeError {

@@ -836,6 +836,8 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeClient = nativeBinding.NativeClient
+module.exports.NativeDmaMemory = nativeBinding.NativeDmaMemory
+module.exports.allocateDmaMemory = nativeBinding.allocateDmaMemory
 module.exports.connect = nativeBinding.connect
 module.exports.decodeDeviceInfo = nativeBinding.decodeDeviceInfo
 module.exports.decodeIrqInfo = nativeBinding.decodeIrqInfo

@@ -320,6 +320,17 @@ impl NativeClient {
         Ok(Some(Either::B(payload)))
     }
 
+    /// Keeps a sync call's failure for `take_error`; true when it succeeded.
+    pub(crate) fn keep_error<T>(&self, r: std::result::Result<T, Error>) -> bool {
+        match r {
+            Ok(_) => true,
+            Err(e) => {
+                *self.last_error.borrow_mut() = Some(e);
+                false
+            }
+        }
+    }
+
     /// The error of the last `send_sync` that returned null.
     #[napi]
     pub fn take_error(&self) -> Option<NativeError> {

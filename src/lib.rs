@@ -8,6 +8,7 @@ mod batch;
 mod client;
 mod convert;
 mod device;
+mod dma;
 mod events;
 mod irq;
 mod js_callback;

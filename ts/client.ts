@@ -6,6 +6,16 @@ import { type Capabilities, toCapabilities } from './capabilities'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { type DeviceInfo, deviceInfo, reset } from './device'
+import {
+  type DmaMapping,
+  type DmaRange,
+  dmaMap,
+  dmaMapMany,
+  dmaMapSync,
+  dmaUnmap,
+  dmaUnmapAll,
+  dmaUnmapSync,
+} from './dma'
 import { fromNative, VfioUserError } from './errors'
 import { type IrqInfo, irqInfo } from './irq'
 import {
@@ -378,6 +388,52 @@ export class VfioUserClient extends EventEmitter {
     options: Omit<CallOptions, 'signal'> = {},
   ): void {
     regionWriteSync(this[CHANNEL], index, offset, data, options)
+  }
+
+  /**
+   * DMA_MAP: offers the device a range of {@link DmaMemory} at `iova` (its fd goes with the
+   * map, so the server can mmap it; the server's DMA_READ/DMA_WRITE to the range are served
+   * from the same memory, on the native side, with no JavaScript involved).
+   * @throws {TypeError|RangeError} for bad arguments, before anything is sent.
+   * @throws {VfioUserError} `'EINVAL'` (not aligned to the server's page size), `'EEXIST'`
+   *   (overlaps a map), `'ENOSPC'` (the server's `maxDmaMaps` reached), all before sending;
+   *   (rejection) the server's errno.
+   */
+  dmaMap(mapping: DmaMapping, options: CallOptions = {}): Promise<void> {
+    return dmaMap(this[CHANNEL], mapping, options)
+  }
+
+  /** {@link dmaMap}, blocking the JavaScript thread. */
+  dmaMapSync(mapping: DmaMapping, options: Omit<CallOptions, 'signal'> = {}): void {
+    dmaMapSync(this[CHANNEL], mapping, options)
+  }
+
+  /** Sends every mapping at once (pipelined) and settles when the last reply arrives. */
+  dmaMapMany(mappings: DmaMapping[], options: CallOptions = {}): Promise<void> {
+    return dmaMapMany(this[CHANNEL], mappings, options)
+  }
+
+  /**
+   * DMA_UNMAP of a range mapped earlier: `iova` and `size` must match a map exactly.
+   * @throws {VfioUserError} `'EINVAL'` before sending when no map matches.
+   */
+  dmaUnmap(range: DmaRange, options: CallOptions = {}): Promise<void> {
+    return dmaUnmap(this[CHANNEL], range, options)
+  }
+
+  /** {@link dmaUnmap}, blocking the JavaScript thread. */
+  dmaUnmapSync(range: DmaRange, options: Omit<CallOptions, 'signal'> = {}): void {
+    dmaUnmapSync(this[CHANNEL], range, options)
+  }
+
+  /** DMA_UNMAP of every range (the ALL flag). */
+  dmaUnmapAll(options: CallOptions = {}): Promise<void> {
+    return dmaUnmapAll(this[CHANNEL], options)
+  }
+
+  /** How many DMA ranges are mapped (or being mapped) now. */
+  get dmaMaps(): number {
+    return this.#native.dmaMaps
   }
 
   /**

@@ -25,6 +25,7 @@ export const native: typeof Native = load()
 export type {
   NativeCapabilities,
   NativeClient,
+  NativeDmaMemory,
   NativeError,
   NativeEvent,
   NativeReply,

@@ -9,6 +9,10 @@
 //!   it, else INTx.
 //! - BAR2 (region 2, 1 MiB) of plain memory, readable and writable over the socket only: room
 //!   for large transfers (split by `max_data_xfer_size`) and the throughput benchmark.
+//! - A DMA engine in BAR0: write the source iova at `DMA_SRC` (0xfe0, u64), the destination
+//!   at `DMA_DST` (0xfe8, u64), then a length (u32) at `DMA_GO` (0xff0): the device copies
+//!   that many bytes between the two through the memory behind its DMA maps (their fds), so
+//!   a test sees the device really use what the client mapped.
 //! - IRQs: INTx (1 vector), MSI (4 vectors), MSI-X/ERR/REQ with none; eventfds via SET_IRQS.
 //! - DEVICE_RESET clears BAR0 and BAR2 and restores config space.
 //!
@@ -39,6 +43,9 @@ const CONFIG: u32 = 7;
 const BAR0_SIZE: u64 = 4096;
 const CONFIG_SIZE: u64 = 256;
 const DOORBELL: u64 = 0xffc;
+const DMA_SRC: u64 = 0xfe0;
+const DMA_DST: u64 = 0xfe8;
+const DMA_GO: u64 = 0xff0;
 const IRQ_INTX: u32 = 0;
 const IRQ_MSI: u32 = 1;
 const MSI_VECTORS: u32 = 4;
@@ -49,8 +56,8 @@ struct Device {
     config: [u8; CONFIG_SIZE as usize],
     /// (irq index, vector) -> eventfd.
     irqs: HashMap<(u32, u32), File>,
-    /// DMA windows by address: (size, fd).
-    dma: HashMap<u64, (u64, Option<File>)>,
+    /// DMA windows by address: (size, offset in the fd, fd).
+    dma: HashMap<u64, (u64, u64, Option<File>)>,
 }
 
 fn initial_config() -> [u8; CONFIG_SIZE as usize] {
@@ -76,6 +83,33 @@ fn check_range(region: u32, offset: u64, len: usize, size: u64) -> io::Result<()
 }
 
 impl Device {
+    /// The fd and file offset behind [iova, iova + len), if one map holds it all.
+    fn dma_window(&self, iova: u64, len: u64) -> io::Result<(&File, u64)> {
+        self.dma
+            .iter()
+            .find(|(base, (size, _, _))| iova >= **base && iova - **base + len <= *size)
+            .and_then(|(base, (_, offset, fd))| fd.as_ref().map(|f| (f, offset + iova - *base)))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "no DMA map with an fd holds {len} bytes at {iova:#x}"
+                ))
+            })
+    }
+
+    /// The DMA engine: copies `len` bytes from the iova in DMA_SRC to the one in DMA_DST.
+    fn dma_copy(&self, len: u32) -> io::Result<()> {
+        let mut reg = [0u8; 8];
+        self.bar0.read_exact_at(&mut reg, DMA_SRC)?;
+        let src = u64::from_le_bytes(reg);
+        self.bar0.read_exact_at(&mut reg, DMA_DST)?;
+        let dst = u64::from_le_bytes(reg);
+        let mut data = vec![0u8; len as usize];
+        let (from, at) = self.dma_window(src, u64::from(len))?;
+        from.read_exact_at(&mut data, at)?;
+        let (to, at) = self.dma_window(dst, u64::from(len))?;
+        to.write_all_at(&data, at)
+    }
+
     fn signal(&self, vector: u32) -> io::Result<()> {
         let fd = self
             .irqs
@@ -114,9 +148,13 @@ impl ServerBackend for Device {
             BAR0 => {
                 check_range(region, offset, data.len(), BAR0_SIZE)?;
                 self.bar0.write_all_at(data, offset)?;
-                if offset == DOORBELL && data.len() == 4 {
+                if data.len() == 4 && (offset == DOORBELL || offset == DMA_GO) {
                     let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                    self.signal(v)?;
+                    if offset == DMA_GO {
+                        self.dma_copy(v)?;
+                    } else {
+                        self.signal(v)?;
+                    }
                 }
                 Ok(())
             }
@@ -143,7 +181,7 @@ impl ServerBackend for Device {
     fn dma_map(
         &mut self,
         _flags: DmaMapFlags,
-        _offset: u64,
+        offset: u64,
         address: u64,
         size: u64,
         fd: Option<File>,
@@ -151,13 +189,13 @@ impl ServerBackend for Device {
         if size == 0 || self.dma.contains_key(&address) {
             return Err(invalid(format!("bad DMA map at {address:#x}")));
         }
-        self.dma.insert(address, (size, fd));
+        self.dma.insert(address, (size, offset, fd));
         Ok(())
     }
 
     fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
         match self.dma.get(&address) {
-            Some((s, _)) if *s == size => {
+            Some((s, _, _)) if *s == size => {
                 self.dma.remove(&address);
                 Ok(())
             }

@@ -10,11 +10,13 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
-/// A shared memfd mapping of `len` bytes. Unmapped and closed when dropped: hold it in an
-/// `Arc` for as long as anything may touch the memory.
+/// A shared memfd mapping of `len` bytes. Its fd may be closed early ([`DmaMemory::close_fd`]);
+/// the mapping goes when the object is dropped: hold it in an `Arc` for as long as anything
+/// may touch the memory.
 pub struct DmaMemory {
-    fd: OwnedFd,
+    fd: Mutex<Option<OwnedFd>>,
     ptr: NonNull<std::ffi::c_void>,
     len: usize,
 }
@@ -48,11 +50,40 @@ impl DmaMemory {
             )
         }
         .map_err(|e| fail(e, "mapping DMA memory"))?;
-        Ok(DmaMemory { fd, ptr, len })
+        Ok(DmaMemory {
+            fd: Mutex::new(Some(fd)),
+            ptr,
+            len,
+        })
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// Runs `f` with the fd, or fails with EBADF once it has been closed.
+    pub fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Result<R, Error> {
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        match fd.as_ref() {
+            Some(fd) => Ok(f(fd.as_fd())),
+            None => Err(Error::new(Errno::EBADF, "the DMA memory's fd was closed")),
+        }
+    }
+
+    /// The fd's number while it is open (borrowed: never close it).
+    pub fn raw_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
+        fd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Closes the fd now; the mapping stays until the last holder lets go.
+    pub fn close_fd(&self) {
+        self.fd.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// The memory from `offset` on, as DMA_READ/DMA_WRITE serving sees it.
+    pub fn from_offset(self: &Arc<Self>, offset: usize) -> Arc<dyn LocalMemory> {
+        Arc::new(Slice {
+            memory: self.clone(),
+            offset: offset.min(self.len),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -72,6 +103,21 @@ impl DmaMemory {
 impl LocalMemory for DmaMemory {
     fn as_ptr_len(&self) -> (*mut u8, usize) {
         (self.as_ptr(), self.len)
+    }
+}
+
+/// Part of a [`DmaMemory`], from an offset to its end.
+struct Slice {
+    memory: Arc<DmaMemory>,
+    offset: usize,
+}
+
+impl LocalMemory for Slice {
+    fn as_ptr_len(&self) -> (*mut u8, usize) {
+        // SAFETY: `offset` was clamped to the mapping's length, so the pointer stays inside
+        // (or one past the end of) the mapping.
+        let ptr = unsafe { self.memory.as_ptr().add(self.offset) };
+        (ptr, self.memory.len - self.offset)
     }
 }
 

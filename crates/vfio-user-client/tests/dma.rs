@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use nix::errno::Errno;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use vfio_user_client::proto::Header;
@@ -42,17 +43,22 @@ fn map(
     read_only: bool,
 ) -> File {
     let size = memory.len() as u64;
-    let m = DmaMap {
-        iova,
-        size,
-        read: true,
-        write: !read_only,
-        fd: Some((memory.fd(), 0)),
-        local: Some(memory.clone()),
-        timeout: None,
-    };
     let t = std::thread::scope(|s| {
-        let h = s.spawn(|| client.dma_map(&m));
+        let h = s.spawn(|| {
+            memory
+                .with_fd(|fd| {
+                    client.dma_map(&DmaMap {
+                        iova,
+                        size,
+                        read: true,
+                        write: !read_only,
+                        fd: Some((fd, 0)),
+                        local: Some(memory.clone()),
+                        timeout: None,
+                    })
+                })
+                .unwrap()
+        });
         let msg = peer.read_msg();
         assert_eq!(msg.header.command, DMA_MAP);
         assert_eq!(
@@ -140,12 +146,16 @@ fn bad_maps_are_refused_before_anything_is_sent() {
     let (client, mut peer) = client();
     let memory = Arc::new(DmaMemory::allocate(4096).unwrap());
     let _a = map(&client, &mut peer, &memory, 0x1000, false);
+    let fd = memory
+        .with_fd(|fd| fd.try_clone_to_owned())
+        .unwrap()
+        .unwrap();
     let base = || DmaMap {
         iova: 0x8000,
         size: 4096,
         read: true,
         write: true,
-        fd: Some((memory.fd(), 0)),
+        fd: Some((fd.as_fd(), 0)),
         local: Some(memory.clone()),
         timeout: None,
     };
@@ -235,12 +245,16 @@ fn bad_maps_are_refused_before_anything_is_sent() {
 fn a_refused_map_is_forgotten_and_unmap_all_forgets_everything() {
     let (client, mut peer) = client();
     let memory = Arc::new(DmaMemory::allocate(4096).unwrap());
+    let fd = memory
+        .with_fd(|fd| fd.try_clone_to_owned())
+        .unwrap()
+        .unwrap();
     let m = DmaMap {
         iova: 0x1000,
         size: 4096,
         read: true,
         write: true,
-        fd: Some((memory.fd(), 0)),
+        fd: Some((fd.as_fd(), 0)),
         local: Some(memory.clone()),
         timeout: None,
     };

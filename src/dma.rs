@@ -1,0 +1,200 @@
+//! DMA calls on `NativeClient` (through the client crate's `dma.rs`) and `NativeDmaMemory`,
+//! a memfd mapping seen from JS as a Buffer over the same pages.
+
+use crate::client::NativeClient;
+use crate::convert::{self, NativeError};
+use crate::events::Event;
+use napi::bindgen_prelude::{BigInt, Either};
+use napi::{sys, Env, Result, Status};
+use napi_derive::napi;
+use std::ffi::c_void;
+use std::sync::Arc;
+use std::time::Duration;
+use vfio_user_client::{DmaMap, DmaMemory, Error};
+
+/// DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `buffer()` views
+/// the mapping, which lives until this object, every such Buffer and every map using it are
+/// gone.
+#[napi]
+pub struct NativeDmaMemory {
+    memory: Arc<DmaMemory>,
+}
+
+/// Allocates `size` bytes of DMA memory (a memfd, mapped shared).
+#[napi]
+pub fn allocate_dma_memory(size: f64) -> Either<NativeDmaMemory, NativeError> {
+    match DmaMemory::allocate(size as usize) {
+        Ok(m) => Either::A(NativeDmaMemory {
+            memory: Arc::new(m),
+        }),
+        Err(e) => Either::B(convert::from_error(&e)),
+    }
+}
+
+/// Lets go of the mapping behind a Buffer once V8 has collected the Buffer.
+extern "C" fn drop_view(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `hint` is the Arc leaked in `buffer` for this Buffer alone; napi calls this
+    // finalizer exactly once.
+    drop(unsafe { Arc::from_raw(hint.cast::<DmaMemory>()) });
+}
+
+#[napi]
+impl NativeDmaMemory {
+    /// The memfd while it is open (borrowed: close it with `close`), else null.
+    #[napi(getter)]
+    pub fn fd(&self) -> Option<i32> {
+        self.memory.raw_fd()
+    }
+
+    #[napi(getter)]
+    pub fn size(&self) -> f64 {
+        self.memory.len() as f64
+    }
+
+    /// A Buffer over the mapping (no copy: reads and writes are the device's view).
+    #[napi(ts_return_type = "Buffer")]
+    pub fn buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+        let hold = Arc::into_raw(self.memory.clone());
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the mapping is `len` bytes, alive while the Arc leaked into `hold` is,
+        // which the finalizer releases; `env` is live, on its thread.
+        let status = unsafe {
+            sys::napi_create_external_buffer(
+                env.raw(),
+                self.memory.len(),
+                self.memory.as_ptr().cast(),
+                Some(drop_view),
+                hold.cast_mut().cast(),
+                &mut out,
+            )
+        };
+        if status != sys::Status::napi_ok {
+            // SAFETY: napi did not take `hold`; it is ours again.
+            drop(unsafe { Arc::from_raw(hold) });
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "cannot create a Buffer over DMA memory (external buffers refused)",
+            ));
+        }
+        // SAFETY: `out` is a live value of this env.
+        Ok(unsafe { napi::bindgen_prelude::Unknown::from_raw_unchecked(env.raw(), out) })
+    }
+
+    /// Closes the fd now (the mapping stays while anything uses it). Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        self.memory.close_fd();
+    }
+}
+
+/// A DMA_MAP request as JS describes it.
+#[napi(object)]
+pub struct NativeDmaMapArgs {
+    pub iova: BigInt,
+    pub size: BigInt,
+    /// Offset of the range in the memory (and its fd).
+    pub offset: BigInt,
+    pub read: bool,
+    pub write: bool,
+    pub timeout_ms: Option<u32>,
+}
+
+fn u64_of(b: &BigInt) -> u64 {
+    // ts/ checked it is in [0, 2^64).
+    b.get_u64().1
+}
+
+fn timeout(ms: Option<u32>) -> Option<Duration> {
+    ms.map(|ms| Duration::from_millis(u64::from(ms)))
+}
+
+impl NativeClient {
+    /// Runs `f` with the map `args` describes over `memory`.
+    fn with_map<R>(
+        &self,
+        args: &NativeDmaMapArgs,
+        memory: &NativeDmaMemory,
+        f: impl FnOnce(&vfio_user_client::Client, &DmaMap<'_>) -> std::result::Result<R, Error>,
+    ) -> std::result::Result<R, Error> {
+        let offset = u64_of(&args.offset);
+        let mem = &memory.memory;
+        mem.with_fd(|fd| {
+            let map = DmaMap {
+                iova: u64_of(&args.iova),
+                size: u64_of(&args.size),
+                read: args.read,
+                write: args.write,
+                fd: Some((fd, offset)),
+                local: Some(mem.from_offset(offset as usize)),
+                timeout: timeout(args.timeout_ms),
+            };
+            self.live(|c| f(c, &map))
+        })?
+    }
+}
+
+#[napi]
+impl NativeClient {
+    /// Sends DMA_MAP; a reply event with `token` follows. Returns an error if nothing was
+    /// sent (a check failed before sending).
+    #[napi]
+    pub fn dma_map(
+        &self,
+        token: u32,
+        args: NativeDmaMapArgs,
+        memory: &NativeDmaMemory,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        self.with_map(&args, memory, |c, m| c.dma_map_callback(m, done))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Sends DMA_MAP and blocks until the reply. False on failure (see `take_error`).
+    #[napi]
+    pub fn dma_map_sync(&self, args: NativeDmaMapArgs, memory: &NativeDmaMemory) -> bool {
+        self.keep_error(self.with_map(&args, memory, |c, m| c.dma_map(m)))
+    }
+
+    /// Sends DMA_UNMAP for a range mapped earlier; a reply event with `token` follows.
+    /// Returns an error if nothing was sent.
+    #[napi]
+    pub fn dma_unmap(
+        &self,
+        token: u32,
+        iova: BigInt,
+        size: BigInt,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        let (iova, size) = (u64_of(&iova), u64_of(&size));
+        self.live(|c| c.dma_unmap_callback(iova, size, timeout(timeout_ms), done))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// Sends DMA_UNMAP and blocks until the reply. False on failure (see `take_error`).
+    #[napi]
+    pub fn dma_unmap_sync(&self, iova: BigInt, size: BigInt, timeout_ms: Option<u32>) -> bool {
+        let (iova, size) = (u64_of(&iova), u64_of(&size));
+        self.keep_error(self.live(|c| c.dma_unmap(iova, size, timeout(timeout_ms))))
+    }
+
+    /// Sends DMA_UNMAP for everything; a reply event with `token` follows.
+    #[napi]
+    pub fn dma_unmap_all(&self, token: u32, timeout_ms: Option<u32>) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        self.live(|c| c.dma_unmap_all_callback(timeout(timeout_ms), done))
+            .err()
+            .map(|e| convert::from_error(&e))
+    }
+
+    /// How many DMA ranges are mapped now.
+    #[napi(getter)]
+    pub fn dma_maps(&self) -> u32 {
+        self.live(|c| Ok(c.dma_maps() as u32)).unwrap_or(0)
+    }
+}

@@ -1,0 +1,152 @@
+// DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
+// checks against the server's page size and map count, the DMA table and the serving of the
+// server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
+import { checkInteger, checkOffset, checkTimeout } from './args'
+import type { CallOptions, Channel } from './channel'
+import { Command } from './command'
+import { fromNative } from './errors'
+import { type NativeDmaMemory, native } from './native'
+
+/**
+ * Memory to offer a device for DMA: a memfd mapped into this process. `buffer` is a view of
+ * the very pages the server maps (its fd goes with DMA_MAP), so what the device writes shows
+ * there and what you write the device reads. `close()` closes the fd; the memory stays valid
+ * while `buffer` or a map uses it.
+ */
+export class DmaMemory {
+  /** The memory, as a Buffer over the mapping (no copy). */
+  readonly buffer: Buffer
+  /** Its size in bytes. */
+  readonly size: number
+  /** @internal */
+  readonly native: NativeDmaMemory
+
+  /** @internal Use {@link allocateDmaMemory}. */
+  constructor(memory: NativeDmaMemory) {
+    this.native = memory
+    this.size = memory.size
+    this.buffer = memory.buffer()
+  }
+
+  /** The memfd while it is open (owned by this object: do not close it yourself). */
+  get fd(): number | undefined {
+    return this.native.fd ?? undefined
+  }
+
+  /** Closes the fd. Idempotent. Maps already made keep working; new ones need the fd. */
+  close(): void {
+    this.native.close()
+  }
+
+  /** Same as {@link DmaMemory.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close()
+  }
+}
+
+/**
+ * Allocates `size` bytes of DMA memory (a memfd, zero-filled, mapped shared).
+ * @throws {RangeError} for a size that is not a positive safe integer.
+ * @throws {VfioUserError} when the memfd cannot be made or mapped (`'ENOMEM'`, `'EMFILE'`…).
+ */
+export function allocateDmaMemory(size: number): DmaMemory {
+  checkInteger('size', size, 1, Number.MAX_SAFE_INTEGER)
+  const m = native.allocateDmaMemory(size)
+  if ('errno' in m) throw fromNative(m)
+  return new DmaMemory(m)
+}
+
+/** A range of guest memory to offer the device. */
+export interface DmaMapping {
+  /** The I/O virtual address the device uses (aligned to the server's smallest page size). */
+  iova: number | bigint
+  /** Bytes (a multiple of that page size). */
+  size: number | bigint
+  /** The memory behind the range. */
+  memory: DmaMemory
+  /** Where the range starts in `memory` (default 0; page-aligned). */
+  offset?: number | bigint
+  /** The device may read the range (default true). */
+  read?: boolean
+  /** The device may write the range (default true). */
+  write?: boolean
+}
+
+/** A range mapped earlier, to unmap. */
+export interface DmaRange {
+  iova: number | bigint
+  size: number | bigint
+}
+
+function checkBool(name: string, value: unknown, fallback: boolean): boolean {
+  if (value === undefined) return fallback
+  if (typeof value !== 'boolean') throw new TypeError(`${name} must be a boolean`)
+  return value
+}
+
+function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
+  if (m === null || typeof m !== 'object') throw new TypeError('a DMA mapping must be an object')
+  if (!(m.memory instanceof DmaMemory)) throw new TypeError('memory must be a DmaMemory (see allocateDmaMemory)')
+  const iova = checkOffset('iova', m.iova).value
+  const size = checkOffset('size', m.size).value
+  const offset = checkOffset('offset', m.offset ?? 0).value
+  if (size === 0n) throw new RangeError('size must not be 0')
+  if (offset + size > BigInt(m.memory.size)) {
+    throw new RangeError(`${size} bytes at offset ${offset} pass the end of the ${m.memory.size}-byte DMA memory`)
+  }
+  if (iova + size > 1n << 64n) throw new RangeError(`${size} bytes at iova ${iova} pass 2^64`)
+  return {
+    iova,
+    size,
+    offset,
+    read: checkBool('read', m.read, true),
+    write: checkBool('write', m.write, true),
+    timeoutMs: checkTimeout('timeoutMs', options.timeoutMs),
+  }
+}
+
+function rangeArgs(r: DmaRange) {
+  if (r === null || typeof r !== 'object') throw new TypeError('a DMA range must be an object')
+  return { iova: checkOffset('iova', r.iova).value, size: checkOffset('size', r.size).value }
+}
+
+/** DMA_MAP of `m`, settled when the server answers. */
+export function dmaMap(ch: Channel, m: DmaMapping, options: CallOptions = {}): Promise<void> {
+  const args = mapArgs(m, options)
+  return ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, args, m.memory.native), options).then(() => {})
+}
+
+/** {@link dmaMap}, blocking the JavaScript thread. */
+export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions, 'signal'> = {}): void {
+  const args = mapArgs(m, options)
+  if (!ch.native.dmaMapSync(args, m.memory.native)) throw ch.lastError()
+}
+
+/** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
+export function dmaMapMany(ch: Channel, maps: DmaMapping[], options: CallOptions = {}): Promise<void> {
+  if (!Array.isArray(maps)) throw new TypeError('maps must be an array')
+  const args = maps.map((m) => mapArgs(m, options))
+  const sent = args.map((a, i) =>
+    ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, a, (maps[i] as DmaMapping).memory.native), options),
+  )
+  return Promise.all(sent).then(() => {})
+}
+
+/** DMA_UNMAP of a range mapped earlier (exactly), settled when the server answers. */
+export function dmaUnmap(ch: Channel, r: DmaRange, options: CallOptions = {}): Promise<void> {
+  const { iova, size } = rangeArgs(r)
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  return ch.call(Command.DMA_UNMAP, (token) => ch.native.dmaUnmap(token, iova, size, timeoutMs), options).then(() => {})
+}
+
+/** {@link dmaUnmap}, blocking the JavaScript thread. */
+export function dmaUnmapSync(ch: Channel, r: DmaRange, options: Omit<CallOptions, 'signal'> = {}): void {
+  const { iova, size } = rangeArgs(r)
+  if (!ch.native.dmaUnmapSync(iova, size, checkTimeout('timeoutMs', options.timeoutMs))) throw ch.lastError()
+}
+
+/** DMA_UNMAP of everything (the ALL flag). */
+export function dmaUnmapAll(ch: Channel, options: CallOptions = {}): Promise<void> {
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  return ch.call(Command.DMA_UNMAP, (token) => ch.native.dmaUnmapAll(token, timeoutMs), options).then(() => {})
+}
