@@ -2,7 +2,7 @@
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
 import { constants } from 'node:os'
 import { describe, expect, it } from 'vitest'
-import { Command, connect, type VfioUserError } from '../ts/index'
+import { allocateDmaMemory, Command, connect, type VfioUserError } from '../ts/index'
 import { startScriptedPeer } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
@@ -112,5 +112,23 @@ describe('requests against a misbehaving server', () => {
     const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     // The peer reports the errno our client answered its DMA_READ with.
     expect(r.payload.readUInt32LE(0)).toBe(constants.errno.EFAULT)
+  })
+
+  it('serves the server DMA_READs from mapped DmaMemory, async and while blocked in a sync call', async () => {
+    await using p = await peer('dma-request')
+    await p.client.validateVersion()
+    using memory = allocateDmaMemory(4096)
+    memory.buffer.write('dma!', 0)
+    // The peer sends a DMA_READ of 8 bytes at 0 before it answers the map itself: the range
+    // is served from the moment the map is sent.
+    await p.client.dmaMap({ iova: 0, size: 4096, memory })
+    const async = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(async.payload.readUInt32LE(0)).toBe(0)
+    // JS is blocked here: the caller reading its own reply serves the DMA_READ on the way.
+    const sync = p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(sync.payload.readUInt32LE(0)).toBe(0)
+    await p.client.dmaUnmap({ iova: 0, size: 4096 })
+    const unmapped = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(unmapped.payload.readUInt32LE(0)).toBe(constants.errno.EFAULT)
   })
 })

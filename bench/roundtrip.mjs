@@ -11,7 +11,7 @@
 import { execFileSync, spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { Command, connect } from '../dist/index.js'
+import { allocateDmaMemory, Command, connect } from '../dist/index.js'
 import { startTestDevice } from '../dist/testing.js'
 
 const root = resolve(import.meta.dirname, '..')
@@ -127,7 +127,15 @@ async function typedCalls(socketPath) {
   const BIG = Number(process.env.BENCH_MIB ?? 200)
   const access = Buffer.alloc(16)
   access.writeUInt32LE(4, 12)
-  const runs = { regionReadSync: [], sendWaitSync: [], regionRead: [], stream: [], device: [] }
+  const runs = { regionReadSync: [], sendWaitSync: [], regionRead: [], stream: [], device: [], mapOne: [], mapMany: [] }
+  const MAPS = 256
+  const memory = allocateDmaMemory(MAPS * 4096)
+  const maps = Array.from({ length: MAPS }, (_, i) => ({
+    iova: (1n << 32n) + BigInt(i * 4096),
+    size: 4096,
+    memory,
+    offset: i * 4096,
+  }))
   const client = await connect(socketPath)
   // The test device serves one connection at a time: its ceiling is measured on another.
   const other = await startTestDevice({ binary: binary('vfio-user-test-device') })
@@ -155,6 +163,14 @@ async function typedCalls(socketPath) {
           for (let i = 0; i < COUNT; i++) client.regionReadSync(0, 0, 4)
         }, COUNT),
       )
+      runs.mapOne.push(
+        await timedAsync(async () => {
+          for (const m of maps) await client.dmaMap(m)
+        }, MAPS),
+      )
+      await Promise.all(maps.map((m) => client.dmaUnmap(m)))
+      runs.mapMany.push(await timedAsync(() => client.dmaMapMany(maps), MAPS))
+      await Promise.all(maps.map((m) => client.dmaUnmap(m)))
       runs.regionRead.push(
         await timedAsync(async () => {
           for (let i = 0; i < BIG; i++) await client.regionRead(2, 0, MIB)
@@ -173,11 +189,13 @@ async function typedCalls(socketPath) {
   } finally {
     await client.close()
     await other.close()
+    memory.close()
   }
   const m = Object.fromEntries(Object.entries(runs).map(([k, v]) => [k, median(v)]))
   const mbs = (usPerMib) => (1e6 / usPerMib).toFixed(0)
   const readRatio = m.regionReadSync / m.sendWaitSync
   const throughput = m.stream / m.regionRead
+  const mapRatio = m.mapOne / m.mapMany
   const rows = [
     ['typed calls (medians)', 'per call', 'vs', 'goal'],
     ['sendWaitSync REGION_READ 4 B', `${fmt(m.sendWaitSync)} µs`, '1.00x', ''],
@@ -195,10 +213,17 @@ async function typedCalls(socketPath) {
       `${throughput.toFixed(2)}x`,
       `>= 0.8x ${throughput >= 0.8 ? 'met' : 'MISSED'}`,
     ],
+    [`dmaMap x${MAPS}, each awaited`, `${fmt(m.mapOne)} µs`, '1.00x', ''],
+    [
+      `dmaMapMany of ${MAPS}`,
+      `${fmt(m.mapMany)} µs`,
+      `${mapRatio.toFixed(2)}x rate`,
+      `>= 5x ${mapRatio >= 5 ? 'met' : 'MISSED'}`,
+    ],
   ]
   console.log('')
   table(rows)
-  return (readRatio <= 1.1 ? 0 : 1) + (throughput >= 0.8 ? 0 : 1)
+  return (readRatio <= 1.1 ? 0 : 1) + (throughput >= 0.8 ? 0 : 1) + (mapRatio >= 5 ? 0 : 1)
 }
 
 const device = await startTestDevice({ binary: binary('vfio-user-test-device') })

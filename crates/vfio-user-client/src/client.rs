@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vfio_user_proto::{
     check_request, command_name, reply_fd_limit, reply_size_limit, version::version_payload,
-    Command, Header, Version, HEADER_SIZE,
+    Capabilities, Command, Header, Version, HEADER_SIZE,
 };
 
 /// One request. `fds` are borrowed: the client sends duplicates, the caller keeps its own.
@@ -161,6 +161,16 @@ impl Client {
     /// behind them and the I/O thread writes the lot at once, so nothing waits for the cork.
     pub fn cork(&self) -> Cork {
         Cork::new(&self.shared)
+    }
+
+    /// Reads the negotiated server capabilities in place (no copy of the version), once
+    /// negotiation has succeeded.
+    pub(crate) fn with_server_caps<R>(&self, f: impl FnOnce(&Capabilities) -> R) -> Option<R> {
+        self.shared
+            .lock()
+            .version
+            .as_ref()
+            .map(|v| f(&v.capabilities))
     }
 
     /// The DMA ranges offered to the server (see `dma.rs`).

@@ -39,17 +39,16 @@ impl Client {
     /// Checks `map` against what the server negotiated and the ranges already mapped, and
     /// records it; returns the request payload and the record's generation.
     fn prepare_map(&self, map: &DmaMap<'_>) -> Result<([u8; 32], u64), Error> {
-        let caps = self
-            .version()
+        let (pgsizes, max_dma_maps) = self
+            .with_server_caps(|c| (c.pgsizes, c.max_dma_maps))
             .ok_or_else(|| {
                 invalid(
                     Errno::ENOTCONN,
                     "cannot map DMA before version negotiation has succeeded".into(),
                 )
-            })?
-            .capabilities;
+            })?;
         // The smallest page size the server supports; every map is aligned to it.
-        let page = 1u64 << caps.pgsizes.trailing_zeros().min(63);
+        let page = 1u64 << pgsizes.trailing_zeros().min(63);
         let (iova, size) = (map.iova, map.size);
         if size == 0 || iova.checked_add(size).is_none() {
             return Err(invalid(
@@ -90,10 +89,10 @@ impl Client {
                 format!("the DMA map at {iova:#x} overlaps the one at {at:#x} ({len} bytes)"),
             ));
         }
-        if table.count() as u64 >= caps.max_dma_maps {
+        if table.count() as u64 >= max_dma_maps {
             return Err(invalid(
                 Errno::ENOSPC,
-                format!("the server accepts at most {} DMA maps", caps.max_dma_maps),
+                format!("the server accepts at most {max_dma_maps} DMA maps"),
             ));
         }
         let flags =

@@ -113,8 +113,7 @@ fn lock(g: &Mutex<Gather>) -> std::sync::MutexGuard<'_, Gather> {
 impl Client {
     /// The server's `max_data_xfer_size`, once negotiated.
     fn max_transfer(&self, command: Command) -> Result<usize, Error> {
-        self.version()
-            .map(|v| v.capabilities.max_data_xfer_size as usize)
+        self.with_server_caps(|c| c.max_data_xfer_size as usize)
             .ok_or_else(|| {
                 Error::new(
                     Errno::ENOTCONN,
