@@ -131,4 +131,26 @@ describe('requests against a misbehaving server', () => {
     const unmapped = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(unmapped.payload.readUInt32LE(0)).toBe(constants.errno.EFAULT)
   })
+
+  it('a server that lies in typed replies gets EPROTO, and the stream stays in sync', async () => {
+    await using p = await peer('liar')
+    await p.client.validateVersion()
+    // Each watched at once: they may settle in any order.
+    const lies = [
+      [rejection(p.client.regionInfo(0)), /a loop/],
+      [rejection(p.client.regionInfo(1)), /past region 1/],
+      [rejection(p.client.regionInfo(2)), /runs past/],
+      [rejection(p.client.regionRead(0, 64, 4)), /echoes/],
+      [rejection(p.client.regionWrite(0, 64, Buffer.from([1, 2, 3, 4]))), /access header/],
+      [rejection(p.client.irqInfo(1)), /irq index 2, not 1/],
+    ] as const
+    for (const [call, message] of lies) {
+      const e = await call
+      expect(e.code).toBe('EPROTO')
+      expect(e.message).toMatch(message)
+    }
+    // A DMA_READ of 4 GiB is refused (E2BIG) and our own request still gets its answer.
+    const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(r.payload.readUInt32LE(0)).toBe(constants.errno.E2BIG)
+  })
 })

@@ -17,6 +17,11 @@
 //! - `echo`: answers REGION_READ (offset, region, count) with `count` bytes, byte i being
 //!   `(offset + i) & 0xff`, after sleeping `region` ms (so a client's timeout meets a late
 //!   reply); answers everything else like `serve`. For soaks: every reply proves whose it is.
+//! - `liar`: a server that lies in its typed replies: REGION_INFO for region 0 has a capability
+//!   chain that loops, for region 1 a sparse area past the region, for region 2 a chain that
+//!   points outside the reply; REGION_READ echoes another offset; REGION_WRITE echoes a short
+//!   header; DEVICE_GET_IRQ_INFO answers for another index; before answering DEVICE_GET_INFO
+//!   it asks for a 4 GiB DMA_READ and reports our errno in bytes 0..4 of the reply.
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -56,6 +61,30 @@ fn info_payload(first_word: u32) -> [u8; 16] {
     p[0..4].copy_from_slice(&first_word.to_ne_bytes());
     p[8..12].copy_from_slice(&9u32.to_ne_bytes());
     p[12..16].copy_from_slice(&5u32.to_ne_bytes());
+    p
+}
+
+/// A REGION_INFO reply for `index` with a lying capability chain (see `liar`).
+fn lying_region_info(index: u32) -> Vec<u8> {
+    let mut p = vec![0u8; 32 + 32];
+    let put = |p: &mut Vec<u8>, at: usize, v: u32| p[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    put(&mut p, 0, 64);
+    put(&mut p, 4, 1 | 2 | 4 | 8);
+    put(&mut p, 8, index);
+    put(&mut p, 12, if index == 2 { 4096 } else { 32 });
+    p[16..24].copy_from_slice(&4096u64.to_ne_bytes());
+    // SPARSE_MMAP, version 1, next: itself for region 0 (a loop), else the end.
+    p[32..34].copy_from_slice(&1u16.to_ne_bytes());
+    p[34..36].copy_from_slice(&1u16.to_ne_bytes());
+    put(&mut p, 36, if index == 0 { 32 } else { 0 });
+    put(&mut p, 40, 1);
+    let (offset, size) = if index == 1 {
+        (4000u64, 200u64)
+    } else {
+        (0, 4096)
+    };
+    p[48..56].copy_from_slice(&offset.to_ne_bytes());
+    p[56..64].copy_from_slice(&size.to_ne_bytes());
     p
 }
 
@@ -175,6 +204,42 @@ fn run(s: &mut UnixStream, scenario: &str) {
         "errno0" => {
             while let Some((h, _)) = read_msg(s) {
                 send(s, Header::error_reply_to(&h, 0), &[]);
+            }
+        }
+        "liar" => {
+            while let Some((h, p)) = read_msg(s) {
+                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                match h.command {
+                    4 => {
+                        let mut dma = [0u8; 16];
+                        dma[8..16].copy_from_slice(&(4u64 << 30).to_ne_bytes());
+                        send(s, Header::command(901, 11, 16, false), &dma);
+                        let Some((answer, _)) = read_msg(s) else {
+                            return;
+                        };
+                        reply(s, &h, &info_payload(answer.error));
+                    }
+                    5 => {
+                        // Honest about size: a short argsz gets the fixed part and the room
+                        // needed, as libvfio-user answers.
+                        let mut r = lying_region_info(word(8));
+                        r.truncate((word(0) as usize).clamp(32, r.len()));
+                        reply(s, &h, &r);
+                    }
+                    7 => {
+                        let mut r = p.clone();
+                        r[8..12].copy_from_slice(&(word(8) + 1).to_ne_bytes());
+                        reply(s, &h, &r);
+                    }
+                    9 => {
+                        let mut r = p[..16].to_vec();
+                        r[0] ^= 8;
+                        r.resize(16 + word(12) as usize, 0);
+                        reply(s, &h, &r);
+                    }
+                    10 => reply(s, &h, &p[..12]),
+                    _ => reply(s, &h, &info_payload(0)),
+                }
             }
         }
         "dma-request" => {
