@@ -3,6 +3,7 @@
 use crate::cork::Cork;
 use crate::dma_table::DmaTable;
 use crate::io_thread;
+use crate::irq_table::IrqTable;
 use crate::options::{Options, OUR_MAX_MSG_FDS};
 use crate::outgoing::Outgoing;
 use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
@@ -101,6 +102,7 @@ impl Client {
             options,
             on_close: Mutex::new(CloseNotice::default()),
             dma: Arc::default(),
+            irqs: Mutex::default(),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -171,6 +173,16 @@ impl Client {
             .version
             .as_ref()
             .map(|v| f(&v.capabilities))
+    }
+
+    /// The eventfds wired to interrupts (see `irq.rs`).
+    pub(crate) fn irq_table(&self) -> &Mutex<IrqTable> {
+        &self.shared.irqs
+    }
+
+    /// The I/O thread's epoll set, which watches those eventfds.
+    pub(crate) fn io_epoll(&self) -> &Epoll {
+        &self.shared.epoll
     }
 
     /// The DMA ranges offered to the server (see `dma.rs`).

@@ -17,7 +17,7 @@ const BACKUP_GRACE: Duration = Duration::from_millis(10);
 pub fn run(shared: Arc<Shared>) {
     let sock = shared.sock.as_raw_fd();
     let heartbeat = (shared.default_timeout() / 2).max(Duration::from_millis(1));
-    let mut events = [EpollEvent::empty(); 4];
+    let mut events = [EpollEvent::empty(); 32];
     loop {
         backup_read(&shared, sock);
         let mut fired = Fired::default();
@@ -58,6 +58,9 @@ pub fn run(shared: Arc<Shared>) {
         for ev in &events[..n] {
             if ev.data() == WAKE_TOKEN {
                 let _ = shared.wake.read();
+                continue;
+            }
+            if shared.deliver_irq(ev.data()) {
                 continue;
             }
             let flags = ev.events();

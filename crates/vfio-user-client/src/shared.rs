@@ -3,6 +3,7 @@
 //! the connection, announcing its end, answering server requests).
 
 use crate::dma_table::DmaTable;
+use crate::irq_table::{untoken, IrqTable};
 use crate::options::Options;
 use crate::outgoing::Outgoing;
 use crate::rx::Rx;
@@ -35,6 +36,8 @@ pub(crate) struct Shared {
     pub on_close: Mutex<CloseNotice>,
     /// The DMA ranges offered to the server, for serving its DMA_READ/DMA_WRITE.
     pub dma: Arc<Mutex<DmaTable>>,
+    /// The eventfds wired to interrupts, which the I/O thread watches.
+    pub irqs: Mutex<IrqTable>,
 }
 
 /// The close hook and whether the end has been announced, under one lock so a hook
@@ -94,12 +97,37 @@ impl Shared {
         let _ = self.wake.write(1);
     }
 
+    /// Reads the eventfd behind epoll data `token`, if it is an interrupt's, and reports what
+    /// it counted to the hook. Returns false for any other token.
+    pub fn deliver_irq(&self, token: u64) -> bool {
+        let Some((group, vector)) = untoken(token) else {
+            return false;
+        };
+        let table = self.irqs.lock().unwrap_or_else(|p| p.into_inner());
+        let count = table.take_count(group, vector);
+        if count > 0 {
+            if let Some(hook) = &table.hook {
+                hook(group, vector, count);
+            }
+        }
+        true
+    }
+
     /// Ends the connection with `err`: fails everything at once and stops the I/O thread.
     pub fn fail(&self, err: Error) {
         let mut fired = Fired::default();
         self.lock().close(err, &mut fired);
-        // Nothing more will be served: let go of the memory behind every range.
+        // Nothing more will be served: let go of the memory behind every range, and stop
+        // watching (and close) every interrupt eventfd.
         self.dma.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let groups = self
+            .irqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_all();
+        for fd in groups.iter().flat_map(|g| &g.fds) {
+            let _ = self.epoll.delete(fd);
+        }
         let _ = shutdown(self.sock.as_raw_fd(), Shutdown::Both);
         self.wake_io();
         fired.fire();

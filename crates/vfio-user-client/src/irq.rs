@@ -1,0 +1,212 @@
+//! Interrupts as calls (protocol.md 3.7): eventfds made here, one per vector, wired to the
+//! device with DEVICE_SET_IRQS in chunks of the server's `max_msg_fds`, and watched by the I/O
+//! thread (see `irq_table.rs`); unwired and closed by [`Client::disable_irqs`] or when the
+//! connection ends.
+
+use crate::irq_table::{token, Group, IrqHook};
+use crate::pending::{Completion, Reply};
+use crate::{Client, Error, Request};
+use nix::errno::Errno;
+use nix::sys::epoll::{EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vfio_user_proto::irq::{set_irqs_request, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD};
+use vfio_user_proto::Command;
+
+/// What [`Client::enable_irqs`] made: the group's id (as the hook reports it) and the
+/// eventfds, borrowed (the client closes them).
+pub struct Enabled {
+    pub group: u32,
+    pub fds: Vec<RawFd>,
+}
+
+fn set_irqs<'a>(
+    payload: &'a [u8],
+    fds: &'a [BorrowedFd<'a>],
+    timeout: Option<Duration>,
+) -> Request<'a> {
+    Request {
+        command: Command::DeviceSetIrqs as u16,
+        payload,
+        fds,
+        timeout,
+    }
+}
+
+impl Client {
+    /// Sets the function the I/O thread calls with (group, vector, count) when a vector fires.
+    pub fn on_irq(&self, hook: IrqHook) {
+        self.irq_table()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hook = Some(hook);
+    }
+
+    /// Makes an eventfd for each of vectors [start, start + count) of irq `index`, watches
+    /// them, and wires them to the device (DATA_EVENTFD | ACTION_TRIGGER, in chunks of the
+    /// server's `max_msg_fds`); `done` gets the last chunk's reply or the first failure. If
+    /// this returns an error nothing was sent and `done` is not called.
+    pub fn enable_irqs(
+        &self,
+        index: u32,
+        start: u32,
+        count: u32,
+        timeout: Option<Duration>,
+        done: Completion,
+    ) -> Result<Enabled, Error> {
+        let chunk = self
+            .with_server_caps(|c| c.max_msg_fds.max(1) as usize)
+            .ok_or_else(|| {
+                Error::new(
+                    Errno::ENOTCONN,
+                    "cannot wire interrupts before version negotiation",
+                )
+                .with_command(Command::DeviceSetIrqs as u16)
+            })?;
+        if count == 0 || start.checked_add(count).is_none() {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!("{count} vectors from {start} of irq index {index}"),
+            ));
+        }
+        let fds = (0..count)
+            .map(|_| {
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::new(e, format!("cannot make an eventfd: {}", e.desc())))?;
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+        let group = {
+            let mut table = self.irq_table().lock().unwrap_or_else(|p| p.into_inner());
+            let id = table.add(Group { index, start, fds });
+            let watch = table.get(id).map_or(Ok(()), |g| {
+                g.fds.iter().enumerate().try_for_each(|(i, fd)| {
+                    let ev = EpollEvent::new(EpollFlags::EPOLLIN, token(id, start + i as u32));
+                    self.io_epoll().add(fd, ev)
+                })
+            });
+            if let Err(e) = watch {
+                drop(table);
+                self.drop_irq_group(id);
+                return Err(Error::new(
+                    e,
+                    format!("cannot watch an eventfd: {}", e.desc()),
+                ));
+            }
+            id
+        };
+        let chunks: Vec<(usize, usize)> = (0..count as usize)
+            .step_by(chunk)
+            .map(|at| (at, (count as usize - at).min(chunk)))
+            .collect();
+        let left = Arc::new(Mutex::new((chunks.len(), None::<Error>, Some(done))));
+        for (k, (at, n)) in chunks.iter().enumerate() {
+            let payload = set_irqs_request(
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                index,
+                start + *at as u32,
+                *n as u32,
+                &[],
+            );
+            // Our own duplicates, so the table's lock is not held while sending (a failed send
+            // ends the connection, which empties the table).
+            let owned: Vec<OwnedFd> = {
+                let table = self.irq_table().lock().unwrap_or_else(|p| p.into_inner());
+                table
+                    .get(group)
+                    .map(|g| {
+                        g.fds[*at..*at + *n]
+                            .iter()
+                            .filter_map(|f| f.as_fd().try_clone_to_owned().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let fds: Vec<BorrowedFd<'_>> = owned.iter().map(AsFd::as_fd).collect();
+            let l = left.clone();
+            let on_reply = Box::new(move |r: Result<Reply, Error>| {
+                let fire = {
+                    let mut g = l.lock().unwrap_or_else(|p| p.into_inner());
+                    g.0 -= 1;
+                    let r = match (r, g.1.take()) {
+                        (_, Some(first)) => Err(first),
+                        (r, None) => r,
+                    };
+                    if g.0 == 0 {
+                        g.2.take().map(|d| (d, r))
+                    } else {
+                        if let Err(e) = r {
+                            g.1 = Some(e);
+                        }
+                        None
+                    }
+                };
+                if let Some((done, r)) = fire {
+                    done(r);
+                }
+            });
+            let sent = self.send_callback(set_irqs(&payload, &fds, timeout), on_reply);
+            if let Err(e) = sent {
+                if k == 0 {
+                    self.drop_irq_group(group);
+                    return Err(e);
+                }
+                // Chunks already sent settle the call; this failure is its result.
+                let fire = {
+                    let mut g = left.lock().unwrap_or_else(|p| p.into_inner());
+                    g.0 -= chunks.len() - k;
+                    g.1.get_or_insert(e);
+                    if g.0 == 0 {
+                        g.2.take().zip(g.1.take())
+                    } else {
+                        None
+                    }
+                };
+                if let Some((done, e)) = fire {
+                    done(Err(e));
+                }
+                break;
+            }
+        }
+        Ok(Enabled { group, fds: raw })
+    }
+
+    /// Stops delivery of group `group` at once (its eventfds are unwatched and closed) and
+    /// unwires its vectors on the device (DATA_EVENTFD with no fds); `done` gets the reply.
+    pub fn disable_irqs(
+        &self,
+        group: u32,
+        timeout: Option<Duration>,
+        done: Completion,
+    ) -> Result<(), Error> {
+        let Some(g) = self.drop_irq_group(group) else {
+            return Err(Error::new(
+                Errno::EINVAL,
+                "these interrupts are already disabled",
+            ));
+        };
+        let payload = set_irqs_request(
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            g.index,
+            g.start,
+            g.fds.len() as u32,
+            &[],
+        );
+        self.send_callback(set_irqs(&payload, &[], timeout), done)
+    }
+
+    /// Takes group `id` out of the table and the I/O thread's epoll set, closing its eventfds.
+    fn drop_irq_group(&self, id: u32) -> Option<Group> {
+        let g = self
+            .irq_table()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)?;
+        for fd in &g.fds {
+            let _ = self.io_epoll().delete(fd);
+        }
+        Some(g)
+    }
+}
