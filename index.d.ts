@@ -76,6 +76,16 @@ export declare class NativeClient {
   /** How many DMA ranges are mapped now. */
   get dmaMaps(): number
   /**
+   * Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
+   * reply event with `token` follows once the server has answered every chunk.
+   */
+  enableIrqs(token: number, index: number, start: number, count: number, timeoutMs?: number | undefined | null): NativeIrqGroup | NativeError
+  /**
+   * Stops group `group` at once (eventfds closed) and unwires it on the device; a reply
+   * event with `token` follows. Returns an error if nothing was sent.
+   */
+  disableIrqs(token: number, group: number, timeoutMs?: number | undefined | null): NativeError | null
+  /**
    * Reads `length` bytes of region `index` at offset (hi, lo), blocking. Null on failure
    * (see `take_error`).
    */
@@ -197,6 +207,20 @@ export interface NativeEvent {
   error?: NativeError
   /** Set once, when the connection has ended; the error says why. */
   closed?: NativeError
+  /** An interrupt: a vector of an enabled group fired `count` times since it was last read. */
+  irq?: NativeIrq
+}
+
+export interface NativeIrq {
+  group: number
+  vector: number
+  count: number
+}
+
+/** An enabled group of vectors: its id (as irq events name it) and its eventfds (borrowed). */
+export interface NativeIrqGroup {
+  group: number
+  fds: Array<number>
 }
 
 /** A decoded DEVICE_GET_IRQ_INFO reply. */
@@ -256,3 +280,6 @@ export declare function parseCapabilities(json: string): NativeCapabilitiesResul
 
 /** The DEVICE_GET_REGION_INFO request payload for `index`, accepting up to `argsz` bytes. */
 export declare function regionInfoRequest(index: number, argsz: number): Buffer
+
+/** The DEVICE_SET_IRQS request payload (`data`: one byte per vector, with DATA_BOOL). */
+export declare function setIrqsRequest(flags: number, index: number, start: number, count: number, data: Buffer): Buffer

@@ -846,3 +846,4 @@ module.exports.deviceInfoRequest = nativeBinding.deviceInfoRequest
 module.exports.irqInfoRequest = nativeBinding.irqInfoRequest
 module.exports.parseCapabilities = nativeBinding.parseCapabilities
 module.exports.regionInfoRequest = nativeBinding.regionInfoRequest
+module.exports.setIrqsRequest = nativeBinding.setIrqsRequest

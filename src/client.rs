@@ -123,6 +123,10 @@ impl NativeClient {
         let events = EventQueue::default();
         let on_close = events.clone();
         client.on_close(move |e| on_close.push(Event::Closed(e.clone())));
+        let on_irq = events.clone();
+        client.on_irq(Box::new(move |group, vector, count| {
+            on_irq.push(Event::Irq(group, vector, count));
+        }));
         NativeClient {
             path: client.path().to_string(),
             client: RefCell::new(Some(client)),

@@ -21,12 +21,23 @@ pub struct NativeEvent {
     pub error: Option<NativeError>,
     /// Set once, when the connection has ended; the error says why.
     pub closed: Option<NativeError>,
+    /// An interrupt: a vector of an enabled group fired `count` times since it was last read.
+    pub irq: Option<NativeIrq>,
+}
+
+#[napi(object, object_from_js = false)]
+pub struct NativeIrq {
+    pub group: u32,
+    pub vector: u32,
+    pub count: f64,
 }
 
 pub enum Event {
     Done(u32, Result<Reply, Error>),
     /// A typed call's bytes (a region read; none for a write), settled like a plain reply.
     Data(u32, Payload),
+    /// A vector of an interrupt group fired: (group, vector, count).
+    Irq(u32, u32, u64),
     Closed(Error),
 }
 
@@ -35,7 +46,7 @@ impl Event {
     pub fn token(&self) -> u32 {
         match self {
             Event::Done(token, _) | Event::Data(token, _) => *token,
-            Event::Closed(_) => 0,
+            Event::Closed(_) | Event::Irq(..) => 0,
         }
     }
 
@@ -46,12 +57,14 @@ impl Event {
                 reply: Some(convert::reply(r)),
                 error: None,
                 closed: None,
+                irq: None,
             },
             Event::Done(token, Err(e)) => NativeEvent {
                 token,
                 reply: None,
                 error: Some(convert::from_error(&e)),
                 closed: None,
+                irq: None,
             },
             Event::Data(token, payload) => NativeEvent {
                 token,
@@ -64,12 +77,25 @@ impl Event {
                 }),
                 error: None,
                 closed: None,
+                irq: None,
+            },
+            Event::Irq(group, vector, count) => NativeEvent {
+                token: 0,
+                reply: None,
+                error: None,
+                closed: None,
+                irq: Some(NativeIrq {
+                    group,
+                    vector,
+                    count: count as f64,
+                }),
             },
             Event::Closed(e) => NativeEvent {
                 token: 0,
                 reply: None,
                 error: None,
                 closed: Some(convert::from_error(&e)),
+                irq: None,
             },
         }
     }

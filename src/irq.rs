@@ -1,8 +1,12 @@
-//! DEVICE_GET_IRQ_INFO's request and reply, through the proto crate's `irq.rs`.
+//! Interrupts: DEVICE_GET_IRQ_INFO and DEVICE_SET_IRQS through the proto crate's `irq.rs`,
+//! and eventfd groups through the client crate's `irq.rs`.
 
-use crate::convert::NativeError;
+use crate::client::NativeClient;
+use crate::convert::{self, NativeError};
+use crate::events::Event;
 use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
 use napi_derive::napi;
+use std::time::Duration;
 use vfio_user_client::proto::{irq, Command};
 
 /// A decoded DEVICE_GET_IRQ_INFO reply.
@@ -29,5 +33,69 @@ pub fn decode_irq_info(payload: BufferSlice, index: u32) -> Either<NativeIrqInfo
             count: i.count,
         }),
         Err(e) => Either::B(NativeError::proto_reply(Command::DeviceGetIrqInfo, e)),
+    }
+}
+
+/// The DEVICE_SET_IRQS request payload (`data`: one byte per vector, with DATA_BOOL).
+#[napi]
+pub fn set_irqs_request(
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    data: BufferSlice,
+) -> Buffer {
+    irq::set_irqs_request(flags, index, start, count, &data).into()
+}
+
+/// An enabled group of vectors: its id (as irq events name it) and its eventfds (borrowed).
+#[napi(object, object_from_js = false)]
+pub struct NativeIrqGroup {
+    pub group: u32,
+    pub fds: Vec<i32>,
+}
+
+fn timeout(ms: Option<u32>) -> Option<Duration> {
+    ms.map(|ms| Duration::from_millis(u64::from(ms)))
+}
+
+#[napi]
+impl NativeClient {
+    /// Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
+    /// reply event with `token` follows once the server has answered every chunk.
+    #[napi]
+    pub fn enable_irqs(
+        &self,
+        token: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        timeout_ms: Option<u32>,
+    ) -> Either<NativeIrqGroup, NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        match self.live(|c| c.enable_irqs(index, start, count, timeout(timeout_ms), done)) {
+            Ok(e) => Either::A(NativeIrqGroup {
+                group: e.group,
+                fds: e.fds,
+            }),
+            Err(e) => Either::B(convert::from_error(&e)),
+        }
+    }
+
+    /// Stops group `group` at once (eventfds closed) and unwires it on the device; a reply
+    /// event with `token` follows. Returns an error if nothing was sent.
+    #[napi]
+    pub fn disable_irqs(
+        &self,
+        token: u32,
+        group: u32,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        self.live(|c| c.disable_irqs(group, timeout(timeout_ms), done))
+            .err()
+            .map(|e| convert::from_error(&e))
     }
 }

@@ -27,4 +27,12 @@ export interface Channel {
   lastError(): VfioUserError
   /** A native error record as a `VfioUserError` naming this connection. */
   error(e: NativeError): VfioUserError
+  /** Where irq events for each enabled group go, by group id. */
+  readonly irqGroups: Map<number, IrqSink>
+}
+
+/** @internal What receives a group's irq events, and the end of the connection. */
+export interface IrqSink {
+  fire(vector: number, count: number): void
+  end(): void
 }

@@ -3,7 +3,7 @@ import { closeSync } from 'node:fs'
 import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
-import type { CallOptions, Channel } from './channel'
+import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
 import { type DeviceInfo, deviceInfo, reset } from './device'
 import {
@@ -17,7 +17,15 @@ import {
   dmaUnmapSync,
 } from './dma'
 import { fromNative, VfioUserError } from './errors'
-import { type IrqInfo, irqInfo } from './irq'
+import {
+  type EnableIrqsOptions,
+  enableIrqs,
+  type Interrupts,
+  type IrqInfo,
+  irqInfo,
+  type SetIrqsOptions,
+  setIrqs,
+} from './irq'
 import {
   type NativeClient,
   type NativeError,
@@ -139,6 +147,7 @@ export class VfioUserClient extends EventEmitter {
   #nextToken = 1
   #channel?: Channel
   #deviceInfo?: DeviceInfo
+  readonly #irqGroups = new Map<number, IrqSink>()
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
   #closed?: VfioUserError
@@ -268,6 +277,7 @@ export class VfioUserClient extends EventEmitter {
       lastError: () =>
         fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path),
       error: (e) => fromNative(e, this.#path),
+      irqGroups: this.#irqGroups,
     }
     return this.#channel
   }
@@ -445,6 +455,22 @@ export class VfioUserClient extends EventEmitter {
   }
 
   /**
+   * Wires vectors [start, start + count) of irq `index` to eventfds made natively (sent in
+   * chunks of the server's `maxMsgFds`) and resolves with an {@link Interrupts}: an
+   * EventEmitter of `'irq'` events `{ index, vector, count }` (signals coalesced, read off the
+   * JS thread), an async iterator of the same, the eventfds, and `disable()`.
+   * @throws {RangeError} for a bad index or range, before anything is sent.
+   */
+  enableIrqs(index: number, options: EnableIrqsOptions = {}): Promise<Interrupts> {
+    return enableIrqs(this[CHANNEL], index, options)
+  }
+
+  /** DEVICE_SET_IRQS with a raw action: mask, unmask or trigger, with no data or a bool per vector. */
+  setIrqs(index: number, options: SetIrqsOptions): Promise<void> {
+    return setIrqs(this[CHANNEL], index, options)
+  }
+
+  /**
    * Closes the connection. Requests still in flight reject with `'ECONNABORTED'`; resolves
    * once every promise has settled and `'close'` has been emitted. Idempotent.
    */
@@ -520,6 +546,10 @@ export class VfioUserClient extends EventEmitter {
         continue
       }
       const e = value as NativeEvent
+      if (e.irq) {
+        this.#irqGroups.get(e.irq.group)?.fire(e.irq.vector, e.irq.count)
+        continue
+      }
       if (e.closed) {
         this.#closed = fromNative(e.closed, this.#path)
         continue
@@ -549,6 +579,8 @@ export class VfioUserClient extends EventEmitter {
       if (!this.#versionInfo && this.#version) this.#versionInfo = this.version
       // Nothing more can come: let go of the socket, eventfd, epoll and I/O thread now.
       this.#native.release()
+      for (const g of this.#irqGroups.values()) g.end()
+      this.#irqGroups.clear()
       this.#closeEmitted = true
       this.#updateHold()
       this.emit('close', this.#closed)

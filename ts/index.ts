@@ -16,6 +16,6 @@ export { Command, type CommandName, type CommandNumber, commandName } from './co
 export type { DeviceInfo } from './device'
 export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'
 export { VfioUserError } from './errors'
-export type { IrqInfo } from './irq'
+export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
 export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
 export { RegionInfo, type RegionWriteOptions, type SparseArea } from './region'
