@@ -127,6 +127,21 @@ export declare class NativeDmaMemory {
   close(): void
 }
 
+/**
+ * A region's memory mapped from its fd. `array_buffer` gives JS its one view; `unmap`
+ * detaches that view (every Buffer over it then reads as empty) before unmapping, so JS can
+ * never reach unmapped memory.
+ */
+export declare class NativeRegionMapping {
+  /**
+   * An ArrayBuffer over the mapping (external, detachable). Call once: `unmap` detaches
+   * only the ArrayBuffer it is given.
+   */
+  arrayBuffer(): ArrayBuffer
+  /** Detaches `view` (the ArrayBuffer from `array_buffer`) and unmaps. Idempotent. */
+  unmap(view: unknown): void
+}
+
 /** Allocates `size` bytes of DMA memory (a memfd, mapped shared). */
 export declare function allocateDmaMemory(size: number): NativeDmaMemory | NativeError
 
@@ -150,6 +165,9 @@ export declare function deviceInfoRequest(): Buffer
 
 /** The DEVICE_GET_IRQ_INFO request payload for `index`. */
 export declare function irqInfoRequest(index: number): Buffer
+
+/** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
+export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
 
 export interface NativeCapabilities {
   maxMsgFds: number

@@ -6,11 +6,14 @@ use crate::client::NativeClient;
 use crate::convert::{self, NativeError, Payload};
 use crate::events::Event;
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
-use napi::{Env, Result};
+use napi::{sys, Env, JsValue, Result, Status};
 use napi_derive::napi;
+use std::ffi::c_void;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user_client::proto::{region, Command};
-use vfio_user_client::{Error, ReadData};
+use vfio_user_client::{Error, ReadData, RegionMapping};
 
 fn offset(hi: u32, lo: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
@@ -182,5 +185,101 @@ pub fn decode_region_info(
             warnings: r.warnings,
         }),
         Err(e) => Either::B(NativeError::proto_reply(Command::DeviceGetRegionInfo, e)),
+    }
+}
+
+/// A region's memory mapped from its fd. `array_buffer` gives JS its one view; `unmap`
+/// detaches that view (every Buffer over it then reads as empty) before unmapping, so JS can
+/// never reach unmapped memory.
+#[napi]
+pub struct NativeRegionMapping {
+    mapping: Arc<Mutex<Option<RegionMapping>>>,
+}
+
+/// Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it).
+#[napi]
+pub fn map_region(
+    fd: i32,
+    offset: BigInt,
+    size: BigInt,
+    writable: bool,
+) -> Either<NativeRegionMapping, NativeError> {
+    // SAFETY: ts/ passes the fd a RegionInfo owns, open for the duration of this call; mmap
+    // only reads it (a closed number fails with EBADF).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    match RegionMapping::map(fd, offset.get_u64().1, size.get_u64().1, writable) {
+        Ok(m) => Either::A(NativeRegionMapping {
+            mapping: Arc::new(Mutex::new(Some(m))),
+        }),
+        Err(e) => Either::B(convert::from_error(&e)),
+    }
+}
+
+/// Lets go of a mapping's view once V8 has collected its ArrayBuffer.
+extern "C" fn drop_mapping_view(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
+    // SAFETY: `hint` is the Arc leaked in `array_buffer` for this ArrayBuffer alone; napi calls
+    // this finalizer exactly once.
+    drop(unsafe { Arc::from_raw(hint.cast::<Mutex<Option<RegionMapping>>>()) });
+}
+
+#[napi]
+impl NativeRegionMapping {
+    /// An ArrayBuffer over the mapping (external, detachable). Call once: `unmap` detaches
+    /// only the ArrayBuffer it is given.
+    #[napi(ts_return_type = "ArrayBuffer")]
+    pub fn array_buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+        let guard = self.mapping.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(m) = guard.as_ref() else {
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "the region is unmapped",
+            ));
+        };
+        let hold = Arc::into_raw(self.mapping.clone());
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the mapping is `len` bytes and stays mapped until `unmap` detaches this
+        // ArrayBuffer first; the finalizer releases `hold`. `env` is live, on its thread.
+        let status = unsafe {
+            sys::napi_create_external_arraybuffer(
+                env.raw(),
+                m.as_ptr().cast(),
+                m.len(),
+                Some(drop_mapping_view),
+                hold.cast_mut().cast(),
+                &mut out,
+            )
+        };
+        drop(guard);
+        if status != sys::Status::napi_ok {
+            // SAFETY: napi did not take `hold`; it is ours again.
+            drop(unsafe { Arc::from_raw(hold) });
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "cannot create an ArrayBuffer over the region (external buffers refused)",
+            ));
+        }
+        // SAFETY: `out` is a live value of this env.
+        Ok(unsafe { napi::bindgen_prelude::Unknown::from_raw_unchecked(env.raw(), out) })
+    }
+
+    /// Detaches `view` (the ArrayBuffer from `array_buffer`) and unmaps. Idempotent.
+    #[napi]
+    pub fn unmap(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
+        // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
+        // allowed, and a detached one stays detached.
+        let status = unsafe { sys::napi_detach_arraybuffer(env.raw(), view.raw()) };
+        if status != sys::Status::napi_ok
+            && status != sys::Status::napi_detachable_arraybuffer_expected
+        {
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "cannot detach the region's ArrayBuffer; it stays mapped",
+            ));
+        }
+        self.mapping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        Ok(())
     }
 }

@@ -29,6 +29,8 @@ export interface Channel {
   error(e: NativeError): VfioUserError
   /** Where irq events for each enabled group go, by group id. */
   readonly irqGroups: Map<number, IrqSink>
+  /** The regions mapped into this process (unmapped with the connection). */
+  readonly regionMaps: Set<{ unmap(): void }>
 }
 
 /** @internal What receives a group's irq events, and the end of the connection. */

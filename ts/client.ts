@@ -35,7 +35,9 @@ import {
   native,
 } from './native'
 import {
+  mapRegion,
   type RegionInfo,
+  type RegionMap,
   type RegionWriteOptions,
   regionInfo,
   regionRead,
@@ -148,6 +150,7 @@ export class VfioUserClient extends EventEmitter {
   #channel?: Channel
   #deviceInfo?: DeviceInfo
   readonly #irqGroups = new Map<number, IrqSink>()
+  readonly #regionMaps = new Set<{ unmap(): void }>()
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
   #closed?: VfioUserError
@@ -278,6 +281,7 @@ export class VfioUserClient extends EventEmitter {
         fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path),
       error: (e) => fromNative(e, this.#path),
       irqGroups: this.#irqGroups,
+      regionMaps: this.#regionMaps,
     }
     return this.#channel
   }
@@ -447,6 +451,17 @@ export class VfioUserClient extends EventEmitter {
   }
 
   /**
+   * Maps region `index` into this process from the fd its region info carries: its sparse
+   * areas (or the whole region) as Buffers over device memory, so reads and writes through
+   * them send no message. Unmapped by `unmap()`, `using`, or `close()`; the Buffers then read
+   * as empty. While a region is mapped, posted writes are refused (QEMU's ordering rule).
+   * @throws {VfioUserError} (rejection) `'ENODEV'` when the region cannot be mmapped or no fd came.
+   */
+  mapRegion(index: number, options: CallOptions = {}): Promise<RegionMap> {
+    return mapRegion(this[CHANNEL], index, options)
+  }
+
+  /**
    * DEVICE_GET_IRQ_INFO for irq index `index` (PCI: 0 INTx, 1 MSI, 2 MSI-X, 3 ERR, 4 REQ).
    * @throws {VfioUserError} (rejection) `'EPROTO'` when the reply is for another index.
    */
@@ -581,6 +596,7 @@ export class VfioUserClient extends EventEmitter {
       this.#native.release()
       for (const g of this.#irqGroups.values()) g.end()
       this.#irqGroups.clear()
+      for (const m of [...this.#regionMaps]) m.unmap()
       this.#closeEmitted = true
       this.#updateHold()
       this.emit('close', this.#closed)

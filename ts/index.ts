@@ -18,4 +18,4 @@ export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './
 export { VfioUserError } from './errors'
 export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
 export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
-export { RegionInfo, type RegionWriteOptions, type SparseArea } from './region'
+export { type MappedArea, RegionInfo, RegionMap, type RegionWriteOptions, type SparseArea } from './region'

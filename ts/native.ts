@@ -28,6 +28,7 @@ export type {
   NativeDmaMemory,
   NativeError,
   NativeEvent,
+  NativeRegionMapping,
   NativeReply,
   NativeVersion,
 } from '../index'

@@ -5,7 +5,8 @@ import { closeSync } from 'node:fs'
 import { checkData, checkInteger, checkOffset, checkTimeout } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
-import { native } from './native'
+import { VfioUserError } from './errors'
+import { type NativeRegionMapping, native } from './native'
 
 /** The most bytes of region info (fixed part and capabilities) a server may ask us to accept. */
 const MAX_REGION_INFO = 64 * 1024
@@ -209,6 +210,12 @@ export function regionWrite(
   if (options.posted !== undefined && typeof options.posted !== 'boolean') {
     throw new TypeError('posted must be a boolean')
   }
+  if (options.posted && ch.regionMaps.size > 0) {
+    // A store through a mapping could overtake a posted write still in the socket.
+    return Promise.reject(
+      new VfioUserError('EBUSY', 16, 'posted writes are refused while a region is mapped', Command.REGION_WRITE),
+    )
+  }
   if (options.posted) {
     const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
     return refused ? Promise.reject(ch.error(refused)) : Promise.resolve()
@@ -230,4 +237,84 @@ export function regionWriteSync(
   const at = checkAccess(index, offset, bytes.byteLength)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
+}
+
+/** One mapped area: where it starts in the region, and the memory. */
+export interface MappedArea {
+  /** Offset of the area within the region. */
+  offset: bigint
+  /** The device memory (reads as empty once unmapped). */
+  buffer: Buffer
+}
+
+/** A region mapped into this process; see `VfioUserClient.mapRegion`. */
+export class RegionMap {
+  readonly index: number
+  readonly areas: readonly MappedArea[]
+  #parts: Array<{ mapping: NativeRegionMapping; view: ArrayBuffer }>
+  #ch: Channel
+
+  /** @internal Built by {@link mapRegion}. */
+  constructor(
+    ch: Channel,
+    index: number,
+    parts: Array<{ offset: bigint; mapping: NativeRegionMapping; view: ArrayBuffer }>,
+  ) {
+    this.#ch = ch
+    this.index = index
+    this.#parts = parts
+    this.areas = Object.freeze(parts.map((p) => ({ offset: p.offset, buffer: Buffer.from(p.view) })))
+    ch.regionMaps.add(this)
+  }
+
+  /** True while mapped. */
+  get mapped(): boolean {
+    return this.#parts.length > 0
+  }
+
+  /** Unmaps every area; the Buffers read as empty from then on. Idempotent. */
+  unmap(): void {
+    for (const p of this.#parts) p.mapping.unmap(p.view)
+    this.#parts = []
+    this.#ch.regionMaps.delete(this)
+  }
+
+  /** Same as {@link RegionMap.unmap}, for `using`. */
+  [Symbol.dispose](): void {
+    this.unmap()
+  }
+}
+
+/** Maps region `index`; see `VfioUserClient.mapRegion`. */
+export function mapRegion(ch: Channel, index: number, options: CallOptions = {}): Promise<RegionMap> {
+  checkInteger('index', index, 0, 0xffff_ffff)
+  return askRegionInfo(ch, index, options).then((info) => {
+    try {
+      const fd = info.fd
+      if (!info.mmap || fd === undefined) {
+        throw new VfioUserError(
+          'ENODEV',
+          19,
+          `region ${index} cannot be mmapped (${info.mmap ? 'no fd came with it' : 'no MMAP flag'})`,
+          Command.DEVICE_GET_REGION_INFO,
+        )
+      }
+      const areas = (info.sparse ?? [{ offset: 0n, size: info.size }]).filter((a) => a.size > 0n)
+      const parts: Array<{ offset: bigint; mapping: NativeRegionMapping; view: ArrayBuffer }> = []
+      try {
+        for (const a of areas) {
+          const m = native.mapRegion(fd, info.offset + a.offset, a.size, info.write)
+          if ('errno' in m) throw ch.error(m)
+          parts.push({ offset: a.offset, mapping: m, view: m.arrayBuffer() })
+        }
+      } catch (e) {
+        for (const p of parts) p.mapping.unmap(p.view)
+        throw e
+      }
+      return new RegionMap(ch, index, parts)
+    } finally {
+      // The mappings keep the memory; the fd is not needed any more.
+      info.close()
+    }
+  })
 }
