@@ -76,6 +76,12 @@ export declare class NativeClient {
   /** How many DMA ranges are mapped now. */
   get dmaMaps(): number
   /**
+   * Sends DMA_MAP with no fd for a range backed by `memory` (a Buffer ts/ keeps alive
+   * until the range is unmapped): the server must use DMA_READ/DMA_WRITE, served from it.
+   * A reply event with `token` follows; returns an error if nothing was sent.
+   */
+  dmaMapBuffer(token: number, args: NativeDmaMapArgs, memory: Buffer): NativeError | null
+  /**
    * Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
    * reply event with `token` follows once the server has answered every chunk.
    */

@@ -130,6 +130,14 @@ describe('requests against a misbehaving server', () => {
     await p.client.dmaUnmap({ iova: 0, size: 4096 })
     const unmapped = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(unmapped.payload.readUInt32LE(0)).toBe(constants.errno.EFAULT)
+    // A plain Buffer: no fd goes with the map, and the DMA_READ is served from the Buffer.
+    const plain = Buffer.alloc(8192)
+    await p.client.dmaMap({ iova: 0, size: 4096, memory: plain, offset: 4096 })
+    expect(p.client.dmaMaps).toBe(1)
+    const fromBuffer = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(fromBuffer.payload.readUInt32LE(0)).toBe(0)
+    await p.client.dmaUnmapAll()
+    expect(p.client.dmaMaps).toBe(0)
   })
 
   it('a server that lies in typed replies gets EPROTO, and the stream stays in sync', async () => {
@@ -152,5 +160,22 @@ describe('requests against a misbehaving server', () => {
     // A DMA_READ of 4 GiB is refused (E2BIG) and our own request still gets its answer.
     const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(r.payload.readUInt32LE(0)).toBe(constants.errno.E2BIG)
+  })
+
+  it("the server's DMA_WRITE lands in a mapped plain Buffer and DMA_READ returns it", async () => {
+    await using p = await peer('dma-write')
+    await p.client.validateVersion()
+    const plain = Buffer.alloc(4096)
+    await p.client.dmaMap({ iova: 0, size: 4096, memory: plain })
+    const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(r.payload.readUInt32LE(4)).toBe(0)
+    expect(r.payload.subarray(0, 4).toString()).toBe('vfio')
+    expect(plain.subarray(16, 20).toString()).toBe('vfio')
+    // Read-only for the device: its write is refused, its read still served.
+    await p.client.dmaUnmap({ iova: 0, size: 4096 })
+    await p.client.dmaMap({ iova: 0, size: 4096, memory: Buffer.from(plain), write: false })
+    const ro = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(ro.payload.readUInt32LE(4)).toBe(constants.errno.EACCES)
+    expect(ro.payload.subarray(0, 4).toString()).toBe('vfio')
   })
 })

@@ -4,7 +4,7 @@
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError};
 use crate::events::Event;
-use napi::bindgen_prelude::{BigInt, Either};
+use napi::bindgen_prelude::{BigInt, BufferSlice, Either};
 use napi::{sys, Env, Result, Status};
 use napi_derive::napi;
 use std::ffi::c_void;
@@ -196,5 +196,60 @@ impl NativeClient {
     #[napi(getter)]
     pub fn dma_maps(&self) -> u32 {
         self.live(|c| Ok(c.dma_maps() as u32)).unwrap_or(0)
+    }
+}
+
+/// A JS Buffer's memory behind a DMA range that has no fd: the server's DMA_READ/DMA_WRITE
+/// to it are served from it.
+struct JsMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory (an ArrayBuffer's backing store, which never moves); ts/ keeps the
+// Buffer reachable until the range is unmapped or the connection ends, and the client crate
+// touches it only while the range is in its DMA table.
+unsafe impl Send for JsMemory {}
+// SAFETY: as above.
+unsafe impl Sync for JsMemory {}
+
+impl vfio_user_client::LocalMemory for JsMemory {
+    fn as_ptr_len(&self) -> (*mut u8, usize) {
+        (self.ptr, self.len)
+    }
+}
+
+#[napi]
+impl NativeClient {
+    /// Sends DMA_MAP with no fd for a range backed by `memory` (a Buffer ts/ keeps alive
+    /// until the range is unmapped): the server must use DMA_READ/DMA_WRITE, served from it.
+    /// A reply event with `token` follows; returns an error if nothing was sent.
+    #[napi]
+    pub fn dma_map_buffer(
+        &self,
+        token: u32,
+        args: NativeDmaMapArgs,
+        mut memory: BufferSlice,
+    ) -> Option<NativeError> {
+        let offset = (u64_of(&args.offset) as usize).min(memory.len());
+        let local = Arc::new(JsMemory {
+            // SAFETY: `offset` is within the Buffer.
+            ptr: unsafe { memory.as_mut_ptr().add(offset) },
+            len: memory.len() - offset,
+        });
+        let map = DmaMap {
+            iova: u64_of(&args.iova),
+            size: u64_of(&args.size),
+            read: args.read,
+            write: args.write,
+            fd: None,
+            local: Some(local),
+            timeout: timeout(args.timeout_ms),
+        };
+        let events = self.events.clone();
+        let done = Box::new(move |r| events.push(Event::Done(token, r)));
+        self.live(|c| c.dma_map_callback(&map, done))
+            .err()
+            .map(|e| convert::from_error(&e))
     }
 }

@@ -29,6 +29,8 @@ export interface Channel {
   error(e: NativeError): VfioUserError
   /** Where irq events for each enabled group go, by group id. */
   readonly irqGroups: Map<number, IrqSink>
+  /** Buffers behind DMA ranges that have no fd, kept reachable until unmapped, by iova. */
+  readonly dmaBuffers: Map<bigint, Uint8Array>
   /** The regions mapped into this process (unmapped with the connection). */
   readonly regionMaps: Set<{ unmap(): void }>
 }

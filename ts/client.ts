@@ -151,6 +151,7 @@ export class VfioUserClient extends EventEmitter {
   #deviceInfo?: DeviceInfo
   readonly #irqGroups = new Map<number, IrqSink>()
   readonly #regionMaps = new Set<{ unmap(): void }>()
+  readonly #dmaBuffers = new Map<bigint, Uint8Array>()
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
   #closed?: VfioUserError
@@ -282,6 +283,7 @@ export class VfioUserClient extends EventEmitter {
       error: (e) => fromNative(e, this.#path),
       irqGroups: this.#irqGroups,
       regionMaps: this.#regionMaps,
+      dmaBuffers: this.#dmaBuffers,
     }
     return this.#channel
   }
@@ -597,6 +599,8 @@ export class VfioUserClient extends EventEmitter {
       for (const g of this.#irqGroups.values()) g.end()
       this.#irqGroups.clear()
       for (const m of [...this.#regionMaps]) m.unmap()
+      // Nothing is served any more: the Buffers behind fd-less DMA ranges may go.
+      this.#dmaBuffers.clear()
       this.#closeEmitted = true
       this.#updateHold()
       this.emit('close', this.#closed)

@@ -62,8 +62,13 @@ export interface DmaMapping {
   iova: number | bigint
   /** Bytes (a multiple of that page size). */
   size: number | bigint
-  /** The memory behind the range. */
-  memory: DmaMemory
+  /**
+   * The memory behind the range: {@link DmaMemory} (its fd goes with the map, the server
+   * mmaps it), or a plain Buffer/Uint8Array (no fd: the device's DMA arrives as DMA_READ and
+   * DMA_WRITE requests, served from it natively; it is kept alive until unmapped, and must not
+   * be transferred meanwhile).
+   */
+  memory: DmaMemory | Uint8Array
   /** Where the range starts in `memory` (default 0; page-aligned). */
   offset?: number | bigint
   /** The device may read the range (default true). */
@@ -86,13 +91,16 @@ function checkBool(name: string, value: unknown, fallback: boolean): boolean {
 
 function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
   if (m === null || typeof m !== 'object') throw new TypeError('a DMA mapping must be an object')
-  if (!(m.memory instanceof DmaMemory)) throw new TypeError('memory must be a DmaMemory (see allocateDmaMemory)')
+  if (!(m.memory instanceof DmaMemory) && !(m.memory instanceof Uint8Array)) {
+    throw new TypeError('memory must be a DmaMemory (see allocateDmaMemory) or a Buffer')
+  }
   const iova = checkOffset('iova', m.iova).value
   const size = checkOffset('size', m.size).value
   const offset = checkOffset('offset', m.offset ?? 0).value
   if (size === 0n) throw new RangeError('size must not be 0')
-  if (offset + size > BigInt(m.memory.size)) {
-    throw new RangeError(`${size} bytes at offset ${offset} pass the end of the ${m.memory.size}-byte DMA memory`)
+  const available = m.memory instanceof DmaMemory ? m.memory.size : m.memory.byteLength
+  if (offset + size > BigInt(available)) {
+    throw new RangeError(`${size} bytes at offset ${offset} pass the end of the ${available}-byte DMA memory`)
   }
   if (iova + size > 1n << 64n) throw new RangeError(`${size} bytes at iova ${iova} pass 2^64`)
   return {
@@ -110,15 +118,44 @@ function rangeArgs(r: DmaRange) {
   return { iova: checkOffset('iova', r.iova).value, size: checkOffset('size', r.size).value }
 }
 
-/** DMA_MAP of `m`, settled when the server answers. */
-export function dmaMap(ch: Channel, m: DmaMapping, options: CallOptions = {}): Promise<void> {
-  const args = mapArgs(m, options)
-  return ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, args, m.memory.native), options).then(() => {})
+type MapArgs = ReturnType<typeof mapArgs>
+
+/** Sends one DMA_MAP for `m` (checked into `args`); a Buffer behind it is kept until unmapped. */
+function sendMap(ch: Channel, m: DmaMapping, args: MapArgs, options: CallOptions): Promise<void> {
+  const memory = m.memory
+  if (memory instanceof DmaMemory) {
+    return ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, args, memory.native), options).then(() => {})
+  }
+  const bytes = Buffer.from(memory.buffer, memory.byteOffset, memory.byteLength)
+  return ch
+    .call(
+      Command.DMA_MAP,
+      (token) => {
+        const refused = ch.native.dmaMapBuffer(token, args, bytes)
+        // From the moment it is sent the range is served from `memory`: keep it reachable.
+        if (!refused) ch.dmaBuffers.set(args.iova, memory)
+        return refused
+      },
+      options,
+    )
+    .then(
+      () => {},
+      (e: unknown) => {
+        if (ch.dmaBuffers.get(args.iova) === memory) ch.dmaBuffers.delete(args.iova)
+        throw e
+      },
+    )
 }
 
-/** {@link dmaMap}, blocking the JavaScript thread. */
+/** DMA_MAP of `m`, settled when the server answers. */
+export function dmaMap(ch: Channel, m: DmaMapping, options: CallOptions = {}): Promise<void> {
+  return sendMap(ch, m, mapArgs(m, options), options)
+}
+
+/** {@link dmaMap} of {@link DmaMemory}, blocking the JavaScript thread. */
 export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions, 'signal'> = {}): void {
   const args = mapArgs(m, options)
+  if (!(m.memory instanceof DmaMemory)) throw new TypeError('dmaMapSync maps DmaMemory; map a Buffer with dmaMap')
   if (!ch.native.dmaMapSync(args, m.memory.native)) throw ch.lastError()
 }
 
@@ -126,10 +163,7 @@ export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions
 export function dmaMapMany(ch: Channel, maps: DmaMapping[], options: CallOptions = {}): Promise<void> {
   if (!Array.isArray(maps)) throw new TypeError('maps must be an array')
   const args = maps.map((m) => mapArgs(m, options))
-  const sent = args.map((a, i) =>
-    ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, a, (maps[i] as DmaMapping).memory.native), options),
-  )
-  return Promise.all(sent).then(() => {})
+  return Promise.all(args.map((a, i) => sendMap(ch, maps[i] as DmaMapping, a, options))).then(() => {})
 }
 
 /** DMA_UNMAP of a range mapped earlier (exactly), settled when the server answers. */
@@ -143,10 +177,13 @@ export function dmaUnmap(ch: Channel, r: DmaRange, options: CallOptions = {}): P
 export function dmaUnmapSync(ch: Channel, r: DmaRange, options: Omit<CallOptions, 'signal'> = {}): void {
   const { iova, size } = rangeArgs(r)
   if (!ch.native.dmaUnmapSync(iova, size, checkTimeout('timeoutMs', options.timeoutMs))) throw ch.lastError()
+  ch.dmaBuffers.delete(iova)
 }
 
 /** DMA_UNMAP of everything (the ALL flag). */
 export function dmaUnmapAll(ch: Channel, options: CallOptions = {}): Promise<void> {
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
-  return ch.call(Command.DMA_UNMAP, (token) => ch.native.dmaUnmapAll(token, timeoutMs), options).then(() => {})
+  return ch
+    .call(Command.DMA_UNMAP, (token) => ch.native.dmaUnmapAll(token, timeoutMs), options)
+    .then(() => ch.dmaBuffers.clear())
 }

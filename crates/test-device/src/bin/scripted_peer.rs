@@ -22,6 +22,9 @@
 //!   points outside the reply; REGION_READ echoes another offset; REGION_WRITE echoes a short
 //!   header; DEVICE_GET_IRQ_INFO answers for another index; before answering DEVICE_GET_INFO
 //!   it asks for a 4 GiB DMA_READ and reports our errno in bytes 0..4 of the reply.
+//! - `dma-write`: before answering a request, DMA_WRITEs "vfio" at address 16, then
+//!   DMA_READs 4 bytes at 16, and replies with those bytes in 0..4 of the payload and the
+//!   errno of the write in 4..8.
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -240,6 +243,27 @@ fn run(s: &mut UnixStream, scenario: &str) {
                     10 => reply(s, &h, &p[..12]),
                     _ => reply(s, &h, &info_payload(0)),
                 }
+            }
+        }
+        "dma-write" => {
+            while let Some((h, _)) = read_msg(s) {
+                let mut write = 16u64.to_ne_bytes().to_vec();
+                write.extend_from_slice(&4u64.to_ne_bytes());
+                write.extend_from_slice(b"vfio");
+                send(s, Header::command(902, 12, write.len(), false), &write);
+                let Some((w, _)) = read_msg(s) else {
+                    return;
+                };
+                send(s, Header::command(903, 11, 16, false), &write[..16]);
+                let Some((_, r)) = read_msg(s) else {
+                    return;
+                };
+                let mut p = [0u8; 16];
+                if let Some(data) = r.get(16..20) {
+                    p[0..4].copy_from_slice(data);
+                }
+                p[4..8].copy_from_slice(&w.error.to_ne_bytes());
+                reply(s, &h, &p);
             }
         }
         "dma-request" => {
