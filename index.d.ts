@@ -43,6 +43,11 @@ export declare class NativeClient {
    * error is taken with `take_error`.
    */
   sendSync(command: number, payload: Buffer, fds?: Array<number> | undefined | null, timeoutMs?: number | undefined | null): number | Buffer | null
+  /**
+   * Starts (or stops) reporting served server DMA requests as events: only while JS has
+   * a `'dma'` listener, so serving costs nothing more otherwise.
+   */
+  observeDma(enabled: boolean): void
   /** The error of the last `send_sync` that returned null. */
   takeError(): NativeError | null
   get closed(): boolean
@@ -205,6 +210,14 @@ export interface NativeDeviceInfo {
   numIrqs: number
 }
 
+export interface NativeDma {
+  write: boolean
+  address: bigint
+  count: number
+  /** 0 when served, else the errno it was refused with. */
+  errno: number
+}
+
 /** A DMA_MAP request as JS describes it. */
 export interface NativeDmaMapArgs {
   iova: bigint
@@ -233,6 +246,8 @@ export interface NativeEvent {
   closed?: NativeError
   /** An interrupt: a vector of an enabled group fired `count` times since it was last read. */
   irq?: NativeIrq
+  /** A server DMA request that was served (or refused: errno set). */
+  dma?: NativeDma
 }
 
 export interface NativeIrq {

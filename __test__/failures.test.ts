@@ -2,7 +2,7 @@
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
 import { constants } from 'node:os'
 import { describe, expect, it } from 'vitest'
-import { allocateDmaMemory, Command, connect, type VfioUserError } from '../ts/index'
+import { allocateDmaMemory, Command, connect, type DmaEvent, type VfioUserError } from '../ts/index'
 import { startScriptedPeer } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
@@ -167,7 +167,15 @@ describe('requests against a misbehaving server', () => {
     await p.client.validateVersion()
     const plain = Buffer.alloc(4096)
     await p.client.dmaMap({ iova: 0, size: 4096, memory: plain })
+    const seen: DmaEvent[] = []
+    const observe = (e: DmaEvent) => seen.push(e)
+    p.client.on('dma', observe)
     const r = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    // Observed in order, after they were answered.
+    expect(seen).toEqual([
+      { command: 'DMA_WRITE', address: 16n, count: 4 },
+      { command: 'DMA_READ', address: 16n, count: 4 },
+    ])
     expect(r.payload.readUInt32LE(4)).toBe(0)
     expect(r.payload.subarray(0, 4).toString()).toBe('vfio')
     expect(plain.subarray(16, 20).toString()).toBe('vfio')
@@ -177,5 +185,14 @@ describe('requests against a misbehaving server', () => {
     const ro = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(ro.payload.readUInt32LE(4)).toBe(constants.errno.EACCES)
     expect(ro.payload.subarray(0, 4).toString()).toBe('vfio')
+    // (The peer asks before every answer, the unmap's and the map's too.)
+    expect(seen.slice(-2)).toEqual([
+      { command: 'DMA_WRITE', address: 16n, count: 4, code: 'EACCES' },
+      { command: 'DMA_READ', address: 16n, count: 4 },
+    ])
+    p.client.off('dma', observe)
+    const observed = seen.length
+    await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(seen).toHaveLength(observed)
   })
 })

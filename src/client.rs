@@ -335,6 +335,21 @@ impl NativeClient {
         }
     }
 
+    /// Starts (or stops) reporting served server DMA requests as events: only while JS has
+    /// a `'dma'` listener, so serving costs nothing more otherwise.
+    #[napi]
+    pub fn observe_dma(&self, enabled: bool) {
+        let events = self.events.clone();
+        let hook: Option<vfio_user_client::DmaHook> = enabled.then(|| {
+            Box::new(move |write, address, count, errno| {
+                events.push(Event::Dma(write, address, count, errno));
+            }) as vfio_user_client::DmaHook
+        });
+        if let Some(c) = self.client.borrow().as_ref() {
+            c.on_dma(hook);
+        }
+    }
+
     /// The error of the last `send_sync` that returned null.
     #[napi]
     pub fn take_error(&self) -> Option<NativeError> {

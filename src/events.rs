@@ -6,6 +6,7 @@
 
 use crate::batch::Batch;
 use crate::convert::{self, NativeError, NativeReply, Payload};
+use napi::bindgen_prelude::BigInt;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
@@ -23,6 +24,17 @@ pub struct NativeEvent {
     pub closed: Option<NativeError>,
     /// An interrupt: a vector of an enabled group fired `count` times since it was last read.
     pub irq: Option<NativeIrq>,
+    /// A server DMA request that was served (or refused: errno set).
+    pub dma: Option<NativeDma>,
+}
+
+#[napi(object, object_from_js = false)]
+pub struct NativeDma {
+    pub write: bool,
+    pub address: BigInt,
+    pub count: f64,
+    /// 0 when served, else the errno it was refused with.
+    pub errno: i32,
 }
 
 #[napi(object, object_from_js = false)]
@@ -38,6 +50,8 @@ pub enum Event {
     Data(u32, Payload),
     /// A vector of an interrupt group fired: (group, vector, count).
     Irq(u32, u32, u64),
+    /// A server DMA request was answered: (write, address, count, errno or 0).
+    Dma(bool, u64, u64, i32),
     Closed(Error),
 }
 
@@ -46,7 +60,7 @@ impl Event {
     pub fn token(&self) -> u32 {
         match self {
             Event::Done(token, _) | Event::Data(token, _) => *token,
-            Event::Closed(_) | Event::Irq(..) => 0,
+            Event::Closed(_) | Event::Irq(..) | Event::Dma(..) => 0,
         }
     }
 
@@ -58,6 +72,7 @@ impl Event {
                 error: None,
                 closed: None,
                 irq: None,
+                dma: None,
             },
             Event::Done(token, Err(e)) => NativeEvent {
                 token,
@@ -65,6 +80,7 @@ impl Event {
                 error: Some(convert::from_error(&e)),
                 closed: None,
                 irq: None,
+                dma: None,
             },
             Event::Data(token, payload) => NativeEvent {
                 token,
@@ -78,6 +94,7 @@ impl Event {
                 error: None,
                 closed: None,
                 irq: None,
+                dma: None,
             },
             Event::Irq(group, vector, count) => NativeEvent {
                 token: 0,
@@ -89,6 +106,20 @@ impl Event {
                     vector,
                     count: count as f64,
                 }),
+                dma: None,
+            },
+            Event::Dma(write, address, count, errno) => NativeEvent {
+                token: 0,
+                reply: None,
+                error: None,
+                closed: None,
+                irq: None,
+                dma: Some(NativeDma {
+                    write,
+                    address: BigInt::from(address),
+                    count: count as f64,
+                    errno,
+                }),
             },
             Event::Closed(e) => NativeEvent {
                 token: 0,
@@ -96,6 +127,7 @@ impl Event {
                 error: None,
                 closed: Some(convert::from_error(&e)),
                 irq: None,
+                dma: None,
             },
         }
     }

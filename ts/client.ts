@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events'
 import { closeSync } from 'node:fs'
+import { constants } from 'node:os'
 import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
@@ -77,6 +78,20 @@ export interface SendOptions {
   signal?: AbortSignal
 }
 
+/** A DMA request of the server's, as the `'dma'` event reports it once it has been answered. */
+export interface DmaEvent {
+  command: 'DMA_READ' | 'DMA_WRITE'
+  address: bigint
+  count: number
+  /** Set when it was refused: the errno name it was answered with (`'EFAULT'`…). */
+  code?: string
+}
+
+function errnoName(errno: number): string {
+  const names = constants.errno as Record<string, number>
+  return Object.keys(names).find((k) => names[k] === errno) ?? 'EIO'
+}
+
 /** The result of version negotiation. */
 export interface VersionInfo {
   major: number
@@ -135,7 +150,8 @@ interface Link {
 /**
  * A connection to a vfio-user server. Emits `'close'` (with the `VfioUserError` that ended it)
  * once, when the connection ends for any reason; by then everything native it held (socket,
- * I/O thread, eventfd, epoll) has been released.
+ * I/O thread, eventfd, epoll) has been released. Emits `'dma'` ({@link DmaEvent}) after each
+ * DMA request of the server's has been answered (natively: a listener only observes).
  */
 export class VfioUserClient extends EventEmitter {
   readonly #native: NativeClient
@@ -170,6 +186,13 @@ export class VfioUserClient extends EventEmitter {
     })
     this.#link = { weak: new WeakRef(this) }
     this.#native.start(VfioUserClient.#router(this.#link), this.#scratch, this.#data)
+    // Served DMA requests are reported only while someone listens.
+    this.on('newListener', (name) => {
+      if (name === 'dma' && this.listenerCount('dma') === 0 && !this.#closeEmitted) this.#native.observeDma(true)
+    })
+    this.on('removeListener', (name) => {
+      if (name === 'dma' && this.listenerCount('dma') === 0 && !this.#closeEmitted) this.#native.observeDma(false)
+    })
   }
 
   /**
@@ -563,6 +586,17 @@ export class VfioUserClient extends EventEmitter {
         continue
       }
       const e = value as NativeEvent
+      if (e.dma) {
+        const d = e.dma
+        const event: DmaEvent = {
+          command: d.write ? 'DMA_WRITE' : 'DMA_READ',
+          address: d.address,
+          count: d.count,
+        }
+        if (d.errno !== 0) event.code = fromNative({ errno: d.errno, code: errnoName(d.errno), message: '' }).code
+        this.emit('dma', event)
+        continue
+      }
       if (e.irq) {
         this.#irqGroups.get(e.irq.group)?.fire(e.irq.vector, e.irq.count)
         continue

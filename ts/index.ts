@@ -11,7 +11,15 @@ export {
   type TwinSocketCapability,
 } from './capabilities'
 export type { CallOptions } from './channel'
-export { type ConnectOptions, connect, type Reply, type SendOptions, type VersionInfo, VfioUserClient } from './client'
+export {
+  type ConnectOptions,
+  connect,
+  type DmaEvent,
+  type Reply,
+  type SendOptions,
+  type VersionInfo,
+  VfioUserClient,
+} from './client'
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
 export type { DeviceInfo } from './device'
 export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'

@@ -9,7 +9,7 @@ use crate::outgoing::Outgoing;
 use crate::pending::{Completion, Pending, Reply, Slot, Waiter};
 use crate::reader::{ExternalReader, ReaderGuard};
 use crate::rx::Rx;
-use crate::shared::{CloseNotice, Shared, WAKE_TOKEN};
+use crate::shared::{CloseNotice, DmaHook, Shared, WAKE_TOKEN};
 use crate::socket::connect_unix;
 use crate::state::{NewRequest, Sent, State, Stats};
 use crate::ticket::Ticket;
@@ -103,6 +103,7 @@ impl Client {
             on_close: Mutex::new(CloseNotice::default()),
             dma: Arc::default(),
             irqs: Mutex::default(),
+            dma_hook: Mutex::default(),
         });
         let for_thread = shared.clone();
         let thread = std::thread::Builder::new()
@@ -173,6 +174,15 @@ impl Client {
             .version
             .as_ref()
             .map(|v| f(&v.capabilities))
+    }
+
+    /// Sets (or, with None, clears) the function told of every server DMA request served.
+    pub fn on_dma(&self, hook: Option<DmaHook>) {
+        *self
+            .shared
+            .dma_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// The eventfds wired to interrupts (see `irq.rs`).

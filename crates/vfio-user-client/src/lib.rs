@@ -48,6 +48,7 @@ pub use pending::{Completion, Reply};
 pub use reader::ExternalReader;
 pub use region::{DataCompletion, ReadData};
 pub use region_map::RegionMapping;
+pub use shared::DmaHook;
 pub use socket::{connect_unix, MAX_RECV_FDS};
 pub use state::Stats;
 pub use ticket::Ticket;

@@ -38,7 +38,13 @@ pub(crate) struct Shared {
     pub dma: Arc<Mutex<DmaTable>>,
     /// The eventfds wired to interrupts, which the I/O thread watches.
     pub irqs: Mutex<IrqTable>,
+    /// Told of every DMA_READ/DMA_WRITE served, after its reply is queued (see [`DmaHook`]).
+    pub dma_hook: Mutex<Option<DmaHook>>,
 }
+
+/// Called after a server DMA request was answered: (write, address, count, errno or 0). It
+/// runs on the thread that served it and must not block.
+pub type DmaHook = Box<dyn Fn(bool, u64, u64, i32) + Send>;
 
 /// The close hook and whether the end has been announced, under one lock so a hook
 /// registered at any moment is called exactly once.
@@ -176,6 +182,15 @@ impl Shared {
         let had_fds = !req.fds.is_empty();
         drop(req.fds);
         let command = Command::from_u16(req.header.command);
+        let is_dma = matches!(command, Some(Command::DmaRead | Command::DmaWrite));
+        let seen = is_dma.then(|| {
+            let word = |at: usize| {
+                req.payload
+                    .get(at..at + 8)
+                    .map_or(0, |b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+            };
+            (command == Some(Command::DmaWrite), word(0), word(8))
+        });
         let result = match command {
             _ if req.oversize => Err(Errno::E2BIG),
             _ if had_fds => Err(Errno::EINVAL),
@@ -186,20 +201,27 @@ impl Shared {
             }
             _ => Err(Errno::ENOSYS),
         };
-        if req.header.no_reply() {
-            return;
+        let errno = result.as_ref().err().map_or(0, |e| *e as i32);
+        if !req.header.no_reply() {
+            self.answer(&req.header, result);
         }
+        if let Some((write, address, count)) = seen {
+            let hook = self.dma_hook.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hook) = hook.as_ref() {
+                hook(write, address, count, errno);
+            }
+        }
+    }
+
+    /// Sends our answer to server request `to`: its reply payload, or an error reply.
+    fn answer(&self, to: &Header, result: Result<Vec<u8>, Errno>) {
         let reply = match result {
             Ok(payload) => {
-                let mut bytes = Header::reply_to(&req.header, payload.len())
-                    .encode()
-                    .to_vec();
+                let mut bytes = Header::reply_to(to, payload.len()).encode().to_vec();
                 bytes.extend_from_slice(&payload);
                 bytes
             }
-            Err(errno) => Header::error_reply_to(&req.header, errno as u32)
-                .encode()
-                .to_vec(),
+            Err(errno) => Header::error_reply_to(to, errno as u32).encode().to_vec(),
         };
         self.send_unnumbered(reply);
     }
