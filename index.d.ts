@@ -20,7 +20,7 @@ export declare class NativeClient {
    * the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
    * `data`, for small payloads.
    */
-  start(onEvents: (batch: Array<number | Buffer | NativeEvent>) => void, scratch: Uint32Array, data: Uint8Array): void
+  start(onEvents: (batch: Array<number | Buffer | NativeEvent | null>) => void, scratch: Uint32Array, data: Uint8Array): void
   get path(): string
   /**
    * Sends VERSION; the result arrives as an event with `token`. Returns an error if

@@ -156,7 +156,7 @@ impl NativeClient {
     /// the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
     /// `data`, for small payloads.
     #[napi(
-        ts_args_type = "onEvents: (batch: Array<number | Buffer | NativeEvent>) => void, scratch: Uint32Array, data: Uint8Array"
+        ts_args_type = "onEvents: (batch: Array<number | Buffer | NativeEvent | null>) => void, scratch: Uint32Array, data: Uint8Array"
     )]
     pub fn start(
         &self,

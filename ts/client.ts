@@ -122,8 +122,11 @@ function toVersion(v: NativeVersion): VersionInfo {
 /** @internal How the per-command modules reach a client's channel. */
 export const CHANNEL: unique symbol = Symbol('vfio-user channel')
 
-/** Completions from native code: `token, id, payload` or `token, 0, event`, flat. */
-type NativeBatch = Array<number | Buffer | NativeEvent>
+/** Completions from native code: `token, id, payload` (null: empty) or `token, 0, event`, flat. */
+type NativeBatch = Array<number | Buffer | NativeEvent | null>
+
+/** The payload of every empty plain reply: zero bytes, so sharing it is safe. */
+const EMPTY = Buffer.alloc(0)
 
 /** Words of the scratch array `sendSync` fills: id, command, flags, fd count, 16 fds. */
 const SCRATCH_WORDS = 20
@@ -576,13 +579,14 @@ export class VfioUserClient extends EventEmitter {
     for (let i = 0; i < batch.length; i += 3) {
       const token = batch[i] as number
       const value = batch[i + 2]
-      if (value instanceof Uint8Array) {
-        // A plain reply: payload only, flags 1, no fds.
+      if (value === null || value instanceof Uint8Array) {
+        // A plain reply: payload only (null: empty), flags 1, no fds.
         const w = this.#waiters.get(token)
         if (!w) continue
         this.#waiters.delete(token)
         w.unwatch?.()
-        w.resolve({ id: batch[i + 1] as number, command: w.command, flags: 1, payload: value as Buffer, fds: [] })
+        const payload = value === null ? EMPTY : (value as Buffer)
+        w.resolve({ id: batch[i + 1] as number, command: w.command, flags: 1, payload, fds: [] })
         continue
       }
       const e = value as NativeEvent
