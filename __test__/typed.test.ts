@@ -157,6 +157,12 @@ describe('typed calls against the test device', () => {
     expect(call('regionWrite', 0, 0, detached)).toThrow(TypeError)
   })
 
+  it('an fd number that is not open fails only its request, with EBADF', async () => {
+    const e = await rejection(client.sendWait(Command.DEVICE_GET_INFO, Buffer.alloc(16), { fds: [999_999] }))
+    expect(e.code).toBe('EBADF')
+    expect((await client.deviceInfo()).numRegions).toBe(9)
+  })
+
   it('calls after close fail with ECONNABORTED', async () => {
     // The test device serves one connection at a time: this one needs its own.
     await using own = await startTestDevice()

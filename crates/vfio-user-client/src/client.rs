@@ -11,7 +11,7 @@ use crate::reader::{ExternalReader, ReaderGuard};
 use crate::rx::Rx;
 use crate::shared::{CloseNotice, DmaHook, Shared, WAKE_TOKEN};
 use crate::socket::connect_unix;
-use crate::state::{NewRequest, Sent, State, Stats};
+use crate::state::{NewRequest, SendFailure, Sent, State, Stats};
 use crate::ticket::Ticket;
 use crate::Error;
 use nix::errno::Errno;
@@ -301,18 +301,7 @@ impl Client {
         if HEADER_SIZE + req.payload.len() > u32::MAX as usize {
             return Err(invalid(format!("{} payload is too large", name())));
         }
-        let fds = req
-            .fds
-            .iter()
-            .map(|f| f.try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EBADF as i32));
-                Error::new(
-                    errno,
-                    format!("cannot duplicate an fd for {}: {}", name(), errno.desc()),
-                )
-            })?;
+        let fds = req.fds;
         let posted = waiter.is_none();
         // A request someone will block on (send_wait, a ticket) never waits behind a cork.
         let corkable = !matches!(waiter, Some(Waiter::Slot(_)));
@@ -399,10 +388,17 @@ impl Client {
                 seq,
             };
             let sent = if st.corks > 0 && corkable {
-                st.cork_request(new);
-                Ok(Sent::Corked)
+                st.cork_request(new).map(|()| Sent::Corked)
             } else {
                 st.send_request(sock, new, !self.shared.options.send_queued)
+            };
+            let sent = match sent {
+                Err(SendFailure::Refused(e)) => {
+                    st.forget_refused(id, seq, !posted);
+                    return Err(e.with_command(req.command));
+                }
+                Err(SendFailure::Fatal(e)) => Err(e),
+                Ok(s) => Ok(s),
             };
             (id, seq, sent, wake_for_deadline)
         };

@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Instant;
 use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
@@ -51,19 +51,45 @@ impl Fired {
     }
 }
 
-/// A request about to be sent: its encoded header, the caller's payload (borrowed: copied only
-/// if it must wait in the queue), our duplicates of its fds, its id (None: posted) and seq.
+/// A request about to be sent: its encoded header, the caller's payload and fds (borrowed:
+/// copied, and the fds duplicated, only if it must wait in the queue), its id (None: posted)
+/// and seq.
 pub struct NewRequest<'a> {
     pub header: [u8; HEADER_SIZE],
     pub payload: &'a [u8],
-    pub fds: Vec<OwnedFd>,
+    pub fds: &'a [BorrowedFd<'a>],
     pub id: Option<u16>,
     pub seq: u64,
 }
 
+/// Why a request was not sent.
+pub enum SendFailure {
+    /// Nothing of it went out and the stream is intact (an fd that is not open, no fd left
+    /// to duplicate it): only this request fails.
+    Refused(Error),
+    /// The socket failed: the connection is over.
+    Fatal(Error),
+}
+
 impl NewRequest<'_> {
-    /// The request as a queued message (a copy of its bytes), `written` of them already sent.
-    fn queued(self, written: usize) -> Outgoing {
+    /// The request as a queued message (a copy of its bytes, and our own duplicates of its fds
+    /// unless they went already), `written` of its bytes already sent.
+    fn queued(self, written: usize) -> Result<Outgoing, SendFailure> {
+        let fds = if written > 0 {
+            Vec::new()
+        } else {
+            self.fds
+                .iter()
+                .map(|f| f.try_clone_to_owned())
+                .collect::<Result<Vec<OwnedFd>, _>>()
+                .map_err(|e| {
+                    let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EBADF as i32));
+                    SendFailure::Refused(Error::new(
+                        errno,
+                        format!("cannot duplicate an fd to send: {}", errno.desc()),
+                    ))
+                })?
+        };
         let mut bytes = Vec::with_capacity(HEADER_SIZE + self.payload.len());
         bytes.extend_from_slice(&self.header);
         bytes.extend_from_slice(self.payload);
@@ -73,10 +99,10 @@ impl NewRequest<'_> {
             seq: self.seq,
             bytes,
             written: 0,
-            fds: self.fds,
+            fds,
         };
         msg.advance(written);
-        msg
+        Ok(msg)
     }
 }
 
@@ -306,9 +332,10 @@ impl State {
         sock: RawFd,
         req: NewRequest<'_>,
         inline: bool,
-    ) -> Result<Sent, Error> {
+    ) -> Result<Sent, SendFailure> {
         if !inline || !self.outgoing.is_empty() {
-            return self.send(sock, req.queued(0), inline);
+            let msg = req.queued(0)?;
+            return self.send(sock, msg, inline).map_err(SendFailure::Fatal);
         }
         let raw: Vec<RawFd> = req.fds.iter().map(|f| f.as_raw_fd()).collect();
         let iov = [IoSlice::new(&req.header), IoSlice::new(req.payload)];
@@ -317,11 +344,18 @@ impl State {
         let written = match send_parts(sock, &iov, &raw) {
             Ok(n) => n,
             Err(Errno::EAGAIN) => 0,
+            // Our socket is open, so an fd of the caller's is not: nothing was sent.
+            Err(Errno::EBADF) if !raw.is_empty() => {
+                return Err(SendFailure::Refused(Error::new(
+                    Errno::EBADF,
+                    "an fd to send is not an open file descriptor",
+                )))
+            }
             Err(e) => {
-                return Err(Error::new(
+                return Err(SendFailure::Fatal(Error::new(
                     Errno::ECONNRESET,
                     format!("connection lost while sending: {}", e.desc()),
-                ))
+                )))
             }
         };
         if written >= total {
@@ -336,16 +370,34 @@ impl State {
         if written > 0 {
             self.stats.partial_writes += 1;
         }
-        self.outgoing.push(req.queued(written));
+        let msg = req.queued(written)?;
+        self.outgoing.push(msg);
         self.stats.queued_sends += 1;
         self.want_write = true;
         Ok(Sent::Queued)
     }
 
     /// Queues request `req` while sends are corked; written with the rest at uncork.
-    pub fn cork_request(&mut self, req: NewRequest<'_>) {
-        self.outgoing.push(req.queued(0));
+    pub fn cork_request(&mut self, req: NewRequest<'_>) -> Result<(), SendFailure> {
+        let msg = req.queued(0)?;
+        self.outgoing.push(msg);
         self.stats.queued_sends += 1;
+        Ok(())
+    }
+
+    /// Forgets request `id` (with `seq`) that was refused before any of it was sent: no
+    /// completion runs, its id is free again.
+    pub fn forget_refused(&mut self, id: u16, seq: u64, held: bool) {
+        if self.pending.get(&id).is_some_and(|p| p.seq == seq) {
+            if let Some(p) = self.pending.remove(&id) {
+                if p.command == Command::Version as u16 {
+                    self.version_in_flight = false;
+                }
+            }
+        }
+        if held {
+            self.ids.release(id);
+        }
     }
 
     /// Writes queued messages, several per sendmsg, until the queue is empty or the socket

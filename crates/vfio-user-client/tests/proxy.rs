@@ -713,3 +713,29 @@ fn a_server_request_too_big_to_store_gets_e2big_and_is_drained() {
     assert_eq!(r.header.error, nix::errno::Errno::E2BIG as u32);
     round_trip(&client, &mut peer);
 }
+
+#[test]
+fn an_fd_that_is_not_open_fails_only_its_request() {
+    use std::os::fd::BorrowedFd;
+    for send_queued in [false, true] {
+        let (client, mut peer) = negotiated(Options {
+            send_queued,
+            ..Options::default()
+        });
+        // SAFETY: never used as a file: the client only passes the number to the kernel,
+        // which refuses it (no process has a million fds open here).
+        let bad = [unsafe { BorrowedFd::borrow_raw(1_000_000) }];
+        let e = client
+            .send_nowait(Request {
+                fds: &bad,
+                ..Request::new(GET_INFO, &info_req())
+            })
+            .err()
+            .expect("refused");
+        assert_eq!(e.code(), "EBADF", "{}", e.message);
+        assert_eq!(e.command, Some(GET_INFO));
+        // Nothing was sent, and the connection goes on.
+        round_trip(&client, &mut peer);
+        assert!(!client.is_closed());
+    }
+}
