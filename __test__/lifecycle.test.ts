@@ -1,11 +1,11 @@
 // Hundreds of connections, ended every way: closed, ended by the server, killed with requests
 // in flight, closed while the server dies, or dropped and garbage-collected without close().
 // After each way, the process's open fds and threads are back where they started.
-import { readdirSync } from 'node:fs'
+import { readdirSync, readFileSync } from 'node:fs'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, connect } from '../ts/index'
+import { allocateDmaMemory, Command, connect } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
@@ -117,6 +117,40 @@ describe('connections ended every way release every fd and thread', () => {
     }
     await openAndForget(200)
     expect(openFds()).toBeGreaterThan(base.fds + 200)
+    expect(await collectUntil(base)).toEqual(base)
+  })
+
+  it('DMA memory, mapped regions and interrupts leave no fd or mapping behind', async () => {
+    const mappings = () =>
+      readFileSync('/proc/self/maps', 'utf8')
+        .split('\n')
+        .filter((l) => l.includes('memfd:vfio-user')).length
+    const before = mappings()
+    async function useAndDrop() {
+      await using device = await startTestDevice()
+      const c = await connect(device.socketPath)
+      await c.validateVersion()
+      for (let i = 0; i < 10; i++) {
+        using m = allocateDmaMemory(8192)
+        await c.dmaMap({ iova: 0x10000, size: 8192, memory: m })
+        m.buffer.fill(i)
+        await c.dmaUnmap({ iova: 0x10000, size: 8192 })
+      }
+      // Left mapped and enabled: close() unmaps the region and closes the eventfds.
+      const bar = await c.mapRegion(0)
+      bar.areas[0]?.buffer.fill(1)
+      const irqs = await c.enableIrqs(1, { count: 4 })
+      expect(irqs.fds).toHaveLength(4)
+      expect(mappings()).toBeGreaterThan(before)
+      await c.close()
+    }
+    await useAndDrop()
+    // DMA memory stays mapped until its Buffers are collected.
+    for (let i = 0; i < 200 && mappings() > before; i++) {
+      gc()
+      await turn()
+    }
+    expect(mappings()).toBe(before)
     expect(await collectUntil(base)).toEqual(base)
   })
 
