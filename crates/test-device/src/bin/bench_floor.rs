@@ -1,4 +1,4 @@
-//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|stream|read1m] [DEPTH]`: the benchmark's floor
+//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|read1m] [DEPTH]`: the benchmark's floor
 //! and ceiling, the least a client can do.
 //!
 //! - `raw` (default): one blocking write of DEVICE_GET_INFO, one blocking read of the reply
@@ -11,6 +11,7 @@
 //!   client that passes fds makes: what they cost beyond write and read.
 //! - `read1m`: COUNT REGION_READs of 1 MiB from region 2 (the device's ceiling for them).
 //! - `stream`: COUNT MiB through a socketpair between two threads (the throughput floor).
+//! - `client1m`: `read1m` through `vfio-user-client`'s `region_read`.
 //! - `client`: the same round trips with `vfio-user-client`'s blocking `send_wait` from Rust,
 //!   to split our cost between the transport and the JS layers.
 //!
@@ -143,13 +144,16 @@ fn measure(count: u32, body: impl FnOnce() -> std::io::Result<()>) -> std::io::R
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
-        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|stream|read1m] [DEPTH]");
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|read1m] [DEPTH]");
         std::process::exit(2);
     };
     let count: u32 = count;
     let mode = args.get(3).map_or("raw", String::as_str);
     if mode == "client" {
         return with_client(path, count);
+    }
+    if mode == "client1m" {
+        return with_client_1m(path, count);
     }
     if mode == "stream" {
         return stream(count);
@@ -257,6 +261,20 @@ fn stream(count: u32) -> std::io::Result<()> {
     writer
         .join()
         .map_err(|_| std::io::Error::other("writer panicked"))?
+}
+
+/// `client1m`: COUNT 1 MiB region reads with `vfio-user-client`'s blocking `region_read`.
+fn with_client_1m(path: &str, count: u32) -> std::io::Result<()> {
+    use vfio_user_client::{Client, Options};
+    let fail = |e: vfio_user_client::Error| std::io::Error::other(e.to_string());
+    let client = Client::connect(std::path::Path::new(path), Options::default()).map_err(fail)?;
+    client.negotiate().map_err(fail)?;
+    measure(count, || {
+        for _ in 0..count {
+            client.region_read(2, 0, 1 << 20, None).map_err(fail)?;
+        }
+        Ok(())
+    })
 }
 
 fn with_client(path: &str, count: u32) -> std::io::Result<()> {
