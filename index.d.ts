@@ -86,6 +86,8 @@ export declare class NativeClient {
    * A reply event with `token` follows; returns an error if nothing was sent.
    */
   dmaMapBuffer(token: number, args: NativeDmaMapArgs, memory: Buffer): NativeError | null
+  /** `dma_map_buffer`, blocking until the reply. False on failure (see `take_error`). */
+  dmaMapBufferSync(args: NativeDmaMapArgs, memory: Buffer): boolean
   /**
    * Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
    * reply event with `token` follows once the server has answered every chunk.

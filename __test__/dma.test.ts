@@ -82,12 +82,24 @@ describe('DMA against the test device', () => {
     expect(refused({ iova: 0x30_0000, size: PAGE, memory, offset: PAGE }).code).toBe('EEXIST')
     expect(refused({ iova: 0x40_0000, size: 4 * PAGE, memory })).toBeInstanceOf(RangeError)
     expect(refused({ iova: -1, size: PAGE, memory })).toBeInstanceOf(RangeError)
-    expect(refused({ iova: 0, size: PAGE, memory: Buffer.alloc(PAGE) as never })).toBeInstanceOf(TypeError)
+    expect(refused({ iova: 0, size: PAGE, memory: 'memory' as never })).toBeInstanceOf(TypeError)
     expect(refused({ iova: 0, size: 0, memory })).toBeInstanceOf(RangeError)
     expect(() => client.dmaUnmapSync({ iova: 0x30_0000, size: 2 * PAGE })).toThrow(
       expect.objectContaining({ code: 'EINVAL' }),
     )
     await client.dmaUnmap({ iova: 0x30_0000, size: PAGE })
+  })
+
+  it('a plain Buffer maps with no fd, async and sync', async () => {
+    const plain = Buffer.alloc(2 * PAGE)
+    await client.dmaMap({ iova: 0x60_0000, size: PAGE, memory: plain })
+    client.dmaMapSync({ iova: 0x61_0000, size: PAGE, memory: plain, offset: PAGE })
+    expect(client.dmaMaps).toBe(2)
+    // The device's engine needs an fd behind the range: it has none here.
+    expect((await rejection(deviceCopy(0x60_0000n, 0x61_0000n, 4))).command).toBe(10)
+    client.dmaUnmapSync({ iova: 0x60_0000, size: PAGE })
+    await client.dmaUnmap({ iova: 0x61_0000, size: PAGE })
+    expect(client.dmaMaps).toBe(0)
   })
 
   it('no fd is left behind by 20 maps of fresh memory', async () => {

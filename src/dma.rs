@@ -229,27 +229,39 @@ impl NativeClient {
         &self,
         token: u32,
         args: NativeDmaMapArgs,
-        mut memory: BufferSlice,
+        memory: BufferSlice,
     ) -> Option<NativeError> {
-        let offset = (u64_of(&args.offset) as usize).min(memory.len());
-        let local = Arc::new(JsMemory {
-            // SAFETY: `offset` is within the Buffer.
-            ptr: unsafe { memory.as_mut_ptr().add(offset) },
-            len: memory.len() - offset,
-        });
-        let map = DmaMap {
-            iova: u64_of(&args.iova),
-            size: u64_of(&args.size),
-            read: args.read,
-            write: args.write,
-            fd: None,
-            local: Some(local),
-            timeout: timeout(args.timeout_ms),
-        };
+        let map = buffer_map(&args, memory);
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
         self.live(|c| c.dma_map_callback(&map, done))
             .err()
             .map(|e| convert::from_error(&e))
+    }
+
+    /// `dma_map_buffer`, blocking until the reply. False on failure (see `take_error`).
+    #[napi]
+    pub fn dma_map_buffer_sync(&self, args: NativeDmaMapArgs, memory: BufferSlice) -> bool {
+        let map = buffer_map(&args, memory);
+        self.keep_error(self.live(|c| c.dma_map(&map)))
+    }
+}
+
+/// The map `args` describes over a JS Buffer (see [`JsMemory`]).
+fn buffer_map(args: &NativeDmaMapArgs, mut memory: BufferSlice) -> DmaMap<'static> {
+    let offset = (u64_of(&args.offset) as usize).min(memory.len());
+    let local = Arc::new(JsMemory {
+        // SAFETY: `offset` is within the Buffer.
+        ptr: unsafe { memory.as_mut_ptr().add(offset) },
+        len: memory.len() - offset,
+    });
+    DmaMap {
+        iova: u64_of(&args.iova),
+        size: u64_of(&args.size),
+        read: args.read,
+        write: args.write,
+        fd: None,
+        local: Some(local),
+        timeout: timeout(args.timeout_ms),
     }
 }

@@ -152,11 +152,21 @@ export function dmaMap(ch: Channel, m: DmaMapping, options: CallOptions = {}): P
   return sendMap(ch, m, mapArgs(m, options), options)
 }
 
-/** {@link dmaMap} of {@link DmaMemory}, blocking the JavaScript thread. */
+/** {@link dmaMap}, blocking the JavaScript thread. */
 export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions, 'signal'> = {}): void {
   const args = mapArgs(m, options)
-  if (!(m.memory instanceof DmaMemory)) throw new TypeError('dmaMapSync maps DmaMemory; map a Buffer with dmaMap')
-  if (!ch.native.dmaMapSync(args, m.memory.native)) throw ch.lastError()
+  const memory = m.memory
+  if (memory instanceof DmaMemory) {
+    if (!ch.native.dmaMapSync(args, memory.native)) throw ch.lastError()
+    return
+  }
+  const bytes = Buffer.from(memory.buffer, memory.byteOffset, memory.byteLength)
+  // Kept reachable from before the map is sent: the range is served from it from then on.
+  ch.dmaBuffers.set(args.iova, memory)
+  if (!ch.native.dmaMapBufferSync(args, bytes)) {
+    ch.dmaBuffers.delete(args.iova)
+    throw ch.lastError()
+  }
 }
 
 /** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
