@@ -173,6 +173,12 @@ export declare function decodeIrqInfo(payload: Buffer, index: number): NativeIrq
 /** Decodes a DEVICE_GET_REGION_INFO reply payload for `index`. */
 export declare function decodeRegionInfo(payload: Buffer, index: number): NativeRegionInfo | NativeError
 
+/**
+ * Decodes a DEVICE_GET_REGION_IO_FDS reply for region `index` of `region_size` bytes that
+ * came with `fds` fds.
+ */
+export declare function decodeRegionIoFds(payload: Buffer, index: number, regionSize: bigint, fds: number): NativeRegionIoFds | NativeError
+
 /** The DEVICE_GET_INFO request payload. */
 export declare function deviceInfoRequest(): Buffer
 
@@ -252,6 +258,18 @@ export interface NativeEvent {
   dma?: NativeDma
 }
 
+/** One DEVICE_GET_REGION_IO_FDS record. */
+export interface NativeIoFdRecord {
+  offset: bigint
+  size: bigint
+  fdIndex: number
+  kind: number
+  flags: number
+  datamatch: bigint
+  shadowFdIndex?: number
+  shadowOffset?: bigint
+}
+
 export interface NativeIrq {
   group: number
   vector: number
@@ -290,6 +308,14 @@ export interface NativeRegionInfo {
   warnings: Array<string>
 }
 
+/** A decoded DEVICE_GET_REGION_IO_FDS reply. */
+export interface NativeRegionIoFds {
+  argsz: number
+  count: number
+  stride: number
+  records: Array<NativeIoFdRecord>
+}
+
 export interface NativeReply {
   id: number
   command: number
@@ -321,6 +347,9 @@ export declare function parseCapabilities(json: string): NativeCapabilitiesResul
 
 /** The DEVICE_GET_REGION_INFO request payload for `index`, accepting up to `argsz` bytes. */
 export declare function regionInfoRequest(index: number, argsz: number): Buffer
+
+/** The DEVICE_GET_REGION_IO_FDS request payload for `index`, accepting `argsz` bytes. */
+export declare function regionIoFdsRequest(index: number, argsz: number): Buffer
 
 /** The DEVICE_SET_IRQS request payload (`data`: one byte per vector, with DATA_BOOL). */
 export declare function setIrqsRequest(flags: number, index: number, start: number, count: number, data: Buffer): Buffer

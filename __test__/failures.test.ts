@@ -1,5 +1,6 @@
 // A broken or hostile server (crates/test-device/src/bin/scripted_peer.rs, built on our
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
+import { readdirSync } from 'node:fs'
 import { constants } from 'node:os'
 import { describe, expect, it } from 'vitest'
 import { allocateDmaMemory, Command, connect, type DmaEvent, type VfioUserError } from '../ts/index'
@@ -194,5 +195,31 @@ describe('requests against a misbehaving server', () => {
     const observed = seen.length
     await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(seen).toHaveLength(observed)
+  })
+
+  it('regionIoFds decodes both record layouts, owns the fds, and refuses lies', async () => {
+    await using p = await peer('io-fds')
+    await p.client.validateVersion()
+    const fds = () => readdirSync('/proc/self/fd').length
+    const before = fds()
+    const lib = await p.client.regionIoFds(0)
+    expect(lib.stride).toBe(48)
+    expect(lib.records.map((r) => [r.offset, r.size, r.type, r.datamatch])).toEqual([
+      [0n, 4n, 'ioeventfd', 0xabn],
+      [8n, 4n, 'ioeventfd', 0xcdn],
+    ])
+    expect(lib.fds).toHaveLength(2)
+    expect(lib.records.map((r) => r.fd)).toEqual(lib.fds)
+    expect(fds()).toBe(before + 2)
+    lib.close()
+    expect(fds()).toBe(before)
+    using spec = await p.client.regionIoFds(1)
+    expect(spec.stride).toBe(40)
+    expect(spec.records[0]).toMatchObject({ offset: 16n, size: 8n, type: 'ioregionfd', datamatch: 0x77n })
+    const [past, odd] = [rejection(p.client.regionIoFds(2)), rejection(p.client.regionIoFds(3))]
+    expect((await past).message).toMatch(/outside region 2/)
+    expect((await odd).message).toMatch(/do not divide/)
+    spec.close()
+    expect(fds()).toBe(before)
   })
 })

@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vfio_user_client::proto::{region, Command};
+use vfio_user_client::proto::{region, region_io_fds, Command};
 use vfio_user_client::{Error, ReadData, RegionMapping};
 
 fn offset(hi: u32, lo: u32) -> u64 {
@@ -281,5 +281,69 @@ impl NativeRegionMapping {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         Ok(())
+    }
+}
+
+/// One DEVICE_GET_REGION_IO_FDS record.
+#[napi(object, object_from_js = false)]
+pub struct NativeIoFdRecord {
+    pub offset: BigInt,
+    pub size: BigInt,
+    pub fd_index: u32,
+    pub kind: u32,
+    pub flags: u32,
+    pub datamatch: BigInt,
+    pub shadow_fd_index: Option<u32>,
+    pub shadow_offset: Option<BigInt>,
+}
+
+/// A decoded DEVICE_GET_REGION_IO_FDS reply.
+#[napi(object, object_from_js = false)]
+pub struct NativeRegionIoFds {
+    pub argsz: u32,
+    pub count: u32,
+    pub stride: u32,
+    pub records: Vec<NativeIoFdRecord>,
+}
+
+/// The DEVICE_GET_REGION_IO_FDS request payload for `index`, accepting `argsz` bytes.
+#[napi]
+pub fn region_io_fds_request(index: u32, argsz: u32) -> Buffer {
+    region_io_fds::region_io_fds_request(index, argsz)
+        .to_vec()
+        .into()
+}
+
+/// Decodes a DEVICE_GET_REGION_IO_FDS reply for region `index` of `region_size` bytes that
+/// came with `fds` fds.
+#[napi]
+pub fn decode_region_io_fds(
+    payload: BufferSlice,
+    index: u32,
+    region_size: BigInt,
+    fds: u32,
+) -> Either<NativeRegionIoFds, NativeError> {
+    let size = region_size.get_u64().1;
+    match region_io_fds::decode_region_io_fds(&payload, index, size, fds as usize) {
+        Ok(r) => Either::A(NativeRegionIoFds {
+            argsz: r.argsz,
+            count: r.count,
+            stride: r.stride as u32,
+            records: r
+                .records
+                .iter()
+                .map(|x| NativeIoFdRecord {
+                    offset: BigInt::from(x.offset),
+                    size: BigInt::from(x.size),
+                    fd_index: x.fd_index,
+                    kind: x.kind,
+                    flags: x.flags,
+                    datamatch: BigInt::from(x.datamatch),
+                    shadow_fd_index: x.shadow.map(|s| s.0),
+                    shadow_offset: x.shadow.map(|s| BigInt::from(s.1)),
+                })
+                .collect(),
+        }),
+        Err(e) => Either::B(NativeError::proto_reply(Command::DeviceGetRegionIoFds, e)),
     }
 }

@@ -38,9 +38,11 @@ import {
 import {
   mapRegion,
   type RegionInfo,
+  type RegionIoFds,
   type RegionMap,
   type RegionWriteOptions,
   regionInfo,
+  regionIoFds,
   regionRead,
   regionReadSync,
   regionWrite,
@@ -476,6 +478,17 @@ export class VfioUserClient extends EventEmitter {
   /** How many DMA ranges are mapped (or being mapped) now. */
   get dmaMaps(): number {
     return this.#native.dmaMaps
+  }
+
+  /**
+   * DEVICE_GET_REGION_IO_FDS for region `index`: the sub-regions served by ioeventfds or
+   * ioregionfds, decoded from the spec's 40-byte records or libvfio-user's 48-byte ones, each
+   * checked against the region and the fds that came (owned by the result).
+   * @throws {VfioUserError} (rejection) `'EPROTO'` for records that do not divide evenly, lie
+   *   outside the region or name an fd that did not come.
+   */
+  regionIoFds(index: number, options: CallOptions = {}): Promise<RegionIoFds> {
+    return regionIoFds(this[CHANNEL], index, options)
   }
 
   /**

@@ -26,4 +26,12 @@ export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './
 export { VfioUserError } from './errors'
 export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
 export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
-export { type MappedArea, RegionInfo, RegionMap, type RegionWriteOptions, type SparseArea } from './region'
+export {
+  type IoFdRecord,
+  type MappedArea,
+  RegionInfo,
+  RegionIoFds,
+  RegionMap,
+  type RegionWriteOptions,
+  type SparseArea,
+} from './region'

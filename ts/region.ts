@@ -318,3 +318,106 @@ export function mapRegion(ch: Channel, index: number, options: CallOptions = {})
     }
   })
 }
+
+/** One sub-region of a region served by an fd (DEVICE_GET_REGION_IO_FDS). */
+export interface IoFdRecord {
+  /** Offset within the region. */
+  offset: bigint
+  /** Size in bytes (0: any size). */
+  size: bigint
+  /** The fd (one of {@link RegionIoFds.fds}). */
+  fd: number
+  /** `'ioeventfd'`, `'ioregionfd'`, or libvfio-user's `'shadow'` ioeventfd. */
+  type: 'ioeventfd' | 'ioregionfd' | 'shadow'
+  /** Raw flags (ioeventfd: 1 DATAMATCH, 2 PIO…). */
+  flags: number
+  /** ioeventfd datamatch, or ioregionfd user data. */
+  datamatch: bigint
+  /** A shadow ioeventfd's memory: its fd and the offset in it. */
+  shadow?: { fd: number; offset: bigint }
+}
+
+const IO_FD_TYPES = ['ioeventfd', 'ioregionfd', 'shadow'] as const
+
+/**
+ * What DEVICE_GET_REGION_IO_FDS reports: the records, in either layout servers use, and the
+ * fds they refer to, owned by this object (`close()`, `using`, or `takeFds()`).
+ */
+export class RegionIoFds {
+  readonly index: number
+  readonly records: readonly IoFdRecord[]
+  /** The layout the server used: 40 (the spec's) or 48 bytes (libvfio-user's). */
+  readonly stride: number
+  #fds: number[]
+
+  /** @internal Built by {@link regionIoFds}. */
+  constructor(index: number, records: IoFdRecord[], stride: number, fds: number[]) {
+    this.index = index
+    this.records = Object.freeze(records)
+    this.stride = stride
+    this.#fds = fds
+  }
+
+  /** The fds while this object owns them. */
+  get fds(): readonly number[] {
+    return this.#fds
+  }
+
+  /** Hands the fds over: they are yours to close. */
+  takeFds(): number[] {
+    const fds = this.#fds
+    this.#fds = []
+    return fds
+  }
+
+  /** Closes the fds this object still owns. Idempotent. */
+  close(): void {
+    closeAll(this.takeFds())
+  }
+
+  /** Same as {@link RegionIoFds.close}, for `using`. */
+  [Symbol.dispose](): void {
+    this.close()
+  }
+}
+
+/**
+ * DEVICE_GET_REGION_IO_FDS for region `index` (asked once more with the room the server
+ * needs). Each record is checked against the region's size (asked first with regionInfo) and
+ * the fds that came.
+ */
+export function regionIoFds(ch: Channel, index: number, options: CallOptions = {}): Promise<RegionIoFds> {
+  checkInteger('index', index, 0, 0xffff_ffff)
+  return askRegionInfo(ch, index, options).then(async (info) => {
+    info.close()
+    let argsz = 16
+    for (let attempt = 0; ; attempt++) {
+      const reply = await ch.send(Command.DEVICE_GET_REGION_IO_FDS, native.regionIoFdsRequest(index, argsz), options)
+      const d = native.decodeRegionIoFds(reply.payload, index, info.size, reply.fds.length)
+      if ('errno' in d) {
+        closeAll(reply.fds)
+        throw ch.error(d)
+      }
+      if (d.argsz > argsz && d.count > 0 && attempt === 0 && d.argsz <= 1 << 20) {
+        closeAll(reply.fds)
+        argsz = d.argsz
+        continue
+      }
+      const records = d.records.map((r) => {
+        const rec: IoFdRecord = {
+          offset: r.offset,
+          size: r.size,
+          fd: reply.fds[r.fdIndex] as number,
+          type: IO_FD_TYPES[r.kind] ?? 'ioeventfd',
+          flags: r.flags,
+          datamatch: r.datamatch,
+        }
+        if (r.shadowFdIndex !== undefined && r.shadowFdIndex !== null) {
+          rec.shadow = { fd: reply.fds[r.shadowFdIndex] as number, offset: r.shadowOffset ?? 0n }
+        }
+        return rec
+      })
+      return new RegionIoFds(index, records, d.stride, reply.fds)
+    }
+  })
+}

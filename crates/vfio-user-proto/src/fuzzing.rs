@@ -437,6 +437,21 @@ pub fn command_replies(data: &[u8]) {
     if let Ok(bytes) = region::region_read_data(payload, index, offset, count) {
         assert_eq!(bytes.len(), count as usize);
     }
+    if let Ok(r) =
+        crate::region_io_fds::decode_region_io_fds(payload, index, offset, count as usize)
+    {
+        assert!(r.records.len() <= r.count as usize);
+        for rec in &r.records {
+            assert!((rec.fd_index as usize) < count as usize);
+            assert!(
+                rec.offset < offset
+                    && rec
+                        .offset
+                        .checked_add(rec.size)
+                        .is_some_and(|e| e <= offset)
+            );
+        }
+    }
     for write in [false, true] {
         if let Ok(a) = crate::dma::decode_dma_request(payload, write) {
             assert!(a.address.checked_add(a.count).is_some());

@@ -16,6 +16,7 @@ mod header;
 pub mod irq;
 mod limits;
 pub mod region;
+pub mod region_io_fds;
 pub mod version;
 
 pub use caps::{

@@ -22,6 +22,10 @@
 //!   points outside the reply; REGION_READ echoes another offset; REGION_WRITE echoes a short
 //!   header; DEVICE_GET_IRQ_INFO answers for another index; before answering DEVICE_GET_INFO
 //!   it asks for a 4 GiB DMA_READ and reports our errno in bytes 0..4 of the reply.
+//! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
+//!   region 0 answers in libvfio-user's 48-byte layout (two records, two eventfds, the room
+//!   needed first when asked with too little), region 1 in the spec's 40-byte one (one record),
+//!   region 2 with a record past the region, region 3 with records that do not divide.
 //! - `dma-write`: before answering a request, DMA_WRITEs "vfio" at address 16, then
 //!   DMA_READs 4 bytes at 16, and replies with those bytes in 0..4 of the payload and the
 //!   errno of the write in 4..8.
@@ -65,6 +69,58 @@ fn info_payload(first_word: u32) -> [u8; 16] {
     p[8..12].copy_from_slice(&9u32.to_ne_bytes());
     p[12..16].copy_from_slice(&5u32.to_ne_bytes());
     p
+}
+
+/// Answers DEVICE_GET_REGION_IO_FDS for `index` as `io-fds` describes.
+fn io_fds(s: &mut UnixStream, h: &Header, index: u32, asked: u32) {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::os::fd::AsRawFd;
+    // (stride, records as (offset, size, fd index, type, datamatch), argsz override)
+    let (stride, records, argsz): (usize, Vec<(u64, u64, u32, u32, u64)>, Option<u32>) = match index
+    {
+        0 => (48, vec![(0, 4, 0, 0, 0xab), (8, 4, 1, 0, 0xcd)], None),
+        1 => (40, vec![(16, 8, 0, 1, 0x77)], None),
+        2 => (40, vec![(4090, 16, 0, 0, 0)], None),
+        _ => (40, vec![(0, 4, 0, 0, 0), (8, 4, 0, 0, 0)], Some(16 + 81)),
+    };
+    let full = 16 + stride * records.len();
+    let argsz = argsz.unwrap_or(full as u32);
+    let mut p = vec![0u8; 16];
+    p[0..4].copy_from_slice(&argsz.to_ne_bytes());
+    p[8..12].copy_from_slice(&index.to_ne_bytes());
+    p[12..16].copy_from_slice(&(records.len() as u32).to_ne_bytes());
+    if (asked as usize) < full {
+        reply(s, h, &p);
+        return;
+    }
+    for (o, size, fd, kind, data) in &records {
+        let mut r = vec![0u8; stride];
+        r[0..8].copy_from_slice(&o.to_ne_bytes());
+        r[8..16].copy_from_slice(&size.to_ne_bytes());
+        r[16..20].copy_from_slice(&fd.to_ne_bytes());
+        r[20..24].copy_from_slice(&kind.to_ne_bytes());
+        let at = if stride == 48 { 40 } else { 32 };
+        r[at..at + 8].copy_from_slice(&data.to_ne_bytes());
+        p.extend_from_slice(&r);
+    }
+    if index == 3 {
+        p.push(0);
+    }
+    let fds: Vec<EventFd> = (0..records.len().min(2))
+        .filter_map(|_| EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).ok())
+        .collect();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut bytes = Header::reply_to(h, p.len()).encode().to_vec();
+    bytes.extend_from_slice(&p);
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+    let _ = nix::sys::socket::sendmsg::<()>(
+        s.as_raw_fd(),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    );
 }
 
 /// A REGION_INFO reply for `index` with a lying capability chain (see `liar`).
@@ -241,6 +297,23 @@ fn run(s: &mut UnixStream, scenario: &str) {
                         reply(s, &h, &r);
                     }
                     10 => reply(s, &h, &p[..12]),
+                    _ => reply(s, &h, &info_payload(0)),
+                }
+            }
+        }
+        "io-fds" => {
+            while let Some((h, p)) = read_msg(s) {
+                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                match h.command {
+                    5 => {
+                        let mut r = [0u8; 32];
+                        r[0..4].copy_from_slice(&32u32.to_ne_bytes());
+                        r[4..8].copy_from_slice(&3u32.to_ne_bytes());
+                        r[8..12].copy_from_slice(&word(8).to_ne_bytes());
+                        r[16..24].copy_from_slice(&4096u64.to_ne_bytes());
+                        reply(s, &h, &r);
+                    }
+                    6 => io_fds(s, &h, word(8), word(0)),
                     _ => reply(s, &h, &info_payload(0)),
                 }
             }
