@@ -167,8 +167,14 @@ export declare function connect(path: string, options: NativeConnectOptions): Pr
 /** Decodes a DEVICE_GET_INFO reply payload. */
 export declare function decodeDeviceInfo(payload: Buffer): NativeDeviceInfo | NativeError
 
+/** The state a MIG_DEVICE_STATE reply reports. */
+export declare function decodeDeviceState(data: Buffer): number | NativeError
+
 /** Decodes a DEVICE_GET_IRQ_INFO reply payload for `index`. */
 export declare function decodeIrqInfo(payload: Buffer, index: number): NativeIrqInfo | NativeError
+
+/** The MIGRATION feature's flags. */
+export declare function decodeMigrationFlags(data: Buffer): number | NativeError
 
 /** Decodes a DEVICE_GET_REGION_INFO reply payload for `index`. */
 export declare function decodeRegionInfo(payload: Buffer, index: number): NativeRegionInfo | NativeError
@@ -182,11 +188,26 @@ export declare function decodeRegionIoFds(payload: Buffer, index: number, region
 /** The DEVICE_GET_INFO request payload. */
 export declare function deviceInfoRequest(): Buffer
 
+/** The MIG_DEVICE_STATE data for `state`. */
+export declare function deviceStateData(state: number): Buffer
+
+/** The data of a DEVICE_FEATURE reply to a request with `flags`. */
+export declare function featureReplyData(payload: Buffer, flags: number): Buffer | NativeError
+
+/**
+ * A DEVICE_FEATURE request payload (`ops`: the GET/SET/PROBE bits), or why the combination
+ * is not allowed.
+ */
+export declare function featureRequest(feature: number, ops: number, argsz: number, data: Buffer): Buffer | NativeError
+
 /** The DEVICE_GET_IRQ_INFO request payload for `index`. */
 export declare function irqInfoRequest(index: number): Buffer
 
 /** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
 export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
+
+/** The states to set, one direct arc each, to go from `from` to `to`. */
+export declare function migrationPath(from: number, to: number): Array<number> | NativeError
 
 export interface NativeCapabilities {
   maxMsgFds: number

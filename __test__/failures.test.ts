@@ -222,4 +222,41 @@ describe('requests against a misbehaving server', () => {
     spec.close()
     expect(fds()).toBe(before)
   })
+
+  it('migration v2: flags, probes, and state changes along allowed arcs only', async () => {
+    await using p = await peer('migration')
+    await p.client.validateVersion()
+    expect(await p.client.migrationFlags()).toEqual({ stopCopy: true, p2p: false, preCopy: true, flags: 5 })
+    expect(await p.client.deviceFeature.probe(2, { get: true, set: true })).toBe(true)
+    expect(await p.client.deviceFeature.probe(6, { set: true })).toBe(false)
+    expect(await p.client.migrationState()).toBe('running')
+    // RUNNING to STOP_COPY goes through STOP; the peer refuses anything but a direct arc.
+    expect(await p.client.setMigrationState('stopCopy')).toBe('stopCopy')
+    expect(await p.client.migrationState()).toBe('stopCopy')
+    await expect(p.client.setMigrationState('preCopy')).rejects.toThrow(RangeError)
+    expect(await p.client.migrationState()).toBe('stopCopy')
+    // STOP_COPY to RESUMING: STOP, then RESUMING.
+    expect(await p.client.setMigrationState('resuming')).toBe('resuming')
+    expect(await p.client.setMigrationState('running')).toBe('running')
+  })
+
+  it('a device that lands in another state than asked is EPROTO, with the state it is in', async () => {
+    await using p = await peer('migration-liar')
+    await p.client.validateVersion()
+    const e = (await rejection(p.client.setMigrationState('resuming'))) as VfioUserError & { state?: string }
+    expect(e.code).toBe('EPROTO')
+    expect(e.state).toBe('stop')
+    expect(await p.client.migrationState()).toBe('stop')
+  })
+
+  it('a device without migration: migrationFlags is ENOTSUP; a garbled feature reply is EPROTO', async () => {
+    await using none = await peer('no-migration')
+    await none.client.validateVersion()
+    expect((await rejection(none.client.migrationFlags())).code).toBe('ENOTSUP')
+    expect(await none.client.deviceFeature.probe(1, { get: true })).toBe(false)
+    await using p = await peer('serve')
+    await p.client.validateVersion()
+    // The 'serve' peer answers everything with a device-info payload: not a feature reply.
+    expect((await rejection(p.client.migrationFlags())).code).toBe('EPROTO')
+  })
 })

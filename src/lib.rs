@@ -10,6 +10,7 @@ mod convert;
 mod device;
 mod dma;
 mod events;
+mod feature;
 mod irq;
 mod js_callback;
 mod loop_reader;

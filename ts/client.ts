@@ -19,6 +19,14 @@ import {
 } from './dma'
 import { fromNative, VfioUserError } from './errors'
 import {
+  type MigrationFlags,
+  type MigrationState,
+  migrationFlags,
+  migrationState,
+  probeFeature,
+  setMigrationState,
+} from './feature'
+import {
   type EnableIrqsOptions,
   enableIrqs,
   type Interrupts,
@@ -500,6 +508,37 @@ export class VfioUserClient extends EventEmitter {
    */
   mapRegion(index: number, options: CallOptions = {}): Promise<RegionMap> {
     return mapRegion(this[CHANNEL], index, options)
+  }
+
+  /** DEVICE_FEATURE calls: `probe(index, { get, set })` says whether the device supports them. */
+  get deviceFeature(): {
+    probe(index: number, methods: { get?: boolean; set?: boolean }, options?: CallOptions): Promise<boolean>
+  } {
+    const ch = this[CHANNEL]
+    return { probe: (index, methods, options) => probeFeature(ch, index, methods, options) }
+  }
+
+  /**
+   * The MIGRATION feature's flags: `{ stopCopy, p2p, preCopy, flags }`.
+   * @throws {VfioUserError} (rejection) `'ENOTSUP'` when the device has no migration.
+   */
+  migrationFlags(options: CallOptions = {}): Promise<MigrationFlags> {
+    return migrationFlags(this[CHANNEL], options)
+  }
+
+  /** The device's migration state. */
+  migrationState(options: CallOptions = {}): Promise<MigrationState> {
+    return migrationState(this[CHANNEL], options)
+  }
+
+  /**
+   * Moves the device to migration state `target` by the shortest path of allowed arcs that
+   * passes through no saving state, checking each step.
+   * @throws {VfioUserError} (rejection) `'EPROTO'` when the device lands elsewhere (its
+   *   `state` says where); a RangeError for a forbidden transition, before anything is set.
+   */
+  setMigrationState(target: MigrationState, options: CallOptions = {}): Promise<MigrationState> {
+    return setMigrationState(this[CHANNEL], target, options)
   }
 
   /**

@@ -24,6 +24,7 @@ export { Command, type CommandName, type CommandNumber, commandName } from './co
 export type { DeviceInfo } from './device'
 export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'
 export { VfioUserError } from './errors'
+export type { MigrationFlags, MigrationState } from './feature'
 export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
 export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
 export {

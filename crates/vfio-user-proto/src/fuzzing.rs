@@ -452,6 +452,10 @@ pub fn command_replies(data: &[u8]) {
             );
         }
     }
+    if let Ok(data) = crate::feature::feature_reply_data(payload, index) {
+        let _ = crate::feature::decode_migration_flags(data);
+        let _ = crate::feature::decode_device_state(data);
+    }
     for write in [false, true] {
         if let Ok(a) = crate::dma::decode_dma_request(payload, write) {
             assert!(a.address.checked_add(a.count).is_some());

@@ -10,6 +10,7 @@ mod command;
 pub mod device;
 pub mod dma;
 mod error;
+pub mod feature;
 mod frame;
 pub mod fuzzing;
 mod header;

@@ -22,6 +22,10 @@
 //!   points outside the reply; REGION_READ echoes another offset; REGION_WRITE echoes a short
 //!   header; DEVICE_GET_IRQ_INFO answers for another index; before answering DEVICE_GET_INFO
 //!   it asks for a 4 GiB DMA_READ and reports our errno in bytes 0..4 of the reply.
+//! - `no-migration`: refuses every DEVICE_FEATURE with ENOTSUP.
+//! - `migration`: a device with migration v2 (STOP_COPY and PRE_COPY) whose state machine
+//!   takes only the spec's direct arcs (anything else: EINVAL); PROBE succeeds for features 1
+//!   and 2 only. `migration-liar`: the same, but asked for RESUMING it stays in STOP.
 //! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
 //!   region 0 answers in libvfio-user's 48-byte layout (two records, two eventfds, the room
 //!   needed first when asked with too little), region 1 in the spec's 40-byte one (one record),
@@ -298,6 +302,73 @@ fn run(s: &mut UnixStream, scenario: &str) {
                     }
                     10 => reply(s, &h, &p[..12]),
                     _ => reply(s, &h, &info_payload(0)),
+                }
+            }
+        }
+        "no-migration" => {
+            while let Some((h, _)) = read_msg(s) {
+                if h.command == 16 {
+                    send(s, Header::error_reply_to(&h, 95), &[]);
+                } else {
+                    reply(s, &h, &info_payload(0));
+                }
+            }
+        }
+        "migration" | "migration-liar" => {
+            let mut state = 2u32;
+            while let Some((h, p)) = read_msg(s) {
+                if h.command != 16 {
+                    reply(s, &h, &info_payload(0));
+                    continue;
+                }
+                let flags = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
+                let (feature, ops) = (flags & 0xffff, flags >> 16);
+                let mut r = p[..8].to_vec();
+                let errno = match (feature, ops) {
+                    (1 | 2, o) if o & 4 != 0 => None,
+                    (_, o) if o & 4 != 0 => Some(95),
+                    (1, 1) => {
+                        r.extend_from_slice(&5u64.to_ne_bytes());
+                        None
+                    }
+                    (2, 1) => {
+                        r.extend_from_slice(&state.to_ne_bytes());
+                        r.extend_from_slice(&u32::MAX.to_ne_bytes());
+                        None
+                    }
+                    (2, 2) => {
+                        let to = u32::from_ne_bytes([p[8], p[9], p[10], p[11]]);
+                        let arc = matches!(
+                            (state, to),
+                            (2, 1)
+                                | (1, 2)
+                                | (3, 1)
+                                | (4, 1)
+                                | (6, 2)
+                                | (2, 6)
+                                | (1, 3)
+                                | (6, 3)
+                                | (1, 4)
+                        );
+                        if !arc {
+                            Some(22)
+                        } else {
+                            if !(scenario == "migration-liar" && to == 4) {
+                                state = to;
+                            }
+                            r.extend_from_slice(&p[8..]);
+                            None
+                        }
+                    }
+                    _ => Some(95),
+                };
+                match errno {
+                    Some(e) => send(s, Header::error_reply_to(&h, e), &[]),
+                    None => {
+                        let len = r.len() as u32;
+                        r[0..4].copy_from_slice(&len.to_ne_bytes());
+                        reply(s, &h, &r);
+                    }
                 }
             }
         }

@@ -1,0 +1,138 @@
+// DEVICE_FEATURE and the migration v2 state machine as typed calls (protocol.md 3.12). The
+// bytes and the paths between states are the proto crate's feature.rs; this shapes the calls.
+import { checkInteger } from './args'
+import type { CallOptions, Channel } from './channel'
+import { Command } from './command'
+import { VfioUserError } from './errors'
+import { native } from './native'
+
+const GET = 1 << 16
+const SET = 1 << 17
+const PROBE = 1 << 18
+const MIGRATION = 1
+const MIG_DEVICE_STATE = 2
+
+/** Migration v2 device states, by name. */
+export type MigrationState = 'error' | 'stop' | 'running' | 'stopCopy' | 'resuming' | 'preCopy'
+
+const STATES: Record<MigrationState, number> = { error: 0, stop: 1, running: 2, stopCopy: 3, resuming: 4, preCopy: 6 }
+const NAMES = new Map<number, MigrationState>(Object.entries(STATES).map(([k, v]) => [v, k as MigrationState]))
+
+/** What the MIGRATION feature reports. */
+export interface MigrationFlags {
+  stopCopy: boolean
+  p2p: boolean
+  preCopy: boolean
+  /** The raw flags. */
+  flags: number
+}
+
+/** A state reported by the device that has no name here (a P2P state). */
+function nameOf(state: number): MigrationState {
+  const name = NAMES.get(state)
+  if (!name)
+    throw new VfioUserError(
+      'EPROTO',
+      71,
+      `the device reports migration state ${state}, which is not used`,
+      Command.DEVICE_FEATURE,
+    )
+  return name
+}
+
+/** Sends DEVICE_FEATURE and returns the reply's data. */
+async function feature(
+  ch: Channel,
+  index: number,
+  ops: number,
+  data: Uint8Array,
+  options: CallOptions,
+): Promise<Buffer> {
+  const request = native.featureRequest(index, ops, 64, Buffer.from(data))
+  if ('errno' in request) throw new RangeError(request.message)
+  const reply = await ch.send(Command.DEVICE_FEATURE, request, options)
+  const d = native.featureReplyData(reply.payload, index | ops)
+  if ('errno' in d) throw ch.error(d)
+  return d
+}
+
+/**
+ * PROBE of feature `index` for the methods asked: true when the device supports every one,
+ * false when it refuses. GET and SET may be probed together.
+ */
+export function probeFeature(
+  ch: Channel,
+  index: number,
+  methods: { get?: boolean; set?: boolean },
+  options: CallOptions = {},
+): Promise<boolean> {
+  checkInteger('index', index, 0, 0xffff)
+  const ops = PROBE | (methods.get ? GET : 0) | (methods.set ? SET : 0)
+  return feature(ch, index, ops, new Uint8Array(0), options).then(
+    () => true,
+    (e: unknown) => {
+      if (e instanceof VfioUserError && e.code !== 'EPROTO' && e.code !== 'ETIMEDOUT' && !e.code.startsWith('ECONN'))
+        return false
+      throw e
+    },
+  )
+}
+
+/**
+ * The MIGRATION feature's flags.
+ * @throws {VfioUserError} `'ENOTSUP'` when the device has no migration.
+ */
+export async function migrationFlags(ch: Channel, options: CallOptions = {}): Promise<MigrationFlags> {
+  let data: Buffer
+  try {
+    data = await feature(ch, MIGRATION, GET, new Uint8Array(0), options)
+  } catch (e) {
+    if (e instanceof VfioUserError && e.code !== 'EPROTO' && !e.code.startsWith('ECONN') && e.code !== 'ETIMEDOUT') {
+      throw new VfioUserError('ENOTSUP', 95, `the device has no migration (${e.code})`, Command.DEVICE_FEATURE)
+    }
+    throw e
+  }
+  const flags = native.decodeMigrationFlags(data)
+  if (typeof flags !== 'number') throw ch.error(flags)
+  return { stopCopy: (flags & 1) !== 0, p2p: (flags & 2) !== 0, preCopy: (flags & 4) !== 0, flags }
+}
+
+/** The device's migration state (MIG_DEVICE_STATE, GET). */
+export async function migrationState(ch: Channel, options: CallOptions = {}): Promise<MigrationState> {
+  const data = await feature(ch, MIG_DEVICE_STATE, GET, new Uint8Array(0), options)
+  const s = native.decodeDeviceState(data)
+  if (typeof s !== 'number') throw ch.error(s)
+  return nameOf(s)
+}
+
+/**
+ * Moves the device to `target` along the shortest path of direct arcs that passes through no
+ * saving state, checking after each step that the device is where it was asked to go.
+ * @throws {RangeError} for a transition that is not allowed (leaving `'error'` but by reset,
+ *   `'stopCopy'` to `'preCopy'`), before anything is set.
+ * @throws {VfioUserError} `'EPROTO'` when the device lands elsewhere; its `state` says where.
+ */
+export async function setMigrationState(
+  ch: Channel,
+  target: MigrationState,
+  options: CallOptions = {},
+): Promise<MigrationState> {
+  if (!(target in STATES)) throw new TypeError(`unknown migration state ${String(target)}`)
+  const from = await migrationState(ch, options)
+  const path = native.migrationPath(STATES[from], STATES[target])
+  if (!Array.isArray(path)) throw new RangeError(`${from} to ${target}: ${path.message}`)
+  for (const step of path) {
+    await feature(ch, MIG_DEVICE_STATE, SET, native.deviceStateData(step), options)
+    const now = await migrationState(ch, options)
+    if (STATES[now] !== step) {
+      const e = new VfioUserError(
+        'EPROTO',
+        71,
+        `asked for ${nameOf(step)}, the device is in ${now}`,
+        Command.DEVICE_FEATURE,
+      )
+      throw Object.assign(e, { state: now })
+    }
+  }
+  return target
+}
