@@ -75,13 +75,15 @@ fn info_payload(first_word: u32) -> [u8; 16] {
     p
 }
 
+/// A DEVICE_GET_REGION_IO_FDS record: offset, size, fd index, type, datamatch.
+type IoFdRecord = (u64, u64, u32, u32, u64);
+
 /// Answers DEVICE_GET_REGION_IO_FDS for `index` as `io-fds` describes.
 fn io_fds(s: &mut UnixStream, h: &Header, index: u32, asked: u32) {
     use nix::sys::eventfd::{EfdFlags, EventFd};
     use std::os::fd::AsRawFd;
-    // (stride, records as (offset, size, fd index, type, datamatch), argsz override)
-    let (stride, records, argsz): (usize, Vec<(u64, u64, u32, u32, u64)>, Option<u32>) = match index
-    {
+    // (stride, records, argsz override)
+    let (stride, records, argsz): (usize, Vec<IoFdRecord>, Option<u32>) = match index {
         0 => (48, vec![(0, 4, 0, 0, 0xab), (8, 4, 1, 0, 0xcd)], None),
         1 => (40, vec![(16, 8, 0, 1, 0x77)], None),
         2 => (40, vec![(4090, 16, 0, 0, 0)], None),
