@@ -170,6 +170,9 @@ export declare function decodeDeviceInfo(payload: Buffer): NativeDeviceInfo | Na
 /** The state a MIG_DEVICE_STATE reply reports. */
 export declare function decodeDeviceState(data: Buffer): number | NativeError
 
+/** The dirty ranges of a DMA_LOGGING_REPORT reply's data, flat [iova, length, …]. */
+export declare function decodeDirtyBitmap(data: Buffer, iova: bigint, length: bigint, pageSize: bigint): Array<bigint> | NativeError
+
 /** Decodes a DEVICE_GET_IRQ_INFO reply payload for `index`. */
 export declare function decodeIrqInfo(payload: Buffer, index: number): NativeIrqInfo | NativeError
 
@@ -202,6 +205,14 @@ export declare function featureRequest(feature: number, ops: number, argsz: numb
 
 /** The DEVICE_GET_IRQ_INFO request payload for `index`. */
 export declare function irqInfoRequest(index: number): Buffer
+
+export declare function loggingReportRequest(iova: bigint, length: bigint, pageSize: bigint): NativeReportRequest | NativeError
+
+/** DMA_LOGGING_START data: the page size, then [iova, length] pairs, flat. */
+export declare function loggingStartData(pageSize: bigint, ranges: Array<bigint>): Buffer
+
+/** The page size a DMA_LOGGING_START reply's data settled on. */
+export declare function loggingStartPageSize(data: Buffer): bigint | NativeError
 
 /** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
 export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
@@ -344,6 +355,12 @@ export interface NativeReply {
   payload: Buffer
   /** Received fds, now owned by JavaScript. */
   fds: Array<number>
+}
+
+/** DMA_LOGGING_REPORT request data, and the reply argsz it needs. */
+export interface NativeReportRequest {
+  data: Buffer
+  argsz: number
 }
 
 export interface NativeTwinSocket {

@@ -240,6 +240,24 @@ describe('requests against a misbehaving server', () => {
     expect(await p.client.setMigrationState('running')).toBe('running')
   })
 
+  it('dirty-page tracking: the page size the device settles on, and the dirty pages as ranges', async () => {
+    await using p = await peer('migration')
+    await p.client.validateVersion()
+    expect(
+      await p.client.startDirtyLogging({ pageSize: 1024, ranges: [{ iova: 0x10000n, length: 0x20000n }] }),
+    ).toEqual({
+      pageSize: 4096n,
+    })
+    // Pages 1, 2 and 5 of the range are dirty: two ranges once adjacent pages merge.
+    expect(await p.client.dirtyPages({ iova: 0x10000n, length: 0x20000n, pageSize: 4096 })).toEqual([
+      { iova: 0x11000n, length: 0x2000n },
+      { iova: 0x15000n, length: 0x1000n },
+    ])
+    await p.client.stopDirtyLogging()
+    await expect(p.client.dirtyPages({ iova: 1, length: 4096, pageSize: 4096 })).rejects.toThrow(RangeError)
+    await expect(p.client.startDirtyLogging({ pageSize: 3000 })).rejects.toThrow(RangeError)
+  })
+
   it('a device that lands in another state than asked is EPROTO, with the state it is in', async () => {
     await using p = await peer('migration-liar')
     await p.client.validateVersion()
@@ -247,6 +265,9 @@ describe('requests against a misbehaving server', () => {
     expect(e.code).toBe('EPROTO')
     expect(e.state).toBe('stop')
     expect(await p.client.migrationState()).toBe('stop')
+    // And a bitmap that marks a page past the range asked for.
+    const lie = await rejection(p.client.dirtyPages({ iova: 0, length: 8 * 4096, pageSize: 4096 }))
+    expect(lie.message).toMatch(/past the 8 asked for/)
   })
 
   it('a device without migration: migrationFlags is ENOTSUP; a garbled feature reply is EPROTO', async () => {

@@ -19,12 +19,15 @@ import {
 } from './dma'
 import { fromNative, VfioUserError } from './errors'
 import {
+  dirtyPages,
   type MigrationFlags,
   type MigrationState,
   migrationFlags,
   migrationState,
   probeFeature,
   setMigrationState,
+  startDirtyLogging,
+  stopDirtyLogging,
 } from './feature'
 import {
   type EnableIrqsOptions,
@@ -539,6 +542,34 @@ export class VfioUserClient extends EventEmitter {
    */
   setMigrationState(target: MigrationState, options: CallOptions = {}): Promise<MigrationState> {
     return setMigrationState(this[CHANNEL], target, options)
+  }
+
+  /**
+   * Starts dirty-page tracking (DMA_LOGGING_START) of `ranges` (none: everything) in pages of
+   * `pageSize`; resolves with the page size the device chose.
+   */
+  startDirtyLogging(
+    options: CallOptions & {
+      pageSize: number | bigint
+      ranges?: Array<{ iova: number | bigint; length: number | bigint }>
+    },
+  ): Promise<{ pageSize: bigint }> {
+    return startDirtyLogging(this[CHANNEL], options)
+  }
+
+  /**
+   * The pages written since the last report in [iova, iova + length), as merged ranges
+   * (DMA_LOGGING_REPORT; bit i of word i/64 is page i, a bit past the range is `EPROTO`).
+   */
+  dirtyPages(
+    options: CallOptions & { iova: number | bigint; length: number | bigint; pageSize: number | bigint },
+  ): Promise<Array<{ iova: bigint; length: bigint }>> {
+    return dirtyPages(this[CHANNEL], options)
+  }
+
+  /** Stops dirty-page tracking (DMA_LOGGING_STOP). */
+  stopDirtyLogging(options: CallOptions = {}): Promise<void> {
+    return stopDirtyLogging(this[CHANNEL], options)
   }
 
   /**

@@ -1,6 +1,6 @@
 // DEVICE_FEATURE and the migration v2 state machine as typed calls (protocol.md 3.12). The
 // bytes and the paths between states are the proto crate's feature.rs; this shapes the calls.
-import { checkInteger } from './args'
+import { checkInteger, checkOffset } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
@@ -47,8 +47,9 @@ async function feature(
   ops: number,
   data: Uint8Array,
   options: CallOptions,
+  argsz = 64,
 ): Promise<Buffer> {
-  const request = native.featureRequest(index, ops, 64, Buffer.from(data))
+  const request = native.featureRequest(index, ops, argsz, Buffer.from(data))
   if ('errno' in request) throw new RangeError(request.message)
   const reply = await ch.send(Command.DEVICE_FEATURE, request, options)
   const d = native.featureReplyData(reply.payload, index | ops)
@@ -135,4 +136,73 @@ export async function setMigrationState(
     }
   }
   return target
+}
+
+const DMA_LOGGING_START = 6
+const DMA_LOGGING_STOP = 7
+const DMA_LOGGING_REPORT = 8
+
+function checkPage(pageSize: unknown): bigint {
+  const p = checkOffset('pageSize', pageSize).value
+  if (p === 0n || (p & (p - 1n)) !== 0n) throw new RangeError(`pageSize must be a power of two, got ${p}`)
+  return p
+}
+
+/**
+ * Starts dirty-page tracking of `ranges` (none: everything mapped) in pages of `pageSize`;
+ * resolves with the page size the device settled on (it may choose another).
+ */
+export async function startDirtyLogging(
+  ch: Channel,
+  options: CallOptions & {
+    pageSize: number | bigint
+    ranges?: Array<{ iova: number | bigint; length: number | bigint }>
+  },
+): Promise<{ pageSize: bigint }> {
+  const page = checkPage(options.pageSize)
+  const ranges = (options.ranges ?? []).flatMap((r) => [
+    checkOffset('iova', r.iova).value,
+    checkOffset('length', r.length).value,
+  ])
+  const data = await feature(
+    ch,
+    DMA_LOGGING_START,
+    SET,
+    native.loggingStartData(page, ranges),
+    options,
+    64 + 8 * ranges.length,
+  )
+  const settled = native.loggingStartPageSize(data)
+  if (typeof settled !== 'bigint') throw ch.error(settled)
+  return { pageSize: settled }
+}
+
+/**
+ * The dirty pages of [iova, iova + length) since the last report, as merged ranges, decoded
+ * from the device's bitmap (bit i is page i; a bit past the range is `EPROTO`).
+ */
+export async function dirtyPages(
+  ch: Channel,
+  options: CallOptions & { iova: number | bigint; length: number | bigint; pageSize: number | bigint },
+): Promise<Array<{ iova: bigint; length: bigint }>> {
+  const iova = checkOffset('iova', options.iova).value
+  const length = checkOffset('length', options.length).value
+  const page = checkPage(options.pageSize)
+  if (length === 0n || iova % page !== 0n || length % page !== 0n) {
+    throw new RangeError('iova and length must be non-zero multiples of pageSize')
+  }
+  const req = native.loggingReportRequest(iova, length, page)
+  if ('errno' in req) throw new RangeError(req.message)
+  const data = await feature(ch, DMA_LOGGING_REPORT, GET, req.data, options, req.argsz)
+  const flat = native.decodeDirtyBitmap(data, iova, length, page)
+  if (!Array.isArray(flat)) throw ch.error(flat)
+  return Array.from({ length: flat.length / 2 }, (_, i) => ({
+    iova: flat[2 * i] as bigint,
+    length: flat[2 * i + 1] as bigint,
+  }))
+}
+
+/** Stops dirty-page tracking. */
+export async function stopDirtyLogging(ch: Channel, options: CallOptions = {}): Promise<void> {
+  await feature(ch, DMA_LOGGING_STOP, SET, new Uint8Array(0), options)
 }

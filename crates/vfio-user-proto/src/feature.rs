@@ -228,3 +228,149 @@ mod tests {
         assert!(decode_device_state(&device_state_data(9)).is_err());
     }
 }
+
+/// DMA dirty-page logging features (SET start and stop, GET report).
+pub const FEATURE_DMA_LOGGING_START: u16 = 6;
+pub const FEATURE_DMA_LOGGING_STOP: u16 = 7;
+pub const FEATURE_DMA_LOGGING_REPORT: u16 = 8;
+/// The fixed part of a DMA_LOGGING_REPORT's data: iova, length, page size.
+pub const REPORT_HEADER: usize = 24;
+
+/// DMA_LOGGING_START data: the page size, then the ranges (none: log everything).
+pub fn logging_start_data(page_size: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(16 + 16 * ranges.len());
+    d.extend_from_slice(&page_size.to_ne_bytes());
+    d.extend_from_slice(&(ranges.len() as u32).to_ne_bytes());
+    d.extend_from_slice(&[0; 4]);
+    for (iova, length) in ranges {
+        d.extend_from_slice(&iova.to_ne_bytes());
+        d.extend_from_slice(&length.to_ne_bytes());
+    }
+    d
+}
+
+/// The page size a DMA_LOGGING_START reply settled on (a server may change it).
+pub fn logging_start_page_size(data: &[u8]) -> Result<u64, ProtoError> {
+    let page = u64_at(data, 0).ok_or_else(|| {
+        ProtoError::new(format!(
+            "DMA_LOGGING_START reply data is {} bytes",
+            data.len()
+        ))
+    })?;
+    if !page.is_power_of_two() {
+        return Err(ProtoError::new(format!(
+            "DMA_LOGGING_START settled on a page size of {page}, not a power of two"
+        )));
+    }
+    Ok(page)
+}
+
+/// DMA_LOGGING_REPORT request data.
+pub fn logging_report_data(iova: u64, length: u64, page_size: u64) -> [u8; REPORT_HEADER] {
+    let mut d = [0u8; REPORT_HEADER];
+    d[0..8].copy_from_slice(&iova.to_ne_bytes());
+    d[8..16].copy_from_slice(&length.to_ne_bytes());
+    d[16..24].copy_from_slice(&page_size.to_ne_bytes());
+    d
+}
+
+/// Bytes of bitmap a report of `length` bytes in pages of `page_size` carries: one bit a
+/// page, in whole u64 words.
+pub fn bitmap_bytes(length: u64, page_size: u64) -> u64 {
+    length.div_ceil(page_size.max(1)).div_ceil(64) * 8
+}
+
+/// The dirty ranges a DMA_LOGGING_REPORT reply's data says, for a request of `length` bytes
+/// at `iova` in pages of `page_size`: bit i (word i/64, bit i%64) is page i. The request must
+/// be echoed and every bit past the range must be 0 (else EPROTO). Adjacent dirty pages are
+/// merged; each range is (iova, length).
+pub fn decode_dirty_bitmap(
+    data: &[u8],
+    iova: u64,
+    length: u64,
+    page_size: u64,
+) -> Result<Vec<(u64, u64)>, ProtoError> {
+    let bad = |what: String| ProtoError::new(format!("DMA_LOGGING_REPORT reply: {what}"));
+    let echo = (u64_at(data, 0), u64_at(data, 8), u64_at(data, 16));
+    if echo != (Some(iova), Some(length), Some(page_size)) {
+        return Err(bad(format!(
+            "echoes {echo:?}, not ({iova}, {length}, {page_size})"
+        )));
+    }
+    if page_size == 0 || iova.checked_add(length).is_none() {
+        return Err(bad(format!(
+            "a range of {length} bytes at {iova:#x} in pages of {page_size}"
+        )));
+    }
+    let pages = length.div_ceil(page_size);
+    let need = bitmap_bytes(length, page_size) as usize;
+    let bitmap = &data[REPORT_HEADER..];
+    if bitmap.len() < need {
+        return Err(bad(format!(
+            "{} bytes of bitmap, {need} needed",
+            bitmap.len()
+        )));
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for w in 0..need / 8 {
+        let word = u64_at(bitmap, w * 8).unwrap_or(0);
+        for b in 0..64 {
+            if word & (1u64 << b) == 0 {
+                continue;
+            }
+            let page = (w * 64 + b) as u64;
+            if page >= pages {
+                return Err(bad(format!(
+                    "page {page} is marked dirty, past the {pages} asked for"
+                )));
+            }
+            let start = iova + page * page_size;
+            let len = page_size.min(length - page * page_size);
+            match ranges.last_mut() {
+                Some((s, l)) if *s + *l == start => *l += len,
+                _ => ranges.push((start, len)),
+            }
+        }
+    }
+    Ok(ranges)
+}
+
+#[cfg(test)]
+mod logging_tests {
+    use super::*;
+
+    fn report(iova: u64, length: u64, page: u64, words: &[u64]) -> Vec<u8> {
+        let mut d = logging_report_data(iova, length, page).to_vec();
+        for w in words {
+            d.extend_from_slice(&w.to_ne_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn bit_i_is_page_i_and_bits_past_the_range_are_refused() {
+        let d = report(0x10000, 10 * 4096, 4096, &[0b10_0110]);
+        assert_eq!(
+            decode_dirty_bitmap(&d, 0x10000, 10 * 4096, 4096).unwrap(),
+            vec![(0x11000, 8192), (0x15000, 4096)]
+        );
+        // Page 64 lives in word 1, bit 0.
+        let d = report(0, 70 * 4096, 4096, &[0, 1]);
+        assert_eq!(
+            decode_dirty_bitmap(&d, 0, 70 * 4096, 4096).unwrap(),
+            vec![(64 * 4096, 4096)]
+        );
+        let past = report(0, 10 * 4096, 4096, &[1 << 10]);
+        assert!(decode_dirty_bitmap(&past, 0, 10 * 4096, 4096).is_err());
+        let short = report(0, 70 * 4096, 4096, &[0]);
+        assert!(decode_dirty_bitmap(&short, 0, 70 * 4096, 4096).is_err());
+        let other = report(4096, 10 * 4096, 4096, &[0]);
+        assert!(decode_dirty_bitmap(&other, 0, 10 * 4096, 4096).is_err());
+        assert_eq!(bitmap_bytes(65 * 4096, 4096), 16);
+        assert_eq!(
+            logging_start_page_size(&logging_start_data(4096, &[])).unwrap(),
+            4096
+        );
+        assert!(logging_start_page_size(&3000u64.to_ne_bytes()).is_err());
+    }
+}

@@ -452,6 +452,12 @@ pub fn command_replies(data: &[u8]) {
             );
         }
     }
+    if let Ok(ranges) = crate::feature::decode_dirty_bitmap(payload, offset, u64::from(count), 4096)
+    {
+        for (start, len) in ranges {
+            assert!(start >= offset && start - offset + len <= u64::from(count));
+        }
+    }
     if let Ok(data) = crate::feature::feature_reply_data(payload, index) {
         let _ = crate::feature::decode_migration_flags(data);
         let _ = crate::feature::decode_device_state(data);

@@ -25,7 +25,9 @@
 //! - `no-migration`: refuses every DEVICE_FEATURE with ENOTSUP.
 //! - `migration`: a device with migration v2 (STOP_COPY and PRE_COPY) whose state machine
 //!   takes only the spec's direct arcs (anything else: EINVAL); PROBE succeeds for features 1
-//!   and 2 only. `migration-liar`: the same, but asked for RESUMING it stays in STOP.
+//!   and 2 only. Dirty logging settles on pages of at least 4 KiB and reports pages 1, 2 and 5
+//!   dirty. `migration-liar`: the same, but asked for RESUMING it stays in STOP, and its dirty
+//!   report marks the page past the range too.
 //! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
 //!   region 0 answers in libvfio-user's 48-byte layout (two records, two eventfds, the room
 //!   needed first when asked with too little), region 1 in the spec's 40-byte one (one record),
@@ -336,6 +338,35 @@ fn run(s: &mut UnixStream, scenario: &str) {
                     (2, 1) => {
                         r.extend_from_slice(&state.to_ne_bytes());
                         r.extend_from_slice(&u32::MAX.to_ne_bytes());
+                        None
+                    }
+                    (6, 2) => {
+                        // Settles on at least 4 KiB pages.
+                        let page = u64::from_ne_bytes(p[8..16].try_into().unwrap_or([0; 8]));
+                        r.extend_from_slice(&page.max(4096).to_ne_bytes());
+                        r.extend_from_slice(&p[16..]);
+                        None
+                    }
+                    (7, 2) => None,
+                    (8, 1) => {
+                        let word = |at: usize| {
+                            u64::from_ne_bytes(p[at..at + 8].try_into().unwrap_or([0; 8]))
+                        };
+                        let (length, page) = (word(16), word(24).max(1));
+                        let pages = length.div_ceil(page);
+                        let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+                        let mut dirty = vec![1u64, 2, 5];
+                        if scenario == "migration-liar" {
+                            dirty.push(pages);
+                        }
+                        let bits = bitmap.len() as u64 * 64;
+                        for d in dirty.into_iter().filter(|d| *d < bits) {
+                            bitmap[(d / 64) as usize] |= 1 << (d % 64);
+                        }
+                        r.extend_from_slice(&p[8..32]);
+                        for w in bitmap {
+                            r.extend_from_slice(&w.to_ne_bytes());
+                        }
                         None
                     }
                     (2, 2) => {
