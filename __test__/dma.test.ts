@@ -1,26 +1,9 @@
-// DMA maps against the real rust-vmm server (crates/test-device), whose DMA engine copies
-// between mapped addresses through the fds it received: proof it uses the mapped memory.
-import { readdirSync } from 'node:fs'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { allocateDmaMemory, connect, type VfioUserClient } from '../ts/index'
-import { startTestDevice, type TestDevice } from '../ts/testing'
+import { describe, expect, it } from 'vitest'
+import { allocateDmaMemory, type VfioUserClient } from '../ts/index'
 import { rejection } from './rejection'
+import { deviceSession, openFds } from './session'
 
-let device: TestDevice
-let client: VfioUserClient
-
-beforeAll(async () => {
-  device = await startTestDevice()
-  client = await connect(device.socketPath)
-  await client.validateVersion()
-})
-
-afterAll(async () => {
-  await client.close()
-  await device.close()
-})
-
-const openFds = () => readdirSync('/proc/self/fd').length
+const session = deviceSession()
 const PAGE = 4096
 
 /** Has the device copy `len` bytes from iova `src` to iova `dst` (its DMA engine in BAR0). */
@@ -28,24 +11,24 @@ async function deviceCopy(src: bigint, dst: bigint, len: number) {
   const regs = Buffer.alloc(16)
   regs.writeBigUInt64LE(src, 0)
   regs.writeBigUInt64LE(dst, 8)
-  await client.regionWrite(0, 0xfe0, regs)
+  await session.client.regionWrite(0, 0xfe0, regs)
   const go = Buffer.alloc(4)
   go.writeUInt32LE(len)
-  await client.regionWrite(0, 0xff0, go)
+  await session.client.regionWrite(0, 0xff0, go)
 }
 
 describe('DMA against the test device', () => {
   it('the device copies between two maps of DmaMemory, seen in memory.buffer', async () => {
     using memory = allocateDmaMemory(4 * PAGE)
     memory.buffer.write('hello, device', 0)
-    await client.dmaMap({ iova: 0x10_0000n, size: 2 * PAGE, memory })
-    await client.dmaMap({ iova: 0x20_0000, size: 2 * PAGE, memory, offset: 2 * PAGE })
-    expect(client.dmaMaps).toBe(2)
+    await session.client.dmaMap({ iova: 0x10_0000n, size: 2 * PAGE, memory })
+    await session.client.dmaMap({ iova: 0x20_0000, size: 2 * PAGE, memory, offset: 2 * PAGE })
+    expect(session.client.dmaMaps).toBe(2)
     await deviceCopy(0x10_0000n, 0x20_0010n, 13)
     expect(memory.buffer.toString('utf8', 2 * PAGE + 0x10, 2 * PAGE + 0x10 + 13)).toBe('hello, device')
-    await client.dmaUnmap({ iova: 0x10_0000n, size: 2 * PAGE })
-    client.dmaUnmapSync({ iova: 0x20_0000, size: 2 * PAGE })
-    expect(client.dmaMaps).toBe(0)
+    await session.client.dmaUnmap({ iova: 0x10_0000n, size: 2 * PAGE })
+    session.client.dmaUnmapSync({ iova: 0x20_0000, size: 2 * PAGE })
+    expect(session.client.dmaMaps).toBe(0)
     // Unmapped: the device has nothing there any more.
     expect((await rejection(deviceCopy(0x10_0000n, 0x20_0000n, 4))).command).toBe(10)
   })
@@ -58,20 +41,20 @@ describe('DMA against the test device', () => {
       memory,
       offset: i * PAGE,
     }))
-    await client.dmaMapMany(maps)
-    client.dmaMapSync({ iova: 1n << 40n, size: PAGE, memory, offset: 63 * PAGE })
-    expect(client.dmaMaps).toBe(64)
-    for (const m of maps) await client.dmaUnmap(m)
-    client.dmaUnmapSync({ iova: 1n << 40n, size: PAGE })
-    expect(client.dmaMaps).toBe(0)
+    await session.client.dmaMapMany(maps)
+    session.client.dmaMapSync({ iova: 1n << 40n, size: PAGE, memory, offset: 63 * PAGE })
+    expect(session.client.dmaMaps).toBe(64)
+    for (const m of maps) await session.client.dmaUnmap(m)
+    session.client.dmaUnmapSync({ iova: 1n << 40n, size: PAGE })
+    expect(session.client.dmaMaps).toBe(0)
   })
 
   it('refuses bad maps before anything is sent', async () => {
     using memory = allocateDmaMemory(2 * PAGE)
-    await client.dmaMap({ iova: 0x30_0000, size: PAGE, memory })
+    await session.client.dmaMap({ iova: 0x30_0000, size: PAGE, memory })
     const refused = (m: Parameters<VfioUserClient['dmaMap']>[0]) => {
       try {
-        client.dmaMapSync(m)
+        session.client.dmaMapSync(m)
       } catch (e) {
         return e as Error & { code?: string }
       }
@@ -84,36 +67,36 @@ describe('DMA against the test device', () => {
     expect(refused({ iova: -1, size: PAGE, memory })).toBeInstanceOf(RangeError)
     expect(refused({ iova: 0, size: PAGE, memory: 'memory' as never })).toBeInstanceOf(TypeError)
     expect(refused({ iova: 0, size: 0, memory })).toBeInstanceOf(RangeError)
-    expect(() => client.dmaUnmapSync({ iova: 0x30_0000, size: 2 * PAGE })).toThrow(
+    expect(() => session.client.dmaUnmapSync({ iova: 0x30_0000, size: 2 * PAGE })).toThrow(
       expect.objectContaining({ code: 'EINVAL' }),
     )
-    await client.dmaUnmap({ iova: 0x30_0000, size: PAGE })
+    await session.client.dmaUnmap({ iova: 0x30_0000, size: PAGE })
   })
 
   it('a plain Buffer maps with no fd, async and sync', async () => {
     const plain = Buffer.alloc(2 * PAGE)
-    await client.dmaMap({ iova: 0x60_0000, size: PAGE, memory: plain })
-    client.dmaMapSync({ iova: 0x61_0000, size: PAGE, memory: plain, offset: PAGE })
-    expect(client.dmaMaps).toBe(2)
+    await session.client.dmaMap({ iova: 0x60_0000, size: PAGE, memory: plain })
+    session.client.dmaMapSync({ iova: 0x61_0000, size: PAGE, memory: plain, offset: PAGE })
+    expect(session.client.dmaMaps).toBe(2)
     // The device's engine needs an fd behind the range: it has none here.
     expect((await rejection(deviceCopy(0x60_0000n, 0x61_0000n, 4))).command).toBe(10)
-    client.dmaUnmapSync({ iova: 0x60_0000, size: PAGE })
-    await client.dmaUnmap({ iova: 0x61_0000, size: PAGE })
-    expect(client.dmaMaps).toBe(0)
+    session.client.dmaUnmapSync({ iova: 0x60_0000, size: PAGE })
+    await session.client.dmaUnmap({ iova: 0x61_0000, size: PAGE })
+    expect(session.client.dmaMaps).toBe(0)
   })
 
   it('no fd is left behind by 20 maps of fresh memory', async () => {
     // Warm up what the first use allocates for good (V8, the loader).
     {
       using m = allocateDmaMemory(PAGE)
-      await client.dmaMap({ iova: 0x50_0000, size: PAGE, memory: m })
-      await client.dmaUnmap({ iova: 0x50_0000, size: PAGE })
+      await session.client.dmaMap({ iova: 0x50_0000, size: PAGE, memory: m })
+      await session.client.dmaUnmap({ iova: 0x50_0000, size: PAGE })
     }
     const fds = openFds()
     for (let i = 0; i < 20; i++) {
       using m = allocateDmaMemory(PAGE)
-      await client.dmaMap({ iova: 0x50_0000, size: PAGE, memory: m })
-      await client.dmaUnmap({ iova: 0x50_0000, size: PAGE })
+      await session.client.dmaMap({ iova: 0x50_0000, size: PAGE, memory: m })
+      await session.client.dmaUnmap({ iova: 0x50_0000, size: PAGE })
     }
     expect(openFds()).toBe(fds)
   })

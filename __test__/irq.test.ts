@@ -1,38 +1,24 @@
 // Interrupts against the real rust-vmm server (crates/test-device): a write of v to its
 // doorbell (BAR0 0xffc) signals MSI vector v through the eventfd wired to it.
 import { once } from 'node:events'
-import { readdirSync } from 'node:fs'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { connect, type IrqEvent, type VfioUserClient } from '../ts/index'
-import { startTestDevice, type TestDevice } from '../ts/testing'
+import { describe, expect, it } from 'vitest'
+import { connect, type IrqEvent } from '../ts/index'
+import { startTestDevice } from '../ts/testing'
 import { rejection } from './rejection'
+import { deviceSession, openFds } from './session'
 
-let device: TestDevice
-let client: VfioUserClient
-
-beforeAll(async () => {
-  device = await startTestDevice()
-  client = await connect(device.socketPath)
-  await client.validateVersion()
-})
-
-afterAll(async () => {
-  await client.close()
-  await device.close()
-})
-
-const openFds = () => readdirSync('/proc/self/fd').length
+const session = deviceSession()
 
 function ring(vector: number) {
   const v = Buffer.alloc(4)
   v.writeUInt32LE(vector)
-  return client.regionWrite(0, 0xffc, v)
+  return session.client.regionWrite(0, 0xffc, v)
 }
 
 describe('interrupts against the test device', () => {
   it('MSI vectors wired one fd per message (max_msg_fds 1) fire as irq events', async () => {
     const before = openFds()
-    const irqs = await client.enableIrqs(1, { start: 0, count: 4 })
+    const irqs = await session.client.enableIrqs(1, { start: 0, count: 4 })
     expect(irqs.fds).toHaveLength(4)
     expect(openFds()).toBe(before + 4)
     const seen: IrqEvent[] = []
@@ -61,7 +47,7 @@ describe('interrupts against the test device', () => {
   })
 
   it('an async iterator yields the events until disable', async () => {
-    const irqs = await client.enableIrqs(1, { start: 1, count: 1 })
+    const irqs = await session.client.enableIrqs(1, { start: 1, count: 1 })
     const got: IrqEvent[] = []
     const reading = (async () => {
       for await (const e of irqs) got.push(e)
@@ -88,15 +74,15 @@ describe('interrupts against the test device', () => {
   })
 
   it('bad arguments throw before anything is sent; raw setIrqs actions', async () => {
-    expect(() => client.enableIrqs(-1)).toThrow(RangeError)
-    expect(() => client.enableIrqs(1, { count: 0 })).toThrow(RangeError)
-    expect(() => client.setIrqs(1, { action: 'poke' as 'mask' })).toThrow(RangeError)
-    expect(() => client.setIrqs(1, { action: 'trigger', data: [true], count: 2 })).toThrow(RangeError)
+    expect(() => session.client.enableIrqs(-1)).toThrow(RangeError)
+    expect(() => session.client.enableIrqs(1, { count: 0 })).toThrow(RangeError)
+    expect(() => session.client.setIrqs(1, { action: 'poke' as 'mask' })).toThrow(RangeError)
+    expect(() => session.client.setIrqs(1, { action: 'trigger', data: [true], count: 2 })).toThrow(RangeError)
     // The test device accepts actions without data (and ignores them); rust-vmm's server
     // refuses DATA_BOOL, whose layout the proto crate's tests check.
-    await client.setIrqs(0, { action: 'mask' })
-    await client.setIrqs(1, { action: 'unmask', start: 1, count: 2 })
-    await client.setIrqs(1, { action: 'trigger', start: 0, count: 4 })
-    expect((await rejection(client.setIrqs(1, { action: 'trigger', start: 3, count: 2 }))).command).toBe(8)
+    await session.client.setIrqs(0, { action: 'mask' })
+    await session.client.setIrqs(1, { action: 'unmask', start: 1, count: 2 })
+    await session.client.setIrqs(1, { action: 'trigger', start: 0, count: 4 })
+    expect((await rejection(session.client.setIrqs(1, { action: 'trigger', start: 3, count: 2 }))).command).toBe(8)
   })
 })

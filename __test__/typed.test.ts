@@ -1,39 +1,26 @@
 // The typed device, region and irq calls against the real rust-vmm server (crates/test-device).
-import { closeSync, fstatSync, readdirSync, readFileSync } from 'node:fs'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, connect, type VfioUserClient } from '../ts/index'
-import { startTestDevice, type TestDevice } from '../ts/testing'
+import { closeSync, fstatSync, readFileSync } from 'node:fs'
+import { describe, expect, it } from 'vitest'
+import { Command, connect } from '../ts/index'
+import { startTestDevice } from '../ts/testing'
 import { rejection } from './rejection'
+import { deviceSession, openFds } from './session'
 import { regionAccess } from './wire'
 
-let device: TestDevice
-let client: VfioUserClient
-
-beforeAll(async () => {
-  device = await startTestDevice()
-  client = await connect(device.socketPath)
-  await client.validateVersion()
-})
-
-afterAll(async () => {
-  await client.close()
-  await device.close()
-})
-
-const openFds = () => readdirSync('/proc/self/fd').length
+const session = deviceSession()
 
 describe('typed calls against the test device', () => {
   it('deviceInfo: a PCI device with 9 regions and 5 irq indexes', async () => {
-    expect(await client.deviceInfo()).toEqual({ flags: 3, reset: true, pci: true, numRegions: 9, numIrqs: 5 })
+    expect(await session.client.deviceInfo()).toEqual({ flags: 3, reset: true, pci: true, numRegions: 9, numIrqs: 5 })
   })
 
   it('reset: sent once deviceInfo said it is supported', async () => {
-    await client.reset()
+    await session.client.reset()
   })
 
   it('regionInfo: BAR0 after asking again with room for its sparse area, with its fd', async () => {
     const before = openFds()
-    const bar0 = await client.regionInfo(0)
+    const bar0 = await session.client.regionInfo(0)
     expect(bar0).toMatchObject({ index: 0, read: true, write: true, mmap: true, size: 4096n, offset: 0n })
     expect(bar0.sparse).toEqual([{ offset: 0n, size: 4096n }])
     expect(bar0.warnings).toEqual([])
@@ -45,7 +32,7 @@ describe('typed calls against the test device', () => {
     expect(bar0.fd).toBeUndefined()
     expect(openFds()).toBe(before)
     // Handed over: the caller owns it from then on.
-    using again = await client.regionInfo(0)
+    using again = await session.client.regionInfo(0)
     const taken = again.takeFd() as number
     expect(again.fd).toBeUndefined()
     expect(fstatSync(taken).isFile()).toBe(true)
@@ -53,7 +40,7 @@ describe('typed calls against the test device', () => {
   })
 
   it('regionInfo: config space has no fd and no capabilities', async () => {
-    using config = await client.regionInfo(7)
+    using config = await session.client.regionInfo(7)
     expect(config).toMatchObject({ index: 7, read: true, write: true, mmap: false, size: 256n })
     expect(config.fd).toBeUndefined()
     expect(config.sparse).toBeUndefined()
@@ -61,27 +48,27 @@ describe('typed calls against the test device', () => {
 
   it('regionRead and regionWrite, async and sync, agree with a raw REGION_READ', async () => {
     const data = Buffer.from('typed calls!')
-    await client.regionWrite(0, 100, data)
-    expect(await client.regionRead(0, 100, data.length)).toEqual(data)
-    expect(client.regionReadSync(0, 100n, data.length)).toEqual(data)
-    client.regionWriteSync(0, 200, Buffer.from([1, 2, 3, 4]))
-    const raw = client.sendWaitSync(Command.REGION_READ, regionAccess(0, 200, 4))
+    await session.client.regionWrite(0, 100, data)
+    expect(await session.client.regionRead(0, 100, data.length)).toEqual(data)
+    expect(session.client.regionReadSync(0, 100n, data.length)).toEqual(data)
+    session.client.regionWriteSync(0, 200, Buffer.from([1, 2, 3, 4]))
+    const raw = session.client.sendWaitSync(Command.REGION_READ, regionAccess(0, 200, 4))
     expect(raw.payload.subarray(16)).toEqual(Buffer.from([1, 2, 3, 4]))
     // Posted writes are ordered: the read behind them sees them.
-    await client.regionWrite(0, 300, Buffer.from([9, 9]), { posted: true })
-    expect(await client.regionRead(0, 300, 2)).toEqual(Buffer.from([9, 9]))
+    await session.client.regionWrite(0, 300, Buffer.from([9, 9]), { posted: true })
+    expect(await session.client.regionRead(0, 300, 2)).toEqual(Buffer.from([9, 9]))
     // PCI config space: QEMU's test device ids.
-    const ids = client.regionReadSync(7, 0, 4)
+    const ids = session.client.regionReadSync(7, 0, 4)
     expect([ids.readUInt16LE(0), ids.readUInt16LE(2)]).toEqual([0x1b36, 0x0005])
   })
 
   it('a whole BAR in one call, and many calls in flight', async () => {
     const pattern = Buffer.alloc(4096)
     for (let i = 0; i < pattern.length - 4; i++) pattern[i] = (i * 7) & 0xff
-    await client.regionWrite(0, 0, pattern.subarray(0, 4092))
-    const reads = await Promise.all(Array.from({ length: 64 }, (_, i) => client.regionRead(0, i * 16, 16)))
+    await session.client.regionWrite(0, 0, pattern.subarray(0, 4092))
+    const reads = await Promise.all(Array.from({ length: 64 }, (_, i) => session.client.regionRead(0, i * 16, 16)))
     expect(Buffer.concat(reads)).toEqual(pattern.subarray(0, 1024))
-    expect((await client.regionRead(0, 0, 4092)).equals(pattern.subarray(0, 4092))).toBe(true)
+    expect((await session.client.regionRead(0, 0, 4092)).equals(pattern.subarray(0, 4092))).toBe(true)
   })
 
   it('mapRegion: BAR0 as a Buffer over device memory, unmapped and detached after', async () => {
@@ -91,7 +78,7 @@ describe('typed calls against the test device', () => {
         .filter((l) => l.includes('vfio-user-test-bar0')).length
     const fds = openFds()
     const before = bar0Maps()
-    const map = await client.mapRegion(0)
+    const map = await session.client.mapRegion(0)
     expect(map.areas).toHaveLength(1)
     const { offset, buffer } = map.areas[0] as { offset: bigint; buffer: Buffer }
     expect([offset, buffer.length]).toEqual([0n, 4096])
@@ -99,42 +86,42 @@ describe('typed calls against the test device', () => {
     expect(openFds()).toBe(fds)
     // Written through the mapping, read by the device over the socket; and back.
     buffer.write('mapped', 0x200)
-    expect((await client.regionRead(0, 0x200, 6)).toString()).toBe('mapped')
-    await client.regionWrite(0, 0x300, Buffer.from('socket'))
+    expect((await session.client.regionRead(0, 0x200, 6)).toString()).toBe('mapped')
+    await session.client.regionWrite(0, 0x300, Buffer.from('socket'))
     expect(buffer.toString('utf8', 0x300, 0x306)).toBe('socket')
     // Posted writes could overtake stores through the mapping: refused while it exists.
-    expect((await rejection(client.regionWrite(0, 0, Buffer.from([1]), { posted: true }))).code).toBe('EBUSY')
+    expect((await rejection(session.client.regionWrite(0, 0, Buffer.from([1]), { posted: true }))).code).toBe('EBUSY')
     map.unmap()
     map.unmap()
     expect(buffer.length).toBe(0)
     expect(map.mapped).toBe(false)
     expect(bar0Maps()).toBe(before)
-    await client.regionWrite(0, 0, Buffer.from([1]), { posted: true })
+    await session.client.regionWrite(0, 0, Buffer.from([1]), { posted: true })
     // Config space has no fd to map.
-    expect((await rejection(client.mapRegion(7))).code).toBe('ENODEV')
+    expect((await rejection(session.client.mapRegion(7))).code).toBe('ENODEV')
     expect(openFds()).toBe(fds)
   })
 
   it('irqInfo: INTx has one vector, MSI four', async () => {
-    expect(await client.irqInfo(0)).toMatchObject({ index: 0, count: 1, eventfd: true })
-    expect(await client.irqInfo(1)).toMatchObject({ index: 1, count: 4, eventfd: true, maskable: false })
+    expect(await session.client.irqInfo(0)).toMatchObject({ index: 0, count: 1, eventfd: true })
+    expect(await session.client.irqInfo(1)).toMatchObject({ index: 1, count: 4, eventfd: true, maskable: false })
   })
 
   it("the server's errors: an access past a region, an unreadable region", async () => {
-    const past = await rejection(client.regionRead(0, 4094, 4))
+    const past = await rejection(session.client.regionRead(0, 4094, 4))
     expect(past.command).toBe(Command.REGION_READ)
-    const unreadable = await rejection(client.regionRead(1, 0, 4))
+    const unreadable = await rejection(session.client.regionRead(1, 0, 4))
     expect(unreadable.commandName).toBe('REGION_READ')
     // The connection is still in sync.
-    expect((await client.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
+    expect((await session.client.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
   })
 
   it('bad arguments throw before anything is sent', () => {
-    const c = client as unknown as Record<string, (...a: unknown[]) => unknown>
+    const c = session.client as unknown as Record<string, (...a: unknown[]) => unknown>
     const call =
       (name: string, ...args: unknown[]) =>
       () =>
-        c[name]?.apply(client, args)
+        c[name]?.apply(session.client, args)
     expect(call('regionRead', -1, 0, 4)).toThrow(RangeError)
     expect(call('regionRead', 2 ** 32, 0, 4)).toThrow(RangeError)
     expect(call('regionRead', 0, -1, 4)).toThrow(RangeError)
@@ -158,9 +145,9 @@ describe('typed calls against the test device', () => {
   })
 
   it('an fd number that is not open fails only its request, with EBADF', async () => {
-    const e = await rejection(client.sendWait(Command.DEVICE_GET_INFO, Buffer.alloc(16), { fds: [999_999] }))
+    const e = await rejection(session.client.sendWait(Command.DEVICE_GET_INFO, Buffer.alloc(16), { fds: [999_999] }))
     expect(e.code).toBe('EBADF')
-    expect((await client.deviceInfo()).numRegions).toBe(9)
+    expect((await session.client.deviceInfo()).numRegions).toBe(9)
   })
 
   it('calls after close fail with ECONNABORTED', async () => {

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use vfio_user_client::proto::Header;
-use vfio_user_client::{Client, DmaMap, DmaMemory, Options};
+use vfio_user_client::{Client, DmaMap, DmaMemory};
 
 const DMA_MAP: u16 = 2;
 const DMA_UNMAP: u16 = 3;
@@ -19,14 +19,7 @@ const DMA_WRITE: u16 = 12;
 const CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_dma_maps":3,"pgsizes":4096}}"#;
 
 fn client() -> (Client, Peer) {
-    let (client, peer) = pair(Options::default());
-    let t = std::thread::spawn(move || {
-        let mut peer = peer;
-        peer.accept_version(CAPS);
-        peer
-    });
-    client.negotiate().expect("negotiate");
-    (client, t.join().expect("peer"))
+    negotiated_with_caps(CAPS)
 }
 
 fn u64_at(p: &[u8], at: usize) -> u64 {

@@ -6,20 +6,13 @@ mod common;
 use common::*;
 use std::sync::mpsc;
 use std::time::Duration;
-use vfio_user_client::{Client, Options};
+use vfio_user_client::Client;
 
 const SET_IRQS: u16 = 8;
 const CAPS: &str = r#"{"capabilities":{"max_msg_fds":2}}"#;
 
 fn client() -> (Client, Peer) {
-    let (client, peer) = pair(Options::default());
-    let t = std::thread::spawn(move || {
-        let mut peer = peer;
-        peer.accept_version(CAPS);
-        peer
-    });
-    client.negotiate().expect("negotiate");
-    (client, t.join().expect("peer"))
+    negotiated_with_caps(CAPS)
 }
 
 fn words(p: &[u8]) -> Vec<u32> {

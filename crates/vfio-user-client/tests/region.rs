@@ -7,21 +7,14 @@ use common::*;
 use std::sync::mpsc;
 use std::time::Duration;
 use vfio_user_client::proto::Header;
-use vfio_user_client::{Client, Options};
+use vfio_user_client::Client;
 
 const REGION_READ: u16 = 9;
 const REGION_WRITE: u16 = 10;
 const SMALL_CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":64}}"#;
 
 fn small() -> (Client, Peer) {
-    let (client, peer) = pair(Options::default());
-    let t = std::thread::spawn(move || {
-        let mut peer = peer;
-        peer.accept_version(SMALL_CAPS);
-        peer
-    });
-    client.negotiate().expect("negotiate");
-    (client, t.join().expect("peer"))
+    negotiated_with_caps(SMALL_CAPS)
 }
 
 fn access(m: &Msg) -> (u64, u32, u32) {

@@ -149,6 +149,18 @@ pub fn pair_with_sndbuf(options: Options, sndbuf: Option<usize>) -> (Client, Pee
     )
 }
 
+/// A client that has negotiated with a peer offering the capabilities of `json`.
+pub fn negotiated_with_caps(json: &'static str) -> (Client, Peer) {
+    let (client, peer) = pair(Options::default());
+    let t = std::thread::spawn(move || {
+        let mut peer = peer;
+        peer.accept_version(json);
+        peer
+    });
+    client.negotiate().expect("negotiate");
+    (client, t.join().expect("peer thread"))
+}
+
 /// A client that has negotiated with the peer (which offered `max_msg_fds` 8).
 pub fn negotiated(options: Options) -> (Client, Peer) {
     negotiated_with_sndbuf_opt(options, None)
