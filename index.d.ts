@@ -217,6 +217,15 @@ export declare function loggingStartPageSize(data: Buffer): bigint | NativeError
 /** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
 export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
 
+/** The data of a MIG_DATA_READ reply to a request for `asked` bytes. */
+export declare function migDataReadData(payload: Buffer, asked: number): Buffer | NativeError
+
+/** A MIG_DATA_READ request for up to `size` bytes. */
+export declare function migDataReadRequest(size: number): Buffer
+
+/** A MIG_DATA_WRITE request carrying `data`. */
+export declare function migDataWriteRequest(data: Buffer): Buffer
+
 /** The states to set, one direct arc each, to go from `from` to `to`. */
 export declare function migrationPath(from: number, to: number): Array<number> | NativeError
 

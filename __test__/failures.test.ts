@@ -2,6 +2,8 @@
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
 import { readdirSync } from 'node:fs'
 import { constants } from 'node:os'
+import { Readable, Writable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
 import { describe, expect, it } from 'vitest'
 import { allocateDmaMemory, Command, connect, type DmaEvent, type VfioUserError } from '../ts/index'
 import { startScriptedPeer } from '../ts/testing'
@@ -238,6 +240,45 @@ describe('requests against a misbehaving server', () => {
     // STOP_COPY to RESUMING: STOP, then RESUMING.
     expect(await p.client.setMigrationState('resuming')).toBe('resuming')
     expect(await p.client.setMigrationState('running')).toBe('running')
+  })
+
+  it('device state streams: saveState in STOP_COPY piped into loadState in RESUMING', async () => {
+    await using p = await peer('migration')
+    await p.client.validateVersion()
+    // Read where it is not valid: the stream fails with the server's errno.
+    await expect(pipeline(p.client.saveState(), new Writable({ write: (_c, _e, cb) => cb() }))).rejects.toMatchObject({
+      code: 'EINVAL',
+    })
+    await p.client.setMigrationState('stopCopy')
+    const chunks: Buffer[] = []
+    await pipeline(
+      p.client.saveState({ chunkSize: 3000 }),
+      new Writable({
+        write(c: Buffer, _e, cb) {
+          chunks.push(c)
+          cb()
+        },
+      }),
+    )
+    const state = Buffer.concat(chunks)
+    expect(state.length).toBe(10_000)
+    expect(state.every((b, i) => b === i % 251)).toBe(true)
+    expect(chunks.every((c) => c.length <= 3000)).toBe(true)
+    await p.client.setMigrationState('resuming')
+    await pipeline(
+      Readable.from([state.subarray(0, 4000), state.subarray(4000)]),
+      p.client.loadState({ chunkSize: 1500 }),
+    )
+    const summary = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    expect(summary.payload.readUInt32LE(0)).toBe(10_000)
+    expect(summary.payload.readUInt32LE(4)).toBe(state.reduce((a, b) => a + b, 0))
+    // Aborted: the stream ends with an AbortError.
+    const ac = new AbortController()
+    const aborted = p.client.saveState({ signal: ac.signal })
+    ac.abort()
+    await expect(pipeline(aborted, new Writable({ write: (_c, _e, cb) => cb() }))).rejects.toMatchObject({
+      name: 'AbortError',
+    })
   })
 
   it('dirty-page tracking: the page size the device settles on, and the dirty pages as ranges', async () => {

@@ -31,6 +31,8 @@ export interface Channel {
   readonly irqGroups: Map<number, IrqSink>
   /** Buffers behind DMA ranges that have no fd, kept reachable until unmapped, by iova. */
   readonly dmaBuffers: Map<bigint, Uint8Array>
+  /** The server's `maxDataXferSize` (the spec's default before negotiation). */
+  maxDataXferSize(): number
   /** The regions mapped into this process (unmapped with the connection). */
   readonly regionMaps: Set<{ unmap(): void }>
 }

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events'
 import { closeSync } from 'node:fs'
 import { constants } from 'node:os'
+import type { Readable, Writable } from 'node:stream'
 import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
@@ -38,6 +39,7 @@ import {
   type SetIrqsOptions,
   setIrqs,
 } from './irq'
+import { loadState, type StateStreamOptions, saveState } from './migration'
 import {
   type NativeClient,
   type NativeError,
@@ -323,6 +325,7 @@ export class VfioUserClient extends EventEmitter {
       irqGroups: this.#irqGroups,
       regionMaps: this.#regionMaps,
       dmaBuffers: this.#dmaBuffers,
+      maxDataXferSize: () => this.version?.capabilities.maxDataXferSize ?? 1048576,
     }
     return this.#channel
   }
@@ -542,6 +545,19 @@ export class VfioUserClient extends EventEmitter {
    */
   setMigrationState(target: MigrationState, options: CallOptions = {}): Promise<MigrationState> {
     return setMigrationState(this[CHANNEL], target, options)
+  }
+
+  /**
+   * The device's state as a Readable of MIG_DATA_READ chunks (PRE_COPY or STOP_COPY); it ends
+   * when the device returns less than asked. Works with `stream.pipeline` and `signal`.
+   */
+  saveState(options: StateStreamOptions = {}): Readable {
+    return saveState(this[CHANNEL], options)
+  }
+
+  /** A Writable that loads the device's state with MIG_DATA_WRITE (RESUMING). */
+  loadState(options: StateStreamOptions = {}): Writable {
+    return loadState(this[CHANNEL], options)
   }
 
   /**

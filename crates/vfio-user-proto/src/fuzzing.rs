@@ -458,6 +458,9 @@ pub fn command_replies(data: &[u8]) {
             assert!(start >= offset && start - offset + len <= u64::from(count));
         }
     }
+    if let Ok(data) = crate::migration::mig_data_read_data(payload, count) {
+        assert!(data.len() <= count as usize);
+    }
     if let Ok(data) = crate::feature::feature_reply_data(payload, index) {
         let _ = crate::feature::decode_migration_flags(data);
         let _ = crate::feature::decode_device_state(data);

@@ -16,6 +16,7 @@ pub mod fuzzing;
 mod header;
 pub mod irq;
 mod limits;
+pub mod migration;
 pub mod region;
 pub mod region_io_fds;
 pub mod version;

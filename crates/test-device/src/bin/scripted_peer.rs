@@ -25,7 +25,9 @@
 //! - `no-migration`: refuses every DEVICE_FEATURE with ENOTSUP.
 //! - `migration`: a device with migration v2 (STOP_COPY and PRE_COPY) whose state machine
 //!   takes only the spec's direct arcs (anything else: EINVAL); PROBE succeeds for features 1
-//!   and 2 only. Dirty logging settles on pages of at least 4 KiB and reports pages 1, 2 and 5
+//!   and 2 only. MIG_DATA_READ streams a 10000-byte state (byte i is i % 251) in PRE_COPY or
+//!   STOP_COPY; MIG_DATA_WRITE appends to what is loaded in RESUMING, whose length and byte sum
+//!   DEVICE_GET_INFO then reports in bytes 0..8. Dirty logging settles on pages of at least 4 KiB and reports pages 1, 2 and 5
 //!   dirty. `migration-liar`: the same, but asked for RESUMING it stays in STOP, and its dirty
 //!   report marks the page past the range too.
 //! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
@@ -320,10 +322,45 @@ fn run(s: &mut UnixStream, scenario: &str) {
         }
         "migration" | "migration-liar" => {
             let mut state = 2u32;
+            // The device state it saves (10000 bytes, byte i is i % 251), how far it has been
+            // read, and what was loaded into it.
+            let saved: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+            let mut read_at = 0usize;
+            let mut loaded: Vec<u8> = Vec::new();
             while let Some((h, p)) = read_msg(s) {
-                if h.command != 16 {
-                    reply(s, &h, &info_payload(0));
-                    continue;
+                match h.command {
+                    17 if matches!(state, 3 | 6) => {
+                        let asked = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]) as usize;
+                        let n = asked.min(saved.len() - read_at);
+                        let mut r = ((8 + n) as u32).to_ne_bytes().to_vec();
+                        r.extend_from_slice(&(n as u32).to_ne_bytes());
+                        r.extend_from_slice(&saved[read_at..read_at + n]);
+                        read_at += n;
+                        reply(s, &h, &r);
+                        continue;
+                    }
+                    18 if state == 4 => {
+                        loaded.extend_from_slice(&p[8..]);
+                        reply(s, &h, &[]);
+                        continue;
+                    }
+                    17 | 18 => {
+                        send(s, Header::error_reply_to(&h, 22), &[]);
+                        continue;
+                    }
+                    4 => {
+                        // What was loaded: its length and byte sum.
+                        let sum: u32 = loaded.iter().map(|b| u32::from(*b)).sum();
+                        let mut r = info_payload(loaded.len() as u32);
+                        r[4..8].copy_from_slice(&sum.to_ne_bytes());
+                        reply(s, &h, &r);
+                        continue;
+                    }
+                    16 => {}
+                    _ => {
+                        reply(s, &h, &info_payload(0));
+                        continue;
+                    }
                 }
                 let flags = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
                 let (feature, ops) = (flags & 0xffff, flags >> 16);

@@ -1,0 +1,74 @@
+// The device-state stream (MIG_DATA_READ / MIG_DATA_WRITE, protocol.md 3.13) as Node streams.
+// The bytes are the proto crate's migration.rs; this shapes them into a Readable and a
+// Writable with backpressure, sized reads, abort and typed errors.
+import { Readable, Writable } from 'node:stream'
+import type { CallOptions, Channel } from './channel'
+import { Command } from './command'
+import { native } from './native'
+
+/** Options of {@link saveState} and {@link loadState}. */
+export interface StateStreamOptions extends CallOptions {
+  /** Most bytes one MIG_DATA message moves (default and ceiling: the server's `maxDataXferSize`). */
+  chunkSize?: number
+}
+
+function chunk(ch: Channel, options: StateStreamOptions): number {
+  const max = ch.maxDataXferSize()
+  const asked = options.chunkSize ?? max
+  if (!Number.isInteger(asked) || asked < 1) throw new RangeError(`chunkSize must be a positive integer, got ${asked}`)
+  return Math.min(asked, max, 0xffff_fff0)
+}
+
+/**
+ * The device's state as a Readable: MIG_DATA_READ in chunks, each read when the consumer wants
+ * more (backpressure); it ends when a read returns less than asked. Valid in PRE_COPY and
+ * STOP_COPY. A server error mid-stream destroys it with that `VfioUserError`; an aborted
+ * `signal` destroys it with an AbortError.
+ */
+export function saveState(ch: Channel, options: StateStreamOptions = {}): Readable {
+  const size = chunk(ch, options)
+  const { signal, timeoutMs } = options
+  const stream = new Readable({
+    highWaterMark: size,
+    read() {
+      ch.send(Command.MIG_DATA_READ, native.migDataReadRequest(size), { timeoutMs }).then(
+        (reply) => {
+          const data = native.migDataReadData(reply.payload, size)
+          if (!Buffer.isBuffer(data)) {
+            stream.destroy(ch.error(data))
+            return
+          }
+          if (data.length > 0) stream.push(data)
+          if (data.length < size) stream.push(null)
+        },
+        (e: unknown) => stream.destroy(e as Error),
+      )
+    },
+    signal,
+  })
+  return stream
+}
+
+/**
+ * A Writable that loads the device's state with MIG_DATA_WRITE (valid in RESUMING), each
+ * chunk split to the server's `maxDataXferSize` and acknowledged before the next is taken
+ * (backpressure). A server error fails the write with that `VfioUserError`.
+ */
+export function loadState(ch: Channel, options: StateStreamOptions = {}): Writable {
+  const size = chunk(ch, options)
+  const { signal, timeoutMs } = options
+  return new Writable({
+    highWaterMark: size,
+    write(data: Buffer, _encoding, done) {
+      const pieces: Buffer[] = []
+      for (let at = 0; at < data.length; at += size) pieces.push(data.subarray(at, at + size))
+      Promise.all(
+        pieces.map((p) => ch.send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(p), { timeoutMs })),
+      ).then(
+        () => done(),
+        (e: unknown) => done(e as Error),
+      )
+    },
+    signal,
+  })
+}
