@@ -263,8 +263,13 @@ export interface NativeDma {
   write: boolean
   address: bigint
   count: number
-  /** 0 when served, else the errno it was refused with. */
-  errno: number
+  /** Set when it was refused: the errno's name. */
+  code?: string
+  /**
+   * Requests served but not reported before this one, because JS had not taken the
+   * earlier reports yet (see [`EventQueue::push_unless_full`]).
+   */
+  missed: number
 }
 
 /** A DMA_MAP request as JS describes it. */

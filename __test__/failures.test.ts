@@ -1,5 +1,6 @@
 // A broken or hostile server (crates/test-device/src/bin/scripted_peer.rs, built on our
 // proto crate) over a real UNIX socket: every failure is a typed error, nothing hangs.
+import { once } from 'node:events'
 import { readdirSync } from 'node:fs'
 import { constants } from 'node:os'
 import { Readable, Writable } from 'node:stream'
@@ -165,6 +166,30 @@ describe('requests against a misbehaving server', () => {
     expect(r.payload.readUInt32LE(0)).toBe(constants.errno.E2BIG)
   })
 
+  it('DMA reports stop queueing while JS is busy, and the next one says how many were missed', async () => {
+    await using p = await peer('dma-flood')
+    await p.client.validateVersion()
+    let reported = 0
+    let missed = 0
+    p.client.on('dma', (e: DmaEvent) => {
+      reported++
+      missed += e.missed ?? 0
+    })
+    // JS is blocked: the caller reading its reply serves all 5000 requests, whose reports wait.
+    const first = once(p.client, 'dma')
+    p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    // They reach JS in one batch once the loop runs again.
+    await first
+    expect(reported).toBe(4096)
+    // The next burst, the same way: again 4096 reports, the first of which carries the count
+    // of the first burst's that could not be queued.
+    const next = once(p.client, 'dma')
+    p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
+    await next
+    expect(reported).toBe(2 * 4096)
+    expect(missed).toBe(5000 - 4096)
+  })
+
   it("the server's DMA_WRITE lands in a mapped plain Buffer and DMA_READ returns it", async () => {
     await using p = await peer('dma-write')
     await p.client.validateVersion()
@@ -309,6 +334,16 @@ describe('requests against a misbehaving server', () => {
     // And a bitmap that marks a page past the range asked for.
     const lie = await rejection(p.client.dirtyPages({ iova: 0, length: 8 * 4096, pageSize: 4096 }))
     expect(lie.message).toMatch(/past the 8 asked for/)
+  })
+
+  it('reset is refused, and nothing sent, when the device did not report reset support', async () => {
+    // The 'serve' peer's device info has flags 0: no reset.
+    await using p = await peer('serve')
+    await p.client.validateVersion()
+    expect((await p.client.deviceInfo()).reset).toBe(false)
+    const e = await rejection(p.client.reset())
+    expect(e.code).toBe('ENOTSUP')
+    expect(p.client.inFlight).toBe(0)
   })
 
   it('a device without migration: migrationFlags is ENOTSUP; a garbled feature reply is EPROTO', async () => {

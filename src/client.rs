@@ -40,6 +40,9 @@ pub struct NativeClient {
     pub(crate) last_error: RefCell<Option<Error>>,
 }
 
+/// Most served-DMA reports waiting for JS at once (see `observe_dma`).
+const MAX_QUEUED_DMA_REPORTS: usize = 4096;
+
 /// `send_sync`'s scratch: id, command, flags, fd count, then up to 16 fds.
 pub const SCRATCH_WORDS: usize = 4 + vfio_user_client::OUR_MAX_MSG_FDS as usize;
 
@@ -113,7 +116,7 @@ fn request<'a>(
         command: command as u16,
         payload,
         fds,
-        timeout: timeout_ms.map(|ms| Duration::from_millis(u64::from(ms))),
+        timeout: convert::timeout(timeout_ms),
     }
 }
 
@@ -340,9 +343,19 @@ impl NativeClient {
     #[napi]
     pub fn observe_dma(&self, enabled: bool) {
         let events = self.events.clone();
+        // Reports JS has not taken yet stop queueing here; the next one says how many
+        // were missed, so a server flooding DMA requests cannot grow this queue without bound.
+        let missed = std::sync::atomic::AtomicU32::new(0);
         let hook: Option<vfio_user_client::DmaHook> = enabled.then(|| {
             Box::new(move |write, address, count, errno| {
-                events.push(Event::Dma(write, address, count, errno));
+                use std::sync::atomic::Ordering::Relaxed;
+                let before = missed.load(Relaxed);
+                let e = Event::Dma(write, address, count, errno, before);
+                if events.push_unless_full(e, MAX_QUEUED_DMA_REPORTS) {
+                    missed.fetch_sub(before, Relaxed);
+                } else {
+                    missed.fetch_add(1, Relaxed);
+                }
             }) as vfio_user_client::DmaHook
         });
         if let Some(c) = self.client.borrow().as_ref() {

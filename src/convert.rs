@@ -220,3 +220,8 @@ pub struct NativeVersionResult {
     pub version: Option<NativeVersion>,
     pub error: Option<NativeError>,
 }
+
+/// A timeout in ms from JS (checked there) as a Duration.
+pub fn timeout(ms: Option<u32>) -> Option<std::time::Duration> {
+    ms.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+}

@@ -9,7 +9,6 @@ use napi::{sys, Env, Result, Status};
 use napi_derive::napi;
 use std::ffi::c_void;
 use std::sync::Arc;
-use std::time::Duration;
 use vfio_user_client::{DmaMap, DmaMemory, Error};
 
 /// DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `buffer()` views
@@ -104,10 +103,6 @@ fn u64_of(b: &BigInt) -> u64 {
     b.get_u64().1
 }
 
-fn timeout(ms: Option<u32>) -> Option<Duration> {
-    ms.map(|ms| Duration::from_millis(u64::from(ms)))
-}
-
 impl NativeClient {
     /// Runs `f` with the map `args` describes over `memory`.
     fn with_map<R>(
@@ -126,7 +121,7 @@ impl NativeClient {
                 write: args.write,
                 fd: Some((fd, offset)),
                 local: Some(mem.from_offset(offset as usize)),
-                timeout: timeout(args.timeout_ms),
+                timeout: convert::timeout(args.timeout_ms),
             };
             self.live(|c| f(c, &map))
         })?
@@ -170,7 +165,7 @@ impl NativeClient {
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
         let (iova, size) = (u64_of(&iova), u64_of(&size));
-        self.live(|c| c.dma_unmap_callback(iova, size, timeout(timeout_ms), done))
+        self.live(|c| c.dma_unmap_callback(iova, size, convert::timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))
     }
@@ -179,7 +174,7 @@ impl NativeClient {
     #[napi]
     pub fn dma_unmap_sync(&self, iova: BigInt, size: BigInt, timeout_ms: Option<u32>) -> bool {
         let (iova, size) = (u64_of(&iova), u64_of(&size));
-        self.keep_error(self.live(|c| c.dma_unmap(iova, size, timeout(timeout_ms))))
+        self.keep_error(self.live(|c| c.dma_unmap(iova, size, convert::timeout(timeout_ms))))
     }
 
     /// Sends DMA_UNMAP for everything; a reply event with `token` follows.
@@ -187,7 +182,7 @@ impl NativeClient {
     pub fn dma_unmap_all(&self, token: u32, timeout_ms: Option<u32>) -> Option<NativeError> {
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
-        self.live(|c| c.dma_unmap_all_callback(timeout(timeout_ms), done))
+        self.live(|c| c.dma_unmap_all_callback(convert::timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))
     }
@@ -262,6 +257,6 @@ fn buffer_map(args: &NativeDmaMapArgs, mut memory: BufferSlice) -> DmaMap<'stati
         write: args.write,
         fd: None,
         local: Some(local),
-        timeout: timeout(args.timeout_ms),
+        timeout: convert::timeout(args.timeout_ms),
     }
 }

@@ -15,6 +15,7 @@ use vfio_user_client::{Error, Reply};
 
 /// One thing that happened, for the JS side to settle.
 #[napi(object, object_from_js = false)]
+#[derive(Default)]
 pub struct NativeEvent {
     /// The request's token, or 0 for the connection's own events.
     pub token: u32,
@@ -33,8 +34,11 @@ pub struct NativeDma {
     pub write: bool,
     pub address: BigInt,
     pub count: f64,
-    /// 0 when served, else the errno it was refused with.
-    pub errno: i32,
+    /// Set when it was refused: the errno's name.
+    pub code: Option<String>,
+    /// Requests served but not reported before this one, because JS had not taken the
+    /// earlier reports yet (see [`EventQueue::push_unless_full`]).
+    pub missed: u32,
 }
 
 #[napi(object, object_from_js = false)]
@@ -50,8 +54,9 @@ pub enum Event {
     Data(u32, Payload),
     /// A vector of an interrupt group fired: (group, vector, count).
     Irq(u32, u32, u64),
-    /// A server DMA request was answered: (write, address, count, errno or 0).
-    Dma(bool, u64, u64, i32),
+    /// A server DMA request was answered: (write, address, count, errno or 0, reports missed
+    /// before it).
+    Dma(bool, u64, u64, i32, u32),
     Closed(Error),
 }
 
@@ -69,18 +74,12 @@ impl Event {
             Event::Done(token, Ok(r)) => NativeEvent {
                 token,
                 reply: Some(convert::reply(r)),
-                error: None,
-                closed: None,
-                irq: None,
-                dma: None,
+                ..NativeEvent::default()
             },
             Event::Done(token, Err(e)) => NativeEvent {
                 token,
-                reply: None,
                 error: Some(convert::from_error(&e)),
-                closed: None,
-                irq: None,
-                dma: None,
+                ..NativeEvent::default()
             },
             Event::Data(token, payload) => NativeEvent {
                 token,
@@ -91,43 +90,29 @@ impl Event {
                     payload,
                     fds: Vec::new(),
                 }),
-                error: None,
-                closed: None,
-                irq: None,
-                dma: None,
+                ..NativeEvent::default()
             },
             Event::Irq(group, vector, count) => NativeEvent {
-                token: 0,
-                reply: None,
-                error: None,
-                closed: None,
                 irq: Some(NativeIrq {
                     group,
                     vector,
                     count: count as f64,
                 }),
-                dma: None,
+                ..NativeEvent::default()
             },
-            Event::Dma(write, address, count, errno) => NativeEvent {
-                token: 0,
-                reply: None,
-                error: None,
-                closed: None,
-                irq: None,
+            Event::Dma(write, address, count, errno, missed) => NativeEvent {
                 dma: Some(NativeDma {
                     write,
                     address: BigInt::from(address),
                     count: count as f64,
-                    errno,
+                    code: (errno != 0).then(|| format!("{:?}", nix::errno::Errno::from_raw(errno))),
+                    missed,
                 }),
+                ..NativeEvent::default()
             },
             Event::Closed(e) => NativeEvent {
-                token: 0,
-                reply: None,
-                error: None,
                 closed: Some(convert::from_error(&e)),
-                irq: None,
-                dma: None,
+                ..NativeEvent::default()
             },
         }
     }
@@ -168,6 +153,24 @@ impl EventQueue {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes `e` unless `cap` events already wait for JS: for reports a peer can make
+    /// arbitrarily many of (served DMA requests) while JS is busy. Returns whether it was
+    /// queued.
+    pub fn push_unless_full(&self, e: Event, cap: usize) -> bool {
+        let first = {
+            let mut g = self.lock();
+            if g.events.len() >= cap {
+                return false;
+            }
+            g.events.push(e);
+            g.events.len() == 1 && !g.loop_delivers
+        };
+        if first {
+            self.wake();
+        }
+        true
     }
 
     pub fn push(&self, e: Event) {

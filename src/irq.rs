@@ -6,7 +6,6 @@ use crate::convert::{self, NativeError};
 use crate::events::Event;
 use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
 use napi_derive::napi;
-use std::time::Duration;
 use vfio_user_client::proto::{irq, Command};
 
 /// A decoded DEVICE_GET_IRQ_INFO reply.
@@ -55,10 +54,6 @@ pub struct NativeIrqGroup {
     pub fds: Vec<i32>,
 }
 
-fn timeout(ms: Option<u32>) -> Option<Duration> {
-    ms.map(|ms| Duration::from_millis(u64::from(ms)))
-}
-
 #[napi]
 impl NativeClient {
     /// Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
@@ -74,7 +69,8 @@ impl NativeClient {
     ) -> Either<NativeIrqGroup, NativeError> {
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
-        match self.live(|c| c.enable_irqs(index, start, count, timeout(timeout_ms), done)) {
+        match self.live(|c| c.enable_irqs(index, start, count, convert::timeout(timeout_ms), done))
+        {
             Ok(e) => Either::A(NativeIrqGroup {
                 group: e.group,
                 fds: e.fds,
@@ -94,7 +90,7 @@ impl NativeClient {
     ) -> Option<NativeError> {
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
-        self.live(|c| c.disable_irqs(group, timeout(timeout_ms), done))
+        self.live(|c| c.disable_irqs(group, convert::timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))
     }

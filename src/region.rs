@@ -11,16 +11,11 @@ use napi_derive::napi;
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use vfio_user_client::proto::{region, region_io_fds, Command};
 use vfio_user_client::{Error, ReadData, RegionMapping};
 
 fn offset(hi: u32, lo: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
-}
-
-fn timeout(ms: Option<u32>) -> Option<Duration> {
-    ms.map(|ms| Duration::from_millis(u64::from(ms)))
 }
 
 /// What an async transfer's completion hands to JS: the bytes read (none for a write) as a
@@ -53,7 +48,8 @@ impl NativeClient {
         timeout_ms: Option<u32>,
     ) -> Result<Option<BufferSlice<'env>>> {
         let at = offset(offset_hi, offset_lo);
-        match self.live(|c| c.region_read(index, at, length as usize, timeout(timeout_ms))) {
+        match self.live(|c| c.region_read(index, at, length as usize, convert::timeout(timeout_ms)))
+        {
             Ok(data) => Ok(Some(BufferSlice::copy_from(env, data.as_slice())?)),
             Err(e) => {
                 *self.last_error.borrow_mut() = Some(e);
@@ -74,7 +70,7 @@ impl NativeClient {
         timeout_ms: Option<u32>,
     ) -> bool {
         let at = offset(offset_hi, offset_lo);
-        match self.live(|c| c.region_write(index, at, &data, timeout(timeout_ms))) {
+        match self.live(|c| c.region_write(index, at, &data, convert::timeout(timeout_ms))) {
             Ok(()) => true,
             Err(e) => {
                 *self.last_error.borrow_mut() = Some(e);
@@ -98,9 +94,17 @@ impl NativeClient {
         let events = self.events.clone();
         let at = offset(offset_hi, offset_lo);
         let done = Box::new(move |r| events.push(settle(token, r)));
-        self.live(|c| c.region_read_callback(index, at, length as usize, timeout(timeout_ms), done))
-            .err()
-            .map(|e| convert::from_error(&e))
+        self.live(|c| {
+            c.region_read_callback(
+                index,
+                at,
+                length as usize,
+                convert::timeout(timeout_ms),
+                done,
+            )
+        })
+        .err()
+        .map(|e| convert::from_error(&e))
     }
 
     /// Writes like `region_write_sync`; an empty reply event with `token` follows. Returns an
@@ -118,7 +122,7 @@ impl NativeClient {
         let at = offset(offset_hi, offset_lo);
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(settle(token, r)));
-        self.live(|c| c.region_write_callback(index, at, &data, timeout(timeout_ms), done))
+        self.live(|c| c.region_write_callback(index, at, &data, convert::timeout(timeout_ms), done))
             .err()
             .map(|e| convert::from_error(&e))
     }

@@ -1,6 +1,4 @@
 import { EventEmitter } from 'node:events'
-import { closeSync } from 'node:fs'
-import { constants } from 'node:os'
 import type { Readable, Writable } from 'node:stream'
 import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
@@ -19,6 +17,7 @@ import {
   dmaUnmapSync,
 } from './dma'
 import { fromNative, VfioUserError } from './errors'
+import { closeAll } from './fds'
 import {
   dirtyPages,
   type MigrationFlags,
@@ -100,11 +99,11 @@ export interface DmaEvent {
   count: number
   /** Set when it was refused: the errno name it was answered with (`'EFAULT'`…). */
   code?: string
-}
-
-function errnoName(errno: number): string {
-  const names = constants.errno as Record<string, number>
-  return Object.keys(names).find((k) => names[k] === errno) ?? 'EIO'
+  /**
+   * Requests served but not reported before this one: reports stop queueing while 4096
+   * wait for JavaScript (a busy loop and a server flooding DMA requests).
+   */
+  missed?: number
 }
 
 /** The result of version negotiation. */
@@ -691,12 +690,9 @@ export class VfioUserClient extends EventEmitter {
       const e = value as NativeEvent
       if (e.dma) {
         const d = e.dma
-        const event: DmaEvent = {
-          command: d.write ? 'DMA_WRITE' : 'DMA_READ',
-          address: d.address,
-          count: d.count,
-        }
-        if (d.errno !== 0) event.code = fromNative({ errno: d.errno, code: errnoName(d.errno), message: '' }).code
+        const event: DmaEvent = { command: d.write ? 'DMA_WRITE' : 'DMA_READ', address: d.address, count: d.count }
+        if (d.code) event.code = d.code
+        if (d.missed > 0) event.missed = d.missed
         this.emit('dma', event)
         continue
       }
@@ -711,7 +707,7 @@ export class VfioUserClient extends EventEmitter {
       const w = this.#waiters.get(e.token)
       if (!w) {
         // Aborted by the caller: nobody wants it, but fds received are still ours to close.
-        for (const fd of e.reply?.fds ?? []) closeQuietly(fd)
+        closeAll(e.reply?.fds ?? [])
         continue
       }
       this.#waiters.delete(e.token)
@@ -745,14 +741,6 @@ export class VfioUserClient extends EventEmitter {
       return
     }
     this.#settled()
-  }
-}
-
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd)
-  } catch {
-    // Already closed: nothing to release.
   }
 }
 

@@ -40,6 +40,14 @@ function nameOf(state: number): MigrationState {
   return name
 }
 
+/**
+ * True for the server refusing a feature (an error reply), false for anything that says
+ * nothing about the feature: a broken reply, a timeout, the connection ending.
+ */
+function isRefusal(e: unknown): e is VfioUserError {
+  return e instanceof VfioUserError && e.code !== 'EPROTO' && e.code !== 'ETIMEDOUT' && !e.code.startsWith('ECONN')
+}
+
 /** Sends DEVICE_FEATURE and returns the reply's data. */
 async function feature(
   ch: Channel,
@@ -72,8 +80,7 @@ export function probeFeature(
   return feature(ch, index, ops, new Uint8Array(0), options).then(
     () => true,
     (e: unknown) => {
-      if (e instanceof VfioUserError && e.code !== 'EPROTO' && e.code !== 'ETIMEDOUT' && !e.code.startsWith('ECONN'))
-        return false
+      if (isRefusal(e)) return false
       throw e
     },
   )
@@ -88,7 +95,7 @@ export async function migrationFlags(ch: Channel, options: CallOptions = {}): Pr
   try {
     data = await feature(ch, MIGRATION, GET, new Uint8Array(0), options)
   } catch (e) {
-    if (e instanceof VfioUserError && e.code !== 'EPROTO' && !e.code.startsWith('ECONN') && e.code !== 'ETIMEDOUT') {
+    if (isRefusal(e)) {
       throw new VfioUserError('ENOTSUP', 95, `the device has no migration (${e.code})`, Command.DEVICE_FEATURE)
     }
     throw e

@@ -6,6 +6,7 @@ import { checkData, checkInteger, checkOffset, checkTimeout } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
+import { closeAll } from './fds'
 import { type NativeRegionMapping, native } from './native'
 
 /** The most bytes of region info (fixed part and capabilities) a server may ask us to accept. */
@@ -80,16 +81,6 @@ export class RegionInfo {
   /** Same as {@link RegionInfo.close}, for `using`. */
   [Symbol.dispose](): void {
     this.close()
-  }
-}
-
-function closeAll(fds: number[]): void {
-  for (const fd of fds) {
-    try {
-      closeSync(fd)
-    } catch {
-      // Already closed: nothing to release.
-    }
   }
 }
 

@@ -4,13 +4,13 @@
 //! connection ends.
 
 use crate::irq_table::{token, Group, IrqHook};
+use crate::join::Join;
 use crate::pending::{Completion, Reply};
 use crate::{Client, Error, Request};
 use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user_proto::irq::{set_irqs_request, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD};
 use vfio_user_proto::Command;
@@ -101,7 +101,14 @@ impl Client {
             .step_by(chunk)
             .map(|at| (at, (count as usize - at).min(chunk)))
             .collect();
-        let left = Arc::new(Mutex::new((chunks.len(), None::<Error>, Some(done))));
+        // The last chunk's reply, or the first failure, settles the call.
+        let join = Join::new(
+            None::<Reply>,
+            chunks.len(),
+            Box::new(move |r: Result<Option<Reply>, Error>| {
+                done(r.and_then(|last| last.ok_or_else(|| Error::proto("no reply to SET_IRQS"))))
+            }),
+        );
         for (k, (at, n)) in chunks.iter().enumerate() {
             let payload = set_irqs_request(
                 IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
@@ -125,48 +132,16 @@ impl Client {
                     .unwrap_or_default()
             };
             let fds: Vec<BorrowedFd<'_>> = owned.iter().map(AsFd::as_fd).collect();
-            let l = left.clone();
+            let j = join.clone();
             let on_reply = Box::new(move |r: Result<Reply, Error>| {
-                let fire = {
-                    let mut g = l.lock().unwrap_or_else(|p| p.into_inner());
-                    g.0 -= 1;
-                    let r = match (r, g.1.take()) {
-                        (_, Some(first)) => Err(first),
-                        (r, None) => r,
-                    };
-                    if g.0 == 0 {
-                        g.2.take().map(|d| (d, r))
-                    } else {
-                        if let Err(e) = r {
-                            g.1 = Some(e);
-                        }
-                        None
-                    }
-                };
-                if let Some((done, r)) = fire {
-                    done(r);
-                }
+                Join::settle(&j, |last| r.map(|reply| *last = Some(reply)));
             });
-            let sent = self.send_callback(set_irqs(&payload, &fds, timeout), on_reply);
-            if let Err(e) = sent {
+            if let Err(e) = self.send_callback(set_irqs(&payload, &fds, timeout), on_reply) {
                 if k == 0 {
                     self.drop_irq_group(group);
                     return Err(e);
                 }
-                // Chunks already sent settle the call; this failure is its result.
-                let fire = {
-                    let mut g = left.lock().unwrap_or_else(|p| p.into_inner());
-                    g.0 -= chunks.len() - k;
-                    g.1.get_or_insert(e);
-                    if g.0 == 0 {
-                        g.2.take().zip(g.1.take())
-                    } else {
-                        None
-                    }
-                };
-                if let Some((done, e)) = fire {
-                    done(Err(e));
-                }
+                Join::abandon(&join, chunks.len() - k, e);
                 break;
             }
         }

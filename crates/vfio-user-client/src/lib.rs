@@ -22,6 +22,7 @@ mod ids;
 mod io_thread;
 mod irq;
 mod irq_table;
+mod join;
 mod options;
 mod outgoing;
 mod pending;

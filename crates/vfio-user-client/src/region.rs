@@ -2,10 +2,10 @@
 //! at most the server's `max_data_xfer_size`, the pieces pipelined, and every echoed offset,
 //! region and count checked (protocol.md section 3.8). A short or mismatched echo is EPROTO.
 
+use crate::join::Join;
 use crate::pending::Reply;
 use crate::{Client, Error};
 use nix::errno::Errno;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vfio_user_proto::region::{
     check_region_write_reply, region_access, region_read_data, ACCESS_HEADER_SIZE,
@@ -70,44 +70,6 @@ fn split(command: Command, offset: u64, len: usize, max: usize) -> Result<Vec<Pi
             at,
         })
         .collect())
-}
-
-/// A transfer's pieces completing on whichever threads read their replies: the last one
-/// hands the whole result to the caller.
-struct Gather {
-    out: Vec<u8>,
-    left: usize,
-    failed: Option<Error>,
-    done: Option<DataCompletion>,
-}
-
-impl Gather {
-    /// Records one piece's outcome; returns the completion to call if it was the last.
-    fn settle(
-        &mut self,
-        r: Result<(), Error>,
-    ) -> Option<(DataCompletion, Result<ReadData, Error>)> {
-        if let Err(e) = r {
-            self.failed.get_or_insert(e);
-        }
-        self.left -= 1;
-        self.finish()
-    }
-
-    fn finish(&mut self) -> Option<(DataCompletion, Result<ReadData, Error>)> {
-        if self.left > 0 {
-            return None;
-        }
-        let done = self.done.take()?;
-        Some(match self.failed.take() {
-            Some(e) => (done, Err(e)),
-            None => (done, Ok(ReadData::whole(std::mem::take(&mut self.out)))),
-        })
-    }
-}
-
-fn lock(g: &Mutex<Gather>) -> std::sync::MutexGuard<'_, Gather> {
-    g.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Client {
@@ -258,39 +220,24 @@ impl Client {
             done(Ok(ReadData::whole(out)));
             return Ok(());
         }
-        let gather = Arc::new(Mutex::new(Gather {
+        let join = Join::new(
             out,
-            left: pieces.len(),
-            failed: None,
-            done: Some(done),
-        }));
+            pieces.len(),
+            Box::new(move |r: Result<Vec<u8>, Error>| done(r.map(ReadData::whole))),
+        );
         for (i, p) in pieces.iter().enumerate() {
             let (payload, timeout, check) = build(*p);
-            let g = gather.clone();
+            let j = join.clone();
             let on_reply = Box::new(move |r: Result<Reply, Error>| {
-                let fired = {
-                    let mut g = lock(&g);
-                    let r = r
-                        .and_then(|reply| check(&reply, &mut g.out).map_err(|e| proto(command, e)));
-                    g.settle(r)
-                };
-                if let Some((done, result)) = fired {
-                    done(result);
-                }
+                Join::settle(&j, |out| {
+                    r.and_then(|reply| check(&reply, out).map_err(|e| proto(command, e)))
+                });
             });
             if let Err(e) = self.send_callback(self.request(command, &payload, timeout), on_reply) {
                 if i == 0 {
                     return Err(e);
                 }
-                let fired = {
-                    let mut g = lock(&gather);
-                    g.failed.get_or_insert(e);
-                    g.left -= pieces.len() - i;
-                    g.finish()
-                };
-                if let Some((done, result)) = fired {
-                    done(result);
-                }
+                Join::abandon(&join, pieces.len() - i, e);
                 return Ok(());
             }
         }

@@ -37,6 +37,8 @@
 //! - `dma-write`: before answering a request, DMA_WRITEs "vfio" at address 16, then
 //!   DMA_READs 4 bytes at 16, and replies with those bytes in 0..4 of the payload and the
 //!   errno of the write in 4..8.
+//! - `dma-flood`: before answering a request, sends 5000 DMA_READs of 8 bytes at 0 back to
+//!   back, then reads the 5000 answers.
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -478,6 +480,24 @@ fn run(s: &mut UnixStream, scenario: &str) {
                 }
                 p[4..8].copy_from_slice(&w.error.to_ne_bytes());
                 reply(s, &h, &p);
+            }
+        }
+        "dma-flood" => {
+            while let Some((h, _)) = read_msg(s) {
+                let mut dma = [0u8; 16];
+                dma[8..16].copy_from_slice(&8u64.to_ne_bytes());
+                let mut burst = Vec::with_capacity(5000 * 32);
+                for i in 0..5000u16 {
+                    burst.extend_from_slice(&Header::command(i, 11, 16, false).encode());
+                    burst.extend_from_slice(&dma);
+                }
+                let _ = s.write_all(&burst);
+                for _ in 0..5000 {
+                    if read_msg(s).is_none() {
+                        return;
+                    }
+                }
+                reply(s, &h, &info_payload(0));
             }
         }
         "dma-request" => {
