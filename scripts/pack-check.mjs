@@ -31,6 +31,8 @@ const PLATFORM = 'linux-x64-gnu'
 const PLATFORM_PACKAGE = `${pkg.name}-${PLATFORM}`
 const NODE_FILE = `${pkg.napi.binaryName}.${PLATFORM}.node`
 const DEVICE = 'vfio-user-test-device'
+const MIGRATION_DEVICE = 'vfio-user-migration-device'
+const DEVICES = [DEVICE, MIGRATION_DEVICE]
 
 let passed = 0
 let failed = 0
@@ -108,7 +110,7 @@ try {
   cpSync(join(root, 'npm', PLATFORM), stagePlatform, { recursive: true })
   copyFileSync(join(root, 'LICENSE'), join(stagePlatform, 'LICENSE'))
   copyFileSync(join(root, NODE_FILE), join(stagePlatform, NODE_FILE))
-  copyFileSync(join(root, 'target', 'release', DEVICE), join(stagePlatform, DEVICE))
+  for (const d of DEVICES) copyFileSync(join(root, 'target', 'release', d), join(stagePlatform, d))
   const platformTarball = pack(stagePlatform)
 
   // 4. Exactly what each tarball should hold.
@@ -127,12 +129,14 @@ try {
     ]
     sameFiles(tarFiles(rootTarball), expected)
   })
-  await check(`the ${PLATFORM} tarball holds exactly its two binaries, docs and licence`, () => {
+  await check(`the ${PLATFORM} tarball holds exactly its binaries, docs and licence`, () => {
     const files = tarFiles(platformTarball)
-    sameFiles(files, ['package.json', 'README.md', 'LICENSE', NODE_FILE, DEVICE])
+    sameFiles(files, ['package.json', 'README.md', 'LICENSE', NODE_FILE, ...DEVICES])
     const listing = run('tar', ['tvzf', platformTarball]).stdout
-    const line = listing.split('\n').find((l) => l.endsWith(`package/${DEVICE}`)) ?? ''
-    assert(/^-rwx/.test(line), `the test device is not executable in the tarball: ${line}`)
+    for (const d of DEVICES) {
+      const line = listing.split('\n').find((l) => l.endsWith(`package/${d}`)) ?? ''
+      assert(/^-rwx/.test(line), `${d} is not executable in the tarball: ${line}`)
+    }
   })
   await check('the root manifest: one optional dependency per platform, no install scripts, engines', () => {
     const m = tarJson(rootTarball, 'package/package.json')
@@ -157,7 +161,7 @@ try {
       const libc = abi === 'gnu' ? 'glibc' : 'musl'
       assert(m.name === `${pkg.name}-${t}` && m.version === pkg.version, `${t}: ${m.name}@${m.version}`)
       assert(m.os?.[0] === os && m.cpu?.[0] === cpu && m.libc?.[0] === libc, `${t}: ${m.os} ${m.cpu} ${m.libc}`)
-      assert(m.files?.includes(`${pkg.napi.binaryName}.${t}.node`) && m.files?.includes(DEVICE), `${t}: ${m.files}`)
+      assert(m.files?.includes(`${pkg.napi.binaryName}.${t}.node`) && DEVICES.every((d) => m.files?.includes(d)), `${t}: ${m.files}`)
     }
   })
 
@@ -182,6 +186,11 @@ try {
     assert(/max_data_xfer_size\s+1048576/.test(r.stdout), r.stdout)
     const where = node(['-e', "console.log(require('vfio-user/testing').testDeviceBinary())"]).stdout.trim()
     assert(where.includes(join('node_modules', PLATFORM_PACKAGE, DEVICE)), `the device came from ${where}`)
+    const migration = node(['-e', "console.log(require('vfio-user/testing').migrationDeviceBinary())"]).stdout.trim()
+    assert(
+      migration.includes(join('node_modules', PLATFORM_PACKAGE, MIGRATION_DEVICE)),
+      `the migration device came from ${migration}`,
+    )
   })
   await check('import: the API, the testing helpers, one native instance shared with require', () => {
     writeFileSync(

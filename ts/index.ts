@@ -26,6 +26,13 @@ export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './
 export { VfioUserError } from './errors'
 export type { MigrationFlags, MigrationState } from './feature'
 export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
+export {
+  type MigrateOptions,
+  type MigrateProgress,
+  type MigrateSummary,
+  MigrationError,
+  migrate,
+} from './migrate'
 export type { StateStreamOptions } from './migration'
 export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
 export {

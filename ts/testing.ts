@@ -72,6 +72,37 @@ export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDe
 }
 
 /**
+ * The migration-capable device binary: `$VFIO_USER_MIGRATION_DEVICE`, else the one shipped in
+ * this machine's platform package, else the newest cargo build of a source checkout.
+ */
+export function migrationDeviceBinary(): string {
+  return findBinary('vfio-user-migration-device', 'VFIO_USER_MIGRATION_DEVICE', true)
+}
+
+/** Options for {@link startMigrationDevice}. */
+export interface MigrationDeviceOptions extends TestDeviceOptions {
+  /** Size of the device's state (BAR0), in MiB (default 1, at most 4096). */
+  stateMib?: number
+  /** Offer REGION_WRITE_MULTI (default true). */
+  writeMultiple?: boolean
+}
+
+/**
+ * Starts the migration-capable device (`vfio-user-migration-device`, written on the proto
+ * crate since rust-vmm's server has no migration): migration v2 with STOP_COPY and PRE_COPY
+ * over a state of `stateMib` MiB in BAR0, DMA maps mmapped from their fds, dirty logging of
+ * the pages the device writes into them, and REGION_WRITE_MULTI. Its registers are listed in
+ * `crates/test-device/src/bin/migration_device/regions.rs`.
+ */
+export function startMigrationDevice(options: MigrationDeviceOptions = {}): Promise<TestDevice> {
+  const { stateMib = 1, writeMultiple = true } = options
+  if (!Number.isInteger(stateMib) || stateMib < 0 || stateMib > 4096)
+    throw new RangeError(`stateMib must be an integer from 0 to 4096, got ${stateMib}`)
+  const args = ['--state-mib', String(stateMib), ...(writeMultiple ? [] : ['--no-write-multiple'])]
+  return startListening(options.binary ?? migrationDeviceBinary(), args, options.startTimeoutMs)
+}
+
+/**
  * Starts the scripted misbehaving server (`vfio-user-scripted-peer`) with one of its
  * scenarios, for testing how your code handles a broken or hostile server. It plays the
  * scenario to every client that connects, until closed. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.

@@ -109,6 +109,11 @@ impl MigState {
         .find(|s| *s as u32 == v)
     }
 
+    /// True when the spec allows going from this state to `to` in one step (a direct arc).
+    pub fn has_arc_to(self, to: MigState) -> bool {
+        self.arcs().contains(&to)
+    }
+
     /// The states a device goes to in one step from this one (the spec's arcs).
     fn arcs(self) -> &'static [MigState] {
         use MigState::*;

@@ -4,7 +4,7 @@
 //! asks this crate whether a peer's bytes are acceptable; everything a hostile server can
 //! influence is decoded in this crate so it can be tested (and fuzzed) without a socket.
 
-mod bytes;
+pub mod bytes;
 mod caps;
 mod command;
 pub mod device;

@@ -1,0 +1,305 @@
+//! One client connection: messages read with their fds, each command decoded and answered.
+//! The device (its state) is shared by every connection; DMA maps and dirty logging belong
+//! to the connection that made them.
+
+use crate::dma::{Dma, EINVAL};
+use crate::regions::Regions;
+use crate::state::Device;
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use vfio_user_proto::bytes::{u32_at, u64_at};
+use vfio_user_proto::feature::{MigState, FEATURE_GET, FEATURE_PROBE, FEATURE_SET};
+use vfio_user_proto::{Command, Header, HEADER_SIZE};
+
+const E2BIG: u32 = 7;
+const ENOTSUP: u32 = 95;
+/// The most bytes one message may carry (a MIG_DATA_WRITE of `max_data_xfer_size`).
+const MAX_MESSAGE: usize = (1 << 20) + 64;
+
+pub struct Options {
+    pub write_multiple: bool,
+}
+
+pub struct Conn {
+    sock: UnixStream,
+    device: Arc<Mutex<Device>>,
+    regions: Arc<Regions>,
+    dma: Dma,
+    options: Arc<Options>,
+}
+
+impl Conn {
+    pub fn new(
+        sock: UnixStream,
+        device: Arc<Mutex<Device>>,
+        regions: Arc<Regions>,
+        options: Arc<Options>,
+    ) -> Conn {
+        Conn {
+            sock,
+            device,
+            regions,
+            dma: Dma::default(),
+            options,
+        }
+    }
+
+    fn device(&self) -> MutexGuard<'_, Device> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves requests until the client goes or sends something unreadable.
+    pub fn serve(mut self) {
+        while let Some((h, payload, fds)) = self.receive() {
+            let answer = self.handle(&h, &payload, fds);
+            if h.no_reply() {
+                continue;
+            }
+            let ok = match answer {
+                Ok(body) => self.send(Header::reply_to(&h, body.len()), &body),
+                Err(errno) => self.send(Header::error_reply_to(&h, errno), &[]),
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// The next message and the fds that came with its first bytes.
+    fn receive(&mut self) -> Option<(Header, Vec<u8>, Vec<OwnedFd>)> {
+        let mut raw = [0u8; HEADER_SIZE];
+        let mut got = 0;
+        let mut fds = Vec::new();
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+        while got < HEADER_SIZE {
+            let mut iov = [IoSliceMut::new(&mut raw[got..])];
+            let msg = recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .ok()?;
+            if msg.bytes == 0 {
+                return None;
+            }
+            for c in msg.cmsgs().ok()? {
+                if let ControlMessageOwned::ScmRights(r) = c {
+                    // SAFETY: the kernel just installed these fds for us; nothing else owns them.
+                    fds.extend(r.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                }
+            }
+            got += msg.bytes;
+        }
+        let h = Header::decode(&raw);
+        if h.payload_len() > MAX_MESSAGE {
+            return None;
+        }
+        let mut payload = vec![0u8; h.payload_len()];
+        self.sock.read_exact(&mut payload).ok()?;
+        Some((h, payload, fds))
+    }
+
+    fn send(&mut self, h: Header, body: &[u8]) -> bool {
+        let mut bytes = h.encode().to_vec();
+        bytes.extend_from_slice(body);
+        self.sock.write_all(&bytes).is_ok()
+    }
+
+    fn handle(&mut self, h: &Header, p: &[u8], mut fds: Vec<OwnedFd>) -> Result<Vec<u8>, u32> {
+        let word = |at| u32_at(p, at).ok_or(EINVAL);
+        let long = |at| u64_at(p, at).ok_or(EINVAL);
+        match Command::from_u16(h.command) {
+            Some(Command::Version) => Ok(self.version(p)),
+            Some(Command::DmaMap) => {
+                if fds.len() > 1 {
+                    return Err(EINVAL);
+                }
+                self.dma
+                    .map(long(16)?, long(24)?, long(8)?, word(4)?, fds.pop())?;
+                Ok(Vec::new())
+            }
+            Some(Command::DmaUnmap) => {
+                let all = word(4)? & 2 != 0;
+                self.dma.unmap(long(8)?, long(16)?, all)?;
+                Ok(p.get(..24).ok_or(EINVAL)?.to_vec())
+            }
+            Some(Command::DeviceGetInfo) => {
+                // PCI and RESET, 9 regions, no interrupts.
+                Ok([16u32, 3, 9, 0]
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect())
+            }
+            Some(Command::DeviceGetRegionInfo) => self.regions.info(word(8)?),
+            Some(Command::DeviceGetIrqInfo) => Err(EINVAL),
+            Some(Command::RegionRead) => {
+                let (offset, index, count) = (long(0)?, word(8)?, word(12)?);
+                let mut out = p.get(..16).ok_or(EINVAL)?.to_vec();
+                let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+                self.regions
+                    .read(&mut dev, index, offset, count as usize, &mut out)?;
+                Ok(out)
+            }
+            Some(Command::RegionWrite) => {
+                let (offset, index, count) = (long(0)?, word(8)?, word(12)?);
+                let data = p.get(16..).ok_or(EINVAL)?;
+                if data.len() != count as usize {
+                    return Err(EINVAL);
+                }
+                self.regions.count_write();
+                self.write(index, offset, data)?;
+                Ok(p[..16].to_vec())
+            }
+            Some(Command::RegionWriteMulti) if self.options.write_multiple => self.write_multi(p),
+            Some(Command::DeviceReset) => {
+                self.device().reset();
+                self.regions.reset();
+                Ok(Vec::new())
+            }
+            Some(Command::DeviceFeature) => self.feature(p),
+            Some(Command::MigDataRead) => {
+                let want = word(4)? as usize;
+                if want > 1 << 20 {
+                    return Err(E2BIG);
+                }
+                let data = self.device().read(want)?;
+                let mut out = Vec::with_capacity(8 + data.len());
+                out.extend_from_slice(&(8 + data.len() as u32).to_ne_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_ne_bytes());
+                out.extend_from_slice(&data);
+                Ok(out)
+            }
+            Some(Command::MigDataWrite) => {
+                let size = word(4)? as usize;
+                let data = p.get(8..).filter(|d| d.len() == size).ok_or(EINVAL)?;
+                self.device().load(data)?;
+                Ok(Vec::new())
+            }
+            _ => Err(ENOTSUP),
+        }
+    }
+
+    fn version(&self, p: &[u8]) -> Vec<u8> {
+        let minor = u16::from_ne_bytes([
+            p.get(2).copied().unwrap_or(0),
+            p.get(3).copied().unwrap_or(0),
+        ]);
+        let json = format!(
+            r#"{{"capabilities":{{"max_msg_fds":8,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":{},"write_multiple":{}}}}}"#,
+            crate::dma::MAX_MAPS,
+            self.options.write_multiple
+        );
+        let mut out = 0u16.to_ne_bytes().to_vec();
+        out.extend_from_slice(&minor.min(2).to_ne_bytes());
+        out.extend_from_slice(json.as_bytes());
+        out.push(0);
+        out
+    }
+
+    /// A region write: the state region, the control registers, or config space.
+    fn write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), u32> {
+        let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let go = self.regions.write(&mut dev, index, offset, data)?;
+        drop(dev);
+        if let Some((iova, len, fill)) = go {
+            self.dma.device_write(iova, len, fill)?;
+        }
+        Ok(())
+    }
+
+    /// REGION_WRITE_MULTI: `wr_cnt` entries of (offset, region, count, 8 bytes of data),
+    /// applied in order; the reply says how many were.
+    fn write_multi(&mut self, p: &[u8]) -> Result<Vec<u8>, u32> {
+        let n = u64_at(p, 0).ok_or(EINVAL)?;
+        if n == 0 || n > 200 || p.len() as u64 != 8 + 24 * n {
+            return Err(EINVAL);
+        }
+        self.regions.count_multi(n);
+        for e in p[8..].chunks_exact(24) {
+            let (offset, index, count) = (
+                u64_at(e, 0).ok_or(EINVAL)?,
+                u32_at(e, 8).ok_or(EINVAL)?,
+                u32_at(e, 12).ok_or(EINVAL)? as usize,
+            );
+            if count > 8 {
+                return Err(EINVAL);
+            }
+            self.write(index, offset, &e[16..16 + count])?;
+        }
+        Ok(n.to_ne_bytes().to_vec())
+    }
+
+    /// DEVICE_FEATURE: MIGRATION, MIG_DEVICE_STATE and dirty logging (protocol.md 3.12).
+    fn feature(&mut self, p: &[u8]) -> Result<Vec<u8>, u32> {
+        let argsz = u32_at(p, 0).ok_or(EINVAL)?;
+        let flags = u32_at(p, 4).ok_or(EINVAL)?;
+        let (feature, ops) = (flags & 0xffff, flags & !0xffff);
+        let data = &p[8..];
+        let supported = match feature {
+            1 | 8 => FEATURE_GET,
+            2 => FEATURE_GET | FEATURE_SET,
+            6 | 7 => FEATURE_SET,
+            _ => 0,
+        };
+        let methods = ops & !FEATURE_PROBE;
+        if methods == 0 && ops & FEATURE_PROBE == 0 || methods & !supported != 0 {
+            return Err(ENOTSUP);
+        }
+        if ops & FEATURE_PROBE != 0 {
+            return Ok(p.to_vec());
+        }
+        let mut out = p[..8].to_vec();
+        let append = |out: &mut Vec<u8>, d: &[u8]| {
+            out.extend_from_slice(d);
+            let len = out.len() as u32;
+            out[0..4].copy_from_slice(&len.to_ne_bytes());
+        };
+        match (feature, ops) {
+            // STOP_COPY and PRE_COPY.
+            (1, FEATURE_GET) => append(&mut out, &5u64.to_ne_bytes()),
+            (2, FEATURE_GET) => {
+                let state = self.device().state as u32;
+                append(
+                    &mut out,
+                    &[state.to_ne_bytes(), u32::MAX.to_ne_bytes()].concat(),
+                )
+            }
+            (2, FEATURE_SET) => {
+                let to = u32_at(data, 0).and_then(MigState::from_u32).ok_or(EINVAL)?;
+                self.device().set_state(to)?;
+                out.extend_from_slice(data);
+            }
+            (6, FEATURE_SET) => {
+                let page = u64_at(data, 0).ok_or(EINVAL)?;
+                let n = u32_at(data, 8).ok_or(EINVAL)? as usize;
+                let ranges = (0..n)
+                    .map(|i| Some((u64_at(data, 16 + 16 * i)?, u64_at(data, 24 + 16 * i)?)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(EINVAL)?;
+                let page = self.dma.start_logging(page, ranges)?;
+                out.extend_from_slice(data);
+                out[8..16].copy_from_slice(&page.to_ne_bytes());
+            }
+            (7, FEATURE_SET) => self.dma.stop_logging()?,
+            (8, FEATURE_GET) => {
+                let (iova, length, page) = (
+                    u64_at(data, 0).ok_or(EINVAL)?,
+                    u64_at(data, 8).ok_or(EINVAL)?,
+                    u64_at(data, 16).ok_or(EINVAL)?,
+                );
+                let bitmap = self.dma.report(iova, length, page)?;
+                if (argsz as usize) < 8 + 24 + bitmap.len() {
+                    return Err(EINVAL);
+                }
+                out.extend_from_slice(&data[..24]);
+                append(&mut out, &bitmap);
+            }
+            _ => return Err(ENOTSUP),
+        }
+        Ok(out)
+    }
+}

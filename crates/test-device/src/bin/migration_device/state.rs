@@ -1,0 +1,293 @@
+//! The device's state (BAR0, memory that changes while it runs) and migration v2 over it:
+//! the state machine, the save stream with pre-copy rounds that resend only the pages written
+//! since the last round, and the loader that rebuilds the state from that stream.
+//!
+//! The stream is a sequence of records, each a 16-byte head (u64 offset, u32 length, u32
+//! reserved) and `length` bytes of state at `offset`; a head with offset `END` closes it.
+//! A stream that does not close, or a record past the state, leaves the device in ERROR.
+
+use vfio_user_proto::feature::MigState;
+
+pub const PAGE: usize = 4096;
+const RECORD_HEAD: usize = 16;
+const END: u64 = u64::MAX;
+/// Most pages one record carries: bounds the save buffer held between reads.
+const RECORD_PAGES: usize = 256;
+
+/// Why a request about the state was refused: the errno the reply carries.
+pub type Errno = u32;
+pub const EINVAL: Errno = 22;
+pub const EBUSY: Errno = 16;
+
+pub struct Device {
+    pub memory: Vec<u8>,
+    pub state: MigState,
+    /// Pages written since the save began or since the last time they were sent (one bit
+    /// each): what the next pre-copy round, or STOP_COPY, still has to send.
+    unsent: Vec<u64>,
+    /// Where the search for the next unsent page resumes within a round.
+    scan: usize,
+    /// Encoded stream bytes produced but not yet read.
+    out: Vec<u8>,
+    out_at: usize,
+    end_sent: bool,
+    load: Loader,
+}
+
+#[derive(Default)]
+struct Loader {
+    head: Vec<u8>,
+    /// The record being filled: where its next byte goes, and how many are still to come.
+    at: usize,
+    left: usize,
+    complete: bool,
+}
+
+impl Device {
+    pub fn new(size: usize) -> Device {
+        Device {
+            memory: vec![0; size],
+            state: MigState::Running,
+            unsent: Vec::new(),
+            scan: 0,
+            out: Vec::new(),
+            out_at: 0,
+            end_sent: false,
+            load: Loader::default(),
+        }
+    }
+
+    fn pages(&self) -> usize {
+        self.memory.len().div_ceil(PAGE)
+    }
+
+    /// True while the device runs: its state may change.
+    pub fn running(&self) -> bool {
+        matches!(self.state, MigState::Running | MigState::PreCopy)
+    }
+
+    /// Writes `data` at `offset` of the state (checked by the caller), remembering the pages
+    /// for the save in progress. Refused unless the device runs.
+    pub fn write(&mut self, offset: usize, data: &[u8]) -> Result<(), Errno> {
+        if !self.running() {
+            return Err(EBUSY);
+        }
+        self.memory[offset..offset + data.len()].copy_from_slice(data);
+        self.touched(offset, data.len());
+        Ok(())
+    }
+
+    /// The device's own work: it rewrites `count` pages of its state (every `stride`-th
+    /// page from `first`, wrapping), each filled with a byte that changes every time.
+    pub fn work(&mut self, first: usize, stride: usize, count: usize) -> Result<(), Errno> {
+        let pages = self.pages();
+        if pages == 0 {
+            return Ok(());
+        }
+        for k in 0..count {
+            let page = (first + k * stride.max(1)) % pages;
+            let at = page * PAGE;
+            let end = (at + PAGE).min(self.memory.len());
+            let fill = self.memory[at].wrapping_add(1 + k as u8);
+            self.write(at, &vec![fill; end - at])?;
+        }
+        Ok(())
+    }
+
+    fn touched(&mut self, offset: usize, len: usize) {
+        if self.state != MigState::PreCopy || len == 0 {
+            return;
+        }
+        for page in offset / PAGE..=(offset + len - 1) / PAGE {
+            self.unsent[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    /// Moves to `to`, which must be one direct arc away (the client walks longer paths).
+    pub fn set_state(&mut self, to: MigState) -> Result<(), Errno> {
+        let from = self.state;
+        if !from.has_arc_to(to) {
+            return Err(EINVAL);
+        }
+        match (from, to) {
+            (MigState::Running, MigState::PreCopy) | (MigState::Stop, MigState::StopCopy) => {
+                self.begin_save()
+            }
+            // Pre-copy's leftovers (pages written since last sent, bytes not yet read) go
+            // first in STOP_COPY.
+            (MigState::PreCopy, MigState::StopCopy) => self.scan = 0,
+            (MigState::Stop, MigState::Resuming) => self.load = Loader::default(),
+            (MigState::Resuming, MigState::Stop) if !self.load.complete => {
+                self.state = MigState::Error;
+                return Err(EINVAL);
+            }
+            _ => {}
+        }
+        if !to.saving_or_resuming() {
+            self.end_save();
+        }
+        self.state = to;
+        Ok(())
+    }
+
+    /// DEVICE_RESET: running again, state cleared, any migration abandoned.
+    pub fn reset(&mut self) {
+        self.memory.fill(0);
+        self.end_save();
+        self.load = Loader::default();
+        self.state = MigState::Running;
+    }
+
+    fn begin_save(&mut self) {
+        let pages = self.pages();
+        self.unsent = vec![u64::MAX; pages.div_ceil(64)];
+        if !pages.is_multiple_of(64) {
+            if let Some(last) = self.unsent.last_mut() {
+                *last = (1u64 << (pages % 64)) - 1;
+            }
+        }
+        self.scan = 0;
+        self.out.clear();
+        self.out_at = 0;
+        self.end_sent = false;
+    }
+
+    fn end_save(&mut self) {
+        self.unsent = Vec::new();
+        self.out = Vec::new();
+        self.out_at = 0;
+    }
+
+    /// MIG_DATA_READ: up to `want` bytes of the stream. Fewer means this round (pre-copy)
+    /// or the whole stream (STOP_COPY) has ended.
+    pub fn read(&mut self, want: usize) -> Result<Vec<u8>, Errno> {
+        if !self.state.saving_or_resuming() || self.state == MigState::Resuming {
+            return Err(EINVAL);
+        }
+        let mut buf = Vec::with_capacity(want);
+        while buf.len() < want {
+            if self.out_at < self.out.len() {
+                let n = (want - buf.len()).min(self.out.len() - self.out_at);
+                buf.extend_from_slice(&self.out[self.out_at..self.out_at + n]);
+                self.out_at += n;
+                continue;
+            }
+            if !self.refill() {
+                // The round is over; the next one looks at every page again.
+                self.scan = 0;
+                break;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Encodes the next record (the next run of unsent pages, or the end) into `out`.
+    fn refill(&mut self) -> bool {
+        self.out.clear();
+        self.out_at = 0;
+        if let Some((first, n)) = self.next_run() {
+            let at = first * PAGE;
+            let end = ((first + n) * PAGE).min(self.memory.len());
+            head(&mut self.out, at as u64, (end - at) as u32);
+            self.out.extend_from_slice(&self.memory[at..end]);
+            return true;
+        }
+        if self.state == MigState::StopCopy && !self.end_sent {
+            self.end_sent = true;
+            head(&mut self.out, END, 0);
+            return true;
+        }
+        false
+    }
+
+    /// The next run of unsent pages from `scan`, marked sent.
+    fn next_run(&mut self) -> Option<(usize, usize)> {
+        let pages = self.pages();
+        let is_unsent = |u: &[u64], p: usize| u[p / 64] & (1 << (p % 64)) != 0;
+        let mut p = self.scan;
+        while p < pages && !is_unsent(&self.unsent, p) {
+            // Skip whole clean words.
+            if p.is_multiple_of(64) && self.unsent[p / 64] == 0 {
+                p += 64;
+            } else {
+                p += 1;
+            }
+        }
+        if p >= pages {
+            self.scan = pages;
+            return None;
+        }
+        let first = p;
+        while p < pages && p - first < RECORD_PAGES && is_unsent(&self.unsent, p) {
+            self.unsent[p / 64] &= !(1 << (p % 64));
+            p += 1;
+        }
+        self.scan = p;
+        Some((first, p - first))
+    }
+
+    /// MIG_DATA_WRITE: the next bytes of a stream, applied as they come.
+    pub fn load(&mut self, mut data: &[u8]) -> Result<(), Errno> {
+        if self.state != MigState::Resuming {
+            return Err(EINVAL);
+        }
+        while !data.is_empty() {
+            let l = &mut self.load;
+            if l.complete {
+                return self.fail();
+            }
+            if l.left > 0 {
+                let n = l.left.min(data.len());
+                self.memory[l.at..l.at + n].copy_from_slice(&data[..n]);
+                l.at += n;
+                l.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (RECORD_HEAD - l.head.len()).min(data.len());
+            l.head.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if l.head.len() < RECORD_HEAD {
+                break;
+            }
+            let offset = u64::from_ne_bytes(l.head[0..8].try_into().unwrap_or_default());
+            let len = u32::from_ne_bytes(l.head[8..12].try_into().unwrap_or_default()) as usize;
+            l.head.clear();
+            if offset == END {
+                l.complete = true;
+                continue;
+            }
+            let size = self.memory.len() as u64;
+            if offset > size || len as u64 > size - offset {
+                return self.fail();
+            }
+            l.at = offset as usize;
+            l.left = len;
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self) -> Result<(), Errno> {
+        self.state = MigState::Error;
+        Err(EINVAL)
+    }
+}
+
+fn head(out: &mut Vec<u8>, offset: u64, len: u32) {
+    out.extend_from_slice(&offset.to_ne_bytes());
+    out.extend_from_slice(&len.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+}
+
+trait Saving {
+    fn saving_or_resuming(self) -> bool;
+}
+
+impl Saving for MigState {
+    fn saving_or_resuming(self) -> bool {
+        matches!(
+            self,
+            MigState::PreCopy | MigState::StopCopy | MigState::Resuming
+        )
+    }
+}

@@ -1,0 +1,225 @@
+// Moving a device's state from one server to another (protocol.md 3.12, 3.13): pre-copy
+// rounds while the source runs (when it offers them), then STOP_COPY on the source piped into
+// RESUMING on the destination, then RUNNING on the destination. Built only on the typed
+// calls (feature.ts, migration.ts); this file decides the order and reports progress.
+import { pipeline } from 'node:stream/promises'
+import { checkInteger } from './args'
+import type { CallOptions } from './channel'
+import type { VfioUserClient } from './client'
+import { Command } from './command'
+import { VfioUserError } from './errors'
+import type { MigrationState } from './feature'
+
+/** Options of {@link migrate}. */
+export interface MigrateOptions extends CallOptions {
+  /** Most pre-copy rounds (default 8); 0 skips pre-copy even when the source offers it. */
+  maxPreCopyRounds?: number
+  /**
+   * Pre-copy stops once a round moves at most this many bytes (default 1 MiB): what is left
+   * is small enough to move with both devices stopped.
+   */
+  convergedBytes?: number
+  /** Most bytes one MIG_DATA message moves (default: the smaller `maxDataXferSize`). */
+  chunkSize?: number
+  /** Called as bytes move: after every chunk, and once at each phase's end. */
+  onProgress?: (progress: MigrateProgress) => void
+}
+
+/** Where a migration is: passed to {@link MigrateOptions.onProgress}. */
+export interface MigrateProgress {
+  /** `'preCopy'` while the source runs, `'stopCopy'` once it is stopped. */
+  phase: 'preCopy' | 'stopCopy'
+  /** The pre-copy round (1-based); in stop-copy, the number of pre-copy rounds done. */
+  round: number
+  /** Bytes moved so far, all phases. */
+  bytes: number
+  /** Bytes moved in this round or phase. */
+  phaseBytes: number
+  /** Milliseconds since the migration began. */
+  elapsedMs: number
+  /** Bytes per second so far. */
+  rate: number
+}
+
+/** What {@link migrate} did. */
+export interface MigrateSummary {
+  /** Every byte of device state moved. */
+  bytes: number
+  /** Bytes moved while the source ran. */
+  preCopyBytes: number
+  /** Bytes moved with the source stopped. */
+  stopCopyBytes: number
+  /** Pre-copy rounds done (0 when the source does not offer pre-copy, or it was skipped). */
+  rounds: number
+  /** Milliseconds from start to the destination running. */
+  elapsedMs: number
+  /** Milliseconds with the device stopped (source stopped to destination running). */
+  downtimeMs: number
+  /** Bytes per second over the whole migration. */
+  rate: number
+}
+
+/**
+ * A migration that failed: the `code` and `errno` of what failed, which phase it was in, and
+ * where it left both devices (`undefined` when a device could not be asked: it is gone).
+ */
+export class MigrationError extends VfioUserError {
+  /** What was being done: `'prepare'`, `'preCopy'`, `'stopCopy'` or `'finish'`. */
+  readonly phase: string
+  /** The source's state afterwards: `'running'` again whenever it could be restarted. */
+  readonly sourceState: MigrationState | undefined
+  /** The destination's state afterwards, typically `'resuming'`: it holds a partial state. */
+  readonly destinationState: MigrationState | undefined
+
+  /** Wraps `cause`, the error that stopped the migration. */
+  constructor(
+    cause: unknown,
+    phase: string,
+    sourceState: MigrationState | undefined,
+    destinationState: MigrationState | undefined,
+  ) {
+    const e = cause instanceof VfioUserError ? cause : undefined
+    const what = cause instanceof Error ? cause.message : String(cause)
+    const states = `source ${sourceState ?? 'unreachable'}, destination ${destinationState ?? 'unreachable'}`
+    super(
+      e?.code ?? (cause instanceof Error && cause.name === 'AbortError' ? 'ECANCELED' : 'EIO'),
+      e ? -e.errno : cause instanceof Error && cause.name === 'AbortError' ? 125 : 5,
+      `migration failed in ${phase}: ${what} (${states})`,
+      e?.command ?? Command.MIG_DATA_READ,
+      e?.path,
+    )
+    this.name = 'MigrationError'
+    this.cause = cause
+    this.phase = phase
+    this.sourceState = sourceState
+    this.destinationState = destinationState
+  }
+}
+
+function checkOptions(o: MigrateOptions): { rounds: number; converged: number } {
+  const rounds = o.maxPreCopyRounds ?? 8
+  const converged = o.convergedBytes ?? 1 << 20
+  checkInteger('maxPreCopyRounds', rounds, 0, 1 << 20)
+  checkInteger('convergedBytes', converged, 0, Number.MAX_SAFE_INTEGER)
+  if (o.onProgress !== undefined && typeof o.onProgress !== 'function') {
+    throw new TypeError('onProgress must be a function')
+  }
+  return { rounds, converged }
+}
+
+/**
+ * Moves the device state of `source` into `dest` (another server process of the same
+ * device): `dest` goes to RESUMING; while the source runs, pre-copy rounds (when it offers
+ * PRE_COPY) move its state and then only what changed, until a round moves at most
+ * `convergedBytes` or `maxPreCopyRounds` are done; then the source stops (STOP_COPY), the rest
+ * moves, the destination runs and the source is left stopped. Both clients stay open.
+ *
+ * @throws {MigrationError} (rejection) when a device refuses or fails, a stream breaks, or
+ *   `signal` aborts: the source is put back to running where it can be, and the error says
+ *   where both devices were left.
+ * @throws {TypeError | RangeError} for bad options, before anything is sent.
+ */
+export async function migrate(
+  source: VfioUserClient,
+  dest: VfioUserClient,
+  options: MigrateOptions = {},
+): Promise<MigrateSummary> {
+  const { rounds: maxRounds, converged } = checkOptions(options)
+  const { signal, timeoutMs, chunkSize, onProgress } = options
+  const call: CallOptions = { signal, timeoutMs }
+  const start = performance.now()
+  let bytes = 0
+  let preCopyBytes = 0
+  let round = 0
+  let phase = 'prepare'
+  let stoppedAt = 0
+  let destRunning = false
+
+  const report = (p: 'preCopy' | 'stopCopy', phaseBytes: number) => {
+    const elapsedMs = performance.now() - start
+    onProgress?.({
+      phase: p,
+      round,
+      bytes,
+      phaseBytes,
+      elapsedMs,
+      rate: elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0,
+    })
+  }
+  // One pass of the source's stream into the destination; resolves with the bytes moved.
+  const copy = async (p: 'preCopy' | 'stopCopy'): Promise<number> => {
+    let moved = 0
+    await pipeline(
+      source.saveState({ chunkSize, timeoutMs }),
+      async function* (chunks: AsyncIterable<Buffer>) {
+        for await (const c of chunks) {
+          moved += c.length
+          bytes += c.length
+          report(p, moved)
+          yield c
+        }
+      },
+      dest.loadState({ chunkSize, timeoutMs }),
+      { signal },
+    )
+    report(p, moved)
+    return moved
+  }
+
+  try {
+    const [from, to] = await Promise.all([source.migrationFlags(call), dest.migrationFlags(call)])
+    if (!to.stopCopy) throw new VfioUserError('ENOTSUP', 95, 'the destination cannot load a device state')
+    await dest.setMigrationState('resuming', call)
+    if (from.preCopy && maxRounds > 0) {
+      phase = 'preCopy'
+      await source.setMigrationState('preCopy', call)
+      while (round < maxRounds) {
+        round++
+        const moved = await copy('preCopy')
+        preCopyBytes += moved
+        if (moved <= converged) break
+      }
+    }
+    phase = 'stopCopy'
+    stoppedAt = performance.now()
+    await source.setMigrationState('stopCopy', call)
+    await copy('stopCopy')
+    phase = 'finish'
+    await dest.setMigrationState('running', call)
+    destRunning = true
+    await source.setMigrationState('stop', call)
+  } catch (e) {
+    throw await failed(e, phase, source, dest, !destRunning, timeoutMs)
+  }
+  const end = performance.now()
+  const elapsedMs = end - start
+  return {
+    bytes,
+    preCopyBytes,
+    stopCopyBytes: bytes - preCopyBytes,
+    rounds: round,
+    elapsedMs,
+    downtimeMs: end - stoppedAt,
+    rate: elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0,
+  }
+}
+
+/**
+ * Says where both devices are, after putting the source back to running (best effort) unless
+ * the destination already runs: one device must run the guest, never two.
+ */
+async function failed(
+  cause: unknown,
+  phase: string,
+  source: VfioUserClient,
+  dest: VfioUserClient,
+  restart: boolean,
+  timeoutMs: number | undefined,
+): Promise<MigrationError> {
+  const ask = (c: VfioUserClient) => c.migrationState({ timeoutMs }).catch(() => undefined)
+  let from = await ask(source)
+  if (restart && from !== undefined && from !== 'running' && from !== 'error') {
+    from = await source.setMigrationState('running', { timeoutMs }).catch(() => ask(source))
+  }
+  return new MigrationError(cause, phase, from, await ask(dest))
+}
