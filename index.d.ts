@@ -52,6 +52,13 @@ export declare class NativeClient {
   takeError(): NativeError | null
   get closed(): boolean
   /**
+   * Corks sends: requests nobody blocks on are queued until [`NativeClient::uncork`], then
+   * written together (small posted writes as REGION_WRITE_MULTI). Idempotent.
+   */
+  cork(): void
+  /** Releases [`NativeClient::cork`]: what was queued is written now. Idempotent. */
+  uncork(): void
+  /**
    * Closes the connection; in-flight requests fail with ECONNABORTED, and the close event
    * follows. Idempotent.
    */
@@ -217,8 +224,11 @@ export declare function loggingStartPageSize(data: Buffer): bigint | NativeError
 /** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
 export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
 
-/** The data of a MIG_DATA_READ reply to a request for `asked` bytes. */
-export declare function migDataReadData(payload: Buffer, asked: number): Buffer | NativeError
+/**
+ * Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in its
+ * payload: JS takes a view of it, so a chunk of device state is never copied here.
+ */
+export declare function migDataReadData(payload: Buffer, asked: number): NativeRange | NativeError
 
 /** A MIG_DATA_READ request for up to `size` bytes. */
 export declare function migDataReadRequest(size: number): Buffer
@@ -338,6 +348,12 @@ export interface NativeIrqInfo {
 export interface NativeMigration {
   pgsize: number
   maxBitmapSize: number
+}
+
+/** Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload. */
+export interface NativeRange {
+  start: number
+  end: number
 }
 
 /** A decoded DEVICE_GET_REGION_INFO reply. */

@@ -1,8 +1,10 @@
 // `vfio-user probe` as a user runs it (the compiled bin that `npm install` builds).
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
+import { createHash } from 'node:crypto'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { startTestDevice } from '../ts/testing'
+import { connect } from '../ts/index'
+import { startMigrationDevice, startTestDevice } from '../ts/testing'
 
 const cli = join(__dirname, '..', 'dist', 'cli.js')
 
@@ -57,5 +59,80 @@ describe('vfio-user probe', () => {
     const r = probe('/nonexistent/device.sock')
     expect(r.status).toBe(1)
     expect(r.stderr).toMatch(/ENOENT: .*\/nonexistent\/device\.sock/)
+  })
+})
+
+/** Runs the CLI without blocking this process's event loop; resolves with its exit and output. */
+function run(...args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((done) => {
+    const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d: Buffer) => {
+      stdout += d
+    })
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d
+    })
+    child.on('close', (status) => done({ status, stdout, stderr }))
+  })
+}
+
+describe('vfio-user migrate', () => {
+  const MIB = 1 << 20
+
+  /** The digest of a device's whole state (BAR0), read a MiB at a time. */
+  async function digest(socket: string, mib: number): Promise<string> {
+    const c = await connect(socket)
+    try {
+      await c.validateVersion()
+      const h = createHash('sha256')
+      for (let i = 0; i < mib; i++) h.update(await c.regionRead(0, i * MIB, MIB))
+      return h.digest('hex')
+    } finally {
+      await c.close()
+    }
+  }
+
+  it('moves 64 MiB of device state from one server process to another', async () => {
+    await using source = await startMigrationDevice({ stateMib: 64 })
+    await using dest = await startMigrationDevice({ stateMib: 64 })
+    const c = await connect(source.socketPath)
+    await c.validateVersion()
+    const chunk = Buffer.alloc(MIB)
+    for (let i = 0; i < 64; i++) {
+      for (let j = 0; j < MIB; j += 4) chunk.writeUInt32LE((i * MIB + j) ^ 0x5a5a5a5a, j)
+      await c.regionWrite(0, i * MIB, chunk)
+    }
+    await c.close()
+    const want = await digest(source.socketPath, 64)
+    expect(await digest(dest.socketPath, 64)).not.toBe(want)
+
+    const r = await run('migrate', source.socketPath, dest.socketPath, '--json')
+    expect(r.stderr).toBe('')
+    expect(r.status).toBe(0)
+    const summary = JSON.parse(r.stdout)
+    expect(summary).toMatchObject({ source: source.socketPath, destination: dest.socketPath, rounds: 2 })
+    // 64 MiB in records of 1 MiB (16-byte heads), and the end record in stop-copy.
+    expect(summary.preCopyBytes).toBe(64 * MIB + 64 * 16)
+    expect(summary.stopCopyBytes).toBe(16)
+    expect(summary.rate).toBeGreaterThan(0)
+    expect(await digest(dest.socketPath, 64)).toBe(want)
+
+    const plain = await run('migrate', dest.socketPath, source.socketPath, '--max-rounds', '0')
+    expect(plain.status).toBe(0)
+    expect(plain.stdout).toMatch(/^migrated 64\.0 MiB in \d+ ms \(.* MiB\/s\): 0 pre-copy round\(s\)/)
+  })
+
+  it('fails with the error code when a device cannot migrate, and on usage errors', async () => {
+    await using plain = await startTestDevice()
+    await using dest = await startMigrationDevice()
+    const r = await run('migrate', plain.socketPath, dest.socketPath)
+    expect(r.status).toBe(1)
+    expect(r.stderr).toMatch(/^vfio-user: ENOTSUP: migration failed in prepare: the device has no migration/)
+    expect(r.stderr).toMatch(/destination running/)
+    const usage = await run('migrate', plain.socketPath)
+    expect(usage.status).toBe(1)
+    expect(usage.stderr).toMatch(/usage: vfio-user migrate SOURCE DEST/)
   })
 })

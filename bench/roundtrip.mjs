@@ -13,6 +13,7 @@ import { existsSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { allocateDmaMemory, Command, connect } from '../dist/index.js'
 import { startTestDevice } from '../dist/testing.js'
+import { migrationBench } from './migration.mjs'
 
 const root = resolve(import.meta.dirname, '..')
 
@@ -299,6 +300,7 @@ try {
   if (process.env.BENCH_PINNED) console.log(`everything pinned to CPU ${process.env.BENCH_PINNED} (BENCH_PIN)`)
   if (process.env.BENCH_JSON) console.log(JSON.stringify({ floor: f, ceiling: c, results }))
   missed += await typedCalls(device.socketPath)
+  missed += await migrationBench({ binary, rounds: ROUNDS, table, median })
   if (missed > 0) console.log(`${missed} goal(s) missed`)
 } finally {
   await device.close()

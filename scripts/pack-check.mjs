@@ -161,7 +161,10 @@ try {
       const libc = abi === 'gnu' ? 'glibc' : 'musl'
       assert(m.name === `${pkg.name}-${t}` && m.version === pkg.version, `${t}: ${m.name}@${m.version}`)
       assert(m.os?.[0] === os && m.cpu?.[0] === cpu && m.libc?.[0] === libc, `${t}: ${m.os} ${m.cpu} ${m.libc}`)
-      assert(m.files?.includes(`${pkg.napi.binaryName}.${t}.node`) && DEVICES.every((d) => m.files?.includes(d)), `${t}: ${m.files}`)
+      assert(
+        m.files?.includes(`${pkg.napi.binaryName}.${t}.node`) && DEVICES.every((d) => m.files?.includes(d)),
+        `${t}: ${m.files}`,
+      )
     }
   })
 

@@ -33,6 +33,8 @@ pub struct NativeClient {
     /// Where `send_sync` puts a reply's header fields and fds (see [`SCRATCH_WORDS`]), so a
     /// reply reaches JS as one Buffer and a few integers instead of two objects.
     scratch: RefCell<Option<Uint32Array>>,
+    /// Held from [`NativeClient::cork`] to [`NativeClient::uncork`] (the end of a JS job).
+    cork: RefCell<Option<vfio_user_client::Cork>>,
     /// Where `send_sync` copies a reply payload of up to the array's length; JS copies it out
     /// into a pooled Buffer, which costs less than a new Buffer made here.
     data: RefCell<Option<Uint8Array>>,
@@ -137,6 +139,7 @@ impl NativeClient {
             loop_reader: RefCell::new(None),
             ended: RefCell::new(None),
             scratch: RefCell::new(None),
+            cork: RefCell::new(None),
             data: RefCell::new(None),
             last_error: RefCell::new(None),
         }
@@ -377,6 +380,24 @@ impl NativeClient {
         self.client.borrow().as_ref().is_none_or(Client::is_closed)
     }
 
+    /// Corks sends: requests nobody blocks on are queued until [`NativeClient::uncork`], then
+    /// written together (small posted writes as REGION_WRITE_MULTI). Idempotent.
+    #[napi]
+    pub fn cork(&self) {
+        if self.cork.borrow().is_some() {
+            return;
+        }
+        let cork = self.client.borrow().as_ref().map(Client::cork);
+        *self.cork.borrow_mut() = cork;
+    }
+
+    /// Releases [`NativeClient::cork`]: what was queued is written now. Idempotent.
+    #[napi]
+    pub fn uncork(&self) {
+        let cork = self.cork.borrow_mut().take();
+        drop(cork);
+    }
+
     /// Closes the connection; in-flight requests fail with ECONNABORTED, and the close event
     /// follows. Idempotent.
     #[napi]
@@ -394,6 +415,7 @@ impl NativeClient {
     /// once it has taken the close event. Idempotent.
     #[napi]
     pub fn release(&self) {
+        self.uncork();
         if let Some(mut r) = self.loop_reader.borrow_mut().take() {
             r.close();
         }

@@ -153,11 +153,25 @@ pub fn mig_data_read_request(size: u32) -> Buffer {
     migration::mig_data_read_request(size).to_vec().into()
 }
 
-/// The data of a MIG_DATA_READ reply to a request for `asked` bytes.
+/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload.
+#[napi(object)]
+pub struct NativeRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in its
+/// payload: JS takes a view of it, so a chunk of device state is never copied here.
 #[napi]
-pub fn mig_data_read_data(payload: BufferSlice, asked: u32) -> Either<Buffer, NativeError> {
+pub fn mig_data_read_data(payload: BufferSlice, asked: u32) -> Either<NativeRange, NativeError> {
     match migration::mig_data_read_data(&payload, asked) {
-        Ok(d) => Either::A(d.to_vec().into()),
+        Ok(d) => {
+            let start = (payload.len() - d.len()) as u32;
+            Either::A(NativeRange {
+                start,
+                end: start + d.len() as u32,
+            })
+        }
         Err(e) => Either::B(NativeError::proto_reply(Command::MigDataRead, e)),
     }
 }

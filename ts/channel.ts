@@ -35,6 +35,12 @@ export interface Channel {
   maxDataXferSize(): number
   /** The regions mapped into this process (unmapped with the connection). */
   readonly regionMaps: Set<{ unmap(): void }>
+  /**
+   * Corks sends until the current JavaScript job ends (a microtask), as Node's
+   * `writable.cork()` with `process.nextTick(uncork)`: requests made meanwhile go out together,
+   * and small posted writes as REGION_WRITE_MULTI entries.
+   */
+  corkTick(): void
 }
 
 /** @internal What receives a group's irq events, and the end of the connection. */

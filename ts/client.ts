@@ -313,6 +313,8 @@ export class VfioUserClient extends EventEmitter {
   }
 
   /** @internal The connection as device.ts, region.ts and irq.ts use it. */
+  #corked = false
+
   get [CHANNEL](): Channel {
     this.#channel ??= {
       native: this.#native,
@@ -325,6 +327,15 @@ export class VfioUserClient extends EventEmitter {
       regionMaps: this.#regionMaps,
       dmaBuffers: this.#dmaBuffers,
       maxDataXferSize: () => this.version?.capabilities.maxDataXferSize ?? 1048576,
+      corkTick: () => {
+        if (this.#corked) return
+        this.#corked = true
+        this.#native.cork()
+        queueMicrotask(() => {
+          this.#corked = false
+          this.#native.uncork()
+        })
+      },
     }
     return this.#channel
   }

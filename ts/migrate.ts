@@ -61,7 +61,7 @@ export interface MigrateSummary {
 
 /**
  * A migration that failed: the `code` and `errno` of what failed, which phase it was in, and
- * where it left both devices (`undefined` when a device could not be asked: it is gone).
+ * where it left both devices (`undefined` when a device could not be asked).
  */
 export class MigrationError extends VfioUserError {
   /** What was being done: `'prepare'`, `'preCopy'`, `'stopCopy'` or `'finish'`. */
@@ -80,7 +80,7 @@ export class MigrationError extends VfioUserError {
   ) {
     const e = cause instanceof VfioUserError ? cause : undefined
     const what = cause instanceof Error ? cause.message : String(cause)
-    const states = `source ${sourceState ?? 'unreachable'}, destination ${destinationState ?? 'unreachable'}`
+    const states = `source ${sourceState ?? 'unknown'}, destination ${destinationState ?? 'unknown'}`
     super(
       e?.code ?? (cause instanceof Error && cause.name === 'AbortError' ? 'ECANCELED' : 'EIO'),
       e ? -e.errno : cause instanceof Error && cause.name === 'AbortError' ? 125 : 5,

@@ -33,11 +33,12 @@ export function saveState(ch: Channel, options: StateStreamOptions = {}): Readab
     read() {
       ch.send(Command.MIG_DATA_READ, native.migDataReadRequest(size), { timeoutMs }).then(
         (reply) => {
-          const data = native.migDataReadData(reply.payload, size)
-          if (!Buffer.isBuffer(data)) {
-            stream.destroy(ch.error(data))
+          const range = native.migDataReadData(reply.payload, size)
+          if ('errno' in range) {
+            stream.destroy(ch.error(range))
             return
           }
+          const data = reply.payload.subarray(range.start, range.end)
           if (data.length > 0) stream.push(data)
           if (data.length < size) stream.push(null)
         },
@@ -49,25 +50,46 @@ export function saveState(ch: Channel, options: StateStreamOptions = {}): Readab
   return stream
 }
 
+/** MIG_DATA_WRITE messages a {@link loadState} keeps in flight. */
+const WRITES_IN_FLIGHT = 4
+
 /**
  * A Writable that loads the device's state with MIG_DATA_WRITE (valid in RESUMING), each
- * chunk split to the server's `maxDataXferSize` and acknowledged before the next is taken
- * (backpressure). A server error fails the write with that `VfioUserError`.
+ * chunk split to the server's `maxDataXferSize`. Up to four messages are in flight (the
+ * socket keeps them in order); a chunk is taken once fewer are (backpressure), and the stream
+ * finishes when every one is acknowledged. A server error fails the stream with that
+ * `VfioUserError`.
  */
 export function loadState(ch: Channel, options: StateStreamOptions = {}): Writable {
   const size = chunk(ch, options)
   const { signal, timeoutMs } = options
+  const inFlight = new Set<Promise<unknown>>()
+  let failure: Error | undefined
+  /** Calls `done` once fewer than `limit` writes are in flight, or with the first failure. */
+  const settle = async (limit: number, done: (e?: Error | null) => void) => {
+    while (!failure && inFlight.size >= limit) await Promise.race(inFlight)
+    done(failure ?? null)
+  }
   return new Writable({
     highWaterMark: size,
     write(data: Buffer, _encoding, done) {
-      const pieces: Buffer[] = []
-      for (let at = 0; at < data.length; at += size) pieces.push(data.subarray(at, at + size))
-      Promise.all(
-        pieces.map((p) => ch.send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(p), { timeoutMs })),
-      ).then(
-        () => done(),
-        (e: unknown) => done(e as Error),
-      )
+      if (failure) return done(failure)
+      for (let at = 0; at < data.length; at += size) {
+        const p: Promise<unknown> = ch
+          .send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(data.subarray(at, at + size)), { timeoutMs })
+          .then(
+            () => inFlight.delete(p),
+            (e: unknown) => {
+              inFlight.delete(p)
+              failure ??= e as Error
+            },
+          )
+        inFlight.add(p)
+      }
+      void settle(WRITES_IN_FLIGHT, done)
+    },
+    final(done) {
+      void settle(1, done)
     },
     signal,
   })

@@ -208,6 +208,8 @@ export function regionWrite(
     )
   }
   if (options.posted) {
+    // Posted writes made in one go share a sendmsg, and coalesce when the server allows.
+    if (bytes.byteLength <= 8) ch.corkTick()
     const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
     return refused ? Promise.reject(ch.error(refused)) : Promise.resolve()
   }

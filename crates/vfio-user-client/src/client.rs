@@ -27,6 +27,9 @@ use vfio_user_proto::{
     Capabilities, Command, Header, Version, HEADER_SIZE,
 };
 
+/// Most memory (see `Outgoing::cost`) a cork holds queued before writing it anyway.
+const CORK_LIMIT: usize = 256 << 10;
+
 /// One request. `fds` are borrowed: the client sends duplicates, the caller keeps its own.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -277,12 +280,29 @@ impl Client {
         self.submit(req, None, false).map(|_| ())
     }
 
+    /// [`Client::post`] of a REGION_WRITE that may travel as an entry of a REGION_WRITE_MULTI
+    /// (see `write_multi.rs`).
+    pub(crate) fn post_write(&self, req: Request<'_>) -> Result<(), Error> {
+        self.submit_as(req, None, false, true).map(|_| ())
+    }
+
     /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
     fn submit(
         &self,
         req: Request<'_>,
         waiter: Option<Waiter>,
         version: bool,
+    ) -> Result<Submitted, Error> {
+        self.submit_as(req, waiter, version, false)
+    }
+
+    /// [`Client::submit`]; `coalesce` lets a small posted write join a REGION_WRITE_MULTI.
+    fn submit_as(
+        &self,
+        req: Request<'_>,
+        waiter: Option<Waiter>,
+        version: bool,
+        coalesce: bool,
     ) -> Result<Submitted, Error> {
         // Only for messages: no allocation on the path of a request that goes out.
         let name = || command_name(req.command);
@@ -387,7 +407,13 @@ impl Client {
                 id: (!posted).then_some(id),
                 seq,
             };
-            let sent = if st.corks > 0 && corkable {
+            let corked = st.corks > 0 && corkable;
+            let sent = if coalesce && st.coalesce_write(&new, corked) {
+                if !corked {
+                    st.want_write = true;
+                }
+                Ok(if corked { Sent::Corked } else { Sent::Queued })
+            } else if corked {
                 st.cork_request(new).map(|()| Sent::Corked)
             } else {
                 st.send_request(sock, new, !self.shared.options.send_queued)
@@ -398,6 +424,16 @@ impl Client {
                     return Err(e.with_command(req.command));
                 }
                 Err(SendFailure::Fatal(e)) => Err(e),
+                // A cork holds little: a long burst made under one is written as it grows.
+                Ok(Sent::Corked) if st.outgoing.cost() > CORK_LIMIT && !st.want_write => {
+                    st.flush(sock).map(|()| {
+                        if st.want_write {
+                            Sent::Queued
+                        } else {
+                            Sent::Corked
+                        }
+                    })
+                }
                 Ok(s) => Ok(s),
             };
             (id, seq, sent, wake_for_deadline)

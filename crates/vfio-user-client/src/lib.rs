@@ -35,6 +35,7 @@ mod shared;
 mod socket;
 mod state;
 mod ticket;
+mod write_multi;
 
 pub use client::{Client, Request};
 pub use cork::Cork;

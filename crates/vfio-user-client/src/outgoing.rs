@@ -18,6 +18,8 @@ pub struct Outgoing {
     /// Our own duplicates of the caller's fds; they travel with the first chunk only and are
     /// closed once sent or when the message is dropped.
     pub fds: Vec<OwnedFd>,
+    /// A REGION_WRITE_MULTI we made from posted writes: more may join it until it is written.
+    pub merge: bool,
 }
 
 /// Allocator bookkeeping per heap block, counted so a flood of tiny messages costs what it
@@ -160,6 +162,22 @@ impl Queue {
         let msg = self.line().pop_front()?;
         self.refund(&msg);
         Some(msg)
+    }
+
+    /// Lets `join` add to the last of our requests if it is a message writes may still join
+    /// (see [`Outgoing::merge`]) and none of it is written; the queue's cost follows what
+    /// `join` did. False when there is no such message or `join` declined.
+    pub fn join_last(&mut self, join: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let Some(last) = self.requests.back_mut() else {
+            return false;
+        };
+        if !last.merge || last.written > 0 {
+            return false;
+        }
+        let before = last.cost();
+        let joined = join(&mut last.bytes);
+        self.cost = self.cost - before + last.cost();
+        joined
     }
 
     /// Our request `id` (with `seq`) if it is still queued: None if it is not.

@@ -148,7 +148,7 @@ impl Client {
         for p in split(command, offset, data.len(), self.max_transfer(command)?)? {
             let bytes = &data[p.at..p.at + p.count as usize];
             let payload = region_access(index, p.offset, p.count, Some(bytes));
-            self.post(self.request(command, &payload, None))?;
+            self.post_write(self.request(command, &payload, None))?;
         }
         Ok(())
     }

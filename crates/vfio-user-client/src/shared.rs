@@ -235,6 +235,7 @@ impl Shared {
             bytes,
             written: 0,
             fds: Vec::new(),
+            merge: false,
         };
         let result = {
             let mut st = self.lock();

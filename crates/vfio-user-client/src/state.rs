@@ -100,6 +100,7 @@ impl NewRequest<'_> {
             bytes,
             written: 0,
             fds,
+            merge: false,
         };
         msg.advance(written);
         Ok(msg)
@@ -173,6 +174,8 @@ pub struct Stats {
     pub server_requests: u64,
     /// Ids held for the late reply of a request that timed out or failed on the wire.
     pub tombstones: u64,
+    /// Posted writes sent as entries of a REGION_WRITE_MULTI.
+    pub coalesced_writes: u64,
 }
 
 impl State {

@@ -474,4 +474,14 @@ pub fn command_replies(data: &[u8]) {
     if region::check_region_write_reply(payload, index, offset, count).is_ok() {
         assert!(payload.is_empty() || payload.len() == region::ACCESS_HEADER_SIZE);
     }
+    if let Ok(writes) = crate::write_multi::decode_write_multi(payload) {
+        assert!((1..=200).contains(&writes.len()));
+        assert!(writes.iter().all(|w| w.data.len() <= 8));
+    }
+    if let Some(w) = crate::write_multi::small_write(payload) {
+        let mut msg = crate::write_multi::write_multi_message(1, w);
+        assert!(crate::write_multi::append_write(&mut msg, w));
+        let decoded = crate::write_multi::decode_write_multi(&msg[crate::HEADER_SIZE..]);
+        assert_eq!(decoded.ok(), Some(vec![w, w]));
+    }
 }

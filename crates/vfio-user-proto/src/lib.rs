@@ -20,6 +20,7 @@ pub mod migration;
 pub mod region;
 pub mod region_io_fds;
 pub mod version;
+pub mod write_multi;
 
 pub use caps::{
     parse_capabilities, Capabilities, Migration, ParsedCapabilities, TwinSocket,

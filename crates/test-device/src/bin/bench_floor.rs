@@ -1,4 +1,4 @@
-//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|read1m] [DEPTH]`: the benchmark's floor
+//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|relay|read1m] [DEPTH]`: the benchmark's floor
 //! and ceiling, the least a client can do.
 //!
 //! - `raw` (default): one blocking write of DEVICE_GET_INFO, one blocking read of the reply
@@ -144,7 +144,7 @@ fn measure(count: u32, body: impl FnOnce() -> std::io::Result<()>) -> std::io::R
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
-        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|read1m] [DEPTH]");
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|relay|read1m] [DEPTH]");
         std::process::exit(2);
     };
     let count: u32 = count;
@@ -157,6 +157,9 @@ fn main() -> std::io::Result<()> {
     }
     if mode == "stream" {
         return stream(count);
+    }
+    if mode == "relay" {
+        return relay(count);
     }
     let depth: u32 = args.get(4).and_then(|d| d.parse().ok()).unwrap_or(64);
     let mut s = UnixStream::connect(path)?;
@@ -261,6 +264,47 @@ fn stream(count: u32) -> std::io::Result<()> {
     writer
         .join()
         .map_err(|_| std::io::Error::other("writer panicked"))?
+}
+
+/// `relay`: COUNT MiB moved over two socketpairs, a writer thread to this one and this one to
+/// a reader thread, a MiB at a time: the raw copy a migration does (source to client to
+/// destination), with nothing but the bytes.
+fn relay(count: u32) -> std::io::Result<()> {
+    const MIB: usize = 1 << 20;
+    let (mut a, mut from) = UnixStream::pair()?;
+    let (mut to, mut b) = UnixStream::pair()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let chunk = vec![0x5au8; MIB];
+        for _ in 0..count {
+            a.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; MIB];
+        while b.read(&mut buf)? > 0 {}
+        Ok(())
+    });
+    let mut buf = vec![0u8; MIB];
+    measure(count, || {
+        let mut left = count as usize * MIB;
+        while left > 0 {
+            let n = from.read(&mut buf[..left.min(MIB)])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            to.write_all(&buf[..n])?;
+            left -= n;
+        }
+        drop(to);
+        Ok(())
+    })?;
+    let joined = |t: std::thread::JoinHandle<std::io::Result<()>>| {
+        t.join()
+            .map_err(|_| std::io::Error::other("a relay thread panicked"))?
+    };
+    joined(writer)?;
+    joined(reader)
 }
 
 /// `client1m`: COUNT 1 MiB region reads with `vfio-user-client`'s blocking `region_read`.

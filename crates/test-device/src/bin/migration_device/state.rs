@@ -27,9 +27,12 @@ pub struct Device {
     unsent: Vec<u64>,
     /// Where the search for the next unsent page resumes within a round.
     scan: usize,
-    /// Encoded stream bytes produced but not yet read.
-    out: Vec<u8>,
-    out_at: usize,
+    /// The record being read out: its head's bytes not yet read, then the state bytes
+    /// [at, end) it carries (copied from the state when read, never staged).
+    head: [u8; RECORD_HEAD],
+    head_at: usize,
+    at: usize,
+    end: usize,
     end_sent: bool,
     load: Loader,
 }
@@ -50,8 +53,10 @@ impl Device {
             state: MigState::Running,
             unsent: Vec::new(),
             scan: 0,
-            out: Vec::new(),
-            out_at: 0,
+            head: [0; RECORD_HEAD],
+            head_at: RECORD_HEAD,
+            at: 0,
+            end: 0,
             end_sent: false,
             load: Loader::default(),
         }
@@ -147,57 +152,60 @@ impl Device {
             }
         }
         self.scan = 0;
-        self.out.clear();
-        self.out_at = 0;
+        self.head_at = RECORD_HEAD;
+        self.at = 0;
+        self.end = 0;
         self.end_sent = false;
     }
 
     fn end_save(&mut self) {
         self.unsent = Vec::new();
-        self.out = Vec::new();
-        self.out_at = 0;
+        self.head_at = RECORD_HEAD;
+        self.at = 0;
+        self.end = 0;
     }
 
-    /// MIG_DATA_READ: up to `want` bytes of the stream. Fewer means this round (pre-copy)
-    /// or the whole stream (STOP_COPY) has ended.
-    pub fn read(&mut self, want: usize) -> Result<Vec<u8>, Errno> {
-        if !self.state.saving_or_resuming() || self.state == MigState::Resuming {
+    /// MIG_DATA_READ: appends up to `want` bytes of the stream to `out`; fewer means this
+    /// round (pre-copy) or the whole stream (STOP_COPY) has ended.
+    pub fn read(&mut self, want: usize, out: &mut Vec<u8>) -> Result<usize, Errno> {
+        if !matches!(self.state, MigState::PreCopy | MigState::StopCopy) {
             return Err(EINVAL);
         }
-        let mut buf = Vec::with_capacity(want);
-        while buf.len() < want {
-            if self.out_at < self.out.len() {
-                let n = (want - buf.len()).min(self.out.len() - self.out_at);
-                buf.extend_from_slice(&self.out[self.out_at..self.out_at + n]);
-                self.out_at += n;
-                continue;
-            }
-            if !self.refill() {
+        let mut left = want;
+        while left > 0 {
+            if self.head_at < RECORD_HEAD {
+                let n = left.min(RECORD_HEAD - self.head_at);
+                out.extend_from_slice(&self.head[self.head_at..self.head_at + n]);
+                self.head_at += n;
+                left -= n;
+            } else if self.at < self.end {
+                let n = left.min(self.end - self.at);
+                out.extend_from_slice(&self.memory[self.at..self.at + n]);
+                self.at += n;
+                left -= n;
+            } else if !self.next_record() {
                 // The round is over; the next one looks at every page again.
                 self.scan = 0;
                 break;
             }
         }
-        Ok(buf)
+        Ok(want - left)
     }
 
-    /// Encodes the next record (the next run of unsent pages, or the end) into `out`.
-    fn refill(&mut self) -> bool {
-        self.out.clear();
-        self.out_at = 0;
+    /// Starts the next record: the next run of unsent pages, or the end.
+    fn next_record(&mut self) -> bool {
         if let Some((first, n)) = self.next_run() {
-            let at = first * PAGE;
-            let end = ((first + n) * PAGE).min(self.memory.len());
-            head(&mut self.out, at as u64, (end - at) as u32);
-            self.out.extend_from_slice(&self.memory[at..end]);
-            return true;
-        }
-        if self.state == MigState::StopCopy && !self.end_sent {
+            self.at = first * PAGE;
+            self.end = ((first + n) * PAGE).min(self.memory.len());
+            self.head = head(self.at as u64, (self.end - self.at) as u32);
+        } else if self.state == MigState::StopCopy && !self.end_sent {
             self.end_sent = true;
-            head(&mut self.out, END, 0);
-            return true;
+            self.head = head(END, 0);
+        } else {
+            return false;
         }
-        false
+        self.head_at = 0;
+        true
     }
 
     /// The next run of unsent pages from `scan`, marked sent.
@@ -273,10 +281,11 @@ impl Device {
     }
 }
 
-fn head(out: &mut Vec<u8>, offset: u64, len: u32) {
-    out.extend_from_slice(&offset.to_ne_bytes());
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
+fn head(offset: u64, len: u32) -> [u8; RECORD_HEAD] {
+    let mut h = [0u8; RECORD_HEAD];
+    h[0..8].copy_from_slice(&offset.to_ne_bytes());
+    h[8..12].copy_from_slice(&len.to_ne_bytes());
+    h
 }
 
 trait Saving {

@@ -1,0 +1,85 @@
+// `vfio-user migrate SOURCE DEST`: moves a device's state from the server at SOURCE to the one
+// at DEST with migrate() (migrate.ts), showing a progress line (bytes, rate, round) on a
+// terminal and a summary at the end, or the summary as JSON with --json.
+import { connect, type MigrateProgress, type MigrateSummary, migrate, type VfioUserClient } from './index'
+
+/** How `vfio-user migrate` is called. */
+export const migrateUsage =
+  'usage: vfio-user migrate SOURCE DEST [--json] [--timeout MS] [--max-rounds N] [--converged BYTES]'
+
+const mib = (n: number) => `${(n / (1 << 20)).toFixed(1)} MiB`
+
+function progressLine(p: MigrateProgress): string {
+  const what = p.phase === 'preCopy' ? `pre-copy round ${p.round}` : 'stop-copy'
+  return `${what}: ${mib(p.bytes)} moved, ${mib(p.rate)}/s`
+}
+
+function summaryLine(s: MigrateSummary): string {
+  return (
+    `migrated ${mib(s.bytes)} in ${s.elapsedMs.toFixed(0)} ms (${mib(s.rate)}/s): ` +
+    `${s.rounds} pre-copy round(s) moved ${mib(s.preCopyBytes)}, stop-copy ${s.stopCopyBytes} bytes, ` +
+    `downtime ${s.downtimeMs.toFixed(1)} ms`
+  )
+}
+
+function parse(args: string[]) {
+  let json = false
+  let timeoutMs = 5000
+  let maxPreCopyRounds: number | undefined
+  let convergedBytes: number | undefined
+  const positional: string[] = []
+  const number = (a: string, v: string | undefined) => {
+    const n = Number(v)
+    if (v === undefined || !Number.isInteger(n) || n < 0)
+      throw new RangeError(`${a} needs a whole number\n${migrateUsage}`)
+    return n
+  }
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string
+    if (a === '--json') json = true
+    else if (a === '--timeout') timeoutMs = number(a, args[++i])
+    else if (a === '--max-rounds') maxPreCopyRounds = number(a, args[++i])
+    else if (a === '--converged') convergedBytes = number(a, args[++i])
+    else if (a.startsWith('-')) throw new RangeError(`unknown option ${a}\n${migrateUsage}`)
+    else positional.push(a)
+  }
+  const [source, dest] = positional
+  if (positional.length !== 2 || source === undefined || dest === undefined) throw new RangeError(migrateUsage)
+  return { json, timeoutMs, maxPreCopyRounds, convergedBytes, source, dest }
+}
+
+/** Runs `vfio-user migrate` with its arguments; resolves with the exit code. */
+export async function migrateCommand(args: string[]): Promise<number> {
+  const o = parse(args)
+  const tty = process.stderr.isTTY === true && !o.json
+  let shown = 0
+  const onProgress = (p: MigrateProgress) => {
+    // A terminal redraws at most ten times a second.
+    const now = performance.now()
+    if (!tty || now - shown < 100) return
+    shown = now
+    process.stderr.write(`\r\x1b[K${progressLine(p)}`)
+  }
+  const clients: VfioUserClient[] = []
+  try {
+    for (const path of [o.source, o.dest]) {
+      const c = await connect(path, { timeoutMs: o.timeoutMs })
+      clients.push(c)
+      await c.validateVersion()
+    }
+    const [source, dest] = clients as [VfioUserClient, VfioUserClient]
+    const summary = await migrate(source, dest, {
+      timeoutMs: o.timeoutMs,
+      maxPreCopyRounds: o.maxPreCopyRounds,
+      convergedBytes: o.convergedBytes,
+      onProgress,
+    })
+    if (tty) process.stderr.write('\r\x1b[K')
+    const out = o.json ? JSON.stringify({ source: o.source, destination: o.dest, ...summary }) : summaryLine(summary)
+    process.stdout.write(`${out}\n`)
+    return 0
+  } finally {
+    if (tty) process.stderr.write('\r\x1b[K')
+    await Promise.all(clients.map((c) => c.close()))
+  }
+}

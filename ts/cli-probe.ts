@@ -1,0 +1,161 @@
+// `vfio-user probe [SOCKET] [--json]`: connect, negotiate, and show what the device is, as
+// `lspci -vv` would: version and capabilities, device info, every region and irq index, and
+// the PCI config header. Without SOCKET it starts the bundled test device and probes that.
+import {
+  connect,
+  type DeviceInfo,
+  decodePciConfig,
+  type IrqInfo,
+  type PciConfig,
+  type RegionInfo,
+  type VersionInfo,
+  type VfioUserClient,
+} from './index'
+import { startTestDevice, type TestDevice } from './testing'
+
+/** How `vfio-user probe` is called. */
+export const probeUsage = 'usage: vfio-user probe [SOCKET] [--json] [--timeout MS]'
+
+/** What the inspector found. A part the server refused is reported, not fatal. */
+interface Inspection {
+  socket: string
+  version: VersionInfo
+  device?: DeviceInfo
+  regions: Array<Omit<RegionInfo, 'fd' | 'takeFd' | 'close' | typeof Symbol.dispose> & { hasFd: boolean }>
+  irqs: IrqInfo[]
+  pci?: PciConfig
+  errors: string[]
+}
+
+const REGION_NAMES = ['BAR0', 'BAR1', 'BAR2', 'BAR3', 'BAR4', 'BAR5', 'ROM', 'CONFIG', 'VGA']
+const IRQ_NAMES = ['INTx', 'MSI', 'MSI-X', 'ERR', 'REQ']
+const CONFIG_REGION = 7
+
+async function inspect(client: VfioUserClient, socket: string, version: VersionInfo): Promise<Inspection> {
+  const out: Inspection = { socket, version, regions: [], irqs: [], errors: [] }
+  const note = (what: string) => (e: unknown) => {
+    out.errors.push(`${what}: ${e instanceof Error ? e.message : String(e)}`)
+  }
+  out.device = await client.deviceInfo().catch((e) => {
+    note('DEVICE_GET_INFO')(e)
+    return undefined
+  })
+  for (let i = 0; i < (out.device?.numRegions ?? 0); i++) {
+    await client.regionInfo(i).then(
+      (r) => {
+        const { fd, ...fields } = { ...r, fd: r.fd }
+        out.regions.push({ ...fields, hasFd: fd !== undefined })
+        r.close()
+      },
+      note(`region ${i}`),
+    )
+  }
+  for (let i = 0; i < (out.device?.numIrqs ?? 0); i++) {
+    await client.irqInfo(i).then((irq) => out.irqs.push(irq), note(`irq index ${i}`))
+  }
+  const config = out.regions.find((r) => r.index === CONFIG_REGION)
+  if (config?.read && config.size >= 64n) {
+    const length = Number(config.size < 256n ? config.size : 256n)
+    await client.regionRead(CONFIG_REGION, 0, length).then((b) => {
+      out.pci = decodePciConfig(b)
+    }, note('config space'))
+  }
+  return out
+}
+
+const hex = (n: number | bigint, width = 0) => `0x${n.toString(16).padStart(width, '0')}`
+
+function format(x: Inspection): string {
+  const v = x.version
+  const c = v.capabilities
+  const lines = [
+    `socket              ${x.socket}`,
+    `version             ${v.major}.${v.minor}`,
+    `max_msg_fds         ${c.maxMsgFds}`,
+    `max_data_xfer_size  ${c.maxDataXferSize}`,
+    `max_dma_maps        ${c.maxDmaMaps}`,
+    `pgsizes             0x${c.pgsizes.toString(16)}`,
+    `write_multiple      ${c.writeMultiple}`,
+    `migration           ${c.migration ? `pgsize ${c.migration.pgsize}, max_bitmap_size ${c.migration.maxBitmapSize}` : 'absent'}`,
+    `twin_socket         ${c.twinSocket ? JSON.stringify(c.twinSocket) : 'absent'}`,
+  ]
+  for (const w of v.warnings) lines.push(`warning             ${w}`)
+  if (x.device) {
+    const d = x.device
+    const flags = [d.pci ? 'PCI' : '', d.reset ? 'reset' : ''].filter(Boolean).join(' ') || 'none'
+    lines.push(`device              ${d.numRegions} regions, ${d.numIrqs} irq indexes, flags ${flags}`)
+  }
+  for (const r of x.regions) {
+    const access = `${r.read ? 'r' : '-'}${r.write ? 'w' : '-'}${r.mmap ? 'm' : '-'}`
+    const name = REGION_NAMES[r.index] ?? `region ${r.index}`
+    const sparse = r.sparse?.map((a) => `${hex(a.offset)}+${hex(a.size)}`).join(' ')
+    lines.push(
+      `region ${String(r.index).padEnd(3)} ${name.padEnd(7)} ${access} size ${hex(r.size)}` +
+        (r.mmap ? ` mmap offset ${hex(r.offset)}` : '') +
+        (sparse ? ` sparse ${sparse}` : '') +
+        (r.type ? ` type ${r.type.type}/${r.type.subtype}` : '') +
+        (r.hasFd ? ' fd' : ''),
+    )
+    for (const w of r.warnings) lines.push(`  warning           ${w}`)
+  }
+  for (const i of x.irqs) {
+    const flags = ['eventfd', 'maskable', 'automasked', 'noresize'].filter((f) => i[f as keyof IrqInfo] === true)
+    lines.push(
+      `irq ${i.index}  ${(IRQ_NAMES[i.index] ?? '').padEnd(6)}   ${i.count} vector(s)${flags.length ? `, ${flags.join(' ')}` : ''}`,
+    )
+  }
+  if (x.pci) {
+    const p = x.pci
+    lines.push(
+      `pci                 vendor ${hex(p.vendorId, 4)} device ${hex(p.deviceId, 4)} rev ${hex(p.revision, 2)} class ${hex(p.classCode, 6)}`,
+      `  subsystem         ${hex(p.subsystemVendorId, 4)}:${hex(p.subsystemId, 4)}`,
+      `  command           ${hex(p.command, 4)}  status ${hex(p.status, 4)}  header type ${hex(p.headerType, 2)}`,
+      `  interrupt         pin ${p.interruptPin ? String.fromCharCode(64 + p.interruptPin) : 'none'}, line ${p.interruptLine}`,
+    )
+    p.bars.forEach((bar, i) => {
+      if (bar !== 0)
+        lines.push(
+          `  BAR${i}              ${hex(bar, 8)} (${bar & 1 ? 'I/O' : `memory, ${bar & 4 ? '64' : '32'}-bit${bar & 8 ? ', prefetchable' : ''}`})`,
+        )
+    })
+    for (const cap of p.capabilities) lines.push(`  capability        [${hex(cap.offset, 2)}] ${cap.name}`)
+    for (const w of p.warnings) lines.push(`  warning           ${w}`)
+  }
+  for (const e of x.errors) lines.push(`error               ${e}`)
+  return lines.join('\n')
+}
+
+/** Runs `vfio-user probe` with its arguments; resolves with the exit code. */
+export async function probe(args: string[]): Promise<number> {
+  const json = args.includes('--json')
+  let timeoutMs = 5000
+  const positional: string[] = []
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string
+    if (a === '--json') continue
+    if (a === '--timeout') {
+      timeoutMs = Number(args[++i])
+      continue
+    }
+    if (a.startsWith('-')) throw new RangeError(`unknown option ${a}\n${probeUsage}`)
+    positional.push(a)
+  }
+  if (positional.length > 1) throw new RangeError(probeUsage)
+  const device: TestDevice | undefined = positional[0] === undefined ? await startTestDevice() : undefined
+  const path = positional[0] ?? (device as TestDevice).socketPath
+  try {
+    const client = await connect(path, { timeoutMs })
+    try {
+      const v = await client.validateVersion()
+      const found = await inspect(client, path, v)
+      const asJson = () =>
+        JSON.stringify({ ...found, ...v }, (_, value) => (typeof value === 'bigint' ? value.toString() : value), 2)
+      process.stdout.write(`${json ? asJson() : format(found)}\n`)
+    } finally {
+      await client.close()
+    }
+  } finally {
+    await device?.close()
+  }
+  return 0
+}
