@@ -106,6 +106,13 @@ export declare class NativeClient {
    */
   disableIrqs(token: number, group: number, timeoutMs?: number | undefined | null): NativeError | null
   /**
+   * Moves this connection's device-state stream into `dest`'s (see
+   * `Client::pump_state_to`); a reply event with `token` follows, its payload what moved:
+   * bytes (u64, little-endian) then 1 if the stream ended. Returns an error if nothing was
+   * sent (then no event follows).
+   */
+  pumpStateTo(token: number, dest: NativeClient, chunk: number, limit: number, timeoutMs?: number | undefined | null): NativeError | null
+  /**
    * Reads `length` bytes of region `index` at offset (hi, lo), blocking. Null on failure
    * (see `take_error`).
    */

@@ -66,7 +66,8 @@ describe('late replies and the 16-bit ids', () => {
         if (code === 'EAGAIN') refused = (r as PromiseRejectedResult).reason.message
       }
     }
-    expect(refused).toContain('all 65536 message ids are held (65536 waiting for the late reply')
+    // Most are held for late replies; the last requests of a burst may still be pending.
+    expect(refused).toMatch(/^all 65536 message ids are held \(\d+ waiting for the late reply/)
     const e = await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))
     expect(e.code).toBe('EAGAIN')
     expect(e.errno).toBe(-11)

@@ -202,6 +202,7 @@ describe('migration-capable device', () => {
     const e = await rejection(
       migrate(src.client, dst.client, {
         chunkSize: 256 << 10,
+        progressBytes: 1 << 20,
         onProgress: (p) => {
           if (!killed && p.bytes > 1 << 20) {
             killed = true

@@ -5,7 +5,7 @@ use crate::convert::{self, NativeError};
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
 use napi_derive::napi;
 use nix::errno::Errno;
-use vfio_user_client::proto::{feature, migration, Command};
+use vfio_user_client::proto::{feature, Command};
 use vfio_user_client::Error;
 
 fn invalid(what: String) -> NativeError {
@@ -145,39 +145,4 @@ pub fn decode_dirty_bitmap(
         ),
         Err(e) => Either::B(NativeError::proto_reply(Command::DeviceFeature, e)),
     }
-}
-
-/// A MIG_DATA_READ request for up to `size` bytes.
-#[napi]
-pub fn mig_data_read_request(size: u32) -> Buffer {
-    migration::mig_data_read_request(size).to_vec().into()
-}
-
-/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload.
-#[napi(object)]
-pub struct NativeRange {
-    pub start: u32,
-    pub end: u32,
-}
-
-/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in its
-/// payload: JS takes a view of it, so a chunk of device state is never copied here.
-#[napi]
-pub fn mig_data_read_data(payload: BufferSlice, asked: u32) -> Either<NativeRange, NativeError> {
-    match migration::mig_data_read_data(&payload, asked) {
-        Ok(d) => {
-            let start = (payload.len() - d.len()) as u32;
-            Either::A(NativeRange {
-                start,
-                end: start + d.len() as u32,
-            })
-        }
-        Err(e) => Either::B(NativeError::proto_reply(Command::MigDataRead, e)),
-    }
-}
-
-/// A MIG_DATA_WRITE request carrying `data`.
-#[napi]
-pub fn mig_data_write_request(data: BufferSlice) -> Buffer {
-    migration::mig_data_write_request(&data).into()
 }

@@ -14,6 +14,7 @@ mod feature;
 mod irq;
 mod js_callback;
 mod loop_reader;
+mod migration;
 mod region;
 
 use convert::{NativeCapabilitiesResult, NativeError};

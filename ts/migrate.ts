@@ -2,13 +2,13 @@
 // rounds while the source runs (when it offers them), then STOP_COPY on the source piped into
 // RESUMING on the destination, then RUNNING on the destination. Built only on the typed
 // calls (feature.ts, migration.ts); this file decides the order and reports progress.
-import { pipeline } from 'node:stream/promises'
 import { checkInteger } from './args'
 import type { CallOptions } from './channel'
-import type { VfioUserClient } from './client'
+import { CHANNEL, type VfioUserClient } from './client'
 import { Command } from './command'
 import { VfioUserError } from './errors'
 import type { MigrationState } from './feature'
+import { pumpState } from './migration'
 
 /** Options of {@link migrate}. */
 export interface MigrateOptions extends CallOptions {
@@ -21,7 +21,12 @@ export interface MigrateOptions extends CallOptions {
   convergedBytes?: number
   /** Most bytes one MIG_DATA message moves (default: the smaller `maxDataXferSize`). */
   chunkSize?: number
-  /** Called as bytes move: after every chunk, and once at each phase's end. */
+  /**
+   * The bytes move natively, out of JavaScript's reach, in slices of at least this many
+   * (default 64 MiB); `onProgress` and `signal` are looked at between slices.
+   */
+  progressBytes?: number
+  /** Called as bytes move: after every slice, and at the end of each round and phase. */
   onProgress?: (progress: MigrateProgress) => void
 }
 
@@ -101,6 +106,7 @@ function checkOptions(o: MigrateOptions): { rounds: number; converged: number } 
   const converged = o.convergedBytes ?? 1 << 20
   checkInteger('maxPreCopyRounds', rounds, 0, 1 << 20)
   checkInteger('convergedBytes', converged, 0, Number.MAX_SAFE_INTEGER)
+  checkInteger('progressBytes', o.progressBytes ?? 1, 1, Number.MAX_SAFE_INTEGER)
   if (o.onProgress !== undefined && typeof o.onProgress !== 'function') {
     throw new TypeError('onProgress must be a function')
   }
@@ -125,7 +131,7 @@ export async function migrate(
   options: MigrateOptions = {},
 ): Promise<MigrateSummary> {
   const { rounds: maxRounds, converged } = checkOptions(options)
-  const { signal, timeoutMs, chunkSize, onProgress } = options
+  const { signal, timeoutMs, chunkSize, onProgress, progressBytes = 64 << 20 } = options
   const call: CallOptions = { signal, timeoutMs }
   const start = performance.now()
   let bytes = 0
@@ -146,24 +152,19 @@ export async function migrate(
       rate: elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0,
     })
   }
-  // One pass of the source's stream into the destination; resolves with the bytes moved.
+  // One pass of the source's stream into the destination (a round, or the rest of the
+  // state), moved natively in slices of `progressBytes` so progress and `signal` are seen
+  // between them; resolves with the bytes moved.
   const copy = async (p: 'preCopy' | 'stopCopy'): Promise<number> => {
     let moved = 0
-    await pipeline(
-      source.saveState({ chunkSize, timeoutMs }),
-      async function* (chunks: AsyncIterable<Buffer>) {
-        for await (const c of chunks) {
-          moved += c.length
-          bytes += c.length
-          report(p, moved)
-          yield c
-        }
-      },
-      dest.loadState({ chunkSize, timeoutMs }),
-      { signal },
-    )
-    report(p, moved)
-    return moved
+    for (;;) {
+      signal?.throwIfAborted()
+      const r = await pumpState(source[CHANNEL], dest[CHANNEL], { chunkSize, timeoutMs, limit: progressBytes })
+      moved += r.bytes
+      bytes += r.bytes
+      report(p, moved)
+      if (r.ended) return moved
+    }
   }
 
   try {

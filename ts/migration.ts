@@ -50,6 +50,36 @@ export function saveState(ch: Channel, options: StateStreamOptions = {}): Readab
   return stream
 }
 
+/** What {@link pumpState} moved. */
+export interface Pumped {
+  /** Bytes of device state moved. */
+  bytes: number
+  /** The source's stream ended (a short read): the round, or the whole state, is through. */
+  ended: boolean
+}
+
+/**
+ * Moves `source`'s device-state stream into `dest`'s natively (the binding's pump): each
+ * MIG_DATA_READ reply is sent on as a MIG_DATA_WRITE request with no copy, never entering
+ * JavaScript. Stops when the stream ends or once `limit` bytes (default: no limit) moved, and
+ * resolves when every write is acknowledged. `source` must be in PRE_COPY or STOP_COPY, `dest`
+ * in RESUMING.
+ */
+export async function pumpState(
+  source: Channel,
+  dest: Channel,
+  options: StateStreamOptions & { limit?: number } = {},
+): Promise<Pumped> {
+  const size = Math.min(chunk(source, options), dest.maxDataXferSize())
+  const { limit = 0, timeoutMs } = options
+  const reply = await source.call(
+    Command.MIG_DATA_READ,
+    (token) => source.native.pumpStateTo(token, dest.native, size, limit, timeoutMs),
+    options,
+  )
+  return { bytes: Number(reply.payload.readBigUInt64LE(0)), ended: reply.payload[8] === 1 }
+}
+
 /** MIG_DATA_WRITE messages a {@link loadState} keeps in flight. */
 const WRITES_IN_FLIGHT = 4
 

@@ -52,7 +52,7 @@ impl<'a> Request<'a> {
 }
 
 /// What [`Client::submit`] did with a request: its id and seq, and when it times out.
-struct Submitted {
+pub(crate) struct Submitted {
     id: u16,
     seq: u64,
     deadline: Instant,
@@ -61,7 +61,7 @@ struct Submitted {
 
 /// A vfio-user client connection. Dropping it closes the connection.
 pub struct Client {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     path: String,
 }
@@ -283,7 +283,30 @@ impl Client {
     /// [`Client::post`] of a REGION_WRITE that may travel as an entry of a REGION_WRITE_MULTI
     /// (see `write_multi.rs`).
     pub(crate) fn post_write(&self, req: Request<'_>) -> Result<(), Error> {
-        self.submit_as(req, None, false, true).map(|_| ())
+        self.submit_as(req, None, false, true, None).map(|_| ())
+    }
+
+    /// [`Client::send_callback`] of a payload handed over: if the socket does not take it at
+    /// once it waits in the queue as it is, never copied (for payloads of a MiB or more).
+    pub fn send_owned_callback(
+        &self,
+        command: u16,
+        payload: Vec<u8>,
+        timeout: Option<Duration>,
+        done: Completion,
+    ) -> Result<(), Error> {
+        let req = Request {
+            timeout,
+            ..Request::new(command, &[])
+        };
+        self.submit_as(
+            req,
+            Some(Waiter::Callback(done)),
+            false,
+            false,
+            Some(payload),
+        )
+        .map(|_| ())
     }
 
     /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
@@ -293,17 +316,33 @@ impl Client {
         waiter: Option<Waiter>,
         version: bool,
     ) -> Result<Submitted, Error> {
-        self.submit_as(req, waiter, version, false)
+        self.submit_as(req, waiter, version, false, None)
     }
 
-    /// [`Client::submit`]; `coalesce` lets a small posted write join a REGION_WRITE_MULTI.
+    /// [`Client::submit`]; `coalesce` lets a small posted write join a REGION_WRITE_MULTI;
+    /// `owned`, when set, is the payload (and `req.payload` is ignored).
     fn submit_as(
         &self,
         req: Request<'_>,
         waiter: Option<Waiter>,
         version: bool,
         coalesce: bool,
+        owned: Option<Vec<u8>>,
     ) -> Result<Submitted, Error> {
+        Client::submit_on(&self.shared, req, waiter, version, coalesce, owned)
+    }
+
+    /// [`Client::submit_as`] on a connection's shared state, for callers that hold only that
+    /// (a pump forwarding from one connection's completions to another).
+    pub(crate) fn submit_on(
+        shared: &Arc<Shared>,
+        req: Request<'_>,
+        waiter: Option<Waiter>,
+        version: bool,
+        coalesce: bool,
+        owned: Option<Vec<u8>>,
+    ) -> Result<Submitted, Error> {
+        let payload = owned.as_deref().unwrap_or(req.payload);
         // Only for messages: no allocation on the path of a request that goes out.
         let name = || command_name(req.command);
         let invalid = |what: String| Error::new(Errno::EINVAL, what).with_command(req.command);
@@ -318,20 +357,20 @@ impl Client {
                 name()
             )));
         }
-        if HEADER_SIZE + req.payload.len() > u32::MAX as usize {
+        if HEADER_SIZE + payload.len() > u32::MAX as usize {
             return Err(invalid(format!("{} payload is too large", name())));
         }
         let fds = req.fds;
         let posted = waiter.is_none();
         // A request someone will block on (send_wait, a ticket) never waits behind a cork.
         let corkable = !matches!(waiter, Some(Waiter::Slot(_)));
-        let mut header = Header::command(0, req.command, req.payload.len(), posted).encode();
-        let timeout = req.timeout.unwrap_or(self.shared.options.timeout);
+        let mut header = Header::command(0, req.command, payload.len(), posted).encode();
+        let timeout = req.timeout.unwrap_or(shared.options.timeout);
         let deadline = Instant::now() + timeout;
-        let sock = self.shared.sock.as_raw_fd();
+        let sock = shared.sock.as_raw_fd();
 
         let result = {
-            let mut st = self.shared.lock();
+            let mut st = shared.lock();
             if let Some(e) = &st.closed {
                 return Err(e.clone().with_command(req.command));
             }
@@ -361,13 +400,12 @@ impl Client {
                         fds.len()
                     )));
                 }
-                check_request(req.command, req.payload, &v.capabilities)
+                check_request(req.command, payload, &v.capabilities)
                     .map_err(|what| Error::new(Errno::E2BIG, what).with_command(req.command))?;
             }
             if !st.outgoing.is_empty()
-                && st.outgoing.cost()
-                    + Outgoing::cost_of(HEADER_SIZE + req.payload.len(), fds.len())
-                    > self.shared.options.max_queued_bytes
+                && st.outgoing.cost() + Outgoing::cost_of(HEADER_SIZE + payload.len(), fds.len())
+                    > shared.options.max_queued_bytes
             {
                 return Err(Error::new(
                     Errno::ENOBUFS,
@@ -394,7 +432,7 @@ impl Client {
                         deadline,
                         waiter,
                         sent: false,
-                        reply_limit: reply_size_limit(req.command, req.payload),
+                        reply_limit: reply_size_limit(req.command, payload),
                         fd_limit: reply_fd_limit(req.command, OUR_MAX_MSG_FDS),
                     },
                 ),
@@ -402,7 +440,8 @@ impl Client {
             };
             let new = NewRequest {
                 header,
-                payload: req.payload,
+                payload: if owned.is_some() { &[] } else { req.payload },
+                owned,
                 fds,
                 id: (!posted).then_some(id),
                 seq,
@@ -416,7 +455,7 @@ impl Client {
             } else if corked {
                 st.cork_request(new).map(|()| Sent::Corked)
             } else {
-                st.send_request(sock, new, !self.shared.options.send_queued)
+                st.send_request(sock, new, !shared.options.send_queued)
             };
             let sent = match sent {
                 Err(SendFailure::Refused(e)) => {
@@ -441,11 +480,11 @@ impl Client {
         let (id, seq, result, wake_for_deadline) = result;
         match result {
             // Written inline, but its deadline is earlier than the I/O thread's next wakeup.
-            Ok(Sent::Done | Sent::Corked) if wake_for_deadline => self.shared.wake_io(),
+            Ok(Sent::Done | Sent::Corked) if wake_for_deadline => shared.wake_io(),
             Ok(Sent::Done | Sent::Corked) => {}
             // The I/O thread may be asleep in poll without POLLOUT; wake it to watch.
-            Ok(Sent::Queued) => self.shared.wake_io(),
-            Err(e) => self.shared.fail(e),
+            Ok(Sent::Queued) => shared.wake_io(),
+            Err(e) => shared.fail(e),
         }
         Ok(Submitted {
             id,

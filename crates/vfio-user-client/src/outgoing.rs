@@ -13,7 +13,10 @@ pub struct Outgoing {
     /// never wait behind our queue for it).
     pub reply: bool,
     pub seq: u64,
+    /// The header, and the payload when it was copied.
     pub bytes: Vec<u8>,
+    /// A payload handed over whole (never copied), written after `bytes`.
+    pub body: Vec<u8>,
     pub written: usize,
     /// Our own duplicates of the caller's fds; they travel with the first chunk only and are
     /// closed once sent or when the message is dropped.
@@ -39,11 +42,26 @@ impl Outgoing {
     }
 
     pub fn cost(&self) -> usize {
-        Outgoing::cost_of(self.bytes.capacity(), self.fds.capacity())
+        Outgoing::cost_of(
+            self.bytes.capacity() + self.body.capacity(),
+            self.fds.capacity(),
+        )
     }
 
-    pub fn remaining(&self) -> &[u8] {
-        &self.bytes[self.written..]
+    fn len(&self) -> usize {
+        self.bytes.len() + self.body.len()
+    }
+
+    /// The bytes not yet written, in up to two parts (empty ones included).
+    pub fn remaining(&self) -> [&[u8]; 2] {
+        match self.written.checked_sub(self.bytes.len()) {
+            None => [&self.bytes[self.written..], &self.body],
+            Some(into_body) => [&[], &self.body[into_body.min(self.body.len())..]],
+        }
+    }
+
+    fn remaining_len(&self) -> usize {
+        self.len().saturating_sub(self.written)
     }
 
     pub fn raw_fds(&self) -> Vec<RawFd> {
@@ -61,7 +79,7 @@ impl Outgoing {
             self.fds.clear();
         }
         self.written += n;
-        self.written >= self.bytes.len()
+        self.written >= self.len()
     }
 }
 
@@ -134,7 +152,12 @@ impl Queue {
             } else if !fds.is_empty() || !m.fds.is_empty() {
                 break;
             }
-            iov.push(IoSlice::new(m.remaining()));
+            iov.extend(
+                m.remaining()
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(IoSlice::new),
+            );
         }
         (iov, fds)
     }
@@ -146,7 +169,7 @@ impl Queue {
             let Some(front) = self.next() else {
                 return;
             };
-            let take = n.min(front.remaining().len());
+            let take = n.min(front.remaining_len());
             n -= take;
             if !front.advance(take) {
                 return;

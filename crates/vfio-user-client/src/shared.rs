@@ -233,6 +233,7 @@ impl Shared {
             reply: true,
             seq: 0,
             bytes,
+            body: Vec::new(),
             written: 0,
             fds: Vec::new(),
             merge: false,

@@ -53,10 +53,11 @@ impl Fired {
 
 /// A request about to be sent: its encoded header, the caller's payload and fds (borrowed:
 /// copied, and the fds duplicated, only if it must wait in the queue), its id (None: posted)
-/// and seq.
+/// and seq. A payload handed over (`owned`) is queued as it is, never copied.
 pub struct NewRequest<'a> {
     pub header: [u8; HEADER_SIZE],
     pub payload: &'a [u8],
+    pub owned: Option<Vec<u8>>,
     pub fds: &'a [BorrowedFd<'a>],
     pub id: Option<u16>,
     pub seq: u64,
@@ -72,6 +73,11 @@ pub enum SendFailure {
 }
 
 impl NewRequest<'_> {
+    /// The payload, borrowed or owned.
+    pub fn body(&self) -> &[u8] {
+        self.owned.as_deref().unwrap_or(self.payload)
+    }
+
     /// The request as a queued message (a copy of its bytes, and our own duplicates of its fds
     /// unless they went already), `written` of its bytes already sent.
     fn queued(self, written: usize) -> Result<Outgoing, SendFailure> {
@@ -90,14 +96,21 @@ impl NewRequest<'_> {
                     ))
                 })?
         };
-        let mut bytes = Vec::with_capacity(HEADER_SIZE + self.payload.len());
-        bytes.extend_from_slice(&self.header);
-        bytes.extend_from_slice(self.payload);
+        let (bytes, body) = match self.owned {
+            Some(body) => (self.header.to_vec(), body),
+            None => {
+                let mut bytes = Vec::with_capacity(HEADER_SIZE + self.payload.len());
+                bytes.extend_from_slice(&self.header);
+                bytes.extend_from_slice(self.payload);
+                (bytes, Vec::new())
+            }
+        };
         let mut msg = Outgoing {
             id: self.id,
             reply: false,
             seq: self.seq,
             bytes,
+            body,
             written: 0,
             fds,
             merge: false,
@@ -329,7 +342,8 @@ impl State {
 
     /// Sends request `id` (None: posted) made of `header` and `payload`. When nothing is
     /// queued and `inline` is allowed it is written straight from them in one gathered
-    /// sendmsg, with no copy; whatever the socket did not take is queued, as a copy.
+    /// sendmsg, with no copy; whatever the socket did not take is queued, as a copy (or, for
+    /// an owned payload, as it is).
     pub fn send_request(
         &mut self,
         sock: RawFd,
@@ -341,8 +355,8 @@ impl State {
             return self.send(sock, msg, inline).map_err(SendFailure::Fatal);
         }
         let raw: Vec<RawFd> = req.fds.iter().map(|f| f.as_raw_fd()).collect();
-        let iov = [IoSlice::new(&req.header), IoSlice::new(req.payload)];
-        let total = HEADER_SIZE + req.payload.len();
+        let iov = [IoSlice::new(&req.header), IoSlice::new(req.body())];
+        let total = HEADER_SIZE + req.body().len();
         let (id, seq) = (req.id, req.seq);
         let written = match send_parts(sock, &iov, &raw) {
             Ok(n) => n,

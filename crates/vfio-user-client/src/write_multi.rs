@@ -21,7 +21,7 @@ impl State {
         if !offered || req.id.is_some() || (!corked && self.outgoing.is_empty()) {
             return false;
         }
-        let Some(w) = small_write(req.payload) else {
+        let Some(w) = small_write(req.body()) else {
             return false;
         };
         if !self.outgoing.join_last(|msg| append_write(msg, w)) {
@@ -31,6 +31,7 @@ impl State {
                 reply: false,
                 seq: req.seq,
                 bytes: write_multi_message(id, w),
+                body: Vec::new(),
                 written: 0,
                 fds: Vec::new(),
                 merge: true,

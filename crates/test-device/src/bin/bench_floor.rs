@@ -266,28 +266,37 @@ fn stream(count: u32) -> std::io::Result<()> {
         .map_err(|_| std::io::Error::other("writer panicked"))?
 }
 
-/// `relay`: COUNT MiB moved over two socketpairs, a writer thread to this one and this one to
-/// a reader thread, a MiB at a time: the raw copy a migration does (source to client to
-/// destination), with nothing but the bytes.
+/// `relay`: COUNT MiB moved from one thread's memory to another's through this one, over two
+/// socketpairs, a MiB per write: the raw copy a migration makes (the source device's state,
+/// through the client, into the destination device's state), with nothing but the bytes.
+/// Both ends keep COUNT MiB of distinct memory, as devices keep their state; every socket
+/// has the send buffer the client and the migration device ask for.
 fn relay(count: u32) -> std::io::Result<()> {
     const MIB: usize = 1 << 20;
+    let total = count as usize * MIB;
     let (mut a, mut from) = UnixStream::pair()?;
     let (mut to, mut b) = UnixStream::pair()?;
+    for s in [&a, &from, &to, &b] {
+        let _ = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
+    }
+    let state: Vec<u8> = (0..total).map(|i| i as u8).collect();
+    let mut loaded = vec![1u8; total];
+    let (go, started) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        let chunk = vec![0x5au8; MIB];
-        for _ in 0..count {
-            a.write_all(&chunk)?;
+        let _ = started.recv();
+        for chunk in state.chunks(MIB) {
+            a.write_all(chunk)?;
         }
         Ok(())
     });
     let reader = std::thread::spawn(move || -> std::io::Result<()> {
-        let mut buf = vec![0u8; MIB];
-        while b.read(&mut buf)? > 0 {}
+        b.read_exact(&mut loaded)?;
         Ok(())
     });
     let mut buf = vec![0u8; MIB];
     measure(count, || {
-        let mut left = count as usize * MIB;
+        let _ = go.send(());
+        let mut left = total;
         while left > 0 {
             let n = from.read(&mut buf[..left.min(MIB)])?;
             if n == 0 {
@@ -296,15 +305,15 @@ fn relay(count: u32) -> std::io::Result<()> {
             to.write_all(&buf[..n])?;
             left -= n;
         }
-        drop(to);
-        Ok(())
+        // Done when the last byte has landed, as a migration is when the last write is acked.
+        joined(reader)
     })?;
-    let joined = |t: std::thread::JoinHandle<std::io::Result<()>>| {
-        t.join()
-            .map_err(|_| std::io::Error::other("a relay thread panicked"))?
-    };
-    joined(writer)?;
-    joined(reader)
+    joined(writer)
+}
+
+fn joined(t: std::thread::JoinHandle<std::io::Result<()>>) -> std::io::Result<()> {
+    t.join()
+        .map_err(|_| std::io::Error::other("a relay thread panicked"))?
 }
 
 /// `client1m`: COUNT 1 MiB region reads with `vfio-user-client`'s blocking `region_read`.

@@ -4,9 +4,9 @@
 
 use crate::dma::{Dma, EINVAL};
 use crate::regions::Regions;
-use crate::state::Device;
+use crate::state::{Device, Piece};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-use std::io::{IoSliceMut, Read, Write};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,6 +43,8 @@ impl Conn {
         regions: Arc<Regions>,
         options: Arc<Options>,
     ) -> Conn {
+        // As the client does: a MiB of state leaves in one write (capped by wmem_max).
+        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::SndBuf, &(4 << 20));
         Conn {
             sock,
             rx: Vec::new(),
@@ -61,6 +63,18 @@ impl Conn {
     /// Serves requests until the client goes or sends something unreadable.
     pub fn serve(mut self) {
         while let Some((h, fds)) = self.receive() {
+            if h.command == Command::MigDataRead as u16 && !h.no_reply() {
+                if self.mig_data_read(&h).is_err() {
+                    return;
+                }
+                continue;
+            }
+            if h.command == Command::MigDataWrite as u16 {
+                if self.mig_data_write(&h).is_err() {
+                    return;
+                }
+                continue;
+            }
             let rx = std::mem::take(&mut self.rx);
             let mut tx = std::mem::take(&mut self.tx);
             tx.clear();
@@ -82,6 +96,85 @@ impl Conn {
             }
             self.tx = tx;
         }
+    }
+
+    /// Answers MIG_DATA_READ, sending the state's bytes straight from the state (one
+    /// gathered write, the device held meanwhile so they cannot change under it).
+    fn mig_data_read(&mut self, h: &Header) -> std::io::Result<()> {
+        let want = u32_at(&self.rx[..h.payload_len()], 4);
+        let mut heads = Vec::new();
+        let device = self.device.clone();
+        let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+        let pieces = match want {
+            Some(w) if w <= 1 << 20 => dev.read(w as usize, &mut heads),
+            Some(_) => Err(E2BIG),
+            None => Err(EINVAL),
+        };
+        let pieces = match pieces {
+            Ok(p) => p,
+            Err(errno) => {
+                return self
+                    .sock
+                    .write_all(&Header::error_reply_to(h, errno).encode());
+            }
+        };
+        let slices: Vec<&[u8]> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Head(r) => &heads[r.clone()],
+                Piece::State(r) => &dev.memory[r.clone()],
+            })
+            .collect();
+        let n: usize = slices.iter().map(|s| s.len()).sum();
+        let mut head = Header::reply_to(h, 8 + n).encode().to_vec();
+        head.extend_from_slice(&(8 + n as u32).to_ne_bytes());
+        head.extend_from_slice(&(n as u32).to_ne_bytes());
+        let mut iov: Vec<IoSlice<'_>> = std::iter::once(head.as_slice())
+            .chain(slices)
+            .map(IoSlice::new)
+            .collect();
+        let mut iov = &mut iov[..];
+        while !iov.is_empty() {
+            let written = self.sock.write_vectored(iov)?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut iov, written);
+        }
+        Ok(())
+    }
+
+    /// Answers MIG_DATA_WRITE, whose payload is still unread: its data goes from the socket
+    /// straight into the state.
+    fn mig_data_write(&mut self, h: &Header) -> std::io::Result<()> {
+        let len = h.payload_len();
+        let mut head = [0u8; 8];
+        let outcome = if len < 8 {
+            std::io::copy(&mut (&self.sock).take(len as u64), &mut std::io::sink())?;
+            Err(EINVAL)
+        } else {
+            self.sock.read_exact(&mut head)?;
+            let size = u32_at(&head, 4).unwrap_or(0) as usize;
+            if size != len - 8 {
+                std::io::copy(
+                    &mut (&self.sock).take((len - 8) as u64),
+                    &mut std::io::sink(),
+                )?;
+                Err(EINVAL)
+            } else {
+                let device = self.device.clone();
+                let mut dev = device.lock().unwrap_or_else(|e| e.into_inner());
+                dev.load_from(&mut self.sock, size)?
+            }
+        };
+        if h.no_reply() {
+            return Ok(());
+        }
+        let reply = match outcome {
+            Ok(()) => Header::reply_to(h, 0),
+            Err(errno) => Header::error_reply_to(h, errno),
+        };
+        self.sock.write_all(&reply.encode())
     }
 
     /// The next message's header and the fds that came with its first bytes; its payload is
@@ -116,6 +209,10 @@ impl Conn {
         if len > MAX_MESSAGE {
             return None;
         }
+        if h.command == Command::MigDataWrite as u16 {
+            // Read by `mig_data_write`, straight into the state.
+            return Some((h, fds));
+        }
         if self.rx.len() < len {
             self.rx.resize(len, 0);
         }
@@ -139,18 +236,6 @@ impl Conn {
                 let mut dev = self.device.lock().unwrap_or_else(|e| e.into_inner());
                 self.regions
                     .read(&mut dev, index, offset, count as usize, tx)
-            }
-            Some(Command::MigDataRead) => {
-                let want = word(4)? as usize;
-                if want > 1 << 20 {
-                    return Err(E2BIG);
-                }
-                let at = tx.len();
-                tx.extend_from_slice(&[0; 8]);
-                let n = self.device().read(want, tx)? as u32;
-                tx[at..at + 4].copy_from_slice(&(8 + n).to_ne_bytes());
-                tx[at + 4..at + 8].copy_from_slice(&n.to_ne_bytes());
-                Ok(())
             }
             _ => {
                 let body = self.answer(h, p, fds)?;
@@ -205,12 +290,6 @@ impl Conn {
                 Ok(Vec::new())
             }
             Some(Command::DeviceFeature) => self.feature(p),
-            Some(Command::MigDataWrite) => {
-                let size = word(4)? as usize;
-                let data = p.get(8..).filter(|d| d.len() == size).ok_or(EINVAL)?;
-                self.device().load(data)?;
-                Ok(Vec::new())
-            }
             _ => Err(ENOTSUP),
         }
     }

@@ -6,6 +6,7 @@
 //! reserved) and `length` bytes of state at `offset`; a head with offset `END` closes it.
 //! A stream that does not close, or a record past the state, leaves the device in ERROR.
 
+use std::io::Read;
 use vfio_user_proto::feature::MigState;
 
 pub const PAGE: usize = 4096;
@@ -18,6 +19,12 @@ const RECORD_PAGES: usize = 256;
 pub type Errno = u32;
 pub const EINVAL: Errno = 22;
 pub const EBUSY: Errno = 16;
+
+/// A piece of a MIG_DATA_READ reply: bytes of the record heads, or of the state.
+pub enum Piece {
+    Head(std::ops::Range<usize>),
+    State(std::ops::Range<usize>),
+}
 
 pub struct Device {
     pub memory: Vec<u8>,
@@ -165,22 +172,26 @@ impl Device {
         self.end = 0;
     }
 
-    /// MIG_DATA_READ: appends up to `want` bytes of the stream to `out`; fewer means this
-    /// round (pre-copy) or the whole stream (STOP_COPY) has ended.
-    pub fn read(&mut self, want: usize, out: &mut Vec<u8>) -> Result<usize, Errno> {
+    /// MIG_DATA_READ: the next `want` bytes of the stream at most, as pieces to send in order
+    /// (record heads are appended to `heads`; state bytes are sent from the state itself).
+    /// Fewer than `want` means this round (pre-copy) or the whole stream (STOP_COPY) ended.
+    pub fn read(&mut self, want: usize, heads: &mut Vec<u8>) -> Result<Vec<Piece>, Errno> {
         if !matches!(self.state, MigState::PreCopy | MigState::StopCopy) {
             return Err(EINVAL);
         }
+        let mut pieces = Vec::new();
         let mut left = want;
         while left > 0 {
             if self.head_at < RECORD_HEAD {
                 let n = left.min(RECORD_HEAD - self.head_at);
-                out.extend_from_slice(&self.head[self.head_at..self.head_at + n]);
+                let at = heads.len();
+                heads.extend_from_slice(&self.head[self.head_at..self.head_at + n]);
+                pieces.push(Piece::Head(at..at + n));
                 self.head_at += n;
                 left -= n;
             } else if self.at < self.end {
                 let n = left.min(self.end - self.at);
-                out.extend_from_slice(&self.memory[self.at..self.at + n]);
+                pieces.push(Piece::State(self.at..self.at + n));
                 self.at += n;
                 left -= n;
             } else if !self.next_record() {
@@ -189,7 +200,7 @@ impl Device {
                 break;
             }
         }
-        Ok(want - left)
+        Ok(pieces)
     }
 
     /// Starts the next record: the next run of unsent pages, or the end.
@@ -234,27 +245,49 @@ impl Device {
         Some((first, p - first))
     }
 
-    /// MIG_DATA_WRITE: the next bytes of a stream, applied as they come.
-    pub fn load(&mut self, mut data: &[u8]) -> Result<(), Errno> {
-        if self.state != MigState::Resuming {
-            return Err(EINVAL);
+    /// MIG_DATA_WRITE: the next `size` bytes of a stream, read from `src` straight into the
+    /// state as they come (no staging). A stream that breaks the rules is refused (the device
+    /// goes to ERROR) and the rest of its bytes are read and dropped, so the connection stays
+    /// in step; the outer error is the connection's.
+    pub fn load_from(
+        &mut self,
+        src: &mut impl Read,
+        size: usize,
+    ) -> std::io::Result<Result<(), Errno>> {
+        let mut left = size;
+        let outcome = self.load_some(src, &mut left)?;
+        if left > 0 {
+            std::io::copy(&mut src.take(left as u64), &mut std::io::sink())?;
         }
-        while !data.is_empty() {
+        Ok(outcome)
+    }
+
+    fn load_some(
+        &mut self,
+        src: &mut impl Read,
+        left: &mut usize,
+    ) -> std::io::Result<Result<(), Errno>> {
+        if self.state != MigState::Resuming {
+            return Ok(Err(EINVAL));
+        }
+        while *left > 0 {
             let l = &mut self.load;
             if l.complete {
-                return self.fail();
+                return Ok(self.fail());
             }
             if l.left > 0 {
-                let n = l.left.min(data.len());
-                self.memory[l.at..l.at + n].copy_from_slice(&data[..n]);
+                let n = l.left.min(*left);
+                src.read_exact(&mut self.memory[l.at..l.at + n])?;
                 l.at += n;
                 l.left -= n;
-                data = &data[n..];
+                *left -= n;
                 continue;
             }
-            let n = (RECORD_HEAD - l.head.len()).min(data.len());
-            l.head.extend_from_slice(&data[..n]);
-            data = &data[n..];
+            let have = l.head.len();
+            let n = (RECORD_HEAD - have).min(*left);
+            l.head.resize(have + n, 0);
+            src.read_exact(&mut l.head[have..])?;
+            *left -= n;
             if l.head.len() < RECORD_HEAD {
                 break;
             }
@@ -267,12 +300,12 @@ impl Device {
             }
             let size = self.memory.len() as u64;
             if offset > size || len as u64 > size - offset {
-                return self.fail();
+                return Ok(self.fail());
             }
             l.at = offset as usize;
             l.left = len;
         }
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn fail(&mut self) -> Result<(), Errno> {

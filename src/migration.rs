@@ -1,0 +1,85 @@
+//! The device-state stream (MIG_DATA_READ / MIG_DATA_WRITE) through the proto crate's
+//! `migration.rs`, and the native pump from one connection's stream into another's.
+
+use crate::client::NativeClient;
+use crate::convert::{self, NativeError, Payload};
+use crate::events::Event;
+use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
+use napi_derive::napi;
+use vfio_user_client::proto::{migration, Command};
+
+/// A MIG_DATA_READ request for up to `size` bytes.
+#[napi]
+pub fn mig_data_read_request(size: u32) -> Buffer {
+    migration::mig_data_read_request(size).to_vec().into()
+}
+
+/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload.
+#[napi(object)]
+pub struct NativeRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in its
+/// payload: JS takes a view of it, so a chunk of device state is never copied here.
+#[napi]
+pub fn mig_data_read_data(payload: BufferSlice, asked: u32) -> Either<NativeRange, NativeError> {
+    match migration::mig_data_read_data(&payload, asked) {
+        Ok(d) => {
+            let start = (payload.len() - d.len()) as u32;
+            Either::A(NativeRange {
+                start,
+                end: start + d.len() as u32,
+            })
+        }
+        Err(e) => Either::B(NativeError::proto_reply(Command::MigDataRead, e)),
+    }
+}
+
+/// A MIG_DATA_WRITE request carrying `data`.
+#[napi]
+pub fn mig_data_write_request(data: BufferSlice) -> Buffer {
+    migration::mig_data_write_request(&data).into()
+}
+
+#[napi]
+impl NativeClient {
+    /// Moves this connection's device-state stream into `dest`'s (see
+    /// `Client::pump_state_to`); a reply event with `token` follows, its payload what moved:
+    /// bytes (u64, little-endian) then 1 if the stream ended. Returns an error if nothing was
+    /// sent (then no event follows).
+    #[napi]
+    pub fn pump_state_to(
+        &self,
+        token: u32,
+        dest: &NativeClient,
+        chunk: u32,
+        limit: f64,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(
+            move |r: Result<vfio_user_client::Pumped, vfio_user_client::Error>| {
+                events.push(match r {
+                    Ok(p) => {
+                        let mut buf = p.bytes.to_le_bytes().to_vec();
+                        buf.push(u8::from(p.ended));
+                        Event::Data(token, Payload::whole(buf))
+                    }
+                    Err(e) => Event::Done(token, Err(e)),
+                })
+            },
+        );
+        let limit = if limit.is_finite() && limit > 0.0 {
+            limit as u64
+        } else {
+            u64::MAX
+        };
+        self.live(|c| {
+            dest.live(|d| c.pump_state_to(d, chunk, limit, convert::timeout(timeout_ms), done))
+        })
+        .err()
+        .map(|e| convert::from_error(&e))
+    }
+}
