@@ -224,4 +224,31 @@ describe('migration-capable device', () => {
     opened.splice(0)
     expect(openFds()).toBe(before)
   })
+
+  it('saveState errors, typed, when the device is killed mid-stream; the destination says it is resuming', async () => {
+    const src = await start(16)
+    const dst = await start(16)
+    await src.client.setMigrationState('stopCopy')
+    await dst.client.setMigrationState('resuming')
+    const save = src.client.saveState({ chunkSize: 64 << 10 })
+    let first = true
+    const e = await rejection(
+      pipeline(
+        save,
+        async function* (chunks: AsyncIterable<Buffer>) {
+          for await (const c of chunks) {
+            if (first) {
+              first = false
+              process.kill(src.device.pid, 'SIGKILL')
+            }
+            yield c
+          }
+        },
+        dst.client.loadState(),
+      ),
+    )
+    expect(e.code).toMatch(/^ECONN/)
+    expect(save.destroyed).toBe(true)
+    expect(await dst.client.migrationState()).toBe('resuming')
+  })
 })
