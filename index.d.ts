@@ -193,6 +193,9 @@ export declare function decodeIrqInfo(payload: Buffer, index: number): NativeIrq
 /** The MIGRATION feature's flags. */
 export declare function decodeMigrationFlags(data: Buffer): number | NativeError
 
+/** Decodes a type-0 configuration header and its capability list. */
+export declare function decodePciConfig(config: Buffer): NativePciConfig | NativeError
+
 /** Decodes a DEVICE_GET_REGION_INFO reply payload for `index`. */
 export declare function decodeRegionInfo(payload: Buffer, index: number): NativeRegionInfo | NativeError
 
@@ -355,6 +358,30 @@ export interface NativeIrqInfo {
 export interface NativeMigration {
   pgsize: number
   maxBitmapSize: number
+}
+
+export interface NativePciCapability {
+  offset: number
+  id: number
+  name: string
+}
+
+/** A decoded configuration header. */
+export interface NativePciConfig {
+  vendorId: number
+  deviceId: number
+  command: number
+  status: number
+  revision: number
+  classCode: number
+  headerType: number
+  bars: Array<number>
+  subsystemVendorId: number
+  subsystemId: number
+  interruptLine: number
+  interruptPin: number
+  capabilities: Array<NativePciCapability>
+  warnings: Array<string>
 }
 
 /** Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload. */

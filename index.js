@@ -845,6 +845,7 @@ module.exports.decodeDeviceState = nativeBinding.decodeDeviceState
 module.exports.decodeDirtyBitmap = nativeBinding.decodeDirtyBitmap
 module.exports.decodeIrqInfo = nativeBinding.decodeIrqInfo
 module.exports.decodeMigrationFlags = nativeBinding.decodeMigrationFlags
+module.exports.decodePciConfig = nativeBinding.decodePciConfig
 module.exports.decodeRegionInfo = nativeBinding.decodeRegionInfo
 module.exports.decodeRegionIoFds = nativeBinding.decodeRegionIoFds
 module.exports.deviceInfoRequest = nativeBinding.deviceInfoRequest

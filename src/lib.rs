@@ -15,6 +15,7 @@ mod irq;
 mod js_callback;
 mod loop_reader;
 mod migration;
+mod pci;
 mod region;
 
 use convert::{NativeCapabilitiesResult, NativeError};

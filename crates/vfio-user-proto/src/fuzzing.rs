@@ -474,6 +474,13 @@ pub fn command_replies(data: &[u8]) {
     if region::check_region_write_reply(payload, index, offset, count).is_ok() {
         assert!(payload.is_empty() || payload.len() == region::ACCESS_HEADER_SIZE);
     }
+    if let Ok(p) = crate::pci::decode_pci_config(payload) {
+        assert!(p.capabilities.len() <= 64);
+        assert!(p
+            .capabilities
+            .iter()
+            .all(|c| (c.offset as usize) < payload.len()));
+    }
     if let Ok(writes) = crate::write_multi::decode_write_multi(payload) {
         assert!((1..=200).contains(&writes.len()));
         assert!(writes.iter().all(|w| w.data.len() <= 8));

@@ -17,6 +17,7 @@ mod header;
 pub mod irq;
 mod limits;
 pub mod migration;
+pub mod pci;
 pub mod region;
 pub mod region_io_fds;
 pub mod version;
