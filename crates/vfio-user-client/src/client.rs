@@ -417,6 +417,16 @@ impl Client {
                 )
                 .with_command(req.command));
             }
+            if matches!(waiter, Some(Waiter::Callback(_)))
+                && !st.external_reader
+                && !st.caller_reading
+                && st.caller_read_at.take().is_some()
+            {
+                // The I/O thread was left off the read side after blocking calls; this reply
+                // is for it to read, now.
+                st.backup_check_at = None;
+                shared.sync_interest(&mut st);
+            }
             let id = st.alloc_id(waiter.is_some())?;
             header[0..2].copy_from_slice(&id.to_ne_bytes());
             let seq = st.next_seq();

@@ -1,6 +1,7 @@
 //! The I/O thread: waits (epoll) on the socket and a wake eventfd, receives and dispatches,
 //! finishes queued writes, enforces deadlines. It never waits on a caller.
 
+use crate::reader::CALLER_GRACE;
 use crate::receive::receive;
 use crate::shared::{Shared, WAKE_TOKEN};
 use crate::state::Fired;
@@ -112,14 +113,19 @@ pub fn run(shared: Arc<Shared>) {
     shared.notify_closed();
 }
 
-/// Reads whatever another reader (a caller, an event loop) left waiting past the grace period.
+/// Reads whatever another reader (a caller, an event loop) left waiting past the grace period;
+/// while blocking calls still follow one another, only looks again later.
 fn backup_read(shared: &Shared, sock: i32) {
     let due = {
         let mut st = shared.lock();
+        let now = Instant::now();
         match st.backup_check_at {
-            Some(t) if t <= Instant::now() => {
-                st.backup_check_at = None;
-                true
+            Some(t) if t <= now => {
+                let burst = !st.external_reader
+                    && (st.caller_reading
+                        || st.caller_read_at.is_some_and(|r| now < r + CALLER_GRACE));
+                st.backup_check_at = burst.then(|| now + CALLER_GRACE);
+                !burst
             }
             _ => false,
         }

@@ -69,6 +69,12 @@ impl Drop for ExternalReader {
 /// How late past its deadline a blocking read may wake (see [`ReaderGuard::read_until`]).
 const BLOCKING_SLACK: Duration = Duration::from_millis(1);
 
+/// With no event loop, how long after a blocking call the I/O thread stays off the read side,
+/// expecting the next call: calls back to back then cost no epoll_ctl each (the I/O thread is
+/// disarmed once per burst, and looks every CALLER_GRACE whether the burst is over). A server
+/// request arriving after the last call waits at most this long for the I/O thread.
+pub const CALLER_GRACE: Duration = Duration::from_millis(1);
+
 /// The receive side held by a waiting caller; hands it back to the I/O thread on drop.
 pub struct ReaderGuard<'a> {
     shared: &'a Shared,
@@ -84,8 +90,16 @@ impl<'a> ReaderGuard<'a> {
             return None;
         }
         st.caller_reading = true;
+        let first_of_burst = !st.external_reader && st.backup_check_at.is_none();
+        if first_of_burst {
+            st.backup_check_at = Some(Instant::now() + CALLER_GRACE);
+        }
         shared.sync_interest(&mut st);
         drop(st);
+        if first_of_burst {
+            // The I/O thread may sleep long; it must look again when the burst may be over.
+            shared.wake_io();
+        }
         Some(ReaderGuard { shared, rx })
     }
 }
@@ -141,9 +155,13 @@ impl Drop for ReaderGuard<'_> {
         let mut st = self.shared.lock();
         st.caller_reading = false;
         if !st.external_reader {
-            // The I/O thread was told to wait for us; we are done, so it may read (and be
-            // woken) at once rather than after the grace period.
-            st.backup_check_at = None;
+            if st.pending.is_empty() {
+                // Nobody else waits for a reply: stay off the read side, for the next call.
+                st.caller_read_at = Some(Instant::now());
+            } else {
+                // Other requests wait: the I/O thread reads for them from now on.
+                st.backup_check_at = None;
+            }
         }
         self.shared.sync_interest(&mut st);
     }

@@ -161,6 +161,9 @@ pub struct State {
     /// When the I/O thread checks whether data the external reader should have taken is
     /// still waiting.
     pub backup_check_at: Option<Instant>,
+    /// When a blocking caller last stopped reading, with no event loop: the I/O thread stays
+    /// off the read side while such calls follow one another (see `reader.rs`).
+    pub caller_read_at: Option<Instant>,
     /// Corks held ([`crate::Cork`]): while any is, requests nobody waits for on the spot are
     /// queued and written together when the last is released.
     pub corks: u32,

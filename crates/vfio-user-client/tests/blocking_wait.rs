@@ -89,3 +89,51 @@ fn a_server_eof_wakes_a_caller_asleep_in_recvmsg() {
         .unwrap_err();
     assert_eq!(e.code(), "ECONNRESET");
 }
+
+/// Runs `n` answered blocking calls: a burst, after which the I/O thread is off the read side
+/// for a moment, expecting the next call.
+fn burst(client: &Arc<Client>, peer: &mut Peer, n: usize) {
+    for _ in 0..n {
+        let r = watched(client, Duration::from_secs(600));
+        let m = peer.read_msg();
+        peer.reply(&m.header, &get_info());
+        assert!(r.recv_timeout(WATCHDOG).expect("answered").is_ok());
+    }
+}
+
+#[test]
+fn after_a_burst_of_blocking_calls_a_server_request_is_still_answered() {
+    let (client, mut peer) = negotiated(Options::default());
+    let client = Arc::new(client);
+    burst(&client, &mut peer, 100);
+    // Nobody calls again: the I/O thread must come back to the read side by itself.
+    peer.s.set_read_timeout(Some(WATCHDOG)).unwrap();
+    let dma = vfio_user_client::proto::Header::command(7, 11, 16, false);
+    peer.write(&message(dma, &[0u8; 16]));
+    let answer = peer
+        .try_read_msg()
+        .expect("the server's request was never answered");
+    assert_eq!((answer.header.id, answer.header.command), (7, 11));
+}
+
+#[test]
+fn after_a_burst_of_blocking_calls_a_callback_request_gets_its_reply() {
+    let (client, mut peer) = negotiated(Options::default());
+    let client = Arc::new(client);
+    burst(&client, &mut peer, 100);
+    let (tx, rx) = mpsc::channel();
+    client
+        .send_callback(
+            Request::new(GET_INFO, &get_info()),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .unwrap();
+    let m = peer.read_msg();
+    peer.reply(&m.header, &get_info());
+    assert!(rx
+        .recv_timeout(WATCHDOG)
+        .expect("the reply was never read")
+        .is_ok());
+}
