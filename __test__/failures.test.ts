@@ -334,6 +334,14 @@ describe('requests against a misbehaving server', () => {
     // And a bitmap that marks a page past the range asked for.
     const lie = await rejection(p.client.dirtyPages({ iova: 0, length: 8 * 4096, pageSize: 4096 }))
     expect(lie.message).toMatch(/past the 8 asked for/)
+    // A state stream that returns more than asked: the Readable errors, and so does a pump.
+    await p.client.setMigrationState('stopCopy')
+    const more = await rejection(
+      pipeline(p.client.saveState({ chunkSize: 1000 }), new Writable({ write: (_c, _e, cb) => cb() })),
+    )
+    expect(more.code).toBe('EPROTO')
+    // Refused by the reply size bound of the request, before the body is stored.
+    expect(more.message).toMatch(/reply to MIG_DATA_READ is 1025 bytes/)
   })
 
   it('reset is refused, and nothing sent, when the device did not report reset support', async () => {

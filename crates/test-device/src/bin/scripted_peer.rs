@@ -28,8 +28,9 @@
 //!   and 2 only. MIG_DATA_READ streams a 10000-byte state (byte i is i % 251) in PRE_COPY or
 //!   STOP_COPY; MIG_DATA_WRITE appends to what is loaded in RESUMING, whose length and byte sum
 //!   DEVICE_GET_INFO then reports in bytes 0..8. Dirty logging settles on pages of at least 4 KiB and reports pages 1, 2 and 5
-//!   dirty. `migration-liar`: the same, but asked for RESUMING it stays in STOP, and its dirty
-//!   report marks the page past the range too.
+//!   dirty. `migration-liar`: the same, but asked for RESUMING it stays in STOP, its dirty
+//!   report marks the page past the range too, and MIG_DATA_READ returns a byte more than
+//!   asked (while there is more).
 //! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
 //!   region 0 answers in libvfio-user's 48-byte layout (two records, two eventfds, the room
 //!   needed first when asked with too little), region 1 in the spec's 40-byte one (one record),
@@ -333,7 +334,10 @@ fn run(s: &mut UnixStream, scenario: &str) {
                 match h.command {
                     17 if matches!(state, 3 | 6) => {
                         let asked = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]) as usize;
-                        let n = asked.min(saved.len() - read_at);
+                        let mut n = asked.min(saved.len() - read_at);
+                        if scenario == "migration-liar" && n == asked && read_at + n < saved.len() {
+                            n += 1;
+                        }
                         let mut r = ((8 + n) as u32).to_ne_bytes().to_vec();
                         r.extend_from_slice(&(n as u32).to_ne_bytes());
                         r.extend_from_slice(&saved[read_at..read_at + n]);
