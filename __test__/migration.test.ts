@@ -251,4 +251,37 @@ describe('migration-capable device', () => {
     expect(save.destroyed).toBe(true)
     expect(await dst.client.migrationState()).toBe('resuming')
   })
+
+  it('bad options and the same client twice are refused before anything is sent', async () => {
+    const src = await start(1)
+    const dst = await start(1)
+    expect(() => migrate(src.client, src.client)).toThrow(TypeError)
+    expect(() => migrate(src.client, dst.client, { chunkSize: 0 })).toThrow(RangeError)
+    expect(() => migrate(src.client, dst.client, { maxPreCopyRounds: -1 })).toThrow(RangeError)
+    expect(() => migrate(src.client, dst.client, { progressBytes: 0.5 })).toThrow(RangeError)
+    expect(await src.client.migrationState()).toBe('running')
+    expect(await dst.client.migrationState()).toBe('running')
+  })
+
+  it('an aborted migration puts the source back to running and leaves the destination resuming', async () => {
+    const src = await start(4)
+    const dst = await start(4)
+    const data = pattern(4 << 20, 5)
+    await fill(src.client, data)
+    const ac = new AbortController()
+    const e = await rejection(
+      migrate(src.client, dst.client, {
+        progressBytes: 1 << 20,
+        onProgress: () => ac.abort(),
+        signal: ac.signal,
+      }),
+    )
+    expect(e).toBeInstanceOf(MigrationError)
+    expect(e.code).toBe('ECANCELED')
+    expect((e as MigrationError).sourceState).toBe('running')
+    expect((e as MigrationError).destinationState).toBe('resuming')
+    expect(await src.client.migrationState()).toBe('running')
+    // The source still has its state, and runs on.
+    expect((await readState(src.client, 4 << 20)).equals(data)).toBe(true)
+  })
 })

@@ -61,6 +61,10 @@ export async function migrateCommand(args: string[]): Promise<number> {
     process.stderr.write(`\r\x1b[K${progressLine(p)}`)
   }
   const clients: VfioUserClient[] = []
+  // Ctrl-C aborts: migrate() then puts the source back to running and says where both are.
+  const abort = new AbortController()
+  const onInterrupt = () => abort.abort()
+  process.once('SIGINT', onInterrupt)
   try {
     for (const path of [o.source, o.dest]) {
       const c = await connect(path, { timeoutMs: o.timeoutMs })
@@ -73,12 +77,14 @@ export async function migrateCommand(args: string[]): Promise<number> {
       maxPreCopyRounds: o.maxPreCopyRounds,
       convergedBytes: o.convergedBytes,
       onProgress,
+      signal: abort.signal,
     })
     if (tty) process.stderr.write('\r\x1b[K')
     const out = o.json ? JSON.stringify({ source: o.source, destination: o.dest, ...summary }) : summaryLine(summary)
     process.stdout.write(`${out}\n`)
     return 0
   } finally {
+    process.removeListener('SIGINT', onInterrupt)
     if (tty) process.stderr.write('\r\x1b[K')
     await Promise.all(clients.map((c) => c.close()))
   }

@@ -312,9 +312,10 @@ export class VfioUserClient extends EventEmitter {
     })
   }
 
-  /** @internal The connection as device.ts, region.ts and irq.ts use it. */
+  /** Sends are corked until the current JavaScript job ends (see `Channel.corkTick`). */
   #corked = false
 
+  /** @internal The connection as device.ts, region.ts and irq.ts use it. */
   get [CHANNEL](): Channel {
     this.#channel ??= {
       native: this.#native,

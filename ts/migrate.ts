@@ -102,6 +102,7 @@ export class MigrationError extends VfioUserError {
 }
 
 function checkOptions(o: MigrateOptions): { rounds: number; converged: number } {
+  if (o.chunkSize !== undefined) checkInteger('chunkSize', o.chunkSize, 1, 0xffff_fff0)
   const rounds = o.maxPreCopyRounds ?? 8
   const converged = o.convergedBytes ?? 1 << 20
   checkInteger('maxPreCopyRounds', rounds, 0, 1 << 20)
@@ -123,14 +124,27 @@ function checkOptions(o: MigrateOptions): { rounds: number; converged: number } 
  * @throws {MigrationError} (rejection) when a device refuses or fails, a stream breaks, or
  *   `signal` aborts: the source is put back to running where it can be, and the error says
  *   where both devices were left.
- * @throws {TypeError | RangeError} for bad options, before anything is sent.
+ * @throws {TypeError | RangeError} (thrown, not a rejection) for bad options or the same
+ *   client twice, before anything is sent.
  */
-export async function migrate(
+export function migrate(
   source: VfioUserClient,
   dest: VfioUserClient,
   options: MigrateOptions = {},
 ): Promise<MigrateSummary> {
-  const { rounds: maxRounds, converged } = checkOptions(options)
+  if (source === dest) throw new TypeError('source and dest must be two connections')
+  const { rounds, converged } = checkOptions(options)
+  return run(source, dest, options, rounds, converged)
+}
+
+/** {@link migrate}, its arguments checked. */
+async function run(
+  source: VfioUserClient,
+  dest: VfioUserClient,
+  options: MigrateOptions,
+  maxRounds: number,
+  converged: number,
+): Promise<MigrateSummary> {
   const { signal, timeoutMs, chunkSize, onProgress, progressBytes = 64 << 20 } = options
   const call: CallOptions = { signal, timeoutMs }
   const start = performance.now()
@@ -140,6 +154,7 @@ export async function migrate(
   let phase = 'prepare'
   let stoppedAt = 0
   let destRunning = false
+  let runningAt = 0
 
   const report = (p: 'preCopy' | 'stopCopy', phaseBytes: number) => {
     const elapsedMs = performance.now() - start
@@ -188,9 +203,10 @@ export async function migrate(
     phase = 'finish'
     await dest.setMigrationState('running', call)
     destRunning = true
+    runningAt = performance.now()
     await source.setMigrationState('stop', call)
   } catch (e) {
-    throw await failed(e, phase, source, dest, !destRunning, timeoutMs)
+    throw await failed(e, phase, source, dest, destRunning, timeoutMs)
   }
   const end = performance.now()
   const elapsedMs = end - start
@@ -200,27 +216,32 @@ export async function migrate(
     stopCopyBytes: bytes - preCopyBytes,
     rounds: round,
     elapsedMs,
-    downtimeMs: end - stoppedAt,
+    downtimeMs: runningAt - stoppedAt,
     rate: elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0,
   }
 }
 
 /**
- * Says where both devices are, after putting the source back to running (best effort) unless
- * the destination already runs: one device must run the guest, never two.
+ * Says where both devices are, after putting the source back to running (best effort) when the
+ * destination does not run: one device must run the guest, never two. Once the destination
+ * was asked to run, one that cannot be asked might run (its step may have taken effect before
+ * its reply was lost), so the source is then left as it is.
  */
 async function failed(
   cause: unknown,
   phase: string,
   source: VfioUserClient,
   dest: VfioUserClient,
-  restart: boolean,
+  destRunning: boolean,
   timeoutMs: number | undefined,
 ): Promise<MigrationError> {
   const ask = (c: VfioUserClient) => c.migrationState({ timeoutMs }).catch(() => undefined)
+  const to = await ask(dest)
   let from = await ask(source)
+  // Only after it was asked to run can the destination be running; then it must say it is not.
+  const restart = !destRunning && (phase !== 'finish' || (to !== undefined && to !== 'running'))
   if (restart && from !== undefined && from !== 'running' && from !== 'error') {
     from = await source.setMigrationState('running', { timeoutMs }).catch(() => ask(source))
   }
-  return new MigrationError(cause, phase, from, await ask(dest))
+  return new MigrationError(cause, phase, from, to)
 }

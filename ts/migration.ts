@@ -103,20 +103,24 @@ export function loadState(ch: Channel, options: StateStreamOptions = {}): Writab
   return new Writable({
     highWaterMark: size,
     write(data: Buffer, _encoding, done) {
-      if (failure) return done(failure)
-      for (let at = 0; at < data.length; at += size) {
-        const p: Promise<unknown> = ch
-          .send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(data.subarray(at, at + size)), { timeoutMs })
-          .then(
-            () => inFlight.delete(p),
-            (e: unknown) => {
-              inFlight.delete(p)
-              failure ??= e as Error
-            },
-          )
-        inFlight.add(p)
-      }
-      void settle(WRITES_IN_FLIGHT, done)
+      void (async () => {
+        for (let at = 0; at < data.length && !failure; at += size) {
+          // Never more than WRITES_IN_FLIGHT, however large the chunk.
+          while (!failure && inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(inFlight)
+          if (failure) break
+          const p: Promise<unknown> = ch
+            .send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(data.subarray(at, at + size)), { timeoutMs })
+            .then(
+              () => inFlight.delete(p),
+              (e: unknown) => {
+                inFlight.delete(p)
+                failure ??= e as Error
+              },
+            )
+          inFlight.add(p)
+        }
+        await settle(WRITES_IN_FLIGHT, done)
+      })()
     },
     final(done) {
       void settle(1, done)

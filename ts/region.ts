@@ -208,10 +208,12 @@ export function regionWrite(
     )
   }
   if (options.posted) {
-    // Posted writes made in one go share a sendmsg, and coalesce when the server allows.
-    if (bytes.byteLength <= 8) ch.corkTick()
     const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
-    return refused ? Promise.reject(ch.error(refused)) : Promise.resolve()
+    if (refused) return Promise.reject(ch.error(refused))
+    // The first write of a job goes out at once; those that follow it in the same job are
+    // corked until the job ends, share a sendmsg, and coalesce when the server allows.
+    if (bytes.byteLength <= 8) ch.corkTick()
+    return Promise.resolve()
   }
   return ch
     .call(Command.REGION_WRITE, (token) => ch.native.regionWrite(token, index, at.hi, at.lo, bytes, timeoutMs), options)

@@ -286,29 +286,6 @@ impl Client {
         self.submit_as(req, None, false, true, None).map(|_| ())
     }
 
-    /// [`Client::send_callback`] of a payload handed over: if the socket does not take it at
-    /// once it waits in the queue as it is, never copied (for payloads of a MiB or more).
-    pub fn send_owned_callback(
-        &self,
-        command: u16,
-        payload: Vec<u8>,
-        timeout: Option<Duration>,
-        done: Completion,
-    ) -> Result<(), Error> {
-        let req = Request {
-            timeout,
-            ..Request::new(command, &[])
-        };
-        self.submit_as(
-            req,
-            Some(Waiter::Callback(done)),
-            false,
-            false,
-            Some(payload),
-        )
-        .map(|_| ())
-    }
-
     /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
     fn submit(
         &self,

@@ -121,11 +121,19 @@ fn backup_read(shared: &Shared, sock: i32) {
         let now = Instant::now();
         match st.backup_check_at {
             Some(t) if t <= now => {
-                let burst = !st.external_reader
-                    && (st.caller_reading
-                        || st.caller_read_at.is_some_and(|r| now < r + CALLER_GRACE));
-                st.backup_check_at = burst.then(|| now + CALLER_GRACE);
-                !burst
+                // A caller reading now serves whatever arrives itself: look again after the
+                // longer grace. One that read a moment ago may be about to call again.
+                let next = if st.external_reader {
+                    None
+                } else if st.caller_reading {
+                    Some(now + BACKUP_GRACE)
+                } else {
+                    st.caller_read_at
+                        .map(|r| r + CALLER_GRACE)
+                        .filter(|&at| now < at)
+                };
+                st.backup_check_at = next;
+                next.is_none()
             }
             _ => false,
         }

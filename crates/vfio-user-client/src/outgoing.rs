@@ -142,7 +142,8 @@ impl Queue {
 
     /// What one gathered sendmsg should carry: the next message's unwritten bytes and the
     /// fds that go with them, then whole messages behind it in write order, up to `max`
-    /// slices. A message with fds is written alone: its fds must arrive with its own bytes.
+    /// messages (each one or two slices). A message with fds is written alone: its fds must
+    /// arrive with its own bytes.
     pub fn gather(&self, max: usize) -> (Vec<IoSlice<'_>>, Vec<RawFd>) {
         let mut iov = Vec::new();
         let mut fds = Vec::new();

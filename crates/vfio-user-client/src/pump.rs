@@ -139,8 +139,9 @@ impl Pump {
                 .len();
             Ok((reply.payload, n))
         });
+        // `reading` stays set until this read's data is submitted: no other thread may issue
+        // the next read (whose data must be written after this one's) before that.
         let mut st = self.lock();
-        st.reading = false;
         match forward {
             Err(e) => {
                 st.error.get_or_insert(e);
@@ -163,6 +164,7 @@ impl Pump {
                 }
             }
         }
+        st.reading = false;
         self.next(st);
     }
 

@@ -71,8 +71,9 @@ const BLOCKING_SLACK: Duration = Duration::from_millis(1);
 
 /// With no event loop, how long after a blocking call the I/O thread stays off the read side,
 /// expecting the next call: calls back to back then cost no epoll_ctl each (the I/O thread is
-/// disarmed once per burst, and looks every CALLER_GRACE whether the burst is over). A server
-/// request arriving after the last call waits at most this long for the I/O thread.
+/// disarmed once per burst). It looks whether the burst is over every 10 ms while a caller
+/// reads (that caller serves whatever arrives) and CALLER_GRACE after the last one stopped;
+/// so a server request arriving after a burst waits for it about 10 ms at worst.
 pub const CALLER_GRACE: Duration = Duration::from_millis(1);
 
 /// The receive side held by a waiting caller; hands it back to the I/O thread on drop.

@@ -10,6 +10,8 @@ use vfio_user_client::proto::migration::MIG_DATA_HEADER;
 use vfio_user_client::{Client, Error, Options, Pumped, WRITES_IN_FLIGHT};
 
 const MIG_DATA_READ: u16 = 17;
+/// How long a step may take before the test calls the pump stuck.
+const WATCHDOG: std::time::Duration = std::time::Duration::from_secs(20);
 const MIG_DATA_WRITE: u16 = 18;
 
 /// A MIG_DATA_READ reply payload carrying `data` (argsz, size, data).
@@ -20,6 +22,17 @@ fn read_reply(data: &[u8]) -> Vec<u8> {
     p.extend_from_slice(&(data.len() as u32).to_ne_bytes());
     p.extend_from_slice(data);
     p
+}
+
+/// True when nothing more has been written to `peer` (a peek finds nothing).
+fn nothing_more(peer: &Peer) -> bool {
+    let mut probe = [0u8; 1];
+    let r = nix::sys::socket::recv(
+        std::os::fd::AsRawFd::as_raw_fd(&peer.s),
+        &mut probe,
+        nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+    );
+    r == Err(nix::errno::Errno::EAGAIN)
 }
 
 /// Chunk `i` of a stream: `len` bytes, each `i` plus its position.
@@ -67,22 +80,30 @@ fn a_stream_moves_in_order_with_writes_pipelined_and_ends_on_a_short_read() {
         src
     });
     // The destination acknowledges nothing until four writes have arrived: a pump that kept
-    // fewer in flight would wait here for ever.
+    // fewer in flight would wait here (and the watchdog fail the test); one that kept more
+    // would have sent a fifth by then.
+    dst.s.set_read_timeout(Some(WATCHDOG)).unwrap();
     let mut held = Vec::new();
     for i in 0..10 {
-        let m = dst.read_msg();
+        let m = dst.try_read_msg().expect("a write never came");
         assert_eq!(m.header.command, MIG_DATA_WRITE);
         let len = if i < 9 { 1000 } else { 300 };
         assert_eq!(m.payload, read_reply(&chunk(i, len)), "write {i}");
         held.push(m.header);
-        if held.len() == 4 || i == 9 {
+        if held.len() == WRITES_IN_FLIGHT || i == 9 {
+            if i < 9 {
+                assert!(nothing_more(&dst), "a fifth write was in flight");
+            }
             for h in held.drain(..) {
                 dst.reply(&h, &[]);
             }
         }
     }
+    let moved = done
+        .recv_timeout(WATCHDOG)
+        .expect("the pump never finished");
     assert_eq!(
-        done.recv().unwrap().unwrap(),
+        moved.unwrap(),
         Pumped {
             bytes: 9300,
             ended: true
@@ -103,7 +124,9 @@ fn a_limit_stops_after_the_chunk_that_reaches_it() {
         dst.reply(&w.header, &[]);
     }
     assert_eq!(
-        done.recv().unwrap().unwrap(),
+        done.recv_timeout(WATCHDOG)
+            .expect("the pump never finished")
+            .unwrap(),
         Pumped {
             bytes: 3000,
             ended: false
@@ -140,7 +163,7 @@ fn a_refused_write_fails_the_pump_once_nothing_is_in_flight() {
         n
     });
     let e = done
-        .recv_timeout(std::time::Duration::from_secs(30))
+        .recv_timeout(WATCHDOG)
         .expect("the pump went on after the refusal")
         .unwrap_err();
     assert_eq!(e.errno, nix::errno::Errno::EINVAL);
@@ -157,7 +180,10 @@ fn a_reply_with_more_than_asked_is_eproto_and_nothing_is_written() {
     let done = pump(&source, &dest, 100, u64::MAX);
     let m = src.read_msg();
     src.reply(&m.header, &read_reply(&chunk(0, 101)));
-    let e = done.recv().unwrap().unwrap_err();
+    let e = done
+        .recv_timeout(WATCHDOG)
+        .expect("the pump never finished")
+        .unwrap_err();
     assert_eq!(e.errno, nix::errno::Errno::EPROTO);
     assert_eq!(e.command, Some(MIG_DATA_READ));
     drop(dest);

@@ -391,10 +391,9 @@ impl Conn {
                     u64_at(data, 8).ok_or(EINVAL)?,
                     u64_at(data, 16).ok_or(EINVAL)?,
                 );
-                let bitmap = self.dma.report(iova, length, page)?;
-                if (argsz as usize) < 8 + 24 + bitmap.len() {
-                    return Err(EINVAL);
-                }
+                // The bitmap must fit what the client asked for, and a message.
+                let room = (argsz as usize).min(MAX_MESSAGE).saturating_sub(8 + 24);
+                let bitmap = self.dma.report(iova, length, page, room)?;
                 out.extend_from_slice(&data[..24]);
                 append(&mut out, &bitmap);
             }

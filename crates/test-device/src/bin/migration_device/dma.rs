@@ -67,7 +67,9 @@ impl Dma {
                 let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
                 let offset = i64::try_from(offset).map_err(|_| EINVAL)?;
                 // SAFETY: a fresh shared mapping of an fd the client sent; nothing else refers
-                // to it until it is unmapped in `unmap` or on drop. The fd may close after.
+                // to it until it is unmapped in `unmap` or on drop. The fd may close after. (A
+                // client that shrinks the file under it makes a later DMA write fault: this is
+                // a test device and trusts its client that far.)
                 let p = unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, fd, offset) }
                     .map_err(|e| e as u32)?;
                 Some(p.cast())
@@ -122,13 +124,13 @@ impl Dma {
         }
         if let Some(l) = &mut self.logging {
             let logged =
-                |a: u64| l.ranges.is_empty() || l.ranges.iter().any(|&(s, n)| a >= s && a < s + n);
-            let mut page = iova / l.page * l.page;
-            while page < end {
-                if logged(page) {
-                    l.dirty.insert(page);
+                |a: u64| l.ranges.is_empty() || l.ranges.iter().any(|&(s, n)| a >= s && a - s < n);
+            let mut page = Some(iova / l.page * l.page);
+            while let Some(p) = page.filter(|&p| p < end) {
+                if logged(p) {
+                    l.dirty.insert(p);
                 }
-                page += l.page;
+                page = p.checked_add(l.page);
             }
         }
         Ok(())
@@ -158,14 +160,24 @@ impl Dma {
         self.logging.take().map(|_| ()).ok_or(EINVAL)
     }
 
-    /// DMA_LOGGING_REPORT: the bitmap of [iova, iova + length) in pages of `page`; what it
-    /// reports is cleared.
-    pub fn report(&mut self, iova: u64, length: u64, page: u64) -> Result<Vec<u8>, u32> {
+    /// DMA_LOGGING_REPORT: the bitmap of [iova, iova + length) in pages of `page`, at most
+    /// `room` bytes of it (else nothing is cleared and it is refused); what it reports is
+    /// cleared.
+    pub fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page: u64,
+        room: usize,
+    ) -> Result<Vec<u8>, u32> {
         let l = self.logging.as_mut().ok_or(EINVAL)?;
         if !page.is_power_of_two() || length == 0 || iova.checked_add(length).is_none() {
             return Err(EINVAL);
         }
         let pages = length.div_ceil(page);
+        if pages.div_ceil(64).saturating_mul(8) > room as u64 {
+            return Err(EINVAL);
+        }
         let mut words = vec![0u64; pages.div_ceil(64) as usize];
         let end = iova + length;
         let hit: Vec<u64> = l

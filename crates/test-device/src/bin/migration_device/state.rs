@@ -100,7 +100,7 @@ impl Device {
             let page = (first + k * stride.max(1)) % pages;
             let at = page * PAGE;
             let end = (at + PAGE).min(self.memory.len());
-            let fill = self.memory[at].wrapping_add(1 + k as u8);
+            let fill = self.memory[at].wrapping_add((k as u8).wrapping_add(1));
             self.write(at, &vec![fill; end - at])?;
         }
         Ok(())
