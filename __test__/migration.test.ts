@@ -80,6 +80,19 @@ async function drain(c: VfioUserClient): Promise<number> {
 }
 
 describe('migration-capable device', () => {
+  it('reports its migration flags and which features it has', async () => {
+    const { client } = await start(1)
+    expect(await client.migrationFlags()).toEqual({ stopCopy: true, p2p: false, preCopy: true, flags: 5 })
+    expect(await client.deviceFeature.probe(1, { get: true })).toBe(true)
+    expect(await client.deviceFeature.probe(2, { get: true, set: true })).toBe(true)
+    expect(await client.deviceFeature.probe(6, { set: true })).toBe(true)
+    expect(await client.deviceFeature.probe(8, { get: true })).toBe(true)
+    // MIGRATION cannot be SET; feature 3 does not exist here.
+    expect(await client.deviceFeature.probe(1, { set: true })).toBe(false)
+    expect(await client.deviceFeature.probe(3, { get: true })).toBe(false)
+    expect(client.version?.capabilities.writeMultiple).toBe(true)
+  })
+
   it('pre-copy rounds send the whole state, then only the pages written since', async () => {
     const { client } = await start(4)
     await fill(client, pattern(4 << 20, 1))
