@@ -5,7 +5,7 @@ import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { afterEach, describe, expect, it } from 'vitest'
 import { allocateDmaMemory, connect, MigrationError, migrate, type VfioUserClient, VfioUserError } from '../ts/index'
-import { startMigrationDevice, type TestDevice } from '../ts/testing'
+import { startMigrationDevice, startScriptedPeer, type TestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { openFds } from './session'
 
@@ -296,5 +296,27 @@ describe('migration-capable device', () => {
     expect(await src.client.migrationState()).toBe('running')
     // The source still has its state, and runs on.
     expect((await readState(src.client, 4 << 20)).equals(data)).toBe(true)
+  })
+
+  it('a destination that stops answering mid-stream: the migration times out and the source runs again', async () => {
+    const src = await start(4)
+    await using stall = await startScriptedPeer('migration-stall')
+    const dst = await connect(stall.socketPath, { timeoutMs: 200 })
+    try {
+      await dst.validateVersion()
+      const before = src.client.inFlight
+      const e = await rejection(migrate(src.client, dst, { timeoutMs: 200 }))
+      expect(e).toBeInstanceOf(MigrationError)
+      expect(e.code).toBe('ETIMEDOUT')
+      const m = e as MigrationError
+      expect(m.phase).toBe('preCopy')
+      // The destination cannot be asked; the source was put back to running.
+      expect(m.destinationState).toBeUndefined()
+      expect(m.sourceState).toBe('running')
+      expect(await src.client.migrationState()).toBe('running')
+      expect(src.client.inFlight).toBe(before)
+    } finally {
+      await dst.close()
+    }
   })
 })

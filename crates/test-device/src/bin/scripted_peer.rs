@@ -30,7 +30,8 @@
 //!   DEVICE_GET_INFO then reports in bytes 0..8. Dirty logging settles on pages of at least 4 KiB and reports pages 1, 2 and 5
 //!   dirty. `migration-liar`: the same, but asked for RESUMING it stays in STOP, its dirty
 //!   report marks the page past the range too, and MIG_DATA_READ returns a byte more than
-//!   asked (while there is more).
+//!   asked (while there is more). `migration-stall`: the same as `migration` until its first
+//!   MIG_DATA_WRITE, after which it answers nothing.
 //! - `io-fds`: REGION_INFO says every region is 4096 bytes; DEVICE_GET_REGION_IO_FDS for
 //!   region 0 answers in libvfio-user's 48-byte layout (two records, two eventfds, the room
 //!   needed first when asked with too little), region 1 in the spec's 40-byte one (one record),
@@ -323,7 +324,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
                 }
             }
         }
-        "migration" | "migration-liar" => {
+        "migration" | "migration-liar" | "migration-stall" => {
             let mut state = 2u32;
             // The device state it saves (10000 bytes, byte i is i % 251), how far it has been
             // read, and what was loaded into it.
@@ -346,6 +347,11 @@ fn run(s: &mut UnixStream, scenario: &str) {
                         continue;
                     }
                     18 if state == 4 => {
+                        if scenario == "migration-stall" {
+                            // Takes the first write and never answers anything again.
+                            while read_msg(s).is_some() {}
+                            return;
+                        }
                         loaded.extend_from_slice(&p[8..]);
                         reply(s, &h, &[]);
                         continue;
