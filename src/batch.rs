@@ -4,7 +4,7 @@
 //! fds or unusual flags, a failure, the close) is `token, 0, NativeEvent`.
 
 use crate::convert::Payload;
-use crate::events::{Event, NativeEvent};
+use crate::event::{Event, NativeEvent};
 use napi::bindgen_prelude::{ToNapiValue, TypeName};
 use napi::{sys, ValueType};
 

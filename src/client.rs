@@ -2,7 +2,8 @@
 
 use crate::batch::Batch;
 use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
-use crate::events::{Event, EventQueue};
+use crate::event::Event;
+use crate::events::EventQueue;
 use crate::js_callback::JsCallback;
 use crate::loop_reader::LoopReader;
 use napi::bindgen_prelude::{

@@ -3,7 +3,7 @@
 
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError};
-use crate::events::Event;
+use crate::event::Event;
 use napi::bindgen_prelude::{BigInt, BufferSlice, Either};
 use napi::{sys, Env, Result, Status};
 use napi_derive::napi;

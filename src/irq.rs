@@ -3,7 +3,7 @@
 
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError};
-use crate::events::Event;
+use crate::event::Event;
 use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
 use napi_derive::napi;
 use vfio_user_client::proto::{irq, Command};

@@ -4,7 +4,7 @@
 //! uncaught exception like any other callback's.
 
 use crate::batch::Batch;
-use crate::events::Event;
+use crate::event::Event;
 use napi::bindgen_prelude::ToNapiValue;
 use napi::sys;
 use std::ptr;

@@ -9,6 +9,7 @@ mod client;
 mod convert;
 mod device;
 mod dma;
+mod event;
 mod events;
 mod feature;
 mod irq;

@@ -4,7 +4,7 @@
 
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError, Payload};
-use crate::events::Event;
+use crate::event::Event;
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
 use napi::{sys, Env, JsValue, Result, Status};
 use napi_derive::napi;
