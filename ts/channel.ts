@@ -41,6 +41,10 @@ export interface Channel {
    * and small posted writes as REGION_WRITE_MULTI entries.
    */
   corkTick(): void
+  /** Runs a blocking native call, traced as `command` (see tracing.ts). */
+  traceSync<T>(command: number, call: () => T): T
+  /** Traces a posted request of `command` as sent. */
+  tracePosted(command: number): void
 }
 
 /** @internal What receives a group's irq events, and the end of the connection. */

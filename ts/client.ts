@@ -61,6 +61,7 @@ import {
   regionWriteSync,
 } from './region'
 import type { Reply } from './reply'
+import { traceStart, traceSync } from './tracing'
 
 export type { Reply } from './reply'
 
@@ -297,15 +298,32 @@ export class VfioUserClient extends EventEmitter {
     if (signal?.aborted) return Promise.reject(signal.reason)
     return new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
+      const end = traceStart(this.#path, command)
       const refused = start(token)
-      if (refused) return reject(fromNative(refused, this.#path))
-      const waiter: Waiter = { command, resolve, reject }
+      if (refused) {
+        const e = fromNative(refused, this.#path)
+        end?.(undefined, e)
+        return reject(e)
+      }
+      const waiter: Waiter = end
+        ? {
+            command,
+            resolve: (r) => {
+              end(r)
+              resolve(r)
+            },
+            reject: (e) => {
+              end(undefined, e)
+              reject(e)
+            },
+          }
+        : { command, resolve, reject }
       if (signal) {
         // The request itself may still complete on the wire; its reply is then dropped
         // (and any fds it carried closed).
         waiter.unwatch = watchAbort(signal, () => {
           if (this.#waiters.delete(token)) this.#settled()
-          reject(signal.reason)
+          waiter.reject(signal.reason)
         })
       }
       this.#track(token, waiter)
@@ -328,6 +346,10 @@ export class VfioUserClient extends EventEmitter {
       regionMaps: this.#regionMaps,
       dmaBuffers: this.#dmaBuffers,
       maxDataXferSize: () => this.version?.capabilities.maxDataXferSize ?? 1048576,
+      traceSync: (command, call) => traceSync(this.#path, command, call),
+      tracePosted: (command) => {
+        traceStart(this.#path, command, true)
+      },
       corkTick: () => {
         if (this.#corked) return
         this.#corked = true
@@ -349,6 +371,22 @@ export class VfioUserClient extends EventEmitter {
    */
   sendWaitSync(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'> = {}): Reply {
     const args = this.#check(command, payload, options)
+    const end = traceStart(this.#path, command)
+    if (!end) return this.#sendSync(command, args)
+    try {
+      const reply = this.#sendSync(command, args)
+      end(reply)
+      return reply
+    } catch (e) {
+      end(undefined, e)
+      throw e
+    }
+  }
+
+  #sendSync(
+    command: number,
+    args: { payload: Buffer; fds: number[] | undefined; timeoutMs: number | undefined },
+  ): Reply {
     const r = this.#native.sendSync(command, args.payload, args.fds, args.timeoutMs)
     if (r == null) {
       throw fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path)
@@ -374,6 +412,7 @@ export class VfioUserClient extends EventEmitter {
    */
   post(command: number, payload: Uint8Array, options: Pick<SendOptions, 'fds'> = {}): void {
     const args = this.#check(command, payload, options)
+    traceStart(this.#path, command, true)
     const refused = this.#native.post(command, args.payload, args.fds)
     if (refused) throw fromNative(refused, this.#path)
   }

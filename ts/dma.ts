@@ -157,16 +157,20 @@ export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions
   const args = mapArgs(m, options)
   const memory = m.memory
   if (memory instanceof DmaMemory) {
-    if (!ch.native.dmaMapSync(args, memory.native)) throw ch.lastError()
+    ch.traceSync(Command.DMA_MAP, () => {
+      if (!ch.native.dmaMapSync(args, memory.native)) throw ch.lastError()
+    })
     return
   }
   const bytes = Buffer.from(memory.buffer, memory.byteOffset, memory.byteLength)
   // Kept reachable from before the map is sent: the range is served from it from then on.
   ch.dmaBuffers.set(args.iova, memory)
-  if (!ch.native.dmaMapBufferSync(args, bytes)) {
-    ch.dmaBuffers.delete(args.iova)
-    throw ch.lastError()
-  }
+  ch.traceSync(Command.DMA_MAP, () => {
+    if (!ch.native.dmaMapBufferSync(args, bytes)) {
+      ch.dmaBuffers.delete(args.iova)
+      throw ch.lastError()
+    }
+  })
 }
 
 /** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
@@ -186,7 +190,10 @@ export function dmaUnmap(ch: Channel, r: DmaRange, options: CallOptions = {}): P
 /** {@link dmaUnmap}, blocking the JavaScript thread. */
 export function dmaUnmapSync(ch: Channel, r: DmaRange, options: Omit<CallOptions, 'signal'> = {}): void {
   const { iova, size } = rangeArgs(r)
-  if (!ch.native.dmaUnmapSync(iova, size, checkTimeout('timeoutMs', options.timeoutMs))) throw ch.lastError()
+  const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  ch.traceSync(Command.DMA_UNMAP, () => {
+    if (!ch.native.dmaUnmapSync(iova, size, timeoutMs)) throw ch.lastError()
+  })
   ch.dmaBuffers.delete(iova)
 }
 

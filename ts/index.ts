@@ -44,3 +44,4 @@ export {
   type RegionWriteOptions,
   type SparseArea,
 } from './region'
+export { type RequestMessage, requestChannel, type SettleMessage, settleChannel } from './tracing'

@@ -182,9 +182,11 @@ export function regionReadSync(
 ): Buffer {
   const at = checkAccess(index, offset, length)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
-  const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
-  if (data === null) throw ch.lastError()
-  return data
+  return ch.traceSync(Command.REGION_READ, () => {
+    const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
+    if (data === null) throw ch.lastError()
+    return data
+  })
 }
 
 /** Writes `data` at `offset` of region `index`. */
@@ -208,6 +210,7 @@ export function regionWrite(
     )
   }
   if (options.posted) {
+    ch.tracePosted(Command.REGION_WRITE)
     const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
     if (refused) return Promise.reject(ch.error(refused))
     // The first write of a job goes out at once; those that follow it in the same job are
@@ -231,7 +234,9 @@ export function regionWriteSync(
   const bytes = checkData(data)
   const at = checkAccess(index, offset, bytes.byteLength)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
-  if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
+  ch.traceSync(Command.REGION_WRITE, () => {
+    if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
+  })
 }
 
 /** One mapped area: where it starts in the region, and the memory. */
