@@ -124,6 +124,25 @@ describe('vfio-user migrate', () => {
     expect(plain.stdout).toMatch(/^migrated 64\.0 MiB in \d+ ms \(.* MiB\/s\): 0 pre-copy round\(s\)/)
   })
 
+  it('shows a progress line (phase, round, bytes, rate) on a terminal', async () => {
+    await using source = await startMigrationDevice({ stateMib: 8 })
+    await using dest = await startMigrationDevice({ stateMib: 8 })
+    // util-linux `script` runs the command on a pseudo-terminal and copies what it printed.
+    const command = [process.execPath, cli, 'migrate', source.socketPath, dest.socketPath].join(' ')
+    const r = await new Promise<{ status: number | null; out: string }>((done) => {
+      const child = spawn('script', ['-q', '-e', '-c', command, '/dev/null'], { stdio: ['ignore', 'pipe', 'pipe'] })
+      let out = ''
+      child.stdout.on('data', (d: Buffer) => {
+        out += d
+      })
+      child.on('close', (status) => done({ status, out }))
+    })
+    expect(r.status).toBe(0)
+    // Drawn over itself (carriage return, erase line), then erased for the summary.
+    expect(r.out).toMatch(/\r\x1b\[Kpre-copy round 1: 8\.0 MiB moved, [\d.]+ MiB\/s/)
+    expect(r.out).toMatch(/\r\x1b\[Kmigrated 8\.0 MiB in \d+ ms/)
+  })
+
   it('fails with the error code when a device cannot migrate, and on usage errors', async () => {
     await using plain = await startTestDevice()
     await using dest = await startMigrationDevice()

@@ -52,7 +52,7 @@ function parse(args: string[]) {
 export async function migrateCommand(args: string[]): Promise<number> {
   const o = parse(args)
   const tty = process.stderr.isTTY === true && !o.json
-  let shown = 0
+  let shown = Number.NEGATIVE_INFINITY
   const onProgress = (p: MigrateProgress) => {
     // A terminal redraws at most ten times a second.
     const now = performance.now()
