@@ -5,8 +5,8 @@ import { readdirSync, readFileSync } from 'node:fs'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { allocateDmaMemory, Command, connect } from '../ts/index'
-import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
+import { allocateDmaMemory, Command, connect, MigrationError, migrate } from '../ts/index'
+import { startMigrationDevice, startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
 
@@ -200,6 +200,33 @@ describe('connections ended every way release every fd and thread', () => {
     }
     expect(await inFlightWhileCollecting()).toBe('ETIMEDOUT')
     expect(await collectUntil(base)).toEqual(base)
+  })
+
+  it('100 migrations on fresh connections, one in five aborted, leave no fd or thread behind', async () => {
+    await using a = await startMigrationDevice()
+    await using b = await startMigrationDevice()
+    const before = counts()
+    let [from, to] = [a.socketPath, b.socketPath]
+    for (let i = 0; i < 100; i++) {
+      const source = await connect(from)
+      const dest = await connect(to)
+      await Promise.all([source.validateVersion(), dest.validateVersion()])
+      const ac = new AbortController()
+      if (i % 5 === 4) ac.abort()
+      const moved = await migrate(source, dest, { signal: ac.signal }).then(
+        (s) => s.bytes,
+        (e: unknown) => (e instanceof MigrationError ? e.code : e),
+      )
+      if (i % 5 === 4) {
+        expect(moved).toBe('ECANCELED')
+        await dest.setMigrationState('running')
+      } else {
+        expect(moved).toBeGreaterThan(1 << 20)
+        ;[from, to] = [to, from]
+      }
+      await Promise.all([source.close(), dest.close()])
+    }
+    expect(await settled(before)).toEqual(before)
   })
 })
 
