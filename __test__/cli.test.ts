@@ -124,18 +124,25 @@ describe('vfio-user migrate', () => {
     expect(plain.stdout).toMatch(/^migrated 64\.0 MiB in \d+ ms \(.* MiB\/s\): 0 pre-copy round\(s\)/)
   })
 
-  it('shows a progress line (phase, round, bytes, rate) on a terminal', async () => {
+  // util-linux `script` runs a command on a pseudo-terminal and copies what it printed.
+  const hasScript = spawnSync('script', ['--version']).status === 0
+  it.skipIf(!hasScript)('shows a progress line (phase, round, bytes, rate) on a terminal', async () => {
     await using source = await startMigrationDevice({ stateMib: 8 })
     await using dest = await startMigrationDevice({ stateMib: 8 })
-    // util-linux `script` runs the command on a pseudo-terminal and copies what it printed.
-    const command = [process.execPath, cli, 'migrate', source.socketPath, dest.socketPath].join(' ')
+    const quote = (a: string) => `'${a.replaceAll("'", "'\\''")}'`
+    const command = [process.execPath, cli, 'migrate', source.socketPath, dest.socketPath].map(quote).join(' ')
     const r = await new Promise<{ status: number | null; out: string }>((done) => {
       const child = spawn('script', ['-q', '-e', '-c', command, '/dev/null'], { stdio: ['ignore', 'pipe', 'pipe'] })
+      // A watchdog, so a hung child cannot outlive the test.
+      const watchdog = setTimeout(() => child.kill('SIGKILL'), 20_000)
       let out = ''
       child.stdout.on('data', (d: Buffer) => {
         out += d
       })
-      child.on('close', (status) => done({ status, out }))
+      child.on('close', (status) => {
+        clearTimeout(watchdog)
+        done({ status, out })
+      })
     })
     expect(r.status).toBe(0)
     // Drawn over itself (carriage return, erase line), then erased for the summary.

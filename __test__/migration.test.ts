@@ -305,7 +305,8 @@ describe('migration-capable device', () => {
     try {
       await dst.validateVersion()
       const before = src.client.inFlight
-      const e = await rejection(migrate(src.client, dst, { timeoutMs: 200 }))
+      // Each connection's own timeout applies: 200 ms to the destination, 5 s to the source.
+      const e = await rejection(migrate(src.client, dst))
       expect(e).toBeInstanceOf(MigrationError)
       expect(e.code).toBe('ETIMEDOUT')
       const m = e as MigrationError

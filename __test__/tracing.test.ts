@@ -45,24 +45,39 @@ describe('tracing', () => {
     expect(settled.map((m) => m.commandName)).toEqual(names)
     expect(sent.every((m) => m.path === session.device.socketPath)).toBe(true)
     expect(settled[0]?.reply).toBe(reply)
-    expect(settled.every((m) => m.durationMs >= 0 && m.error === undefined)).toBe(true)
+    expect(settled.every((m) => Number.isFinite(m.durationMs) && m.durationMs >= 0 && m.error === undefined)).toBe(true)
   })
 
   it('a failure is published with its error; nothing is published once unsubscribed', async () => {
     await using peer = await startScriptedPeer('hold')
     const c = await connect(peer.socketPath)
     try {
-      await c.validateVersion().catch(() => {})
+      await c.validateVersion()
       subscribe()
       const e = await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 20 }))
       expect(settled).toHaveLength(1)
       expect(settled[0]?.error).toBe(e)
       expect(e).toBeInstanceOf(VfioUserError)
+      // A blocking call that fails, and an aborted one: each settles once, with its error.
+      const sync = (() => {
+        try {
+          c.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 20 })
+        } catch (e) {
+          return e
+        }
+      })()
+      const ac = new AbortController()
+      const aborted = c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { signal: ac.signal })
+      ac.abort()
+      const reason = await aborted.catch((e: unknown) => e)
+      expect(sent).toHaveLength(3)
+      expect(settled.map((m) => m.error)).toEqual([e, sync, reason])
+      expect((sync as VfioUserError).code).toBe('ETIMEDOUT')
       diagnosticsChannel.unsubscribe('vfio-user:request', onSent)
       diagnosticsChannel.unsubscribe('vfio-user:settle', onSettled)
       await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 20 }).catch(() => {})
-      expect(sent).toHaveLength(1)
-      expect(settled).toHaveLength(1)
+      expect(sent).toHaveLength(3)
+      expect(settled).toHaveLength(3)
     } finally {
       await c.close()
     }

@@ -62,14 +62,19 @@ export async function migrateCommand(args: string[]): Promise<number> {
   }
   const clients: VfioUserClient[] = []
   // Ctrl-C aborts: migrate() then puts the source back to running and says where both are.
+  // Further ones are ignored meanwhile, so the source is never left stopped by a second one.
   const abort = new AbortController()
-  const onInterrupt = () => abort.abort()
-  process.once('SIGINT', onInterrupt)
+  const onInterrupt = () => {
+    if (!abort.signal.aborted) process.stderr.write('\ninterrupted: stopping, the source is being restored\n')
+    abort.abort()
+  }
+  process.on('SIGINT', onInterrupt)
   try {
     for (const path of [o.source, o.dest]) {
       const c = await connect(path, { timeoutMs: o.timeoutMs })
       clients.push(c)
       await c.validateVersion()
+      abort.signal.throwIfAborted()
     }
     const [source, dest] = clients as [VfioUserClient, VfioUserClient]
     const summary = await migrate(source, dest, {

@@ -299,7 +299,13 @@ export class VfioUserClient extends EventEmitter {
     return new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
       const end = traceStart(this.#path, command)
-      const refused = start(token)
+      let refused: NativeError | null
+      try {
+        refused = start(token)
+      } catch (e) {
+        end?.(undefined, e)
+        throw e
+      }
       if (refused) {
         const e = fromNative(refused, this.#path)
         end?.(undefined, e)
@@ -412,9 +418,9 @@ export class VfioUserClient extends EventEmitter {
    */
   post(command: number, payload: Uint8Array, options: Pick<SendOptions, 'fds'> = {}): void {
     const args = this.#check(command, payload, options)
-    traceStart(this.#path, command, true)
     const refused = this.#native.post(command, args.payload, args.fds)
     if (refused) throw fromNative(refused, this.#path)
+    traceStart(this.#path, command, true)
   }
 
   /**

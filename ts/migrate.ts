@@ -2,7 +2,7 @@
 // rounds while the source runs (when it offers them), then STOP_COPY on the source piped into
 // RESUMING on the destination, then RUNNING on the destination. Built only on the typed
 // calls (feature.ts, migration.ts); this file decides the order and reports progress.
-import { checkInteger } from './args'
+import { checkInteger, checkTimeout } from './args'
 import type { CallOptions } from './channel'
 import { CHANNEL, type VfioUserClient } from './client'
 import { Command } from './command'
@@ -23,7 +23,8 @@ export interface MigrateOptions extends CallOptions {
   chunkSize?: number
   /**
    * The bytes move natively, out of JavaScript's reach, in slices of at least this many
-   * (default 64 MiB); `onProgress` and `signal` are looked at between slices.
+   * (default 64 MiB); `onProgress` is called between slices. An abort through `signal`
+   * settles at once (a slice in progress then fails at its next step, the source restarted).
    */
   progressBytes?: number
   /** Called as bytes move: after every slice, and at the end of each round and phase. */
@@ -56,7 +57,7 @@ export interface MigrateSummary {
   stopCopyBytes: number
   /** Pre-copy rounds done (0 when the source does not offer pre-copy, or it was skipped). */
   rounds: number
-  /** Milliseconds from start to the destination running. */
+  /** Milliseconds from start to the source stopped, after the destination runs. */
   elapsedMs: number
   /** Milliseconds with the device stopped (source stopped to destination running). */
   downtimeMs: number
@@ -102,7 +103,10 @@ export class MigrationError extends VfioUserError {
 }
 
 function checkOptions(o: MigrateOptions): { rounds: number; converged: number } {
+  if (o === null || typeof o !== 'object') throw new TypeError('options must be an object')
   if (o.chunkSize !== undefined) checkInteger('chunkSize', o.chunkSize, 1, 0xffff_fff0)
+  checkTimeout('timeoutMs', o.timeoutMs)
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
   const rounds = o.maxPreCopyRounds ?? 8
   const converged = o.convergedBytes ?? 1 << 20
   checkInteger('maxPreCopyRounds', rounds, 0, 1 << 20)
@@ -174,7 +178,7 @@ async function run(
     let moved = 0
     for (;;) {
       signal?.throwIfAborted()
-      const r = await pumpState(source[CHANNEL], dest[CHANNEL], { chunkSize, timeoutMs, limit: progressBytes })
+      const r = await pumpState(source[CHANNEL], dest[CHANNEL], { chunkSize, timeoutMs, signal, limit: progressBytes })
       moved += r.bytes
       bytes += r.bytes
       report(p, moved)
@@ -236,12 +240,19 @@ async function failed(
   timeoutMs: number | undefined,
 ): Promise<MigrationError> {
   const ask = (c: VfioUserClient) => c.migrationState({ timeoutMs }).catch(() => undefined)
-  const to = await ask(dest)
-  let from = await ask(source)
-  // Only after it was asked to run can the destination be running; then it must say it is not.
-  const restart = !destRunning && (phase !== 'finish' || (to !== undefined && to !== 'running'))
-  if (restart && from !== undefined && from !== 'running' && from !== 'error') {
-    from = await source.setMigrationState('running', { timeoutMs }).catch(() => ask(source))
+  const restartSource = async () => {
+    const from = await ask(source)
+    if (from === undefined || from === 'running' || from === 'error') return from
+    return source.setMigrationState('running', { timeoutMs }).catch(() => ask(source))
   }
+  if (phase !== 'finish' && !destRunning) {
+    // The destination was never asked to run: restart the source at once, not after a
+    // stalled destination has timed out.
+    const [from, to] = await Promise.all([restartSource(), ask(dest)])
+    return new MigrationError(cause, phase, from, to)
+  }
+  // Once it was asked to run, the destination must say it does not before the source runs.
+  const to = await ask(dest)
+  const from = !destRunning && to !== undefined && to !== 'running' ? await restartSource() : await ask(source)
   return new MigrationError(cause, phase, from, to)
 }

@@ -2,6 +2,7 @@
 // The bytes are the proto crate's migration.rs; this shapes them into a Readable and a
 // Writable with backpressure, sized reads, abort and typed errors.
 import { Readable, Writable } from 'node:stream'
+import { checkTimeout } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { native } from './native'
@@ -12,7 +13,12 @@ export interface StateStreamOptions extends CallOptions {
   chunkSize?: number
 }
 
+/** The chunk size for `options` (checked with the rest of them, before anything is sent). */
 function chunk(ch: Channel, options: StateStreamOptions): number {
+  checkTimeout('timeoutMs', options.timeoutMs)
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) {
+    throw new TypeError('signal must be an AbortSignal')
+  }
   const max = ch.maxDataXferSize()
   const asked = options.chunkSize ?? max
   if (!Number.isInteger(asked) || asked < 1) throw new RangeError(`chunkSize must be a positive integer, got ${asked}`)
@@ -100,14 +106,15 @@ export function loadState(ch: Channel, options: StateStreamOptions = {}): Writab
     while (!failure && inFlight.size >= limit) await Promise.race(inFlight)
     done(failure ?? null)
   }
-  return new Writable({
+  const stream: Writable = new Writable({
     highWaterMark: size,
     write(data: Buffer, _encoding, done) {
+      const stopped = () => failure !== undefined || stream.destroyed || signal?.aborted === true
       void (async () => {
-        for (let at = 0; at < data.length && !failure; at += size) {
+        for (let at = 0; at < data.length; at += size) {
           // Never more than WRITES_IN_FLIGHT, however large the chunk.
-          while (!failure && inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(inFlight)
-          if (failure) break
+          while (!stopped() && inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(inFlight)
+          if (stopped()) break
           const p: Promise<unknown> = ch
             .send(Command.MIG_DATA_WRITE, native.migDataWriteRequest(data.subarray(at, at + size)), { timeoutMs })
             .then(
@@ -120,11 +127,16 @@ export function loadState(ch: Channel, options: StateStreamOptions = {}): Writab
           inFlight.add(p)
         }
         await settle(WRITES_IN_FLIGHT, done)
-      })()
+      })().catch((e: unknown) => {
+        // Thrown before a write went out: the stream fails with it, once.
+        failure ??= e as Error
+        done(failure)
+      })
     },
     final(done) {
       void settle(1, done)
     },
     signal,
   })
+  return stream
 }

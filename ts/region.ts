@@ -210,9 +210,9 @@ export function regionWrite(
     )
   }
   if (options.posted) {
-    ch.tracePosted(Command.REGION_WRITE)
     const refused = ch.native.regionWritePosted(index, at.hi, at.lo, bytes)
     if (refused) return Promise.reject(ch.error(refused))
+    ch.tracePosted(Command.REGION_WRITE)
     // The first write of a job goes out at once; those that follow it in the same job are
     // corked until the job ends, share a sendmsg, and coalesce when the server allows.
     if (bytes.byteLength <= 8) ch.corkTick()

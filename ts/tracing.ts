@@ -1,6 +1,10 @@
-// Per-request tracing through `node:diagnostics_channel`: a message as each request is sent,
-// and one as it settles. Nothing is built unless someone subscribes, so the requests of a
-// client nobody traces pay one property read each.
+// Per-request tracing through `node:diagnostics_channel`: a message as each request is handed
+// to the native side to be sent, and one as it settles (a request refused there settles at
+// once, with the error; one aborted before that publishes nothing). Posted requests publish
+// only once accepted, and never settle. Nothing is built unless someone subscribes, so the
+// requests of a client nobody traces pay two property reads each. A subscriber that throws
+// does not disturb the client: diagnostics_channel rethrows on the next tick, as an uncaught
+// exception.
 import diagnosticsChannel from 'node:diagnostics_channel'
 import { commandName } from './command'
 import type { Reply } from './reply'
@@ -22,7 +26,10 @@ export interface SettleMessage {
   commandName: string
   /** From the request being sent to it settling. */
   durationMs: number
-  /** The reply, when there was one (typed calls that split a transfer report none). */
+  /**
+   * The reply, for a call answered by one reply: `sendWait`, `sendWaitSync`, and the async
+   * typed calls made of one request. Blocking typed calls and split transfers report none.
+   */
   reply?: Reply
   /** The failure, when it failed. */
   error?: unknown

@@ -189,9 +189,10 @@ impl Dma {
             l.dirty.remove(&d);
             // A dirty logging page marks every report page it overlaps inside the range.
             let from = d.max(iova);
-            let to = (d + l.page).min(end);
+            let to = d.saturating_add(l.page).min(end);
             let mut i = (from - iova) / page;
-            while iova + i * page < to {
+            // Offsets from `iova` stay below `length`: no overflow near the top of memory.
+            while i < pages && i * page < to - iova {
                 words[(i / 64) as usize] |= 1 << (i % 64);
                 i += 1;
             }
