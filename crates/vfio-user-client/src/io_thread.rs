@@ -143,8 +143,10 @@ fn backup_read(shared: &Shared, sock: i32) {
     }
     // Busy means someone is reading right now: nothing to back up.
     if let Some(mut rx) = shared.rx_try_lock() {
-        if let Err(e) = receive(shared, &mut rx, sock) {
-            shared.fail(e);
+        match receive(shared, &mut rx, sock) {
+            Ok(true) => shared.lock().stats.backup_reads += 1,
+            Ok(false) => {}
+            Err(e) => shared.fail(e),
         }
     }
 }

@@ -13,16 +13,17 @@ use std::time::Duration;
 const MAX_READS_PER_WAKEUP: usize = 16;
 
 /// Reads until the socket is drained (or the per-wakeup budget is spent), dispatching every
-/// complete message.
-pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<(), Error> {
+/// complete message. True when anything was read.
+pub fn receive(shared: &Shared, rx: &mut Rx, sock: i32) -> Result<bool, Error> {
+    let mut read = false;
     for _ in 0..MAX_READS_PER_WAKEUP {
         match read_once(shared, rx, sock)? {
-            ReadOutcome::WouldBlock => return Ok(()),
-            ReadOutcome::Data { drained: true } => return Ok(()),
-            _ => {}
+            ReadOutcome::WouldBlock => return Ok(read),
+            ReadOutcome::Data { drained: true } => return Ok(true),
+            _ => read = true,
         }
     }
-    Ok(())
+    Ok(read)
 }
 
 /// One read and the dispatch of whatever it completed. EOF is an error. After any error the

@@ -192,6 +192,8 @@ pub struct Stats {
     pub tombstones: u64,
     /// Posted writes sent as entries of a REGION_WRITE_MULTI.
     pub coalesced_writes: u64,
+    /// Backup checks of the I/O thread that found data another reader had left unread.
+    pub backup_reads: u64,
 }
 
 impl State {

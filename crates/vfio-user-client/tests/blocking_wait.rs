@@ -121,6 +121,7 @@ fn after_a_burst_of_blocking_calls_a_callback_request_gets_its_reply() {
     let (client, mut peer) = negotiated(Options::default());
     let client = Arc::new(client);
     burst(&client, &mut peer, 100);
+    let before = client.stats().backup_reads;
     let (tx, rx) = mpsc::channel();
     client
         .send_callback(
@@ -136,4 +137,6 @@ fn after_a_burst_of_blocking_calls_a_callback_request_gets_its_reply() {
         .recv_timeout(WATCHDOG)
         .expect("the reply was never read")
         .is_ok());
+    // Read as it arrived, not picked up later by a backup check of a thread left unarmed.
+    assert_eq!(client.stats().backup_reads, before);
 }
