@@ -283,7 +283,7 @@ impl Client {
     /// [`Client::post`] of a REGION_WRITE that may travel as an entry of a REGION_WRITE_MULTI
     /// (see `write_multi.rs`).
     pub(crate) fn post_write(&self, req: Request<'_>) -> Result<(), Error> {
-        self.submit_as(req, None, false, true, None).map(|_| ())
+        Client::submit_on(&self.shared, req, None, false, true, None).map(|_| ())
     }
 
     /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
@@ -293,24 +293,13 @@ impl Client {
         waiter: Option<Waiter>,
         version: bool,
     ) -> Result<Submitted, Error> {
-        self.submit_as(req, waiter, version, false, None)
+        Client::submit_on(&self.shared, req, waiter, version, false, None)
     }
 
-    /// [`Client::submit`]; `coalesce` lets a small posted write join a REGION_WRITE_MULTI;
-    /// `owned`, when set, is the payload (and `req.payload` is ignored).
-    fn submit_as(
-        &self,
-        req: Request<'_>,
-        waiter: Option<Waiter>,
-        version: bool,
-        coalesce: bool,
-        owned: Option<Vec<u8>>,
-    ) -> Result<Submitted, Error> {
-        Client::submit_on(&self.shared, req, waiter, version, coalesce, owned)
-    }
-
-    /// [`Client::submit_as`] on a connection's shared state, for callers that hold only that
-    /// (a pump forwarding from one connection's completions to another).
+    /// [`Client::submit`] on a connection's shared state (for callers that hold only that: a
+    /// pump forwarding from one connection's completions to another). `coalesce` lets a small
+    /// posted write join a REGION_WRITE_MULTI; `owned`, when set, is the payload (and
+    /// `req.payload` is ignored).
     pub(crate) fn submit_on(
         shared: &Arc<Shared>,
         req: Request<'_>,
