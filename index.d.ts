@@ -107,9 +107,8 @@ export declare class NativeClient {
   disableIrqs(token: number, group: number, timeoutMs?: number | undefined | null): NativeError | null
   /**
    * Moves this connection's device-state stream into `dest`'s (see
-   * `Client::pump_state_to`); a reply event with `token` follows, its payload what moved:
-   * bytes (u64, little-endian) then 1 if the stream ended. Returns an error if nothing was
-   * sent (then no event follows).
+   * `Client::pump_state_to`); a reply event with `token` follows, whose payload
+   * [`decode_pumped`] reads. Returns an error if nothing was sent (then no event follows).
    */
   pumpStateTo(token: number, dest: NativeClient, chunk: number, limit: number, timeoutMs?: number | undefined | null): NativeError | null
   /**
@@ -195,6 +194,9 @@ export declare function decodeMigrationFlags(data: Buffer): number | NativeError
 
 /** Decodes a type-0 configuration header and its capability list. */
 export declare function decodePciConfig(config: Buffer): NativePciConfig | NativeError
+
+/** What [`NativeClient::pump_state_to`] reported, from its reply event's payload. */
+export declare function decodePumped(payload: Buffer): NativePumped
 
 /** Decodes a DEVICE_GET_REGION_INFO reply payload for `index`. */
 export declare function decodeRegionInfo(payload: Buffer, index: number): NativeRegionInfo | NativeError
@@ -382,6 +384,12 @@ export interface NativePciConfig {
   interruptPin: number
   capabilities: Array<NativePciCapability>
   warnings: Array<string>
+}
+
+/** What a pump moved. */
+export interface NativePumped {
+  bytes: number
+  ended: boolean
 }
 
 /** Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in the payload. */

@@ -846,6 +846,7 @@ module.exports.decodeDirtyBitmap = nativeBinding.decodeDirtyBitmap
 module.exports.decodeIrqInfo = nativeBinding.decodeIrqInfo
 module.exports.decodeMigrationFlags = nativeBinding.decodeMigrationFlags
 module.exports.decodePciConfig = nativeBinding.decodePciConfig
+module.exports.decodePumped = nativeBinding.decodePumped
 module.exports.decodeRegionInfo = nativeBinding.decodeRegionInfo
 module.exports.decodeRegionIoFds = nativeBinding.decodeRegionIoFds
 module.exports.deviceInfoRequest = nativeBinding.deviceInfoRequest

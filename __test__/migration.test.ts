@@ -320,4 +320,20 @@ describe('migration-capable device', () => {
       await dst.close()
     }
   })
+
+  it('loadState aborted through its signal fails with an AbortError and stops writing', async () => {
+    const { client } = await start(8)
+    await client.setMigrationState('resuming')
+    const ac = new AbortController()
+    const load = client.loadState({ chunkSize: 64 << 10, signal: ac.signal })
+    const fed = pipeline(async function* () {
+      yield Buffer.alloc(8 << 20)
+      ac.abort()
+      yield Buffer.alloc(8 << 20)
+    }, load)
+    await expect(fed).rejects.toMatchObject({ name: 'AbortError' })
+    expect(load.destroyed).toBe(true)
+    // The connection is still in step: a request after the abort is answered.
+    expect(await client.migrationState()).toBe('resuming')
+  })
 })

@@ -7,6 +7,7 @@ use crate::event::Event;
 use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
 use napi_derive::napi;
 use vfio_user_client::proto::{migration, Command};
+use vfio_user_client::Pumped;
 
 /// A MIG_DATA_READ request for up to `size` bytes.
 #[napi]
@@ -46,9 +47,8 @@ pub fn mig_data_write_request(data: BufferSlice) -> Buffer {
 #[napi]
 impl NativeClient {
     /// Moves this connection's device-state stream into `dest`'s (see
-    /// `Client::pump_state_to`); a reply event with `token` follows, its payload what moved:
-    /// bytes (u64, little-endian) then 1 if the stream ended. Returns an error if nothing was
-    /// sent (then no event follows).
+    /// `Client::pump_state_to`); a reply event with `token` follows, whose payload
+    /// [`decode_pumped`] reads. Returns an error if nothing was sent (then no event follows).
     #[napi]
     pub fn pump_state_to(
         &self,
@@ -59,18 +59,12 @@ impl NativeClient {
         timeout_ms: Option<u32>,
     ) -> Option<NativeError> {
         let events = self.events.clone();
-        let done = Box::new(
-            move |r: Result<vfio_user_client::Pumped, vfio_user_client::Error>| {
-                events.push(match r {
-                    Ok(p) => {
-                        let mut buf = p.bytes.to_le_bytes().to_vec();
-                        buf.push(u8::from(p.ended));
-                        Event::Data(token, Payload::whole(buf))
-                    }
-                    Err(e) => Event::Done(token, Err(e)),
-                })
-            },
-        );
+        let done = Box::new(move |r: Result<Pumped, vfio_user_client::Error>| {
+            events.push(match r {
+                Ok(p) => Event::Data(token, Payload::whole(encode_pumped(p))),
+                Err(e) => Event::Done(token, Err(e)),
+            })
+        });
         let limit = if limit.is_finite() && limit > 0.0 {
             limit as u64
         } else {
@@ -81,5 +75,32 @@ impl NativeClient {
         })
         .err()
         .map(|e| convert::from_error(&e))
+    }
+}
+
+/// What a pump moved, as the payload of its reply event (events carry bytes): the bytes
+/// moved (u64, little-endian), then 1 if the stream ended. [`decode_pumped`] reads it.
+fn encode_pumped(p: Pumped) -> Vec<u8> {
+    let mut buf = p.bytes.to_le_bytes().to_vec();
+    buf.push(u8::from(p.ended));
+    buf
+}
+
+/// What a pump moved.
+#[napi(object, object_from_js = false)]
+pub struct NativePumped {
+    pub bytes: f64,
+    pub ended: bool,
+}
+
+/// What [`NativeClient::pump_state_to`] reported, from its reply event's payload.
+#[napi]
+pub fn decode_pumped(payload: BufferSlice) -> NativePumped {
+    let mut bytes = [0u8; 8];
+    let n = payload.len().min(8);
+    bytes[..n].copy_from_slice(&payload[..n]);
+    NativePumped {
+        bytes: u64::from_le_bytes(bytes) as f64,
+        ended: payload.get(8) == Some(&1),
     }
 }

@@ -83,7 +83,7 @@ export async function pumpState(
     (token) => source.native.pumpStateTo(token, dest.native, size, limit, timeoutMs),
     options,
   )
-  return { bytes: Number(reply.payload.readBigUInt64LE(0)), ended: reply.payload[8] === 1 }
+  return native.decodePumped(reply.payload)
 }
 
 /** MIG_DATA_WRITE messages a {@link loadState} keeps in flight. */

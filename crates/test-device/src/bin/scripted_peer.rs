@@ -46,6 +46,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use vfio_user_proto::bytes::{u32_at, u64_at};
 use vfio_user_proto::{Header, HEADER_SIZE};
 
 const VALID_CAPS: &str = r#"{"capabilities":{"max_msg_fds":1,"max_data_xfer_size":1048576}}"#;
@@ -263,8 +264,8 @@ fn run(s: &mut UnixStream, scenario: &str) {
                     reply(s, &h, &info_payload(16));
                     continue;
                 }
-                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
-                let offset = u64::from_ne_bytes([p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]);
+                let word = |at: usize| u32_at(&p, at).unwrap_or(0);
+                let offset = u64_at(&p, 0).unwrap_or(0);
                 let (delay, count) = (word(8), word(12));
                 if delay > 0 {
                     std::thread::sleep(std::time::Duration::from_millis(u64::from(delay)));
@@ -281,7 +282,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
         }
         "liar" => {
             while let Some((h, p)) = read_msg(s) {
-                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                let word = |at: usize| u32_at(&p, at).unwrap_or(0);
                 match h.command {
                     4 => {
                         let mut dma = [0u8; 16];
@@ -334,7 +335,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
             while let Some((h, p)) = read_msg(s) {
                 match h.command {
                     17 if matches!(state, 3 | 6) => {
-                        let asked = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]) as usize;
+                        let asked = u32_at(&p, 4).unwrap_or(0) as usize;
                         let mut n = asked.min(saved.len() - read_at);
                         if scenario == "migration-liar" && n == asked && read_at + n < saved.len() {
                             n += 1;
@@ -374,7 +375,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
                         continue;
                     }
                 }
-                let flags = u32::from_ne_bytes([p[4], p[5], p[6], p[7]]);
+                let flags = u32_at(&p, 4).unwrap_or(0);
                 let (feature, ops) = (flags & 0xffff, flags >> 16);
                 let mut r = p[..8].to_vec();
                 let errno = match (feature, ops) {
@@ -398,10 +399,8 @@ fn run(s: &mut UnixStream, scenario: &str) {
                     }
                     (7, 2) => None,
                     (8, 1) => {
-                        let word = |at: usize| {
-                            u64::from_ne_bytes(p[at..at + 8].try_into().unwrap_or([0; 8]))
-                        };
-                        let (length, page) = (word(16), word(24).max(1));
+                        let long = |at: usize| u64_at(&p, at).unwrap_or(0);
+                        let (length, page) = (long(16), long(24).max(1));
                         let pages = length.div_ceil(page);
                         let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
                         let mut dirty = vec![1u64, 2, 5];
@@ -419,7 +418,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
                         None
                     }
                     (2, 2) => {
-                        let to = u32::from_ne_bytes([p[8], p[9], p[10], p[11]]);
+                        let to = u32_at(&p, 8).unwrap_or(0);
                         let arc = matches!(
                             (state, to),
                             (2, 1)
@@ -456,7 +455,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
         }
         "io-fds" => {
             while let Some((h, p)) = read_msg(s) {
-                let word = |at: usize| u32::from_ne_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                let word = |at: usize| u32_at(&p, at).unwrap_or(0);
                 match h.command {
                     5 => {
                         let mut r = [0u8; 32];

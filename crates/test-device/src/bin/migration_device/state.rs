@@ -135,7 +135,7 @@ impl Device {
             }
             _ => {}
         }
-        if !to.saving_or_resuming() {
+        if !streaming(to) {
             self.end_save();
         }
         self.state = to;
@@ -321,15 +321,10 @@ fn head(offset: u64, len: u32) -> [u8; RECORD_HEAD] {
     h
 }
 
-trait Saving {
-    fn saving_or_resuming(self) -> bool;
-}
-
-impl Saving for MigState {
-    fn saving_or_resuming(self) -> bool {
-        matches!(
-            self,
-            MigState::PreCopy | MigState::StopCopy | MigState::Resuming
-        )
-    }
+/// A state in which the migration stream is open: being saved, or being loaded.
+fn streaming(s: MigState) -> bool {
+    matches!(
+        s,
+        MigState::PreCopy | MigState::StopCopy | MigState::Resuming
+    )
 }
