@@ -117,6 +117,17 @@ export declare class NativeClient {
    */
   regionReadSync(index: number, offsetHi: number, offsetLo: number, length: number, timeoutMs?: number | undefined | null): Buffer | null
   /**
+   * Reads `into.length` bytes of region `index` at offset (hi, lo) straight into `into`,
+   * blocking. False on failure (see `take_error`).
+   */
+  regionReadIntoSync(index: number, offsetHi: number, offsetLo: number, into: Buffer, timeoutMs?: number | undefined | null): boolean
+  /**
+   * Reads like `region_read_into_sync`; an empty reply event with `token` follows once
+   * nothing writes `into` any more (ts/ keeps it reachable until then). Returns an error if
+   * nothing was sent (then no event follows).
+   */
+  regionReadInto(token: number, index: number, offsetHi: number, offsetLo: number, into: Buffer, timeoutMs?: number | undefined | null): NativeError | null
+  /**
    * Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see
    * `take_error`).
    */

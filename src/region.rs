@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use vfio_user_client::proto::{region, region_io_fds, Command};
-use vfio_user_client::{Error, ReadData, RegionMapping};
+use vfio_user_client::{Error, ReadData, ReadInto, RegionMapping};
 
 fn offset(hi: u32, lo: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
@@ -31,6 +31,14 @@ fn settle(token: u32, r: std::result::Result<ReadData, Error>) -> Event {
         ),
         Err(e) => Event::Done(token, Err(e)),
     }
+}
+
+/// A Buffer's memory as the client crate's read target.
+fn read_into(mut into: BufferSlice) -> ReadInto {
+    // SAFETY: an ArrayBuffer's backing store never moves; ts/ keeps the Buffer reachable
+    // until the read's event is delivered (or, for a sync read, this call returns), and the
+    // client crate writes it only until the read settles, which comes before either.
+    unsafe { ReadInto::new(into.as_mut_ptr(), into.len()) }
 }
 
 #[napi]
@@ -56,6 +64,50 @@ impl NativeClient {
                 Ok(None)
             }
         }
+    }
+
+    /// Reads `into.length` bytes of region `index` at offset (hi, lo) straight into `into`,
+    /// blocking. False on failure (see `take_error`).
+    #[napi]
+    pub fn region_read_into_sync(
+        &self,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        into: BufferSlice,
+        timeout_ms: Option<u32>,
+    ) -> bool {
+        let at = offset(offset_hi, offset_lo);
+        let target = read_into(into);
+        self.keep_error(
+            self.live(|c| c.region_read_into(index, at, target, convert::timeout(timeout_ms))),
+        )
+    }
+
+    /// Reads like `region_read_into_sync`; an empty reply event with `token` follows once
+    /// nothing writes `into` any more (ts/ keeps it reachable until then). Returns an error if
+    /// nothing was sent (then no event follows).
+    #[napi]
+    pub fn region_read_into(
+        &self,
+        token: u32,
+        index: u32,
+        offset_hi: u32,
+        offset_lo: u32,
+        into: BufferSlice,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let at = offset(offset_hi, offset_lo);
+        let target = read_into(into);
+        let done = Box::new(move |r: std::result::Result<(), Error>| {
+            events.push(settle(token, r.map(|()| ReadData::default())))
+        });
+        self.live(|c| {
+            c.region_read_into_callback(index, at, target, convert::timeout(timeout_ms), done)
+        })
+        .err()
+        .map(|e| convert::from_error(&e))
     }
 
     /// Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see

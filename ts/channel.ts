@@ -23,6 +23,12 @@ export interface Channel {
    * error when nothing was sent. Resolves with the reply, or rejects with the error.
    */
   call(command: number, start: (token: number) => NativeError | null, options?: CallOptions): Promise<Reply>
+  /**
+   * Keeps `memory` reachable until the native event for `token` is delivered (or the
+   * connection has ended), whatever happens to the promise: native code writes into it until
+   * then.
+   */
+  hold(token: number, memory: Uint8Array): void
   /** The error of the last native sync call that failed, as a `VfioUserError`. */
   lastError(): VfioUserError
   /** A native error record as a `VfioUserError` naming this connection. */

@@ -52,6 +52,7 @@ import {
   type RegionInfo,
   type RegionIoFds,
   type RegionMap,
+  type RegionReadOptions,
   type RegionWriteOptions,
   regionInfo,
   regionIoFds,
@@ -175,6 +176,8 @@ export class VfioUserClient extends EventEmitter {
   readonly #native: NativeClient
   readonly #path: string
   readonly #waiters = new Map<number, Waiter>()
+  /** Memory native code writes into until the event for its token (see `Channel.hold`). */
+  readonly #holds = new Map<number, Uint8Array>()
   readonly #link: Link
   /** Where the native `sendSync` leaves a reply's id, command, flags, fd count and fds. */
   readonly #scratch = new Uint32Array(SCRATCH_WORDS)
@@ -345,6 +348,10 @@ export class VfioUserClient extends EventEmitter {
       native: this.#native,
       send: (command, payload, options) => this.sendWait(command, payload, options),
       call: (command, start, options = {}) => this.#call(command, start, options),
+      hold: (token, memory) => {
+        this.#holds.set(token, memory)
+        if (this.#holds.size === 1) this.#updateHold()
+      },
       lastError: () =>
         fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path),
       error: (e) => fromNative(e, this.#path),
@@ -460,12 +467,19 @@ export class VfioUserClient extends EventEmitter {
   /**
    * REGION_READ of `length` bytes at `offset` of region `index`, split into pieces of the
    * server's `maxDataXferSize` sent pipelined; every echoed offset, region and count is checked.
+   * With `into`, the data lands straight in that memory and the result is a Buffer over it:
+   * repeated large reads then allocate nothing.
    * @throws {TypeError|RangeError} for bad arguments (a length of 0 or over 2^32 - 1, an offset
-   *   past 2^64), before anything is sent.
+   *   past 2^64, an `into` smaller than `length` or detached), before anything is sent.
    * @throws {VfioUserError} (rejection) `'EPROTO'` for a short or mismatched echo; otherwise as
    *   {@link sendWait}.
    */
-  regionRead(index: number, offset: number | bigint, length: number, options: CallOptions = {}): Promise<Buffer> {
+  regionRead(
+    index: number,
+    offset: number | bigint,
+    length: number,
+    options: RegionReadOptions = {},
+  ): Promise<Buffer> {
     return regionRead(this[CHANNEL], index, offset, length, options)
   }
 
@@ -474,7 +488,7 @@ export class VfioUserClient extends EventEmitter {
     index: number,
     offset: number | bigint,
     length: number,
-    options: Omit<CallOptions, 'signal'> = {},
+    options: Omit<RegionReadOptions, 'signal'> = {},
   ): Buffer {
     return regionReadSync(this[CHANNEL], index, offset, length, options)
   }
@@ -713,12 +727,13 @@ export class VfioUserClient extends EventEmitter {
   }
 
   #settled(): void {
-    if (this.#waiters.size === 0) this.#updateHold()
+    if (this.#waiters.size === 0 && this.#holds.size === 0) this.#updateHold()
   }
 
   /** Holds the event loop and a strong link while anything is awaited from native code. */
   #updateHold(): void {
-    const want = !this.#closeEmitted && (this.#waiters.size > 0 || this.#closing)
+    // Held memory keeps the client reachable too: native code may still write into it.
+    const want = !this.#closeEmitted && (this.#waiters.size > 0 || this.#holds.size > 0 || this.#closing)
     if (want === (this.#link.strong !== undefined)) return
     if (want) {
       this.#link.strong = this
@@ -734,6 +749,7 @@ export class VfioUserClient extends EventEmitter {
     for (let i = 0; i < batch.length; i += 3) {
       const token = batch[i] as number
       const value = batch[i + 2]
+      if (this.#holds.size > 0) this.#holds.delete(token)
       if (value === null || value instanceof Uint8Array) {
         // A plain reply: payload only (null: empty), flags 1, no fds.
         const w = this.#waiters.get(token)
@@ -789,8 +805,10 @@ export class VfioUserClient extends EventEmitter {
       for (const g of this.#irqGroups.values()) g.end()
       this.#irqGroups.clear()
       for (const m of [...this.#regionMaps]) m.unmap()
-      // Nothing is served any more: the Buffers behind fd-less DMA ranges may go.
+      // Nothing is served any more: the Buffers behind fd-less DMA ranges may go, and every
+      // read was settled (its memory revoked) before the close was reported.
       this.#dmaBuffers.clear()
+      this.#holds.clear()
       this.#closeEmitted = true
       this.#updateHold()
       this.emit('close', this.#closed)

@@ -41,6 +41,7 @@ export {
   RegionInfo,
   RegionIoFds,
   RegionMap,
+  type RegionReadOptions,
   type RegionWriteOptions,
   type SparseArea,
 } from './region'

@@ -157,16 +157,61 @@ function checkAccess(index: number, offset: unknown, length: number) {
   return at
 }
 
+/** Options of {@link regionRead}. */
+export interface RegionReadOptions extends CallOptions {
+  /**
+   * Memory to read into instead of a new Buffer. Its first `length` bytes receive the data
+   * straight from the socket (no copy, nothing allocated per read), and the result is a
+   * Buffer over them. Until the call settles, the bytes are being written: do not read them
+   * yet, and do not transfer or detach its ArrayBuffer. If the read fails, what they hold is
+   * unspecified.
+   */
+  into?: Uint8Array
+}
+
+/**
+ * From this many bytes on, a read without `into` still lands straight in the Buffer it
+ * returns (allocated first): a large body is then written once, by the kernel, into memory
+ * V8 manages, instead of into memory handed to V8 afterwards. Below it, the bytes arrive
+ * with the reply and are handed over as they are.
+ */
+const DIRECT_READ = 64 * 1024
+
+/** Where a read of `length` bytes lands: a Buffer over `into`, a new Buffer, or (small reads) the reply's own. */
+function readTarget(into: unknown, length: number): Buffer | undefined {
+  if (into === undefined) return length >= DIRECT_READ ? Buffer.allocUnsafeSlow(length) : undefined
+  if (!(into instanceof Uint8Array)) {
+    throw new TypeError(`into must be a Buffer or Uint8Array, got ${into === null ? 'null' : typeof into}`)
+  }
+  if ((into.buffer as ArrayBuffer & { detached?: boolean }).detached) {
+    throw new TypeError('into is a view of a detached ArrayBuffer')
+  }
+  if (into.byteLength < length) {
+    throw new RangeError(`into holds ${into.byteLength} bytes, fewer than the ${length} to read`)
+  }
+  return Buffer.from(into.buffer, into.byteOffset, length)
+}
+
 /** Reads `length` bytes at `offset` of region `index`. */
 export function regionRead(
   ch: Channel,
   index: number,
   offset: number | bigint,
   length: number,
-  options: CallOptions = {},
+  options: RegionReadOptions = {},
 ): Promise<Buffer> {
   const at = checkAccess(index, offset, length)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  const target = readTarget(options.into, length)
+  if (target) {
+    const start = (token: number) => {
+      const refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
+      // The native side writes it until the read's event arrives, whatever the promise does.
+      if (!refused) ch.hold(token, target)
+      return refused
+    }
+    return ch.call(Command.REGION_READ, start, options).then(() => target)
+  }
   return ch
     .call(Command.REGION_READ, (token) => ch.native.regionRead(token, index, at.hi, at.lo, length, timeoutMs), options)
     .then((reply) => reply.payload)
@@ -178,11 +223,16 @@ export function regionReadSync(
   index: number,
   offset: number | bigint,
   length: number,
-  options: Omit<CallOptions, 'signal'> = {},
+  options: Omit<RegionReadOptions, 'signal'> = {},
 ): Buffer {
   const at = checkAccess(index, offset, length)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  const target = readTarget(options.into, length)
   return ch.traceSync(Command.REGION_READ, () => {
+    if (target) {
+      if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw ch.lastError()
+      return target
+    }
     const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
     if (data === null) throw ch.lastError()
     return data

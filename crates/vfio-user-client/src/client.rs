@@ -12,6 +12,7 @@ use crate::rx::Rx;
 use crate::shared::{CloseNotice, DmaHook, Shared, WAKE_TOKEN};
 use crate::socket::connect_unix;
 use crate::state::{NewRequest, SendFailure, Sent, State, Stats};
+use crate::target::ReadTarget;
 use crate::ticket::Ticket;
 use crate::Error;
 use nix::errno::Errno;
@@ -258,8 +259,40 @@ impl Client {
     /// Sends a request; `done` is called exactly once with the reply or the failure (timeout,
     /// connection end). If this returns an error, nothing was sent and `done` is not called.
     pub fn send_callback(&self, req: Request<'_>, done: Completion) -> Result<(), Error> {
-        self.submit(req, Some(Waiter::Callback(done)), false)
-            .map(|_| ())
+        self.send_callback_into(req, None, done)
+    }
+
+    /// [`Client::send_callback`], the reply's data received into `target` when it gives one.
+    pub(crate) fn send_callback_into(
+        &self,
+        req: Request<'_>,
+        target: Option<Arc<ReadTarget>>,
+        done: Completion,
+    ) -> Result<(), Error> {
+        let waiter = Some(Waiter::Callback(done));
+        Client::submit_on(&self.shared, req, waiter, false, false, None, target).map(|_| ())
+    }
+
+    /// [`Client::send_nowait`], the reply's data received into `target`.
+    pub(crate) fn send_nowait_into(
+        &self,
+        req: Request<'_>,
+        target: Arc<ReadTarget>,
+    ) -> Result<Ticket, Error> {
+        let slot = Arc::new(Slot::default());
+        let waiter = Some(Waiter::Slot(slot.clone()));
+        let sent = Client::submit_on(&self.shared, req, waiter, false, false, None, Some(target))?;
+        Ok(self.ticket(slot, sent))
+    }
+
+    /// [`Client::send_wait`], the reply's data received into `target`.
+    pub(crate) fn send_wait_into(
+        &self,
+        req: Request<'_>,
+        target: Arc<ReadTarget>,
+    ) -> Result<Reply, Error> {
+        let reader = ReaderGuard::take(&self.shared);
+        self.send_nowait_into(req, target)?.wait_reading(reader)
     }
 
     fn ticket(&self, slot: Arc<Slot>, sent: Submitted) -> Ticket {
@@ -283,7 +316,7 @@ impl Client {
     /// [`Client::post`] of a REGION_WRITE that may travel as an entry of a REGION_WRITE_MULTI
     /// (see `write_multi.rs`).
     pub(crate) fn post_write(&self, req: Request<'_>) -> Result<(), Error> {
-        Client::submit_on(&self.shared, req, None, false, true, None).map(|_| ())
+        Client::submit_on(&self.shared, req, None, false, true, None, None).map(|_| ())
     }
 
     /// Queues or writes one request; `waiter` None means a posted (No_reply) request.
@@ -293,7 +326,7 @@ impl Client {
         waiter: Option<Waiter>,
         version: bool,
     ) -> Result<Submitted, Error> {
-        Client::submit_on(&self.shared, req, waiter, version, false, None)
+        Client::submit_on(&self.shared, req, waiter, version, false, None, None)
     }
 
     /// [`Client::submit`] on a connection's shared state (for callers that hold only that: a
@@ -307,6 +340,7 @@ impl Client {
         version: bool,
         coalesce: bool,
         owned: Option<Vec<u8>>,
+        target: Option<Arc<ReadTarget>>,
     ) -> Result<Submitted, Error> {
         let payload = owned.as_deref().unwrap_or(req.payload);
         // Only for messages: no allocation on the path of a request that goes out.
@@ -410,6 +444,7 @@ impl Client {
                         sent: false,
                         reply_limit: reply_size_limit(req.command, payload),
                         fd_limit: reply_fd_limit(req.command, OUR_MAX_MSG_FDS),
+                        target,
                     },
                 ),
                 None => false,

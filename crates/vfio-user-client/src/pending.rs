@@ -1,5 +1,6 @@
 //! A request waiting for its reply, and the ways a reply reaches whoever waits for it.
 
+use crate::target::ReadTarget;
 use crate::Error;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -121,4 +122,16 @@ pub struct Pending {
     /// Largest acceptable reply message and how many fds it may carry.
     pub reply_limit: usize,
     pub fd_limit: usize,
+    /// Memory the reply's data is received into, when the caller gave some.
+    pub target: Option<Arc<ReadTarget>>,
+}
+
+impl Pending {
+    /// The request settles now, perhaps while its reply is arriving: no more of it may land
+    /// in the caller's memory.
+    pub fn revoke_target(&self) {
+        if let Some(t) = &self.target {
+            t.revoke();
+        }
+    }
 }

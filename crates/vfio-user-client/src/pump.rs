@@ -104,7 +104,16 @@ impl Pump {
             ..Request::new(Command::MigDataRead as u16, &payload)
         };
         let waiter = Waiter::Callback(Box::new(move |r| me.on_read(r)));
-        Client::submit_on(&live(&self.source)?, req, Some(waiter), false, false, None).map(|_| ())
+        Client::submit_on(
+            &live(&self.source)?,
+            req,
+            Some(waiter),
+            false,
+            false,
+            None,
+            None,
+        )
+        .map(|_| ())
     }
 
     fn write(self: &Arc<Self>, payload: Vec<u8>) -> Result<(), Error> {
@@ -128,6 +137,7 @@ impl Pump {
             false,
             false,
             Some(payload),
+            None,
         )
         .map(|_| ())
     }

@@ -81,7 +81,10 @@ fn dispatch(shared: &Shared, rx: &mut Rx) -> Result<(), Error> {
         let mut guard = shared.lock();
         let st = &mut *guard;
         loop {
-            let m = match rx.next(|h, kind| st.classify(h, kind, &mut fired)) {
+            let m = match rx.next(|h, kind| {
+                let d = st.classify(h, kind, &mut fired);
+                (d, st.reply_target(h.id, d))
+            }) {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),

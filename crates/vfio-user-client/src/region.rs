@@ -4,20 +4,26 @@
 
 use crate::join::Join;
 use crate::pending::Reply;
+use crate::target::{ReadInto, ReadTarget};
 use crate::{Client, Error};
 use nix::errno::Errno;
+use std::sync::Arc;
 use std::time::Duration;
 use vfio_user_proto::region::{
-    check_region_write_reply, region_access, region_read_data, ACCESS_HEADER_SIZE,
+    check_region_write_reply, region_access, region_read_data, region_read_head, ACCESS_HEADER_SIZE,
 };
 use vfio_user_proto::{Command, ProtoError};
 
 /// Called once with the bytes read (none, for a write), or the failure.
 pub type DataCompletion = Box<dyn FnOnce(Result<ReadData, Error>) + Send>;
 
+/// Called once when a read into the caller's memory has settled: the memory is filled, or
+/// the read failed (and its contents are unspecified). Either way nothing writes it again.
+pub type IntoCompletion = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
 /// Bytes read from a region: `buf[start..]`. A transfer of one piece hands over the reply's
 /// own buffer with its access header still in front, rather than moving the data.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ReadData {
     pub buf: Vec<u8>,
     pub start: usize,
@@ -180,7 +186,7 @@ impl Client {
                 out[p.at..p.at + data.len()].copy_from_slice(data);
                 Ok(())
             };
-            (request, timeout, Box::new(check))
+            PieceRequest::new(request, timeout, Box::new(check))
         })
     }
 
@@ -202,7 +208,7 @@ impl Client {
             let check = move |reply: &Reply, _: &mut Vec<u8>| {
                 check_region_write_reply(&reply.payload, index, p.offset, p.count)
             };
-            (request, timeout, Box::new(check))
+            PieceRequest::new(request, timeout, Box::new(check))
         })
     }
 
@@ -214,7 +220,7 @@ impl Client {
         pieces: &[Piece],
         out: Vec<u8>,
         done: DataCompletion,
-        mut build: impl FnMut(Piece) -> (Vec<u8>, Option<Duration>, Box<PieceCheck>),
+        mut build: impl FnMut(Piece) -> PieceRequest,
     ) -> Result<(), Error> {
         if pieces.is_empty() {
             done(Ok(ReadData::whole(out)));
@@ -226,14 +232,20 @@ impl Client {
             Box::new(move |r: Result<Vec<u8>, Error>| done(r.map(ReadData::whole))),
         );
         for (i, p) in pieces.iter().enumerate() {
-            let (payload, timeout, check) = build(*p);
+            let PieceRequest {
+                payload,
+                timeout,
+                check,
+                target,
+            } = build(*p);
             let j = join.clone();
             let on_reply = Box::new(move |r: Result<Reply, Error>| {
                 Join::settle(&j, |out| {
                     r.and_then(|reply| check(&reply, out).map_err(|e| proto(command, e)))
                 });
             });
-            if let Err(e) = self.send_callback(self.request(command, &payload, timeout), on_reply) {
+            let request = self.request(command, &payload, timeout);
+            if let Err(e) = self.send_callback_into(request, target, on_reply) {
                 if i == 0 {
                     return Err(e);
                 }
@@ -242,6 +254,89 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// Reads `into.len()` bytes at `offset` of region `index` straight into `into`, blocking.
+    /// The pieces are pipelined as for [`Client::region_read`]; when this returns, every one
+    /// has settled and nothing writes `into` again.
+    pub fn region_read_into(
+        &self,
+        index: u32,
+        offset: u64,
+        into: ReadInto,
+        timeout: Option<Duration>,
+    ) -> Result<(), Error> {
+        let command = Command::RegionRead;
+        let pieces = split(command, offset, into.len(), self.max_transfer(command)?)?;
+        let request = |p: &Piece| region_access(index, p.offset, p.count, None);
+        let checked = |reply: Result<Reply, Error>, t: &ReadTarget, p: Piece| {
+            reply.and_then(|r| finish_into(&r, t, index, p).map_err(|e| proto(command, e)))
+        };
+        if let [p] = pieces.as_slice() {
+            let t = piece_target(&into, p)?;
+            let reply = self.send_wait_into(self.request(command, &request(p), timeout), t.clone());
+            return checked(reply, &t, *p);
+        }
+        let mut sent = Vec::with_capacity(pieces.len());
+        let mut first_error = None;
+        for p in &pieces {
+            let t = match piece_target(&into, p) {
+                Ok(t) => t,
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            };
+            match self.send_nowait_into(self.request(command, &request(p), timeout), t.clone()) {
+                Ok(ticket) => sent.push((ticket, t, *p)),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        // Every piece sent must settle before `into` is the caller's again.
+        for (ticket, t, p) in sent {
+            if let Err(e) = checked(ticket.wait(), &t, p) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// [`Client::region_read_into`] without blocking: `done` is called once every piece has
+    /// settled. If this returns an error, nothing was sent and `done` is not called.
+    pub fn region_read_into_callback(
+        &self,
+        index: u32,
+        offset: u64,
+        into: ReadInto,
+        timeout: Option<Duration>,
+        done: IntoCompletion,
+    ) -> Result<(), Error> {
+        let command = Command::RegionRead;
+        let pieces = split(command, offset, into.len(), self.max_transfer(command)?)?;
+        let targets = pieces
+            .iter()
+            .map(|p| piece_target(&into, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut targets = targets.into_iter();
+        let done: DataCompletion = Box::new(move |r| done(r.map(|_| ())));
+        self.gather(command, &pieces, Vec::new(), done, |p| {
+            let request = region_access(index, p.offset, p.count, None);
+            let target = targets.next();
+            let t = target.clone();
+            let check = move |reply: &Reply, _: &mut Vec<u8>| match &t {
+                Some(t) => finish_into(reply, t, index, p),
+                None => Err(ProtoError::new(
+                    "a piece has no memory to read into".to_string(),
+                )),
+            };
+            PieceRequest {
+                target,
+                ..PieceRequest::new(request, timeout, Box::new(check))
+            }
+        })
     }
 
     fn request<'a>(
@@ -271,3 +366,44 @@ fn one_piece(reply: Reply, index: u32, p: Piece) -> Result<ReadData, Error> {
 
 /// Checks one piece's reply and puts its bytes where they belong.
 type PieceCheck = dyn FnOnce(&Reply, &mut Vec<u8>) -> Result<(), ProtoError> + Send;
+
+/// One piece of a transfer as [`Client::gather`] sends it.
+struct PieceRequest {
+    payload: Vec<u8>,
+    timeout: Option<Duration>,
+    check: Box<PieceCheck>,
+    /// Where the reply's data is received, for a read into the caller's memory.
+    target: Option<Arc<ReadTarget>>,
+}
+
+impl PieceRequest {
+    fn new(payload: Vec<u8>, timeout: Option<Duration>, check: Box<PieceCheck>) -> Self {
+        PieceRequest {
+            payload,
+            timeout,
+            check,
+            target: None,
+        }
+    }
+}
+
+/// The target for piece `p` of a read into `into`.
+fn piece_target(into: &ReadInto, p: &Piece) -> Result<Arc<ReadTarget>, Error> {
+    let slice = into.slice(p.at, p.count as usize).ok_or_else(|| {
+        Error::new(Errno::EINVAL, "a piece lies outside the memory read into")
+            .with_command(Command::RegionRead as u16)
+    })?;
+    Ok(Arc::new(ReadTarget::new(slice, ACCESS_HEADER_SIZE)))
+}
+
+/// Checks one piece's reply whose data went into `target`, and moves the data that arrived
+/// beside its header to the front of the target.
+fn finish_into(reply: &Reply, target: &ReadTarget, index: u32, p: Piece) -> Result<(), ProtoError> {
+    let head = region_read_head(&reply.payload, target.direct(), index, p.offset, p.count)?;
+    if !target.fill_front(head) {
+        return Err(ProtoError::new(
+            "REGION_READ reply settled after its request".to_string(),
+        ));
+    }
+    Ok(())
+}

@@ -1,10 +1,13 @@
 //! The receive side: reads the socket in large chunks (with any fds) into the proto crate's
 //! [`Framer`], which splits the stream into messages. Whoever holds it reads.
 
-use crate::socket::{cmsg_buffer, recv_append, recv_chunk, set_receive_timeout};
+use crate::socket::{cmsg_buffer, recv_append, recv_chunk, recv_raw, set_receive_timeout};
+use crate::target::ReadTarget;
 use crate::Error;
 use nix::errno::Errno;
-use std::os::fd::{OwnedFd, RawFd};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 use vfio_user_proto::{Frame, Framer, Header, MessageType, MAX_INCOMING_MESSAGE};
 
@@ -51,6 +54,9 @@ pub struct Rx {
     cmsg: Vec<u8>,
     /// The socket's SO_RCVTIMEO as last set here (only the holder of `Rx` reads).
     receive_timeout: Option<Duration>,
+    /// Where the data of the reply being received goes, when its request gave memory for it
+    /// (see `target.rs`).
+    target: Option<Arc<ReadTarget>>,
 }
 
 impl Default for Rx {
@@ -59,6 +65,7 @@ impl Default for Rx {
             framer: Framer::new(READ_BUFFER, MAX_INCOMING_MESSAGE),
             cmsg: cmsg_buffer(),
             receive_timeout: None,
+            target: None,
         }
     }
 }
@@ -73,6 +80,11 @@ impl Rx {
     /// interrupted it): a caller waiting for its reply sleeps in recvmsg itself rather than
     /// in poll followed by recvmsg, one syscall fewer per round trip.
     pub fn read_blocking(&mut self, sock: RawFd, timeout: Duration) -> Result<ReadOutcome, Error> {
+        if self.target.is_some() {
+            // Never sleep in recvmsg while writing into a caller's memory: its lock would be
+            // held, and whoever settles that request (under the state lock) would wait.
+            return self.wait_then_read(sock, timeout);
+        }
         if self.receive_timeout != Some(timeout) {
             set_receive_timeout(sock, timeout).map_err(|e| {
                 Error::new(
@@ -85,7 +97,70 @@ impl Rx {
         self.read_inner(sock, true)
     }
 
+    /// Waits up to `timeout` in poll, then reads without blocking.
+    fn wait_then_read(&mut self, sock: RawFd, timeout: Duration) -> Result<ReadOutcome, Error> {
+        // SAFETY: `sock` is the client's socket, open while its owner (Shared) lives, which
+        // outlives this call; the borrow ends with it.
+        let fd = unsafe { BorrowedFd::borrow_raw(sock) };
+        let ms =
+            PollTimeout::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX);
+        match poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], ms) {
+            Ok(0) | Err(Errno::EINTR) => Ok(ReadOutcome::WouldBlock),
+            Ok(_) => self.read_inner(sock, false),
+            Err(e) => Err(Error::new(
+                Errno::ECONNRESET,
+                format!("waiting on the socket failed: {}", e.desc()),
+            )),
+        }
+    }
+
+    /// One read of the current reply's data into its target. None when there is nothing to
+    /// read there (no target, the framer holds other bytes, or the target was revoked).
+    fn read_target(&mut self, sock: RawFd, block: bool) -> Option<Result<ReadOutcome, Error>> {
+        let target = self.target.clone()?;
+        let (body, left) = self.framer.direct_body(1)?;
+        let prefix = target.prefix();
+        let received = if body.len() < prefix {
+            // The rest of the access header first, into the reply's own buffer.
+            recv_append(
+                sock,
+                body,
+                (prefix - body.len()).min(left),
+                &mut self.cmsg,
+                block,
+            )
+        } else {
+            let kept = body.len() - prefix;
+            let cmsg = &mut self.cmsg;
+            // SAFETY: `receive` hands over `room` writable bytes of the caller's memory and
+            // holds its lock for the whole call.
+            let got = target.receive(kept, left, |ptr, room| unsafe {
+                recv_raw(sock, ptr, room, cmsg, block)
+            });
+            match got {
+                Some(r) => r,
+                None => {
+                    // Revoked: the request is over; its body is read and dropped as usual.
+                    self.target = None;
+                    return None;
+                }
+            }
+        };
+        Some(match received {
+            Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
+            Ok(r) => {
+                let drained = r.bytes < left;
+                self.framer.filled_body(r.bytes, r.fds);
+                Ok(ReadOutcome::Data { drained })
+            }
+            Err(e) => Self::failed(e, block),
+        })
+    }
+
     fn read_inner(&mut self, sock: RawFd, block: bool) -> Result<ReadOutcome, Error> {
+        if let Some(r) = self.read_target(sock, block) {
+            return r;
+        }
         if let Some((body, left)) = self.framer.direct_body(DIRECT_BODY) {
             return match recv_append(sock, body, left, &mut self.cmsg, block) {
                 Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
@@ -125,6 +200,7 @@ impl Rx {
     /// Forgets everything buffered after a fatal error, closing fds nobody will take.
     pub fn reset(&mut self) {
         self.framer.reset();
+        self.target = None;
     }
 
     /// True while a message is partly received.
@@ -133,17 +209,28 @@ impl Rx {
     }
 
     /// The next whole buffered message. `classify` decides from its header what its body is
-    /// for; it runs only once every earlier message has been returned, so it sees the state
-    /// they left (a VERSION reply completed before the request behind it is judged).
+    /// for, and may name memory for its data; it runs only once every earlier message has been
+    /// returned, so it sees the state they left (a VERSION reply completed before the request
+    /// behind it is judged). The memory is used only when the reply is exactly the size it
+    /// fits (anything else is read as usual, and found wrong when checked).
     pub fn next(
         &mut self,
-        classify: impl FnOnce(&Header, MessageType) -> Disposition,
+        classify: impl FnOnce(&Header, MessageType) -> (Disposition, Option<Arc<ReadTarget>>),
     ) -> Result<Option<Message>, Error> {
-        self.framer
+        let mut target = None;
+        let r = self
+            .framer
             .next(|h, kind| {
-                let d = classify(h, kind);
+                let (d, t) = classify(h, kind);
+                target = t.filter(|t| d.keep() && h.payload_len() == t.payload_len());
                 (d, d.keep())
             })
-            .map_err(|e| Error::new(Errno::ECONNRESET, format!("protocol violation: {e}")))
+            .map_err(|e| Error::new(Errno::ECONNRESET, format!("protocol violation: {e}")))?;
+        if r.is_some() {
+            self.target = None;
+        } else if target.is_some() {
+            self.target = target;
+        }
+        Ok(r)
     }
 }

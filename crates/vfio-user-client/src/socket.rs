@@ -133,12 +133,31 @@ pub fn recv_append(
     cmsg: &mut [u8],
     block: bool,
 ) -> nix::Result<Received> {
-    use nix::libc;
     body.reserve(max);
     let spare = &mut body.spare_capacity_mut()[..max];
+    // SAFETY: the spare capacity is `max` writable bytes we own, for the whole call.
+    let r = unsafe { recv_raw(sock, spare.as_mut_ptr().cast(), max, cmsg, block)? };
+    // SAFETY: recvmsg initialised exactly the first `r.bytes` bytes of the spare capacity.
+    unsafe { body.set_len(body.len() + r.bytes) };
+    Ok(r)
+}
+
+/// One recvmsg of at most `len` bytes into memory at `ptr`, with any fds; blocking or not as
+/// for [`recv_chunk`].
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+pub unsafe fn recv_raw(
+    sock: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    cmsg: &mut [u8],
+    block: bool,
+) -> nix::Result<Received> {
+    use nix::libc;
     let mut iov = libc::iovec {
-        iov_base: spare.as_mut_ptr().cast(),
-        iov_len: spare.len(),
+        iov_base: ptr.cast(),
+        iov_len: len,
     };
     // SAFETY: an all-zero msghdr is a valid empty one; the fields set below point at `iov`
     // and `cmsg`, which outlive the call.
@@ -152,8 +171,8 @@ pub fn recv_append(
         flags |= libc::MSG_DONTWAIT;
     }
     let n = loop {
-        // SAFETY: `msg` describes writable memory we own (the Vec's spare capacity, `max`
-        // bytes, and the control buffer); the kernel writes at most that much.
+        // SAFETY: `msg` describes `len` writable bytes at `ptr` (this function's contract)
+        // and the control buffer; the kernel writes at most that much.
         let n = unsafe { libc::recvmsg(sock, &mut msg, flags) };
         if n >= 0 {
             break n as usize;
@@ -163,8 +182,6 @@ pub fn recv_append(
             e => return Err(e),
         }
     };
-    // SAFETY: recvmsg initialised exactly the first `n` bytes of the spare capacity.
-    unsafe { body.set_len(body.len() + n) };
     let fds = take_rights(&msg)?;
     Ok(Received { bytes: n, fds })
 }

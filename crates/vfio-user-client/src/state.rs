@@ -6,6 +6,7 @@ use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message};
 use crate::socket::send_parts;
+use crate::target::ReadTarget;
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
@@ -13,6 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::Instant;
 use vfio_user_proto::{
     command_name, validate_version_reply, Command, Header, MessageType, Version, VersionProposal,
@@ -262,6 +264,7 @@ impl State {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
+        p.revoke_target();
         if p.command == Command::Version as u16 {
             self.version_in_flight = false;
         }
@@ -412,6 +415,7 @@ impl State {
     pub fn forget_refused(&mut self, id: u16, seq: u64, held: bool) {
         if self.pending.get(&id).is_some_and(|p| p.seq == seq) {
             if let Some(p) = self.pending.remove(&id) {
+                p.revoke_target();
                 if p.command == Command::Version as u16 {
                     self.version_in_flight = false;
                 }
@@ -473,6 +477,7 @@ impl State {
         self.closed = Some(err.clone());
         self.outgoing.clear();
         for (_, p) in self.pending.drain() {
+            p.revoke_target();
             fired
                 .completions
                 .push((p.waiter, Err(err.clone().with_command(p.command))));
@@ -570,6 +575,19 @@ impl State {
                 seq,
                 keep: !h.is_error(),
             },
+        }
+    }
+
+    /// The memory request `id` gave for its reply's data, once `classify` has taken that
+    /// reply as its own.
+    pub fn reply_target(&self, id: u16, d: Disposition) -> Option<Arc<ReadTarget>> {
+        match d {
+            Disposition::Reply { seq, keep: true } => self
+                .pending
+                .get(&id)
+                .filter(|p| p.seq == seq)
+                .and_then(|p| p.target.clone()),
+            _ => None,
         }
     }
 

@@ -245,12 +245,25 @@ pub fn region_read_data(
     offset: u64,
     count: u32,
 ) -> Result<&[u8], ProtoError> {
+    region_read_head(payload, 0, index, offset, count)
+}
+
+/// [`region_read_data`] for a reply whose data was received in two places: the first part
+/// in `payload` behind the access header (returned), and `elsewhere` bytes after it in memory
+/// the transport wrote directly. Together they must be exactly `count` bytes.
+pub fn region_read_head(
+    payload: &[u8],
+    elsewhere: usize,
+    index: u32,
+    offset: u64,
+    count: u32,
+) -> Result<&[u8], ProtoError> {
     check_echo("REGION_READ", payload, index, offset, count)?;
     let data = &payload[ACCESS_HEADER_SIZE..];
-    if data.len() != count as usize {
+    let total = data.len().saturating_add(elsewhere);
+    if total != count as usize {
         return Err(ProtoError::new(format!(
-            "REGION_READ reply carries {} bytes of data, not the {count} asked for",
-            data.len()
+            "REGION_READ reply carries {total} bytes of data, not the {count} asked for"
         )));
     }
     Ok(data)
