@@ -136,6 +136,36 @@ describe('connections ended every way release every fd and thread', () => {
     }
   })
 
+  it('large reads into memory in flight as 40 connections end (closed or the server killed, some aborted)', async () => {
+    for (let i = 0; i < 40; i++) {
+      const device = await startTestDevice()
+      const c = await connect(device.socketPath, { timeoutMs: 600_000 })
+      await c.validateVersion()
+      process.kill(device.pid, 'SIGSTOP')
+      const closed = new Promise((resolve) => c.once('close', resolve))
+      const abort = new AbortController()
+      const reads = Array.from({ length: 4 }, (_, k) =>
+        c
+          .regionRead(2, 0, 1 << 20, { into: Buffer.alloc(1 << 20), signal: k % 2 === 1 ? abort.signal : undefined })
+          .then(
+            () => 'read',
+            (e) => (e.name === 'AbortError' ? e.name : e.code),
+          ),
+      )
+      abort.abort()
+      if (i % 2 === 1) void c.close()
+      else process.kill(device.pid, 'SIGKILL')
+      const outcomes = await Promise.all(reads)
+      expect(outcomes.filter((_, k) => k % 2 === 1)).toEqual(['AbortError', 'AbortError'])
+      for (const o of outcomes.filter((_, k) => k % 2 === 0)) expect(['ECONNRESET', 'ECONNABORTED']).toContain(o)
+      await closed
+      // The device closed on is still stopped.
+      if (i % 2 === 1) process.kill(device.pid, 'SIGKILL')
+      await device.close()
+      expect(await settled(base)).toEqual(base)
+    }
+  })
+
   it('dropped without close(): 200 idle clients are garbage-collected with their thread and fds', async () => {
     async function openAndForget(n: number) {
       for (let i = 0; i < n; i++) {

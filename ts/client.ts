@@ -474,12 +474,7 @@ export class VfioUserClient extends EventEmitter {
    * @throws {VfioUserError} (rejection) `'EPROTO'` for a short or mismatched echo; otherwise as
    *   {@link sendWait}.
    */
-  regionRead(
-    index: number,
-    offset: number | bigint,
-    length: number,
-    options: RegionReadOptions = {},
-  ): Promise<Buffer> {
+  regionRead(index: number, offset: number | bigint, length: number, options: RegionReadOptions = {}): Promise<Buffer> {
     return regionRead(this[CHANNEL], index, offset, length, options)
   }
 

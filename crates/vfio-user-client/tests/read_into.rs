@@ -1,0 +1,218 @@
+//! Region reads into the caller's memory (`region_read_into`), against a scripted peer: the
+//! data lands where it belongs, a reply of the wrong size is EPROTO with the stream intact,
+//! and a read that settles while its body is still arriving (a timeout) never writes the
+//! memory afterwards.
+
+mod common;
+
+use common::*;
+use std::sync::mpsc;
+use std::time::Duration;
+use vfio_user_client::proto::Header;
+use vfio_user_client::{Client, Options, ReadInto, Request};
+
+const REGION_READ: u16 = 9;
+const SMALL_CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":64}}"#;
+
+fn pattern(offset: u64, count: usize) -> Vec<u8> {
+    (0..count as u64)
+        .map(|k| ((offset + k) % 251) as u8)
+        .collect()
+}
+
+fn access(m: &Msg) -> (u64, u32, u32) {
+    let p = &m.payload;
+    (
+        u64::from_ne_bytes(p[0..8].try_into().unwrap()),
+        u32::from_ne_bytes(p[8..12].try_into().unwrap()),
+        u32::from_ne_bytes(p[12..16].try_into().unwrap()),
+    )
+}
+
+/// Serves `n` reads from the pattern, each reply with `extra` more data bytes than asked for
+/// (negative: fewer), announced as such in its header.
+fn serve(mut peer: Peer, n: usize, extra: isize) -> std::thread::JoinHandle<Peer> {
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let m = peer.read_msg();
+            assert_eq!(m.header.command, REGION_READ);
+            let (offset, _, count) = access(&m);
+            let mut reply = m.payload[..16].to_vec();
+            let len = (count as isize + extra).max(0) as usize;
+            reply.extend(pattern(offset, len));
+            peer.reply(&m.header, &reply);
+        }
+        peer
+    })
+}
+
+fn into(mem: &mut [u8]) -> ReadInto {
+    // SAFETY: every test keeps `mem` alive and unmoved until its read has settled.
+    unsafe { ReadInto::new(mem.as_mut_ptr(), mem.len()) }
+}
+
+#[test]
+fn a_large_read_lands_in_the_memory_given() {
+    let (client, peer) = negotiated(Options::default());
+    let server = serve(peer, 1, 0);
+    let mut mem = vec![0u8; 256 << 10];
+    client
+        .region_read_into(2, 1000, into(&mut mem), None)
+        .unwrap();
+    assert!(mem == pattern(1000, 256 << 10));
+    server.join().unwrap();
+}
+
+#[test]
+fn pieces_land_in_their_places_blocking_and_with_a_callback() {
+    let (client, peer) = negotiated_with_caps(SMALL_CAPS);
+    let server = serve(peer, 8, 0);
+    let mut mem = vec![0u8; 200];
+    client
+        .region_read_into(2, 1000, into(&mut mem), None)
+        .unwrap();
+    assert_eq!(mem, pattern(1000, 200));
+
+    let mut other = vec![0u8; 200];
+    let (tx, rx) = mpsc::channel();
+    client
+        .region_read_into_callback(
+            2,
+            5000,
+            into(&mut other),
+            None,
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(other, pattern(5000, 200));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_reply_of_the_wrong_size_is_eproto_and_the_stream_stays_in_sync() {
+    for extra in [1isize, -1] {
+        let (client, peer) = negotiated(Options::default());
+        let server = serve(peer, 1, extra);
+        let mut mem = vec![0xaau8; 128 << 10];
+        let e = client
+            .region_read_into(2, 0, into(&mut mem), None)
+            .unwrap_err();
+        assert_eq!(e.code(), "EPROTO", "{extra}: {e}");
+        // The whole reply was read: the next request gets its own answer.
+        let mut peer = server.join().unwrap();
+        let t = std::thread::spawn(move || {
+            let m = peer.read_msg();
+            peer.reply(&m.header, &[7u8; 8]);
+            peer
+        });
+        let r = client.send_wait(Request::new(4, &get_info())).unwrap();
+        assert_eq!(r.payload, vec![7u8; 8]);
+        t.join().unwrap();
+    }
+}
+
+/// A server that sends the head of a read's reply (header, echo and `first` data bytes of
+/// 0x55) at once, and the rest (0x66) only when told to; then answers one DEVICE_GET_INFO.
+fn split_reply(
+    mut peer: Peer,
+    first: usize,
+    go: mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let m = peer.read_msg();
+        let (_, _, count) = access(&m);
+        let count = count as usize;
+        let mut head = Header::reply_to(&m.header, 16 + count).encode().to_vec();
+        head.extend_from_slice(&m.payload[..16]);
+        head.extend(std::iter::repeat_n(0x55u8, first));
+        peer.write(&head);
+        go.recv().unwrap();
+        peer.write(&vec![0x66u8; count - first]);
+        let m = peer.read_msg();
+        peer.reply(&m.header, &[7u8; 8]);
+    })
+}
+
+/// After a read timed out while its body was arriving: the rest of the body, sent only then,
+/// reaches neither the memory nor the next request.
+fn assert_untouched_after(client: &Client, mem: &[u8], go: mpsc::Sender<()>) {
+    go.send(()).unwrap();
+    let r = client.send_wait(Request::new(4, &get_info())).unwrap();
+    assert_eq!(r.payload, vec![7u8; 8]);
+    assert!(
+        !mem.contains(&0x66),
+        "bytes sent after the read settled were written into its memory"
+    );
+}
+
+#[test]
+fn a_blocking_read_that_timed_out_never_writes_the_memory_again() {
+    let (client, peer) = negotiated(Options::default());
+    let (go, wait) = mpsc::channel();
+    let server = split_reply(peer, 200 << 10, wait);
+    let mut mem = vec![0xaau8; 1 << 20];
+    let e = client
+        .region_read_into(2, 0, into(&mut mem), Some(Duration::from_millis(100)))
+        .unwrap_err();
+    assert_eq!(e.code(), "ETIMEDOUT");
+    assert_untouched_after(&client, &mem, go);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
+    let (client, peer) = negotiated(Options::default());
+    let (go, wait) = mpsc::channel();
+    let server = split_reply(peer, 200 << 10, wait);
+    let mut mem = vec![0xaau8; 1 << 20];
+    let (tx, rx) = mpsc::channel();
+    client
+        .region_read_into_callback(
+            2,
+            0,
+            into(&mut mem),
+            Some(Duration::from_millis(100)),
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    let e = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), "ETIMEDOUT");
+    assert_untouched_after(&client, &mem, go);
+    server.join().unwrap();
+}
+
+#[test]
+fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
+    let (client, mut peer) = negotiated(Options::default());
+    let mut mem = vec![0xaau8; 1 << 20];
+    let (tx, rx) = mpsc::channel();
+    client
+        .region_read_into_callback(
+            2,
+            0,
+            into(&mut mem),
+            None,
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    // Half the reply, then the server goes away.
+    let m = peer.read_msg();
+    let mut head = Header::reply_to(&m.header, 16 + (1 << 20))
+        .encode()
+        .to_vec();
+    head.extend_from_slice(&m.payload[..16]);
+    head.extend(std::iter::repeat_n(0x55u8, 512 << 10));
+    peer.write(&head);
+    drop(peer);
+    let e = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.code(), "ECONNRESET");
+    // Called once: the callback (and its sender) is gone.
+    assert!(rx.recv().is_err());
+}
