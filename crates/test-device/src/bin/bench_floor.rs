@@ -1,4 +1,4 @@
-//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|relay|read1m] [DEPTH]`: the benchmark's floor
+//! `vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|client1m-into|client1m-callback|stream|relay|read1m] [DEPTH]`: the benchmark's floor
 //! and ceiling, the least a client can do.
 //!
 //! - `raw` (default): one blocking write of DEVICE_GET_INFO, one blocking read of the reply
@@ -144,7 +144,7 @@ fn measure(count: u32, body: impl FnOnce() -> std::io::Result<()>) -> std::io::R
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(path), Some(count)) = (args.get(1), args.get(2).and_then(|c| c.parse().ok())) else {
-        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|stream|relay|read1m] [DEPTH]");
+        eprintln!("usage: vfio-user-bench-floor SOCKET COUNT [raw|msg|pipelined|client|client1m|client1m-into|client1m-callback|stream|relay|read1m] [DEPTH]");
         std::process::exit(2);
     };
     let count: u32 = count;
@@ -152,8 +152,8 @@ fn main() -> std::io::Result<()> {
     if mode == "client" {
         return with_client(path, count);
     }
-    if mode == "client1m" {
-        return with_client_1m(path, count);
+    if mode == "client1m" || mode == "client1m-into" || mode == "client1m-callback" {
+        return with_client_1m(path, count, mode);
     }
     if mode == "stream" {
         return stream(count);
@@ -316,15 +316,35 @@ fn joined(t: std::thread::JoinHandle<std::io::Result<()>>) -> std::io::Result<()
         .map_err(|_| std::io::Error::other("a relay thread panicked"))?
 }
 
-/// `client1m`: COUNT 1 MiB region reads with `vfio-user-client`'s blocking `region_read`.
-fn with_client_1m(path: &str, count: u32) -> std::io::Result<()> {
-    use vfio_user_client::{Client, Options};
+/// `client1m`: COUNT 1 MiB region reads with `vfio-user-client`'s blocking `region_read`;
+/// `client1m-into`: with `region_read_into` (into one reused buffer); `client1m-callback`:
+/// `region_read_into_callback`, read by the I/O thread (epoll), as an event loop reads.
+fn with_client_1m(path: &str, count: u32, mode: &str) -> std::io::Result<()> {
+    use vfio_user_client::{Client, Options, ReadInto};
     let fail = |e: vfio_user_client::Error| std::io::Error::other(e.to_string());
     let client = Client::connect(std::path::Path::new(path), Options::default()).map_err(fail)?;
     client.negotiate().map_err(fail)?;
+    let mut mem = vec![0u8; 1 << 20];
+    // SAFETY: `mem` outlives every read below, each of which settles before the next.
+    let into = unsafe { ReadInto::new(mem.as_mut_ptr(), mem.len()) };
     measure(count, || {
         for _ in 0..count {
-            client.region_read(2, 0, 1 << 20, None).map_err(fail)?;
+            match mode {
+                "client1m-into" => client.region_read_into(2, 0, into, None).map_err(fail)?,
+                "client1m-callback" => {
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    let done = Box::new(move |r| {
+                        let _ = tx.send(r);
+                    });
+                    client
+                        .region_read_into_callback(2, 0, into, None, done)
+                        .map_err(fail)?;
+                    rx.recv()
+                        .map_err(|_| std::io::Error::other("no completion"))?
+                        .map_err(fail)?
+                }
+                _ => drop(client.region_read(2, 0, 1 << 20, None).map_err(fail)?),
+            }
         }
         Ok(())
     })
