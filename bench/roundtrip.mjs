@@ -47,6 +47,40 @@ function binary(name) {
 const payload = Buffer.alloc(16)
 payload.writeUInt32LE(16, 0)
 
+/**
+ * The leanest addon possible (crates/bench-addon, built here on first use): sendmsg, recvmsg
+ * into a fixed buffer, the payload handed to JS as a new Buffer, returned (`roundTrip`) or
+ * resolving a promise from a poll handle on Node's loop (`send`). What any Node client pays
+ * before doing anything of its own; the goals' ratios are set against the floor, below it.
+ */
+function minimalAddon() {
+  execFileSync('cargo', ['build', '--release', '--quiet', '-p', 'bench-addon'], { cwd: root, stdio: 'inherit' })
+  const m = { exports: {} }
+  process.dlopen(m, join(root, 'target', 'release', 'libbench_addon.so'))
+  return m.exports.MinimalClient
+}
+const MinimalClient = minimalAddon()
+/** DEVICE_GET_INFO with its header, as the minimal addon sends it whole. */
+const request = Buffer.alloc(32)
+request.writeUInt16LE(4, 2)
+request.writeUInt32LE(32, 4)
+request.writeUInt32LE(16, 16)
+
+async function withMinimal(socketPath, fn) {
+  const m = new MinimalClient(socketPath)
+  try {
+    for (let i = 0; i < 1000; i++) m.roundTrip(request)
+    const cpu0 = process.cpuUsage()
+    const start = process.hrtime.bigint()
+    await fn(m)
+    const us = Number(process.hrtime.bigint() - start) / 1e3 / COUNT
+    const cpu = process.cpuUsage(cpu0)
+    return { us, user: cpu.user / COUNT, sys: cpu.system / COUNT }
+  } finally {
+    m.close()
+  }
+}
+
 /** One run of the floor binary: wall and CPU microseconds per round trip. */
 function floor(socketPath, mode = 'raw') {
   const out = execFileSync(binary('vfio-user-bench-floor'), [socketPath, String(COUNT), mode, String(DEPTH)], {
@@ -71,6 +105,20 @@ async function withClient(socketPath, fn) {
   } finally {
     await client.close()
   }
+}
+
+/** Reference rows, measured in the same rounds: the least any addon can do. */
+const MINIMAL_SYNC = 'minimal addon, returning a Buffer'
+const MINIMAL_PROMISE = 'minimal addon, resolving a promise'
+const references = {
+  [MINIMAL_SYNC]: (c) =>
+    withMinimal(c, async (m) => {
+      for (let i = 0; i < COUNT; i++) m.roundTrip(request)
+    }),
+  [MINIMAL_PROMISE]: (c) =>
+    withMinimal(c, async (m) => {
+      for (let i = 0; i < COUNT; i++) await m.send(request)
+    }),
 }
 
 const modes = {
@@ -276,7 +324,7 @@ try {
     floor: [],
     [MSG_FLOOR]: [],
     ceiling: [],
-    ...Object.fromEntries(Object.keys(modes).map((k) => [k, []])),
+    ...Object.fromEntries([...Object.keys(references), ...Object.keys(modes)].map((k) => [k, []])),
   }
   for (let round = 1; round <= ROUNDS; round++) {
     const row = [['round', 'mode', 'µs/request', 'user µs', 'sys µs']]
@@ -287,6 +335,7 @@ try {
     record('floor', floor(device.socketPath, 'raw'))
     record(MSG_FLOOR, floor(device.socketPath, 'msg'))
     record('ceiling', floor(device.socketPath, 'pipelined'))
+    for (const [name, run] of Object.entries(references)) record(name, await run(device.socketPath))
     for (const [name, run] of Object.entries(modes)) {
       record(name, await run(device.socketPath))
       if (name !== 'Rust Client::send_wait') record('floor', floor(device.socketPath, 'raw'))
@@ -310,6 +359,18 @@ try {
       'for reference',
     ],
     [`ceiling (${DEPTH} in flight)`, fmt(c.us), fmt(c.user), fmt(c.sys), '1.00x', fmt(c.user + c.sys), ''],
+    ...Object.keys(references).map((name) => {
+      const r = medianOf(runs[name])
+      return [
+        name,
+        fmt(r.us),
+        fmt(r.user),
+        fmt(r.sys),
+        `${(r.us / f.us).toFixed(2)}x floor`,
+        fmt(r.user + r.sys),
+        'for reference',
+      ]
+    }),
   ]
   const results = {}
   let missed = 0

@@ -437,6 +437,11 @@ pub fn command_replies(data: &[u8]) {
     if let Ok(bytes) = region::region_read_data(payload, index, offset, count) {
         assert_eq!(bytes.len(), count as usize);
     }
+    // A reply whose data partly went straight into the caller's memory.
+    let elsewhere = (offset as usize) % (count as usize + 1);
+    if let Ok(bytes) = region::region_read_head(payload, elsewhere, index, offset, count) {
+        assert_eq!(bytes.len() + elsewhere, count as usize);
+    }
     if let Ok(r) =
         crate::region_io_fds::decode_region_io_fds(payload, index, offset, count as usize)
     {

@@ -405,4 +405,17 @@ mod tests {
         assert!(check_region_write_reply(&[], 7, 64, 0).is_ok());
         assert!(check_region_write_reply(&[], 7, 64, 4).is_err());
     }
+
+    #[test]
+    fn a_read_split_between_the_reply_and_memory_must_add_up_to_the_count() {
+        let mut reply = region_access(2, 4096, 100, None);
+        reply.extend_from_slice(&[5u8; 30]);
+        let head = region_read_head(&reply, 70, 2, 4096, 100).unwrap();
+        assert_eq!(head, &[5u8; 30][..]);
+        assert!(region_read_head(&reply, 69, 2, 4096, 100).is_err());
+        assert!(region_read_head(&reply, 71, 2, 4096, 100).is_err());
+        assert!(region_read_head(&reply, usize::MAX, 2, 4096, 100).is_err());
+        // The echo is checked as for a whole reply.
+        assert!(region_read_head(&reply, 70, 2, 4097, 100).is_err());
+    }
 }
