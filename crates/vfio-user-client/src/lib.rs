@@ -51,7 +51,7 @@ pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};
 pub use pump::{PumpDone, Pumped, WRITES_IN_FLIGHT};
 pub use reader::ExternalReader;
-pub use region::{DataCompletion, IntoCompletion, ReadData};
+pub use region::{DataCompletion, IntoCompletion, ReadData, READ_PIECE};
 pub use region_map::RegionMapping;
 pub use shared::DmaHook;
 pub use socket::{connect_unix, MAX_RECV_FDS};

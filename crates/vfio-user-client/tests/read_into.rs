@@ -9,7 +9,7 @@ use common::*;
 use std::sync::mpsc;
 use std::time::Duration;
 use vfio_user_client::proto::Header;
-use vfio_user_client::{Client, Options, ReadInto, Request};
+use vfio_user_client::{Client, Options, ReadInto, Request, READ_PIECE};
 
 const REGION_READ: u16 = 9;
 const SMALL_CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":64}}"#;
@@ -55,12 +55,37 @@ fn into(mem: &mut [u8]) -> ReadInto {
 fn a_large_read_lands_in_the_memory_given() {
     let (client, peer) = negotiated(Options::default());
     let server = serve(peer, 1, 0);
-    let mut mem = vec![0u8; 256 << 10];
+    let mut mem = vec![0u8; READ_PIECE];
     client
         .region_read_into(2, 1000, into(&mut mem), None)
         .unwrap();
-    assert!(mem == pattern(1000, 256 << 10));
+    assert!(mem == pattern(1000, READ_PIECE));
     server.join().unwrap();
+}
+
+#[test]
+fn a_read_bigger_than_a_piece_is_split_though_the_server_takes_more() {
+    // The server's max_data_xfer_size is 1 MiB; pieces are READ_PIECE (see its comment).
+    let (client, mut peer) = negotiated(Options::default());
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for _ in 0..(1 << 20) / READ_PIECE {
+            let m = peer.read_msg();
+            let (offset, _, count) = access(&m);
+            seen.push((offset, count as usize));
+            let mut reply = m.payload[..16].to_vec();
+            reply.extend(pattern(offset, count as usize));
+            peer.reply(&m.header, &reply);
+        }
+        seen
+    });
+    let data = client.region_read(2, 0, 1 << 20, None).unwrap().into_vec();
+    assert!(data == pattern(0, 1 << 20));
+    let seen = server.join().unwrap();
+    let expected: Vec<_> = (0..(1 << 20) / READ_PIECE)
+        .map(|k| ((k * READ_PIECE) as u64, READ_PIECE))
+        .collect();
+    assert_eq!(seen, expected);
 }
 
 #[test]
@@ -150,8 +175,8 @@ fn assert_untouched_after(client: &Client, mem: &[u8], go: mpsc::Sender<()>) {
 fn a_blocking_read_that_timed_out_never_writes_the_memory_again() {
     let (client, peer) = negotiated(Options::default());
     let (go, wait) = mpsc::channel();
-    let server = split_reply(peer, 200 << 10, wait);
-    let mut mem = vec![0xaau8; 1 << 20];
+    let server = split_reply(peer, 100 << 10, wait);
+    let mut mem = vec![0xaau8; READ_PIECE];
     let e = client
         .region_read_into(2, 0, into(&mut mem), Some(Duration::from_millis(100)))
         .unwrap_err();
@@ -164,8 +189,8 @@ fn a_blocking_read_that_timed_out_never_writes_the_memory_again() {
 fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
     let (client, peer) = negotiated(Options::default());
     let (go, wait) = mpsc::channel();
-    let server = split_reply(peer, 200 << 10, wait);
-    let mut mem = vec![0xaau8; 1 << 20];
+    let server = split_reply(peer, 100 << 10, wait);
+    let mut mem = vec![0xaau8; READ_PIECE];
     let (tx, rx) = mpsc::channel();
     client
         .region_read_into_callback(
@@ -188,7 +213,7 @@ fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
 #[test]
 fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
     let (client, mut peer) = negotiated(Options::default());
-    let mut mem = vec![0xaau8; 1 << 20];
+    let mut mem = vec![0xaau8; READ_PIECE];
     let (tx, rx) = mpsc::channel();
     client
         .region_read_into_callback(
@@ -201,11 +226,11 @@ fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
         .unwrap();
     // Half the reply, then the server goes away.
     let m = peer.read_msg();
-    let mut head = Header::reply_to(&m.header, 16 + (1 << 20))
+    let mut head = Header::reply_to(&m.header, 16 + READ_PIECE)
         .encode()
         .to_vec();
     head.extend_from_slice(&m.payload[..16]);
-    head.extend(std::iter::repeat_n(0x55u8, 512 << 10));
+    head.extend(std::iter::repeat_n(0x55u8, READ_PIECE / 2));
     peer.write(&head);
     drop(peer);
     let e = rx
