@@ -83,7 +83,7 @@ fn dispatch(shared: &Shared, rx: &mut Rx) -> Result<(), Error> {
         loop {
             let m = match rx.next(|h, kind| {
                 let d = st.classify(h, kind, &mut fired);
-                (d, st.reply_target(h.id, d))
+                (d, st.reply_target(h, d))
             }) {
                 Ok(Some(m)) => m,
                 Ok(None) => break Ok(()),

@@ -13,7 +13,7 @@ use vfio_user_proto::{Frame, Framer, Header, MessageType, MAX_INCOMING_MESSAGE};
 
 const READ_BUFFER: usize = 64 * 1024;
 /// A body with at least this much still to come is read straight into its own memory.
-const DIRECT_BODY: usize = 16 * 1024;
+pub const DIRECT_BODY: usize = 16 * 1024;
 
 /// What to do with the message being received, decided from its header before any of its
 /// body is stored.

@@ -4,7 +4,7 @@
 use crate::ids::Ids;
 use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
-use crate::rx::{Disposition, Message};
+use crate::rx::{Disposition, Message, DIRECT_BODY};
 use crate::socket::send_parts;
 use crate::target::ReadTarget;
 use crate::Error;
@@ -578,13 +578,14 @@ impl State {
         }
     }
 
-    /// The memory request `id` gave for its reply's data, once `classify` has taken that
-    /// reply as its own.
-    pub fn reply_target(&self, id: u16, d: Disposition) -> Option<Arc<ReadTarget>> {
+    /// The memory the request gave for the data of reply `h`, once `classify` has taken that
+    /// reply as its own (`d`). Not looked up for a small reply, which arrives whole with its
+    /// header: its data is copied out of the reply's buffer at completion all the same.
+    pub fn reply_target(&self, h: &Header, d: Disposition) -> Option<Arc<ReadTarget>> {
         match d {
-            Disposition::Reply { seq, keep: true } => self
+            Disposition::Reply { seq, keep: true } if h.payload_len() >= DIRECT_BODY => self
                 .pending
-                .get(&id)
+                .get(&h.id)
                 .filter(|p| p.seq == seq)
                 .and_then(|p| p.target.clone()),
             _ => None,
