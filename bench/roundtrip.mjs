@@ -66,16 +66,21 @@ request.writeUInt16LE(4, 2)
 request.writeUInt32LE(32, 4)
 request.writeUInt32LE(16, 16)
 
+/** Wall time and this process's CPU per request of COUNT requests made by `fn`. */
+async function perRequest(fn) {
+  const cpu0 = process.cpuUsage()
+  const start = process.hrtime.bigint()
+  await fn()
+  const us = Number(process.hrtime.bigint() - start) / 1e3 / COUNT
+  const cpu = process.cpuUsage(cpu0)
+  return { us, user: cpu.user / COUNT, sys: cpu.system / COUNT }
+}
+
 async function withMinimal(socketPath, fn) {
   const m = new MinimalClient(socketPath)
   try {
     for (let i = 0; i < 1000; i++) m.roundTrip(request)
-    const cpu0 = process.cpuUsage()
-    const start = process.hrtime.bigint()
-    await fn(m)
-    const us = Number(process.hrtime.bigint() - start) / 1e3 / COUNT
-    const cpu = process.cpuUsage(cpu0)
-    return { us, user: cpu.user / COUNT, sys: cpu.system / COUNT }
+    return await perRequest(() => fn(m))
   } finally {
     m.close()
   }
@@ -96,12 +101,7 @@ async function withClient(socketPath, fn) {
   // Warm up the path (JIT, page faults) outside the timed part.
   for (let i = 0; i < 1000; i++) client.sendWaitSync(Command.DEVICE_GET_INFO, payload)
   try {
-    const cpu0 = process.cpuUsage()
-    const start = process.hrtime.bigint()
-    await fn(client)
-    const us = Number(process.hrtime.bigint() - start) / 1e3 / COUNT
-    const cpu = process.cpuUsage(cpu0)
-    return { us, user: cpu.user / COUNT, sys: cpu.system / COUNT }
+    return await perRequest(() => fn(client))
   } finally {
     await client.close()
   }

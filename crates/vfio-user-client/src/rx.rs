@@ -1,7 +1,9 @@
 //! The receive side: reads the socket in large chunks (with any fds) into the proto crate's
 //! [`Framer`], which splits the stream into messages. Whoever holds it reads.
 
-use crate::socket::{cmsg_buffer, recv_append, recv_chunk, recv_raw, set_receive_timeout};
+use crate::socket::{
+    cmsg_buffer, recv_append, recv_chunk, recv_raw, set_receive_timeout, Received,
+};
 use crate::target::ReadTarget;
 use crate::Error;
 use nix::errno::Errno;
@@ -146,7 +148,17 @@ impl Rx {
                 }
             }
         };
-        Some(match received {
+        Some(self.body_read(received, left, block))
+    }
+
+    /// What a read of a body with `left` bytes to come brought, recorded in the framer.
+    fn body_read(
+        &mut self,
+        received: nix::Result<Received>,
+        left: usize,
+        block: bool,
+    ) -> Result<ReadOutcome, Error> {
+        match received {
             Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
             Ok(r) => {
                 let drained = r.bytes < left;
@@ -154,7 +166,7 @@ impl Rx {
                 Ok(ReadOutcome::Data { drained })
             }
             Err(e) => Self::failed(e, block),
-        })
+        }
     }
 
     fn read_inner(&mut self, sock: RawFd, block: bool) -> Result<ReadOutcome, Error> {
@@ -162,15 +174,8 @@ impl Rx {
             return r;
         }
         if let Some((body, left)) = self.framer.direct_body(DIRECT_BODY) {
-            return match recv_append(sock, body, left, &mut self.cmsg, block) {
-                Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
-                Ok(r) => {
-                    let drained = r.bytes < left;
-                    self.framer.filled_body(r.bytes, r.fds);
-                    Ok(ReadOutcome::Data { drained })
-                }
-                Err(e) => Self::failed(e, block),
-            };
+            let received = recv_append(sock, body, left, &mut self.cmsg, block);
+            return self.body_read(received, left, block);
         }
         let space = self.framer.space();
         let room = space.len();
