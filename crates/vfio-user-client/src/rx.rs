@@ -16,6 +16,9 @@ use vfio_user_proto::{Frame, Framer, Header, MessageType, MAX_INCOMING_MESSAGE};
 const READ_BUFFER: usize = 64 * 1024;
 /// A body with at least this much still to come is read straight into its own memory.
 pub const DIRECT_BODY: usize = 16 * 1024;
+/// A header and a REGION_READ reply's access header: what is read alone when a reply with a
+/// target is expected next.
+const TARGET_HEAD: usize = vfio_user_proto::HEADER_SIZE + 16;
 
 /// What to do with the message being received, decided from its header before any of its
 /// body is stored.
@@ -59,6 +62,10 @@ pub struct Rx {
     /// Where the data of the reply being received goes, when its request gave memory for it
     /// (see `target.rs`).
     target: Option<Arc<ReadTarget>>,
+    /// The last message was a reply read into its target: the next is likely another piece
+    /// of the same read, so its header is read alone and its data goes straight to its
+    /// target, rather than the first 64 KiB of it through the read buffer and a copy.
+    expect_target: bool,
 }
 
 impl Default for Rx {
@@ -68,6 +75,7 @@ impl Default for Rx {
             cmsg: cmsg_buffer(),
             receive_timeout: None,
             target: None,
+            expect_target: false,
         }
     }
 }
@@ -177,7 +185,11 @@ impl Rx {
             let received = recv_append(sock, body, left, &mut self.cmsg, block);
             return self.body_read(received, left, block);
         }
-        let space = self.framer.space();
+        let at_boundary = !self.framer.mid_message();
+        let mut space = self.framer.space();
+        if self.expect_target && at_boundary {
+            space = &mut space[..TARGET_HEAD];
+        }
         let room = space.len();
         match recv_chunk(sock, space, &mut self.cmsg, block) {
             Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
@@ -206,6 +218,7 @@ impl Rx {
     pub fn reset(&mut self) {
         self.framer.reset();
         self.target = None;
+        self.expect_target = false;
     }
 
     /// True while a message is partly received.
@@ -232,7 +245,7 @@ impl Rx {
             })
             .map_err(|e| Error::new(Errno::ECONNRESET, format!("protocol violation: {e}")))?;
         if r.is_some() {
-            self.target = None;
+            self.expect_target = self.target.take().is_some();
         } else if target.is_some() {
             self.target = target;
         }

@@ -241,3 +241,43 @@ fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
     // Called once: the callback (and its sender) is gone.
     assert!(rx.recv().is_err());
 }
+
+#[test]
+fn replies_behind_a_read_into_memory_are_framed_as_usual() {
+    // After a reply read into its target the next header is read on its own; what follows
+    // in the same write (three small replies behind the read's last piece) still arrives
+    // whole and in order.
+    let (client, mut peer) = negotiated(Options::default());
+    let mut mem = vec![0u8; 2 * READ_PIECE];
+    let (tx, rx) = mpsc::channel();
+    client
+        .region_read_into_callback(
+            2,
+            0,
+            into(&mut mem),
+            None,
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    let tickets: Vec<_> = (0..3)
+        .map(|_| client.send_nowait(Request::new(4, &get_info())).unwrap())
+        .collect();
+    let msgs: Vec<Msg> = (0..5).map(|_| peer.read_msg()).collect();
+    let piece = |m: &Msg| {
+        let (offset, _, count) = access(m);
+        let mut reply = m.payload[..16].to_vec();
+        reply.extend(pattern(offset, count as usize));
+        message(Header::reply_to(&m.header, reply.len()), &reply)
+    };
+    peer.write(&piece(&msgs[0]));
+    let mut rest = piece(&msgs[1]);
+    for (k, m) in msgs[2..].iter().enumerate() {
+        rest.extend(message(Header::reply_to(&m.header, 8), &[k as u8; 8]));
+    }
+    peer.write(&rest);
+    for (k, t) in tickets.into_iter().enumerate() {
+        assert_eq!(t.wait().unwrap().payload, vec![k as u8; 8]);
+    }
+    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert!(mem == pattern(0, 2 * READ_PIECE));
+}
