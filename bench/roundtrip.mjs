@@ -344,33 +344,24 @@ try {
     console.log('')
   }
   const f = medianOf(runs.floor)
+  /** A row measured against the floor, for reference only. */
+  const reference = (name, r) => [
+    name,
+    fmt(r.us),
+    fmt(r.user),
+    fmt(r.sys),
+    `${(r.us / f.us).toFixed(2)}x floor`,
+    fmt(r.user + r.sys),
+    'for reference',
+  ]
   const m = medianOf(runs[MSG_FLOOR])
   const c = medianOf(runs.ceiling)
   const rows = [
     ['mode (medians)', 'µs/request', 'user µs', 'sys µs', 'time vs', 'CPU', 'goal'],
     ['floor (1 in flight)', fmt(f.us), fmt(f.user), fmt(f.sys), '1.00x', fmt(f.user + f.sys), ''],
-    [
-      MSG_FLOOR,
-      fmt(m.us),
-      fmt(m.user),
-      fmt(m.sys),
-      `${(m.us / f.us).toFixed(2)}x floor`,
-      fmt(m.user + m.sys),
-      'for reference',
-    ],
+    reference(MSG_FLOOR, m),
     [`ceiling (${DEPTH} in flight)`, fmt(c.us), fmt(c.user), fmt(c.sys), '1.00x', fmt(c.user + c.sys), ''],
-    ...Object.keys(references).map((name) => {
-      const r = medianOf(runs[name])
-      return [
-        name,
-        fmt(r.us),
-        fmt(r.user),
-        fmt(r.sys),
-        `${(r.us / f.us).toFixed(2)}x floor`,
-        fmt(r.user + r.sys),
-        'for reference',
-      ]
-    }),
+    ...Object.keys(references).map((name) => reference(name, medianOf(runs[name]))),
   ]
   const results = {}
   let missed = 0

@@ -46,6 +46,27 @@ fn serve(mut peer: Peer, n: usize, extra: isize) -> std::thread::JoinHandle<Peer
     })
 }
 
+/// Starts a read of `mem.len()` bytes at `offset` of region 2 into `mem`; its result comes
+/// on the channel.
+fn read_with_callback(
+    client: &Client,
+    offset: u64,
+    mem: &mut [u8],
+    timeout: Option<Duration>,
+) -> mpsc::Receiver<Result<(), vfio_user_client::Error>> {
+    let (tx, rx) = mpsc::channel();
+    client
+        .region_read_into_callback(
+            2,
+            offset,
+            into(mem),
+            timeout,
+            Box::new(move |r| tx.send(r).unwrap()),
+        )
+        .unwrap();
+    rx
+}
+
 fn into(mem: &mut [u8]) -> ReadInto {
     // SAFETY: every test keeps `mem` alive and unmoved until its read has settled.
     unsafe { ReadInto::new(mem.as_mut_ptr(), mem.len()) }
@@ -99,16 +120,7 @@ fn pieces_land_in_their_places_blocking_and_with_a_callback() {
     assert_eq!(mem, pattern(1000, 200));
 
     let mut other = vec![0u8; 200];
-    let (tx, rx) = mpsc::channel();
-    client
-        .region_read_into_callback(
-            2,
-            5000,
-            into(&mut other),
-            None,
-            Box::new(move |r| tx.send(r).unwrap()),
-        )
-        .unwrap();
+    let rx = read_with_callback(&client, 5000, &mut other, None);
     rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert_eq!(other, pattern(5000, 200));
     server.join().unwrap();
@@ -191,16 +203,7 @@ fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
     let (go, wait) = mpsc::channel();
     let server = split_reply(peer, 100 << 10, wait);
     let mut mem = vec![0xaau8; READ_PIECE];
-    let (tx, rx) = mpsc::channel();
-    client
-        .region_read_into_callback(
-            2,
-            0,
-            into(&mut mem),
-            Some(Duration::from_millis(100)),
-            Box::new(move |r| tx.send(r).unwrap()),
-        )
-        .unwrap();
+    let rx = read_with_callback(&client, 0, &mut mem, Some(Duration::from_millis(100)));
     let e = rx
         .recv_timeout(Duration::from_secs(10))
         .unwrap()
@@ -214,16 +217,7 @@ fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
 fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
     let (client, mut peer) = negotiated(Options::default());
     let mut mem = vec![0xaau8; READ_PIECE];
-    let (tx, rx) = mpsc::channel();
-    client
-        .region_read_into_callback(
-            2,
-            0,
-            into(&mut mem),
-            None,
-            Box::new(move |r| tx.send(r).unwrap()),
-        )
-        .unwrap();
+    let rx = read_with_callback(&client, 0, &mut mem, None);
     // Half the reply, then the server goes away.
     let m = peer.read_msg();
     let mut head = Header::reply_to(&m.header, 16 + READ_PIECE)
@@ -249,16 +243,7 @@ fn replies_behind_a_read_into_memory_are_framed_as_usual() {
     // whole and in order.
     let (client, mut peer) = negotiated(Options::default());
     let mut mem = vec![0u8; 2 * READ_PIECE];
-    let (tx, rx) = mpsc::channel();
-    client
-        .region_read_into_callback(
-            2,
-            0,
-            into(&mut mem),
-            None,
-            Box::new(move |r| tx.send(r).unwrap()),
-        )
-        .unwrap();
+    let rx = read_with_callback(&client, 0, &mut mem, None);
     let tickets: Vec<_> = (0..3)
         .map(|_| client.send_nowait(Request::new(4, &get_info())).unwrap())
         .collect();
