@@ -8,7 +8,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::stat::fstat;
 use std::os::fd::{AsFd, AsRawFd};
 use vfio_user_client::proto::Header;
-use vfio_user_client::{Options, Request};
+use vfio_user_client::{Options, ReadInto, Request, READ_PIECE};
 
 const DMA_MAP: u16 = 2;
 const GET_INFO: u16 = 4;
@@ -159,5 +159,38 @@ fn fds_pass_both_ways_and_none_leak() {
         open_fds(),
         baseline,
         "an fd that came mid-body was not closed"
+    );
+
+    // The same when the body is read straight into the caller's memory (a read into memory).
+    {
+        let (client, mut peer) = negotiated(Options::default());
+        let stray = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
+        let mut mem = vec![0u8; READ_PIECE];
+        // SAFETY: `mem` outlives the read, which settles before this block ends.
+        let into = unsafe { ReadInto::new(mem.as_mut_ptr(), mem.len()) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        client
+            .region_read_into_callback(2, 0, into, None, Box::new(move |r| tx.send(r).unwrap()))
+            .unwrap();
+        let m = peer.read_msg();
+        let mut body = m.payload[..16].to_vec();
+        body.resize(16 + READ_PIECE, 0xab);
+        let whole = message(Header::reply_to(&m.header, body.len()), &body);
+        // Past the first 64 KiB, so the fd rides a read straight into the memory.
+        peer.write(&whole[..100_000]);
+        peer.send_with_fds(&whole[100_000..], &[stray.as_raw_fd()]);
+        let e = rx.recv().unwrap().unwrap_err();
+        assert_eq!(e.code(), "EPROTO", "{}", e.message);
+        let t = client
+            .send_nowait(Request::new(GET_INFO, &get_info()))
+            .unwrap();
+        let m = peer.read_msg();
+        peer.reply(&m.header, &get_info());
+        t.wait().unwrap();
+    }
+    assert_eq!(
+        open_fds(),
+        baseline,
+        "an fd that came mid-body of a read into memory was not closed"
     );
 }
