@@ -213,19 +213,20 @@ impl Client {
             let check = move |reply: &Reply, _: &mut Vec<u8>| {
                 check_region_write_reply(&reply.payload, index, p.offset, p.count)
             };
-            PieceRequest::new(request, timeout, Box::new(check))
+            Ok(PieceRequest::new(request, timeout, Box::new(check)))
         })
     }
 
     /// Sends every piece with a callback that checks its reply; the last to settle calls
-    /// `done`. A send refused midway fails the transfer once the pieces already sent settle.
+    /// `done`. A piece that cannot be built or sent midway fails the transfer once the pieces
+    /// already sent settle.
     fn gather(
         &self,
         command: Command,
         pieces: &[Piece],
         out: Vec<u8>,
         done: DataCompletion,
-        mut build: impl FnMut(Piece) -> PieceRequest,
+        mut build: impl FnMut(Piece) -> Result<PieceRequest, Error>,
     ) -> Result<(), Error> {
         if pieces.is_empty() {
             done(Ok(ReadData::whole(out)));
@@ -237,20 +238,23 @@ impl Client {
             Box::new(move |r: Result<Vec<u8>, Error>| done(r.map(ReadData::whole))),
         );
         for (i, p) in pieces.iter().enumerate() {
-            let PieceRequest {
-                payload,
-                timeout,
-                check,
-                target,
-            } = build(*p);
-            let j = join.clone();
-            let on_reply = Box::new(move |r: Result<Reply, Error>| {
-                Join::settle(&j, |out| {
-                    r.and_then(|reply| check(&reply, out).map_err(|e| proto(command, e)))
+            let sent = build(*p).and_then(|piece| {
+                let PieceRequest {
+                    payload,
+                    timeout,
+                    check,
+                    target,
+                } = piece;
+                let j = join.clone();
+                let on_reply = Box::new(move |r: Result<Reply, Error>| {
+                    Join::settle(&j, |out| {
+                        r.and_then(|reply| check(&reply, out).map_err(|e| proto(command, e)))
+                    });
                 });
+                let request = self.request(command, &payload, timeout);
+                self.send_callback_into(request, target, on_reply)
             });
-            let request = self.request(command, &payload, timeout);
-            if let Err(e) = self.send_callback_into(request, target, on_reply) {
+            if let Err(e) = sent {
                 if i == 0 {
                     return Err(e);
                 }
@@ -346,26 +350,16 @@ impl Client {
         done: IntoCompletion,
     ) -> Result<(), Error> {
         let command = Command::RegionRead;
-        let targets = pieces
-            .iter()
-            .map(|p| piece_target(&into, p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut targets = targets.into_iter();
         let done: DataCompletion = Box::new(move |r| done(r.map(|_| ())));
         self.gather(command, pieces, Vec::new(), done, |p| {
-            let request = region_access(index, p.offset, p.count, None);
-            let target = targets.next();
+            let target = piece_target(&into, &p)?;
             let t = target.clone();
-            let check = move |reply: &Reply, _: &mut Vec<u8>| match &t {
-                Some(t) => finish_into(reply, t, index, p),
-                None => Err(ProtoError::new(
-                    "a piece has no memory to read into".to_string(),
-                )),
-            };
-            PieceRequest {
-                target,
+            let check = move |reply: &Reply, _: &mut Vec<u8>| finish_into(reply, &t, index, p);
+            let request = region_access(index, p.offset, p.count, None);
+            Ok(PieceRequest {
+                target: Some(target),
                 ..PieceRequest::new(request, timeout, Box::new(check))
-            }
+            })
         })
     }
 

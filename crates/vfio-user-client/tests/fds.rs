@@ -133,27 +133,14 @@ fn fds_pass_both_ways_and_none_leak() {
     // to that message: a REGION_READ reply may carry none, so it fails and the fd is closed.
     {
         let (client, mut peer) = negotiated(Options::default());
-        let memory = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
         let count = 200_000u32;
         let mut p = [0u8; 16];
         p[8..12].copy_from_slice(&2u32.to_ne_bytes());
         p[12..16].copy_from_slice(&count.to_ne_bytes());
         let t = client.send_nowait(Request::new(REGION_READ, &p)).unwrap();
-        let m = peer.read_msg();
-        let mut body = p.to_vec();
-        body.resize(16 + count as usize, 0xab);
-        let whole = message(Header::reply_to(&m.header, body.len()), &body);
-        peer.write(&whole[..100_000]);
-        peer.send_with_fds(&whole[100_000..], &[memory.as_raw_fd()]);
-        let e = t.wait().unwrap_err();
-        assert_eq!(e.code(), "EPROTO", "{}", e.message);
-        // The stream is still in sync.
-        let t = client
-            .send_nowait(Request::new(GET_INFO, &get_info()))
-            .unwrap();
-        let m = peer.read_msg();
-        peer.reply(&m.header, &get_info());
-        t.wait().unwrap();
+        fd_mid_body(&client, &mut peer, count as usize, move || {
+            t.wait().unwrap_err()
+        });
     }
     assert_eq!(
         open_fds(),
@@ -164,7 +151,6 @@ fn fds_pass_both_ways_and_none_leak() {
     // The same when the body is read straight into the caller's memory (a read into memory).
     {
         let (client, mut peer) = negotiated(Options::default());
-        let stray = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
         let mut mem = vec![0u8; READ_PIECE];
         // SAFETY: `mem` outlives the read, which settles before this block ends.
         let into = unsafe { ReadInto::new(mem.as_mut_ptr(), mem.len()) };
@@ -172,25 +158,39 @@ fn fds_pass_both_ways_and_none_leak() {
         client
             .region_read_into_callback(2, 0, into, None, Box::new(move |r| tx.send(r).unwrap()))
             .unwrap();
-        let m = peer.read_msg();
-        let mut body = m.payload[..16].to_vec();
-        body.resize(16 + READ_PIECE, 0xab);
-        let whole = message(Header::reply_to(&m.header, body.len()), &body);
-        // Past the first 64 KiB, so the fd rides a read straight into the memory.
-        peer.write(&whole[..100_000]);
-        peer.send_with_fds(&whole[100_000..], &[stray.as_raw_fd()]);
-        let e = rx.recv().unwrap().unwrap_err();
-        assert_eq!(e.code(), "EPROTO", "{}", e.message);
-        let t = client
-            .send_nowait(Request::new(GET_INFO, &get_info()))
-            .unwrap();
-        let m = peer.read_msg();
-        peer.reply(&m.header, &get_info());
-        t.wait().unwrap();
+        fd_mid_body(&client, &mut peer, READ_PIECE, move || {
+            rx.recv().unwrap().unwrap_err()
+        });
     }
     assert_eq!(
         open_fds(),
         baseline,
         "an fd that came mid-body of a read into memory was not closed"
     );
+}
+
+/// Answers the REGION_READ just sent with `count` data bytes, an eventfd riding the part after
+/// the first 100,000 bytes (past the 64 KiB read buffer, so read straight into the body); the
+/// read (`settled` waits for it) must fail with EPROTO and the stream stay in step.
+fn fd_mid_body(
+    client: &vfio_user_client::Client,
+    peer: &mut Peer,
+    count: usize,
+    settled: impl FnOnce() -> vfio_user_client::Error,
+) {
+    let stray = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap();
+    let m = peer.read_msg();
+    let mut body = m.payload[..16].to_vec();
+    body.resize(16 + count, 0xab);
+    let whole = message(Header::reply_to(&m.header, body.len()), &body);
+    peer.write(&whole[..100_000]);
+    peer.send_with_fds(&whole[100_000..], &[stray.as_raw_fd()]);
+    let e = settled();
+    assert_eq!(e.code(), "EPROTO", "{}", e.message);
+    let t = client
+        .send_nowait(Request::new(GET_INFO, &get_info()))
+        .unwrap();
+    let m = peer.read_msg();
+    peer.reply(&m.header, &get_info());
+    t.wait().unwrap();
 }

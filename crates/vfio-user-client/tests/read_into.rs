@@ -183,38 +183,38 @@ fn assert_untouched_after(client: &Client, mem: &[u8], go: mpsc::Sender<()>) {
     );
 }
 
-#[test]
-fn a_blocking_read_that_timed_out_never_writes_the_memory_again() {
+/// A read timed out while its body was arriving (`read` starts it and returns its error):
+/// the rest of the body, sent only then, reaches neither the memory nor the next request.
+fn timed_out_mid_body(read: impl FnOnce(&Client, &mut [u8]) -> vfio_user_client::Error) {
     let (client, peer) = negotiated(Options::default());
     let (go, wait) = mpsc::channel();
     let server = split_reply(peer, 100 << 10, wait);
     let mut mem = vec![0xaau8; READ_PIECE];
-    let e = client
-        .region_read_into(2, 0, into(&mut mem), Some(Duration::from_millis(100)))
-        .unwrap_err();
+    let e = read(&client, &mut mem);
     assert_eq!(e.code(), "ETIMEDOUT");
     assert_untouched_after(&client, &mem, go);
     server.join().unwrap();
+}
+
+const SHORT: Option<Duration> = Some(Duration::from_millis(100));
+
+#[test]
+fn a_blocking_read_that_timed_out_never_writes_the_memory_again() {
+    timed_out_mid_body(|client, mem| client.region_read_into(2, 0, into(mem), SHORT).unwrap_err());
 }
 
 #[test]
 fn a_read_with_a_callback_that_timed_out_never_writes_the_memory_again() {
-    let (client, peer) = negotiated(Options::default());
-    let (go, wait) = mpsc::channel();
-    let server = split_reply(peer, 100 << 10, wait);
-    let mut mem = vec![0xaau8; READ_PIECE];
-    let rx = read_with_callback(&client, 0, &mut mem, Some(Duration::from_millis(100)));
-    let e = rx
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(e.code(), "ETIMEDOUT");
-    assert_untouched_after(&client, &mem, go);
-    server.join().unwrap();
+    timed_out_mid_body(|client, mem| {
+        let rx = read_with_callback(client, 0, mem, SHORT);
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_err()
+    });
 }
 
 #[test]
-fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
+fn a_read_cut_short_by_the_servers_end_fails_and_later_reads_are_refused() {
     let (client, mut peer) = negotiated(Options::default());
     let mut mem = vec![0xaau8; READ_PIECE];
     let rx = read_with_callback(&client, 0, &mut mem, None);
@@ -232,8 +232,20 @@ fn a_read_that_fails_at_the_end_of_the_connection_settles_once() {
         .unwrap()
         .unwrap_err();
     assert_eq!(e.code(), "ECONNRESET");
-    // Called once: the callback (and its sender) is gone.
-    assert!(rx.recv().is_err());
+    // Nothing more is sent, nor any memory handed out: the next read is refused up front,
+    // and its completion never runs (it is dropped with the refusal).
+    let (tx, later) = mpsc::channel::<()>();
+    let refused = client
+        .region_read_into_callback(
+            2,
+            0,
+            into(&mut mem),
+            None,
+            Box::new(move |_| tx.send(()).unwrap()),
+        )
+        .unwrap_err();
+    assert_eq!(refused.code(), "ECONNRESET");
+    assert!(later.recv().is_err());
 }
 
 #[test]
