@@ -457,8 +457,19 @@ impl Client {
                 id: (!posted).then_some(id),
                 seq,
             };
-            let corked = st.corks > 0 && corkable;
-            let sent = if coalesce && st.coalesce_write(&new, corked) {
+            // A message with fds is written alone anyway, so a cork gains nothing from it:
+            // it goes now, behind what the cork holds, rather than as a queued copy whose
+            // duplicated fds cost a dup and a close each (dmaMapMany's maps run under the
+            // cork of the event loop that resumed the caller).
+            let corked = st.corks > 0 && corkable && fds.is_empty();
+            let flushed = if st.corks > 0 && !fds.is_empty() && !st.want_write {
+                st.flush(sock)
+            } else {
+                Ok(())
+            };
+            let sent = if let Err(e) = flushed {
+                Err(SendFailure::Fatal(e))
+            } else if coalesce && st.coalesce_write(&new, corked) {
                 if !corked {
                     st.want_write = true;
                 }
