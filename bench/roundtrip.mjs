@@ -57,9 +57,9 @@ function minimalAddon() {
   execFileSync('cargo', ['build', '--release', '--quiet', '-p', 'bench-addon'], { cwd: root, stdio: 'inherit' })
   const m = { exports: {} }
   process.dlopen(m, join(root, 'target', 'release', 'libbench_addon.so'))
-  return m.exports.MinimalClient
+  return m.exports
 }
-const MinimalClient = minimalAddon()
+const { MinimalClient, MinimalStream } = minimalAddon()
 /** DEVICE_GET_INFO with its header, as the minimal addon sends it whole. */
 const request = Buffer.alloc(32)
 request.writeUInt16LE(4, 2)
@@ -170,8 +170,10 @@ function table(rows) {
  * The typed calls (issue 8's goals): `regionReadSync` of 4 bytes against `sendWaitSync` of the
  * same REGION_READ, and 1 MiB `regionRead`s (a new Buffer each, and `into` one Buffer) against
  * the same bytes pushed through a socketpair (the floor binary's `stream` mode), beside the
- * device's own ceiling (`read1m`, blocking reads into a fixed buffer) and a Rust client reading
- * as an event loop does (`client1m-callback`), rounds alternating. Returns the goals missed.
+ * device's own ceiling (`read1m`, blocking reads into a fixed buffer), a Rust client reading
+ * as an event loop does (`client1m-callback`) and the same socketpair read from JavaScript
+ * through the minimal addon into one Buffer and into a new Buffer each MiB (what that memory
+ * costs by itself here), rounds alternating. Returns the goals missed.
  */
 async function typedCalls(socketPath) {
   const MIB = 1 << 20
@@ -188,6 +190,8 @@ async function typedCalls(socketPath) {
     stream: [],
     device: [],
     rustEvents: [],
+    nodeStream: [],
+    nodeStreamNew: [],
     mapOne: [],
     mapMany: [],
   }
@@ -254,6 +258,23 @@ async function typedCalls(socketPath) {
         const cpu = process.cpuUsage(cpu0)
         runs[`${name}Cpu`].push((cpu.user + cpu.system) / BIG)
       }
+      // The socketpair read from JavaScript through the minimal addon, into one Buffer and
+      // into a new Buffer each MiB: what that memory costs before any protocol.
+      for (const [name, next] of [
+        ['nodeStream', () => into],
+        ['nodeStreamNew', () => Buffer.allocUnsafeSlow(MIB)],
+      ]) {
+        const stream = new MinimalStream(BIG)
+        try {
+          runs[name].push(
+            timed(() => {
+              for (let i = 0; i < BIG; i++) stream.read(next())
+            }, BIG),
+          )
+        } finally {
+          stream.close()
+        }
+      }
       for (const [mode, name, path] of [
         ['stream', 'stream', '-'],
         ['read1m', 'device', other.socketPath],
@@ -294,15 +315,39 @@ async function typedCalls(socketPath) {
       'for reference',
     ],
     [
+      'socketpair read from Node, into one Buffer',
+      `${mbs(m.nodeStream)} MB/s`,
+      `${(m.stream / m.nodeStream).toFixed(2)}x`,
+      'for reference',
+    ],
+    [
+      'socketpair read from Node, a new Buffer each',
+      `${mbs(m.nodeStreamNew)} MB/s`,
+      `${(m.stream / m.nodeStreamNew).toFixed(2)}x`,
+      'for reference',
+    ],
+    [
       'regionRead 1 MiB (new Buffer each)',
       `${mbs(m.regionRead)} MB/s, ${m.regionReadCpu.toFixed(0)} µs CPU/MiB`,
       `${throughput.toFixed(2)}x`,
       `>= 0.8x ${throughput >= 0.8 ? 'met' : 'MISSED'}`,
     ],
     [
+      '  the same, against the socketpair read from Node into new Buffers',
+      '',
+      `${(m.nodeStreamNew / m.regionRead).toFixed(2)}x`,
+      'for reference',
+    ],
+    [
       'regionRead 1 MiB { into }',
       `${mbs(m.regionReadInto)} MB/s, ${m.regionReadIntoCpu.toFixed(0)} µs CPU/MiB`,
       `${throughputInto.toFixed(2)}x`,
+      'for reference',
+    ],
+    [
+      '  the same, against the socketpair read from Node into one Buffer',
+      '',
+      `${(m.nodeStream / m.regionReadInto).toFixed(2)}x`,
       'for reference',
     ],
     [`dmaMap x${MAPS}, each awaited`, `${fmt(m.mapOne)} µs`, '1.00x', ''],
@@ -318,8 +363,8 @@ async function typedCalls(socketPath) {
   return (readRatio <= 1.1 ? 0 : 1) + (throughput >= 0.8 ? 0 : 1) + (mapRatio >= 5 ? 0 : 1)
 }
 
-const device = await startTestDevice({ binary: binary('vfio-user-test-device') })
-try {
+/** The round trips (issue 6's goals): every round printed, then the medians. Returns the goals missed. */
+async function roundTrips(socketPath) {
   const runs = {
     floor: [],
     [MSG_FLOOR]: [],
@@ -332,13 +377,13 @@ try {
       runs[name].push(r)
       row.push([String(round), name, fmt(r.us), fmt(r.user), fmt(r.sys)])
     }
-    record('floor', floor(device.socketPath, 'raw'))
-    record(MSG_FLOOR, floor(device.socketPath, 'msg'))
-    record('ceiling', floor(device.socketPath, 'pipelined'))
-    for (const [name, run] of Object.entries(references)) record(name, await run(device.socketPath))
+    record('floor', floor(socketPath, 'raw'))
+    record(MSG_FLOOR, floor(socketPath, 'msg'))
+    record('ceiling', floor(socketPath, 'pipelined'))
+    for (const [name, run] of Object.entries(references)) record(name, await run(socketPath))
     for (const [name, run] of Object.entries(modes)) {
-      record(name, await run(device.socketPath))
-      if (name !== 'Rust Client::send_wait') record('floor', floor(device.socketPath, 'raw'))
+      record(name, await run(socketPath))
+      if (name !== 'Rust Client::send_wait') record('floor', floor(socketPath, 'raw'))
     }
     table(row)
     console.log('')
@@ -389,8 +434,16 @@ try {
   console.log(`\n${COUNT} requests x ${ROUNDS} rounds; CPU is user + sys µs per request of the client's process`)
   if (process.env.BENCH_PINNED) console.log(`everything pinned to CPU ${process.env.BENCH_PINNED} (BENCH_PIN)`)
   if (process.env.BENCH_JSON) console.log(JSON.stringify({ floor: f, ceiling: c, results }))
+  return missed
+}
+
+// BENCH_ONLY=typed: only the typed calls' figures (a quicker loop while working on them).
+const only = process.env.BENCH_ONLY
+const device = await startTestDevice({ binary: binary('vfio-user-test-device') })
+try {
+  let missed = only === 'typed' ? 0 : await roundTrips(device.socketPath)
   missed += await typedCalls(device.socketPath)
-  missed += await migrationBench({ binary, rounds: ROUNDS, table, median })
+  if (only !== 'typed') missed += await migrationBench({ binary, rounds: ROUNDS, table, median })
   if (missed > 0) console.log(`${missed} goal(s) missed`)
 } finally {
   await device.close()

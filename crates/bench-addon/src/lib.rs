@@ -247,3 +247,54 @@ extern "C" fn on_poll(handle: *mut c_void, _status: c_int, _events: c_int) {
         sys::napi_close_handle_scope(env, scope);
     }
 }
+
+/// The socketpair floor of the 1 MiB reads, seen from JavaScript: a thread writes `mib` MiB
+/// into a socketpair, a MiB per write, and `read` fills the memory it is given from the
+/// other end. Reading into one Buffer, or into a new one each MiB, measures in the same run
+/// what the memory JavaScript reads into costs by itself, with no protocol at all.
+#[napi]
+pub struct MinimalStream {
+    reader: Option<UnixStream>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[napi]
+impl MinimalStream {
+    #[napi(constructor)]
+    pub fn new(mib: u32) -> Result<Self> {
+        const MIB: usize = 1 << 20;
+        let (mut a, b) = UnixStream::pair().map_err(|e| failed("socketpair", e))?;
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![0x5au8; MIB];
+            for _ in 0..mib {
+                // The reader closed early: nothing more to write.
+                if a.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(MinimalStream {
+            reader: Some(b),
+            writer: Some(writer),
+        })
+    }
+
+    /// Blocks until `into` is full.
+    #[napi]
+    pub fn read(&mut self, mut into: BufferSlice) -> Result<()> {
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| failed("read", "the stream is closed"))?;
+        reader.read_exact(&mut into).map_err(|e| failed("read", e))
+    }
+
+    /// Closes the reading end and waits for the writer to stop.
+    #[napi]
+    pub fn close(&mut self) {
+        drop(self.reader.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
