@@ -128,7 +128,8 @@ impl Rx {
     /// read there (no target, the framer holds other bytes, or the target was revoked).
     fn read_target(&mut self, sock: RawFd, block: bool) -> Option<Result<ReadOutcome, Error>> {
         let target = self.target.clone()?;
-        let (body, left) = self.framer.direct_body(1)?;
+        // Only the access header goes into the reply's own Vec: nothing more is reserved.
+        let (body, left) = self.framer.receiving_body(1)?;
         let prefix = target.prefix();
         let received = if body.len() < prefix {
             // The rest of the access header first, into the reply's own buffer.

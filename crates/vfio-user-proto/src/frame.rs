@@ -90,10 +90,19 @@ impl<D: Copy, A> Framer<D, A> {
     /// The body of the message being received, when the rest of it may be read straight
     /// into it: it is kept, at least `min` of its bytes are still to come, and nothing else is
     /// buffered. The transport reads at most the returned count into the Vec's spare
-    /// capacity (reserved in full when the header arrived) and reports it with
-    /// [`Framer::filled_body`]: a large body then crosses memory once, not through the read
-    /// buffer and again into the body.
+    /// capacity (reserved in full here) and reports it with [`Framer::filled_body`]: a large
+    /// body then crosses memory once, not through the read buffer and again into the body.
     pub fn direct_body(&mut self, min: usize) -> Option<(&mut Vec<u8>, usize)> {
+        let (body, remaining) = self.receiving_body(min)?;
+        body.reserve_exact(remaining);
+        Some((body, remaining))
+    }
+
+    /// [`Framer::direct_body`] without reserving the rest: for a transport that puts most of
+    /// the body elsewhere and appends to the Vec no more than its spare capacity, which is
+    /// at least the body's first `chunk` bytes (the read size given to [`Framer::new`]) or
+    /// the whole body if smaller.
+    pub fn receiving_body(&mut self, min: usize) -> Option<(&mut Vec<u8>, usize)> {
         if self.start != self.end {
             return None;
         }
@@ -165,8 +174,10 @@ impl<D: Copy, A> Framer<D, A> {
                 end: self.pos + u64::from(header.size),
                 keep,
                 // Bounded by `max_message`, and the classifier keeps only what it expects.
+                // A large body's rest is reserved when it is read (`direct_body`), not here:
+                // it may be read into other memory entirely.
                 body: if keep {
-                    Vec::with_capacity(len)
+                    Vec::with_capacity(len.min(self.buf.len()))
                 } else {
                     Vec::new()
                 },
@@ -281,5 +292,26 @@ mod tests {
         assert!(f.next(|_, _| (0, true)).is_err());
         f.reset();
         assert!(!f.mid_message());
+    }
+
+    #[test]
+    fn a_large_body_is_reserved_only_when_read_into_it() {
+        let mut f = Framer::<u16, u32>::new(64, 1 << 20);
+        let body = vec![7u8; 4096];
+        let stream = msg(1, &body);
+        feed(&mut f, &stream[..HEADER_SIZE + 8], vec![]);
+        assert!(drain(&mut f).is_empty());
+        // Read elsewhere: the Vec holds the first bytes and room for a read's worth.
+        let (v, left) = f.receiving_body(1).expect("a body to read");
+        assert_eq!((v.len(), left), (8, 4096 - 8));
+        assert!(v.capacity() < 4096, "the whole body was reserved");
+        // Read into it: the rest is reserved, and it completes as usual.
+        let (v, left) = f.direct_body(1).expect("a body to read");
+        assert!(v.capacity() - v.len() >= left);
+        v.extend_from_slice(&body[8..]);
+        f.filled_body(left, []);
+        let got = drain(&mut f);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, body);
     }
 }
