@@ -226,16 +226,24 @@ async function typedCalls(socketPath) {
       return Number(process.hrtime.bigint() - start) / 1e3 / n
     }
     for (let round = 0; round < ROUNDS; round++) {
-      runs.sendWaitSync.push(
-        timed(() => {
-          for (let i = 0; i < COUNT; i++) client.sendWaitSync(Command.REGION_READ, access)
-        }, COUNT),
-      )
-      runs.regionReadSync.push(
-        timed(() => {
-          for (let i = 0; i < COUNT; i++) client.regionReadSync(0, 0, 4)
-        }, COUNT),
-      )
+      // The pair runs in turn order, alternating by round: the second of two back-to-back
+      // runs is measurably slower on this VM.
+      const pair = [
+        () =>
+          runs.sendWaitSync.push(
+            timed(() => {
+              for (let i = 0; i < COUNT; i++) client.sendWaitSync(Command.REGION_READ, access)
+            }, COUNT),
+          ),
+        () =>
+          runs.regionReadSync.push(
+            timed(() => {
+              for (let i = 0; i < COUNT; i++) client.regionReadSync(0, 0, 4)
+            }, COUNT),
+          ),
+      ]
+      if (round % 2) pair.reverse()
+      for (const run of pair) run()
       runs.mapOne.push(
         await timedAsync(async () => {
           for (const m of maps) await client.dmaMap(m)
@@ -244,19 +252,23 @@ async function typedCalls(socketPath) {
       await Promise.all(maps.map((m) => client.dmaUnmap(m)))
       runs.mapMany.push(await timedAsync(() => client.dmaMapMany(maps), MAPS))
       await Promise.all(maps.map((m) => client.dmaUnmap(m)))
+      // The 1 MiB modes, in an order reversed every other round (see the pair above).
+      const big = []
       // CPU per MiB of this process (all threads), beside the wall time.
       for (const [name, options] of [
         ['regionRead', {}],
         ['regionReadInto', { into }],
       ]) {
-        const cpu0 = process.cpuUsage()
-        runs[name].push(
-          await timedAsync(async () => {
-            for (let i = 0; i < BIG; i++) await client.regionRead(2, 0, MIB, options)
-          }, BIG),
-        )
-        const cpu = process.cpuUsage(cpu0)
-        runs[`${name}Cpu`].push((cpu.user + cpu.system) / BIG)
+        big.push(async () => {
+          const cpu0 = process.cpuUsage()
+          runs[name].push(
+            await timedAsync(async () => {
+              for (let i = 0; i < BIG; i++) await client.regionRead(2, 0, MIB, options)
+            }, BIG),
+          )
+          const cpu = process.cpuUsage(cpu0)
+          runs[`${name}Cpu`].push((cpu.user + cpu.system) / BIG)
+        })
       }
       // The socketpair read from JavaScript through the minimal addon, into one Buffer and
       // into a new Buffer each MiB: what that memory costs before any protocol.
@@ -264,27 +276,33 @@ async function typedCalls(socketPath) {
         ['nodeStream', () => into],
         ['nodeStreamNew', () => Buffer.allocUnsafeSlow(MIB)],
       ]) {
-        const stream = new MinimalStream(BIG)
-        try {
-          runs[name].push(
-            timed(() => {
-              for (let i = 0; i < BIG; i++) stream.read(next())
-            }, BIG),
-          )
-        } finally {
-          stream.close()
-        }
+        big.push(() => {
+          const stream = new MinimalStream(BIG)
+          try {
+            runs[name].push(
+              timed(() => {
+                for (let i = 0; i < BIG; i++) stream.read(next())
+              }, BIG),
+            )
+          } finally {
+            stream.close()
+          }
+        })
       }
       for (const [mode, name, path] of [
         ['stream', 'stream', '-'],
         ['read1m', 'device', other.socketPath],
         ['client1m-callback', 'rustEvents', other.socketPath],
       ]) {
-        const r = JSON.parse(
-          execFileSync(binary('vfio-user-bench-floor'), [path, String(BIG), mode], { encoding: 'utf8' }),
-        )
-        runs[name].push((r.seconds / BIG) * 1e6)
+        big.push(() => {
+          const r = JSON.parse(
+            execFileSync(binary('vfio-user-bench-floor'), [path, String(BIG), mode], { encoding: 'utf8' }),
+          )
+          runs[name].push((r.seconds / BIG) * 1e6)
+        })
       }
+      if (round % 2) big.reverse()
+      for (const run of big) await run()
     }
   } finally {
     await client.close()
