@@ -2,7 +2,7 @@
 //! [`Framer`], which splits the stream into messages. Whoever holds it reads.
 
 use crate::socket::{
-    cmsg_buffer, recv_append, recv_chunk, recv_raw, set_receive_timeout, Received,
+    cmsg_buffer, recv_append, recv_chunk, recv_raw_then, set_receive_timeout, Received,
 };
 use crate::target::ReadTarget;
 use crate::Error;
@@ -129,35 +129,56 @@ impl Rx {
     fn read_target(&mut self, sock: RawFd, block: bool) -> Option<Result<ReadOutcome, Error>> {
         let target = self.target.clone()?;
         // Only the access header goes into the reply's own Vec: nothing more is reserved.
-        let (body, left) = self.framer.receiving_body(1)?;
+        let (have, left) = self.framer.receiving_body(1).map(|(b, l)| (b.len(), l))?;
         let prefix = target.prefix();
-        let received = if body.len() < prefix {
+        if have < prefix {
             // The rest of the access header first, into the reply's own buffer.
-            recv_append(
-                sock,
-                body,
-                (prefix - body.len()).min(left),
-                &mut self.cmsg,
-                block,
-            )
-        } else {
-            let kept = body.len() - prefix;
-            let cmsg = &mut self.cmsg;
-            // SAFETY: `receive` hands over `room` writable bytes of the caller's memory and
-            // holds its lock for the whole call.
-            let got = target.receive(kept, left, |ptr, room| unsafe {
-                recv_raw(sock, ptr, room, cmsg, block)
-            });
-            match got {
-                Some(r) => r,
-                None => {
-                    // Revoked: the request is over; its body is read and dropped as usual.
-                    self.target = None;
-                    return None;
-                }
-            }
+            let (body, _) = self.framer.receiving_body(1)?;
+            let received =
+                recv_append(sock, body, (prefix - have).min(left), &mut self.cmsg, block);
+            return Some(self.body_read(received, left, block));
+        }
+        // Whatever follows the body (most often the next piece's header and access header)
+        // is read in the same call into the read buffer, empty while a body is read
+        // directly: one recvmsg per piece fewer, and a short read says the socket is empty.
+        let space = self.framer.space();
+        let tail = TARGET_HEAD.min(space.len());
+        let then = &mut space[..tail];
+        let cmsg = &mut self.cmsg;
+        let mut offered = 0;
+        // SAFETY: `receive` hands over `room` writable bytes of the caller's memory and
+        // holds its lock for the whole call; `then` is the framer's own buffer.
+        let got = target.receive(have - prefix, left, |ptr, room| unsafe {
+            // Only a read that can end the body goes on past it.
+            let then = if room == left { then } else { &mut [][..] };
+            offered = room + then.len();
+            recv_raw_then(sock, (ptr, room), then, cmsg, block)
+        });
+        let Some(received) = got else {
+            // Revoked: the request is over; its body is read and dropped as usual.
+            self.target = None;
+            return None;
         };
-        Some(self.body_read(received, left, block))
+        Some(match received {
+            Ok(r) if r.bytes == 0 => Ok(ReadOutcome::Eof),
+            Ok(r) => {
+                let body = r.bytes.min(left);
+                let beyond = r.bytes - body;
+                // fds end a read: they came with its last segment, so they belong with the
+                // bytes past the body when there are any (the framer ties them to the
+                // message holding a read's last byte).
+                if beyond == 0 {
+                    self.framer.filled_body(body, r.fds);
+                } else {
+                    self.framer.filled_body(body, []);
+                    self.framer.filled(beyond, r.fds);
+                }
+                Ok(ReadOutcome::Data {
+                    drained: r.bytes < offered,
+                })
+            }
+            Err(e) => Self::failed(e, block),
+        })
     }
 
     /// What a read of a body with `left` bytes to come brought, recorded in the framer.

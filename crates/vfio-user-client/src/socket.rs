@@ -154,16 +154,39 @@ pub unsafe fn recv_raw(
     cmsg: &mut [u8],
     block: bool,
 ) -> nix::Result<Received> {
+    // SAFETY: forwarded under this function's contract.
+    unsafe { recv_raw_then(sock, (ptr, len), &mut [], cmsg, block) }
+}
+
+/// [`recv_raw`] into `len` bytes at `ptr`, then (in the same call, if more has arrived) into
+/// `then`: the rest of a body read into other memory, and whatever follows it read into the
+/// read buffer, with no second syscall.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+pub unsafe fn recv_raw_then(
+    sock: RawFd,
+    (ptr, len): (*mut u8, usize),
+    then: &mut [u8],
+    cmsg: &mut [u8],
+    block: bool,
+) -> nix::Result<Received> {
     use nix::libc;
-    let mut iov = libc::iovec {
-        iov_base: ptr.cast(),
-        iov_len: len,
-    };
+    let mut iov = [
+        libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        },
+        libc::iovec {
+            iov_base: then.as_mut_ptr().cast(),
+            iov_len: then.len(),
+        },
+    ];
     // SAFETY: an all-zero msghdr is a valid empty one; the fields set below point at `iov`
     // and `cmsg`, which outlive the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = if then.is_empty() { 1 } else { 2 };
     msg.msg_control = cmsg.as_mut_ptr().cast();
     msg.msg_controllen = cmsg.len() as _;
     let mut flags = libc::MSG_CMSG_CLOEXEC;
@@ -171,8 +194,9 @@ pub unsafe fn recv_raw(
         flags |= libc::MSG_DONTWAIT;
     }
     let n = loop {
-        // SAFETY: `msg` describes `len` writable bytes at `ptr` (this function's contract)
-        // and the control buffer; the kernel writes at most that much.
+        // SAFETY: `msg` describes `len` writable bytes at `ptr` (this function's contract),
+        // then `then` (borrowed mutably for the call), and the control buffer; the kernel
+        // writes at most that much.
         let n = unsafe { libc::recvmsg(sock, &mut msg, flags) };
         if n >= 0 {
             break n as usize;

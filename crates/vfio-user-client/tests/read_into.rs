@@ -278,3 +278,34 @@ fn replies_behind_a_read_into_memory_are_framed_as_usual() {
     rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert!(mem == pattern(0, 2 * READ_PIECE));
 }
+
+#[test]
+fn an_fd_behind_a_read_into_memory_stays_with_its_own_message() {
+    // The last read of a body into memory goes on into the read buffer; a reply with an fd
+    // written right behind the read's reply keeps its fd, and the read its data.
+    let (client, mut peer) = negotiated(Options::default());
+    let mut mem = vec![0u8; READ_PIECE];
+    let rx = read_with_callback(&client, 0, &mut mem, None);
+    let info = client
+        .send_nowait(Request::new(5, &[0u8; 32]))
+        .expect("REGION_INFO sent");
+    let read = peer.read_msg();
+    let region_info = peer.read_msg();
+    let (offset, _, count) = access(&read);
+    let mut reply = read.payload[..16].to_vec();
+    reply.extend(pattern(offset, count as usize));
+    peer.write(&message(
+        Header::reply_to(&read.header, reply.len()),
+        &reply,
+    ));
+    let file = std::fs::File::open("/dev/null").unwrap();
+    peer.send_with_fds(
+        &message(Header::reply_to(&region_info.header, 32), &[0u8; 32]),
+        &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+    );
+    drop(file);
+    rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert!(mem == pattern(0, READ_PIECE));
+    let reply = info.wait().expect("the REGION_INFO reply");
+    assert_eq!(reply.fds.len(), 1, "the fd went with another message");
+}
