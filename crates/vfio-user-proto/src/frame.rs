@@ -8,6 +8,11 @@
 use crate::{Header, MessageType, ProtoError, HEADER_SIZE};
 use std::collections::VecDeque;
 
+/// What a kept body's Vec holds room for when its header arrives: small bodies whole, and a
+/// large one's first bytes (the rest is reserved when it is read into the Vec, and never when
+/// it goes to other memory).
+pub const BODY_FIRST: usize = 4096;
+
 /// A whole message. `tag` is what the classifier decided from its header.
 #[derive(Debug)]
 pub struct Frame<D, A> {
@@ -100,8 +105,7 @@ impl<D: Copy, A> Framer<D, A> {
 
     /// [`Framer::direct_body`] without reserving the rest: for a transport that puts most of
     /// the body elsewhere and appends to the Vec no more than its spare capacity, which is
-    /// at least the body's first `chunk` bytes (the read size given to [`Framer::new`]) or
-    /// the whole body if smaller.
+    /// room for at least the body's first [`BODY_FIRST`] bytes (all of it if smaller).
     pub fn receiving_body(&mut self, min: usize) -> Option<(&mut Vec<u8>, usize)> {
         if self.start != self.end {
             return None;
@@ -177,7 +181,7 @@ impl<D: Copy, A> Framer<D, A> {
                 // A large body's rest is reserved when it is read (`direct_body`), not here:
                 // it may be read into other memory entirely.
                 body: if keep {
-                    Vec::with_capacity(len.min(self.buf.len()))
+                    Vec::with_capacity(len.min(BODY_FIRST))
                 } else {
                     Vec::new()
                 },
@@ -297,14 +301,18 @@ mod tests {
     #[test]
     fn a_large_body_is_reserved_only_when_read_into_it() {
         let mut f = Framer::<u16, u32>::new(64, 1 << 20);
-        let body = vec![7u8; 4096];
+        let len = 4 * BODY_FIRST;
+        let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
         let stream = msg(1, &body);
         feed(&mut f, &stream[..HEADER_SIZE + 8], vec![]);
         assert!(drain(&mut f).is_empty());
-        // Read elsewhere: the Vec holds the first bytes and room for a read's worth.
+        // Read elsewhere: the Vec holds the first bytes and room for BODY_FIRST of them.
         let (v, left) = f.receiving_body(1).expect("a body to read");
-        assert_eq!((v.len(), left), (8, 4096 - 8));
-        assert!(v.capacity() < 4096, "the whole body was reserved");
+        assert_eq!((v.len(), left), (8, len - 8));
+        assert!(
+            v.capacity() >= BODY_FIRST && v.capacity() < len,
+            "the whole body was reserved"
+        );
         // Read into it: the rest is reserved, and it completes as usual.
         let (v, left) = f.direct_body(1).expect("a body to read");
         assert!(v.capacity() - v.len() >= left);

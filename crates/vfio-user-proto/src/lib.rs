@@ -30,7 +30,7 @@ pub use caps::{
 };
 pub use command::{command_name, Command};
 pub use error::ProtoError;
-pub use frame::{Frame, Framer};
+pub use frame::{Frame, Framer, BODY_FIRST};
 pub use header::{Header, MessageType, FLAG_ERROR, FLAG_NO_REPLY, FLAG_TYPE_MASK, HEADER_SIZE};
 pub use limits::{check_request, reply_fd_limit, reply_size_limit, MAX_INCOMING_MESSAGE};
 pub use version::{encode_version_request, validate_version_reply, Version, VersionProposal};
