@@ -8,9 +8,9 @@
 use crate::{Header, MessageType, ProtoError, HEADER_SIZE};
 use std::collections::VecDeque;
 
-/// What a kept body's Vec holds room for when its header arrives: small bodies whole, and a
-/// large one's first bytes (the rest is reserved when it is read into the Vec, and never when
-/// it goes to other memory).
+/// What the Vec of a kept body larger than one read holds room for when its header arrives
+/// (bodies that fit one read get room for all of it): the rest is reserved when it is read
+/// into the Vec, and never when it goes to other memory.
 pub const BODY_FIRST: usize = 4096;
 
 /// A whole message. `tag` is what the classifier decided from its header.
@@ -178,10 +178,15 @@ impl<D: Copy, A> Framer<D, A> {
                 end: self.pos + u64::from(header.size),
                 keep,
                 // Bounded by `max_message`, and the classifier keeps only what it expects.
-                // A large body's rest is reserved when it is read (`direct_body`), not here:
-                // it may be read into other memory entirely.
+                // A body that fits one read is reserved whole; a larger one's rest is
+                // reserved when it is read (`direct_body`), not here: it may be read into
+                // other memory entirely.
                 body: if keep {
-                    Vec::with_capacity(len.min(BODY_FIRST))
+                    Vec::with_capacity(if len <= self.buf.len() {
+                        len
+                    } else {
+                        BODY_FIRST
+                    })
                 } else {
                     Vec::new()
                 },
