@@ -260,6 +260,7 @@ pub struct MinimalStream {
 
 #[napi]
 impl MinimalStream {
+    /// A socketpair and a thread writing `mib` MiB into it, a MiB per write.
     #[napi(constructor)]
     pub fn new(mib: u32) -> Result<Self> {
         const MIB: usize = 1 << 20;
