@@ -86,11 +86,20 @@ fn a_large_read_lands_in_the_memory_given() {
 
 #[test]
 fn a_read_bigger_than_a_piece_is_split_though_the_server_takes_more() {
-    // The server's max_data_xfer_size is 1 MiB; pieces are READ_PIECE (see its comment).
+    // The server's max_data_xfer_size is 1 MiB; pieces are READ_PIECE (see its comment), the
+    // last one what is left.
+    const LEN: usize = 1 << 20;
+    let expected: Vec<_> = (0..LEN.div_ceil(READ_PIECE))
+        .map(|k| {
+            let at = k * READ_PIECE;
+            (at as u64, READ_PIECE.min(LEN - at))
+        })
+        .collect();
+    let pieces = expected.len();
     let (client, mut peer) = negotiated(Options::default());
     let server = std::thread::spawn(move || {
         let mut seen = Vec::new();
-        for _ in 0..(1 << 20) / READ_PIECE {
+        for _ in 0..pieces {
             let m = peer.read_msg();
             let (offset, _, count) = access(&m);
             seen.push((offset, count as usize));
@@ -100,12 +109,9 @@ fn a_read_bigger_than_a_piece_is_split_though_the_server_takes_more() {
         }
         seen
     });
-    let data = client.region_read(2, 0, 1 << 20, None).unwrap().into_vec();
-    assert!(data == pattern(0, 1 << 20));
+    let data = client.region_read(2, 0, LEN, None).unwrap().into_vec();
+    assert!(data == pattern(0, LEN));
     let seen = server.join().unwrap();
-    let expected: Vec<_> = (0..(1 << 20) / READ_PIECE)
-        .map(|k| ((k * READ_PIECE) as u64, READ_PIECE))
-        .collect();
     assert_eq!(seen, expected);
 }
 
