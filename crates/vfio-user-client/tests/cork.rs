@@ -180,3 +180,50 @@ fn a_corked_burst_bigger_than_the_socket_buffer_arrives_whole_and_in_order() {
         "the socket never filled up"
     );
 }
+
+#[test]
+fn messages_with_fds_in_a_corked_burst_that_fills_the_socket_keep_their_place_and_fds() {
+    // Each message with an fd flushes what the cork holds and goes on the spot; once the
+    // socket is full it queues behind the rest instead (with its fd duplicated), in order.
+    let (client, peer) = negotiated_with_sndbuf(Options::default(), 4096);
+    const N: usize = 2000;
+    let reader = std::thread::spawn(move || {
+        let mut peer = peer;
+        (0..N)
+            .map(|_| {
+                let m = peer.read_msg();
+                assert_eq!(m.header.command, REGION_WRITE);
+                let seq = u32::from_ne_bytes(m.payload[16..20].try_into().unwrap());
+                (seq, m.fds.len())
+            })
+            .collect::<Vec<_>>()
+    });
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let with_fd = [file.as_fd()];
+    let cork = client.cork();
+    for i in 0..N as u32 {
+        let mut payload = vec![0u8; 16 + 1000];
+        payload[8..12].copy_from_slice(&1000u32.to_ne_bytes());
+        payload[16..20].copy_from_slice(&i.to_ne_bytes());
+        // The first goes into an empty socket: on the spot, whatever the timing.
+        let fds: &[_] = if i % 50 == 0 { &with_fd } else { &[] };
+        client
+            .post(Request {
+                fds,
+                ..Request::new(REGION_WRITE, &payload)
+            })
+            .unwrap();
+    }
+    drop(cork);
+    let seen = reader.join().expect("reader");
+    let expected: Vec<_> = (0..N as u32)
+        .map(|i| (i, usize::from(i % 50 == 0)))
+        .collect();
+    assert_eq!(seen, expected);
+    let stats = client.stats();
+    assert!(stats.partial_writes > 0, "the socket never filled up");
+    assert!(
+        stats.inline_sends > 0,
+        "no message with fds went on the spot"
+    );
+}
