@@ -27,8 +27,8 @@ afterEach(async () => {
   }
 })
 
-async function start(stateMib = 1, writeMultiple = true): Promise<Running> {
-  const device = await startMigrationDevice({ stateMib, writeMultiple })
+async function start(stateMib = 1, writeMultiple = true, padReads = false): Promise<Running> {
+  const device = await startMigrationDevice({ stateMib, writeMultiple, padReads })
   const client = await connect(device.socketPath)
   await client.validateVersion()
   const r = { device, client }
@@ -93,8 +93,12 @@ describe('migration-capable device', () => {
     expect(client.version?.capabilities.writeMultiple).toBe(true)
   })
 
-  it('pre-copy rounds send the whole state, then only the pages written since', async () => {
-    const { client } = await start(4)
+  // Padded: every MIG_DATA_READ reply carries the size asked, as libvfio-user's do.
+  it.each([
+    ['', false],
+    [', its replies padded to the size asked', true],
+  ])('pre-copy rounds send the whole state, then only the pages written since%s', async (_, pad) => {
+    const { client } = await start(4, true, pad)
     await fill(client, pattern(4 << 20, 1))
     await client.setMigrationState('preCopy')
     // 1024 pages in records of at most 256 pages.
@@ -109,9 +113,12 @@ describe('migration-capable device', () => {
     await client.setMigrationState('running')
   })
 
-  it('state saved from one process loads into a fresh one: the same contents', async () => {
+  it.each([
+    ['', false],
+    [', its replies padded to the size asked', true],
+  ])('state saved from one process loads into a fresh one: the same contents%s', async (_, pad) => {
     const size = 2 << 20
-    const src = await start(2)
+    const src = await start(2, true, pad)
     const dst = await start(2)
     const data = pattern(size, 9)
     await fill(src.client, data)
@@ -132,14 +139,37 @@ describe('migration-capable device', () => {
     expect((await dst.client.regionRead(STATE, 0, 1))[0]).toBe(0xee)
   })
 
-  it('without pre-copy the whole state moves in STOP_COPY', async () => {
-    const src = await start(1)
+  it.each([
+    ['', false],
+    [', its replies padded to the size asked', true],
+  ])('without pre-copy the whole state moves in STOP_COPY%s', async (_, pad) => {
+    const src = await start(1, true, pad)
     const dst = await start(1)
     const data = pattern(1 << 20, 4)
     await fill(src.client, data)
     const summary = await migrate(src.client, dst.client, { maxPreCopyRounds: 0 })
     expect(summary).toMatchObject({ rounds: 0, preCopyBytes: 0, stopCopyBytes: (1 << 20) + 2 * RECORD_HEAD })
     expect((await readState(dst.client, 1 << 20)).equals(data)).toBe(true)
+  })
+
+  it('saveState piped into loadState from a source that pads its replies: the data, never the padding', async () => {
+    const size = 1 << 20
+    const src = await start(1, true, true)
+    const dst = await start(1)
+    const data = pattern(size, 6)
+    await fill(src.client, data)
+    await src.client.setMigrationState('stopCopy')
+    await dst.client.setMigrationState('resuming')
+    let carried = 0
+    // 64 KiB reads: the last is short, so its reply carries zeros past its data.
+    const save = src.client.saveState({ chunkSize: 64 << 10 })
+    save.on('data', (chunk: Buffer) => {
+      carried += chunk.length
+    })
+    await pipeline(save, dst.client.loadState())
+    expect(carried).toBe(size + 2 * RECORD_HEAD)
+    await dst.client.setMigrationState('running')
+    expect((await readState(dst.client, size)).equals(data)).toBe(true)
   })
 
   it('the stream is refused outside PRE_COPY and STOP_COPY, and a broken one leaves the device in ERROR', async () => {

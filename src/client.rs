@@ -127,8 +127,11 @@ fn request<'a>(
 impl NativeClient {
     fn wrap(client: Client) -> NativeClient {
         let events = EventQueue::default();
+        // The failures of what was in flight and the close event reach JS in one batch.
+        let on_ending = events.clone();
+        client.on_ending(move || on_ending.hold_for_end());
         let on_close = events.clone();
-        client.on_close(move |e| on_close.push(Event::Closed(e.clone())));
+        client.on_close(move |e| on_close.push_end(Event::Closed(e.clone())));
         let on_irq = events.clone();
         client.on_irq(Box::new(move |group, vector, count| {
             on_irq.push(Event::Irq(group, vector, count));

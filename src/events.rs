@@ -24,6 +24,10 @@ struct Inner {
     /// The event loop is reading the socket and will hand over what is queued itself when
     /// done: pushes meanwhile need not wake the threadsafe function.
     loop_delivers: bool,
+    /// The connection is ending: the failures of everything in flight are being queued and
+    /// the close event follows them. Nothing is handed over until it does, so JS settles
+    /// the failures and emits 'close' in one call.
+    ending: bool,
 }
 
 impl EventQueue {
@@ -57,7 +61,7 @@ impl EventQueue {
                 return false;
             }
             g.events.push(e);
-            g.events.len() == 1 && !g.loop_delivers
+            g.events.len() == 1 && !g.loop_delivers && !g.ending
         };
         if first {
             self.wake();
@@ -69,9 +73,27 @@ impl EventQueue {
         let first = {
             let mut g = self.lock();
             g.events.push(e);
-            g.events.len() == 1 && !g.loop_delivers
+            g.events.len() == 1 && !g.loop_delivers && !g.ending
         };
         if first {
+            self.wake();
+        }
+    }
+
+    /// The connection begins to end: hold everything back until [`EventQueue::push_end`].
+    pub fn hold_for_end(&self) {
+        self.lock().ending = true;
+    }
+
+    /// Queues the close event behind the failures it follows and hands them all over.
+    pub fn push_end(&self, e: Event) {
+        let wake = {
+            let mut g = self.lock();
+            g.events.push(e);
+            g.ending = false;
+            !g.loop_delivers
+        };
+        if wake {
             self.wake();
         }
     }
@@ -103,12 +125,19 @@ impl EventQueue {
     pub fn take_from_loop(&self) -> Vec<Event> {
         let mut g = self.lock();
         g.loop_delivers = false;
+        if g.ending {
+            return Vec::new();
+        }
         std::mem::take(&mut g.events)
     }
 
-    /// Takes everything queued (on the JS thread).
+    /// Takes everything queued (on the JS thread); nothing while the end is held back.
     pub fn take(&self) -> Batch {
-        Batch(std::mem::take(&mut self.lock().events))
+        let mut g = self.lock();
+        if g.ending {
+            return Batch(Vec::new());
+        }
+        Batch(std::mem::take(&mut g.events))
     }
 }
 

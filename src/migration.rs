@@ -27,13 +27,11 @@ pub struct NativeRange {
 #[napi]
 pub fn mig_data_read_data(payload: BufferSlice, asked: u32) -> Either<NativeRange, NativeError> {
     match migration::mig_data_read_data(&payload, asked) {
-        Ok(d) => {
-            let start = (payload.len() - d.len()) as u32;
-            Either::A(NativeRange {
-                start,
-                end: start + d.len() as u32,
-            })
-        }
+        // The data is at the front of what follows the header; any padding after it is not.
+        Ok(d) => Either::A(NativeRange {
+            start: migration::MIG_DATA_HEADER as u32,
+            end: (migration::MIG_DATA_HEADER + d.len()) as u32,
+        }),
         Err(e) => Either::B(NativeError::proto_reply(Command::MigDataRead, e)),
     }
 }

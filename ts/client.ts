@@ -169,7 +169,10 @@ interface Link {
 /**
  * A connection to a vfio-user server. Emits `'close'` (with the `VfioUserError` that ended it)
  * once, when the connection ends for any reason; by then everything native it held (socket,
- * I/O thread, eventfd, epoll) has been released. Emits `'dma'` ({@link DmaEvent}) after each
+ * I/O thread, eventfd, epoll) has been released. Its order is fixed: the requests the end
+ * failed are rejected in the same turn, `'close'` listeners run first, then the rejection
+ * handlers (promise reactions), so a listener registered before the requests has always run
+ * by the time `Promise.allSettled` of them resolves. Emits `'dma'` ({@link DmaEvent}) after each
  * DMA request of the server's has been answered (natively: a listener only observes).
  */
 export class VfioUserClient extends EventEmitter {

@@ -85,6 +85,11 @@ export interface MigrationDeviceOptions extends TestDeviceOptions {
   stateMib?: number
   /** Offer REGION_WRITE_MULTI (default true). */
   writeMultiple?: boolean
+  /**
+   * Pad every MIG_DATA_READ reply with zeros to the size asked, its `size` field giving the
+   * real count, as libvfio-user does (default false).
+   */
+  padReads?: boolean
 }
 
 /**
@@ -95,10 +100,15 @@ export interface MigrationDeviceOptions extends TestDeviceOptions {
  * `crates/test-device/src/bin/migration_device/regions.rs`.
  */
 export function startMigrationDevice(options: MigrationDeviceOptions = {}): Promise<TestDevice> {
-  const { stateMib = 1, writeMultiple = true } = options
+  const { stateMib = 1, writeMultiple = true, padReads = false } = options
   if (!Number.isInteger(stateMib) || stateMib < 0 || stateMib > 4096)
     throw new RangeError(`stateMib must be an integer from 0 to 4096, got ${stateMib}`)
-  const args = ['--state-mib', String(stateMib), ...(writeMultiple ? [] : ['--no-write-multiple'])]
+  const args = [
+    '--state-mib',
+    String(stateMib),
+    ...(writeMultiple ? [] : ['--no-write-multiple']),
+    ...(padReads ? ['--pad-reads'] : []),
+  ]
   return startListening(options.binary ?? migrationDeviceBinary(), args, options.startTimeoutMs)
 }
 

@@ -146,6 +146,23 @@ impl Client {
         hook(&announced);
     }
 
+    /// Called once, on the thread that ends the connection, before any request in flight is
+    /// failed; the close hook ([`Client::on_close`]) follows once all of them are. Lets a
+    /// consumer hand the failures and the close over together. It runs with the client's
+    /// state locked, so it must not call into the client. Not called if the connection had
+    /// already begun to end when it was registered.
+    pub fn on_ending(&self, hook: impl FnOnce() + Send + 'static) {
+        let st = self.shared.lock();
+        if st.closed.is_none() {
+            let mut n = self
+                .shared
+                .on_close
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            n.ending = Some(Box::new(hook));
+        }
+    }
+
     /// The negotiated version, once [`Client::negotiate`] has succeeded.
     pub fn version(&self) -> Option<Version> {
         self.shared.lock().version.clone()

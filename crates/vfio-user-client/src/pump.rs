@@ -160,7 +160,9 @@ impl Pump {
                 st.ended = n < self.chunk as usize;
                 // After a failure nothing more is written: the stream is broken anyway.
                 if n > 0 && st.error.is_none() {
-                    // The reply's argsz may say more than it carries; the request's must not.
+                    // The reply may be padded past its data (libvfio-user pads to the size
+                    // asked): what goes on carries `size` bytes and says so, never the padding.
+                    payload.truncate(MIG_DATA_HEADER + n);
                     put_u32(&mut payload, 0, (MIG_DATA_HEADER + n) as u32);
                     st.bytes += n as u64;
                     st.writes += 1;

@@ -52,6 +52,10 @@ pub type DmaHook = Box<dyn Fn(bool, u64, u64, i32) + Send>;
 pub struct CloseNotice {
     pub hook: Option<CloseHook>,
     pub announced: Option<Error>,
+    /// Called once, by the thread that ends the connection, before it fails anything in
+    /// flight, with the state locked: it must not call back into the client (see
+    /// [`crate::Client::on_ending`]).
+    pub ending: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Shared {
@@ -137,7 +141,21 @@ impl Shared {
     /// Ends the connection with `err`: fails everything at once and stops the I/O thread.
     pub fn fail(&self, err: Error) {
         let mut fired = Fired::default();
-        self.lock().close(err, &mut fired);
+        {
+            let mut st = self.lock();
+            if st.closed.is_none() {
+                // Under the state lock, before `closed` is set: nobody can announce the end
+                // (notify_closed reads `closed`) before the ending hook has run.
+                let ending = {
+                    let mut n = self.on_close.lock().unwrap_or_else(|p| p.into_inner());
+                    n.ending.take()
+                };
+                if let Some(ending) = ending {
+                    ending();
+                }
+            }
+            st.close(err, &mut fired);
+        }
         // Nothing more will be served: let go of the memory behind every range, and stop
         // watching (and close) every interrupt eventfd.
         self.dma.lock().unwrap_or_else(|p| p.into_inner()).clear();

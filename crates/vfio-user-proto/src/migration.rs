@@ -14,8 +14,14 @@ pub fn mig_data_read_request(size: u32) -> [u8; MIG_DATA_HEADER] {
     p
 }
 
-/// The data of a MIG_DATA_READ reply to a request for `asked` bytes: at most that many, and
-/// exactly as many as its size field says. Fewer than asked means the stream has ended.
+/// The data of a MIG_DATA_READ reply to a request for `asked` bytes: its `size` field's worth,
+/// at most `asked`, from the front of what follows the header. Fewer than asked means the
+/// stream (or the pre-copy round) has ended.
+///
+/// The payload may carry more than `size` bytes: libvfio-user allocates the reply for the size
+/// *asked* and sends it whole, the real count in `size` and the rest zeros (protocol.md 7). So
+/// `size` is trusted, bounded by what came and by what was asked, and the padding (itself
+/// never more than was asked) is not data.
 pub fn mig_data_read_data(payload: &[u8], asked: u32) -> Result<&[u8], ProtoError> {
     let Some(size) = u32_at(payload, 4) else {
         return Err(ProtoError::new(format!(
@@ -23,14 +29,13 @@ pub fn mig_data_read_data(payload: &[u8], asked: u32) -> Result<&[u8], ProtoErro
             payload.len()
         )));
     };
-    let data = &payload[MIG_DATA_HEADER..];
-    if size > asked || data.len() != size as usize {
+    let carried = payload.len() - MIG_DATA_HEADER;
+    if size > asked || carried < size as usize || carried > asked as usize {
         return Err(ProtoError::new(format!(
-            "MIG_DATA_READ reply says {size} bytes and carries {} (asked for {asked})",
-            data.len()
+            "MIG_DATA_READ reply says {size} bytes and carries {carried} (asked for {asked})"
         )));
     }
-    Ok(data)
+    Ok(&payload[MIG_DATA_HEADER..MIG_DATA_HEADER + size as usize])
 }
 
 /// A MIG_DATA_WRITE request carrying `data`.
@@ -56,5 +61,26 @@ mod tests {
         assert!(mig_data_read_data(&r, 2).is_err());
         assert!(mig_data_read_data(&r[..10], 4).is_err());
         assert_eq!(mig_data_write_request(&[9; 5])[0..4], 13u32.to_ne_bytes());
+    }
+
+    /// libvfio-user's reply to a read of 8 bytes when 3 are left (lib/migration.c
+    /// handle_mig_data_read): the payload is allocated for the size asked, `argsz` and `size`
+    /// say 3, and 5 zeros follow the data. Written out by hand, not with our encoder.
+    #[test]
+    fn a_reply_padded_to_the_size_asked_gives_size_bytes() {
+        let mut r = Vec::new();
+        r.extend_from_slice(&11u32.to_ne_bytes()); // argsz: 8 + 3
+        r.extend_from_slice(&3u32.to_ne_bytes()); // size: 3 returned
+        r.extend_from_slice(&[7, 8, 9, 0, 0, 0, 0, 0]); // data, then padding to 8 asked
+        assert_eq!(mig_data_read_data(&r, 8).unwrap(), &[7, 8, 9]);
+        // An empty read, padded: the stream ended, nothing is data.
+        let mut end = vec![0u8; 16];
+        end[0..4].copy_from_slice(&8u32.to_ne_bytes());
+        assert_eq!(mig_data_read_data(&end, 8).unwrap(), &[] as &[u8]);
+        // Padding past what was asked is not a server's to send.
+        assert!(mig_data_read_data(&r, 7).is_err());
+        // A size past what came is refused, however much was asked.
+        r[4..8].copy_from_slice(&9u32.to_ne_bytes());
+        assert!(mig_data_read_data(&r, 16).is_err());
     }
 }

@@ -22,6 +22,10 @@ const MAX_MESSAGE: usize = (1 << 20) + 64;
 
 pub struct Options {
     pub write_multiple: bool,
+    /// Pad every MIG_DATA_READ reply with zeros to the size asked, as libvfio-user does
+    /// (lib/migration.c allocates the reply for the size asked and sends it whole; `argsz`
+    /// and `size` give the real count).
+    pub pad_reads: bool,
 }
 
 pub struct Conn {
@@ -126,11 +130,19 @@ impl Conn {
             })
             .collect();
         let n: usize = slices.iter().map(|s| s.len()).sum();
-        let mut head = Header::reply_to(h, 8 + n).encode().to_vec();
+        // `want` is Some here: a missing one was refused above.
+        let asked = want.unwrap_or(0) as usize;
+        let padding = if self.options.pad_reads {
+            vec![0u8; asked.saturating_sub(n)]
+        } else {
+            Vec::new()
+        };
+        let mut head = Header::reply_to(h, 8 + n + padding.len()).encode().to_vec();
         head.extend_from_slice(&(8 + n as u32).to_ne_bytes());
         head.extend_from_slice(&(n as u32).to_ne_bytes());
         let mut iov: Vec<IoSlice<'_>> = std::iter::once(head.as_slice())
             .chain(slices)
+            .chain(std::iter::once(padding.as_slice()))
             .map(IoSlice::new)
             .collect();
         let mut iov = &mut iov[..];

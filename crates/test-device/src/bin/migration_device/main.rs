@@ -1,4 +1,4 @@
-//! `vfio-user-migration-device SOCKET [--state-mib N] [--no-write-multiple]`: a vfio-user
+//! `vfio-user-migration-device SOCKET [--state-mib N] [--no-write-multiple] [--pad-reads]`: a vfio-user
 //! device with migration v2, written on our proto crate because rust-vmm's server has none.
 //!
 //! - Its state is BAR0 (region 0, `--state-mib` MiB, default 1): memory the client reads and
@@ -8,6 +8,7 @@
 //! - DMA maps are mmapped from their fds; the device writes through them on command, and
 //!   dirty logging reports the pages it wrote (see `dma.rs`).
 //! - REGION_WRITE_MULTI is offered (unless `--no-write-multiple`) and counted in BAR1.
+//! - `--pad-reads` pads every MIG_DATA_READ reply to the size asked, as libvfio-user does.
 //!
 //! The device's state outlives connections; DMA maps and logging end with theirs. Each client
 //! is served on its own thread.
@@ -21,7 +22,9 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
 fn usage() -> ! {
-    eprintln!("usage: vfio-user-migration-device SOCKET [--state-mib N] [--no-write-multiple]");
+    eprintln!(
+        "usage: vfio-user-migration-device SOCKET [--state-mib N] [--no-write-multiple] [--pad-reads]"
+    );
     std::process::exit(2)
 }
 
@@ -30,6 +33,7 @@ fn main() {
     let Some(path) = args.first() else { usage() };
     let mut state_mib = 1usize;
     let mut write_multiple = true;
+    let mut pad_reads = false;
     let mut rest = args[1..].iter();
     while let Some(a) = rest.next() {
         match a.as_str() {
@@ -40,6 +44,7 @@ fn main() {
                 }
             }
             "--no-write-multiple" => write_multiple = false,
+            "--pad-reads" => pad_reads = true,
             _ => usage(),
         }
     }
@@ -53,7 +58,10 @@ fn main() {
     };
     let device = Arc::new(Mutex::new(state::Device::new(size)));
     let regions = Arc::new(regions::Regions::new(size as u64));
-    let options = Arc::new(conn::Options { write_multiple });
+    let options = Arc::new(conn::Options {
+        write_multiple,
+        pad_reads,
+    });
     println!("listening {path}");
     for sock in listener.incoming() {
         let Ok(sock) = sock else { break };
