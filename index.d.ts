@@ -150,18 +150,25 @@ export declare class NativeClient {
 }
 
 /**
- * DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `buffer()` views
- * the mapping, which lives until this object, every such Buffer and every map using it are
- * gone.
+ * DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `array_buffer()`
+ * gives JS its one view of the mapping. `close` detaches that view (every Buffer over it then
+ * reads as empty) and lets go of the mapping, which is unmapped at once unless a DMA map
+ * still uses it (then with the last such map). Without `close`, the mapping lives until this
+ * object, its view and every map using it are gone.
  */
 export declare class NativeDmaMemory {
   /** The memfd while it is open (borrowed: close it with `close`), else null. */
   get fd(): number | null
-  get size(): number
-  /** A Buffer over the mapping (no copy: reads and writes are the device's view). */
-  buffer(): Buffer
-  /** Closes the fd now (the mapping stays while anything uses it). Idempotent. */
-  close(): void
+  /**
+   * An ArrayBuffer over the mapping (external, detachable; no copy: reads and writes are
+   * the device's view). Call once: `close` detaches only the ArrayBuffer it is given.
+   */
+  arrayBuffer(): ArrayBuffer
+  /**
+   * Detaches `view` (the ArrayBuffer from `array_buffer`), closes the fd and lets go of the
+   * mapping: unmapped now, or with the last DMA map that still uses it. Idempotent.
+   */
+  close(view: unknown): void
 }
 
 /**

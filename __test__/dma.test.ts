@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs'
 import { describe, expect, it } from 'vitest'
-import { allocateDmaMemory, type VfioUserClient } from '../ts/index'
+import { allocateDmaMemory, connect, type VfioUserClient } from '../ts/index'
+import { startTestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { deviceSession, openFds } from './session'
 
@@ -7,14 +9,19 @@ const session = deviceSession()
 const PAGE = 4096
 
 /** Has the device copy `len` bytes from iova `src` to iova `dst` (its DMA engine in BAR0). */
-async function deviceCopy(src: bigint, dst: bigint, len: number) {
+function deviceCopy(src: bigint, dst: bigint, len: number) {
+  return deviceCopy2(session.client, src, dst, len)
+}
+
+/** {@link deviceCopy} on a connection of its own. */
+async function deviceCopy2(c: VfioUserClient, src: bigint, dst: bigint, len: number) {
   const regs = Buffer.alloc(16)
   regs.writeBigUInt64LE(src, 0)
   regs.writeBigUInt64LE(dst, 8)
-  await session.client.regionWrite(0, 0xfe0, regs)
+  await c.regionWrite(0, 0xfe0, regs)
   const go = Buffer.alloc(4)
   go.writeUInt32LE(len)
-  await session.client.regionWrite(0, 0xff0, go)
+  await c.regionWrite(0, 0xff0, go)
 }
 
 describe('DMA against the test device', () => {
@@ -31,6 +38,48 @@ describe('DMA against the test device', () => {
     expect(session.client.dmaMaps).toBe(0)
     // Unmapped: the device has nothing there any more.
     expect((await rejection(deviceCopy(0x10_0000n, 0x20_0000n, 4))).command).toBe(10)
+  })
+
+  it('close() unmaps DmaMemory from this process at once, or with the last DMA map that uses it', async () => {
+    // Mappings of our memfds, as the kernel lists them (not as the garbage collector sees them).
+    const mapped = () =>
+      readFileSync('/proc/self/maps', 'utf8')
+        .split('\n')
+        .filter((l) => l.includes('memfd:vfio-user-dma')).length
+    await using device = await startTestDevice()
+    await using c = await connect(device.socketPath)
+    await c.validateVersion()
+    const base = mapped()
+    const idle = allocateDmaMemory(2 * PAGE)
+    const used = allocateDmaMemory(2 * PAGE)
+    const view = idle.buffer.subarray(PAGE)
+    expect(mapped()).toBe(base + 2)
+    // Not mapped for DMA: gone at close, its Buffer and every view of it empty.
+    idle.close()
+    expect(mapped()).toBe(base + 1)
+    expect(idle.buffer.length).toBe(0)
+    expect(view.length).toBe(0)
+    expect(idle.fd).toBeUndefined()
+    idle.close()
+    // Mapped for DMA: the Buffer goes at close, the pages stay while the device may use them.
+    used.buffer.write('still there', 0)
+    await c.dmaMap({ iova: 0x10_0000n, size: 2 * PAGE, memory: used })
+    used.close()
+    expect(used.buffer.length).toBe(0)
+    expect(mapped()).toBe(base + 1)
+    await deviceCopy2(c, 0x10_0000n, 0x10_1000n, 11)
+    await c.dmaUnmap({ iova: 0x10_0000n, size: 2 * PAGE })
+    expect(mapped()).toBe(base)
+    // A closed memory cannot be mapped again.
+    const again = await rejection(c.dmaMap({ iova: 0x20_0000n, size: PAGE, memory: used }))
+    expect(again.code).toBe('EBADF')
+    // Disposed by `using`: the same.
+    {
+      using scoped = allocateDmaMemory(PAGE)
+      expect(mapped()).toBe(base + 1)
+      scoped.buffer[0] = 1
+    }
+    expect(mapped()).toBe(base)
   })
 
   it('dmaMapMany pipelines many maps; dmaMapSync maps one', async () => {

@@ -1,9 +1,10 @@
 // The typed device, region and irq calls against the real rust-vmm server (crates/test-device).
+import diagnosticsChannel from 'node:diagnostics_channel'
 import { closeSync, fstatSync, readFileSync } from 'node:fs'
 import { describe, expect, it } from 'vitest'
 import { Command, connect } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
-import { rejection } from './rejection'
+import { refusal, rejection } from './rejection'
 import { deviceSession, openFds } from './session'
 import { regionAccess } from './wire'
 
@@ -12,6 +13,48 @@ const session = deviceSession()
 describe('typed calls against the test device', () => {
   it('deviceInfo: a PCI device with 9 regions and 5 irq indexes', async () => {
     expect(await session.client.deviceInfo()).toEqual({ flags: 3, reset: true, pci: true, numRegions: 9, numIrqs: 5 })
+  })
+
+  it('accesses the server already said it would refuse are refused before they are sent', async () => {
+    await using device = await startTestDevice()
+    await using c = await connect(device.socketPath)
+    await c.validateVersion()
+    const sent: string[] = []
+    const onRequest = (m: unknown) => sent.push((m as { commandName: string }).commandName)
+    diagnosticsChannel.subscribe('vfio-user:request', onRequest)
+    try {
+      // Before deviceInfo the client knows nothing: the server refuses region 99 itself.
+      const fromServer = await rejection(c.regionRead(99, 0, 4))
+      expect(fromServer).toMatchObject({ code: 'EINVAL', commandName: 'REGION_READ' })
+      expect(sent).toEqual(['REGION_READ'])
+      expect((await c.deviceInfo()).numRegions).toBe(9)
+      sent.length = 0
+      const refused = [
+        await refusal(c.regionRead(99, 0, 4)),
+        await refusal(c.regionWrite(9, 0, Buffer.from([1]))),
+        await refusal(c.regionWrite(9, 0, Buffer.from([1]), { posted: true })),
+      ]
+      for (const e of refused) {
+        expect(e).toBeInstanceOf(RangeError)
+        expect(e).toMatchObject({ code: 'ERR_OUT_OF_RANGE' })
+      }
+      expect(refused[0].message).toContain('region 99 does not exist: the device reported 9 regions')
+      expect(() => c.regionReadSync(9, 0, 4)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }))
+      // Once its size is known, nothing past a region's end goes out either.
+      expect((await c.regionInfo(0)).size).toBe(4096n)
+      const past = await refusal(c.regionRead(0, 4094, 4))
+      expect(past).toMatchObject({ code: 'ERR_OUT_OF_RANGE' })
+      expect(past.message).toBe('4 bytes at offset 0xffe of region 0 pass its end (4096 bytes, 0x1000)')
+      expect(() => c.regionWriteSync(0, 4096n, Buffer.from([1]))).toThrow(
+        expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }),
+      )
+      // regionInfo asks twice (the second time with room for the sparse area); nothing else went.
+      expect(sent).toEqual(['DEVICE_GET_REGION_INFO', 'DEVICE_GET_REGION_INFO'])
+      // The last bytes of the region are still read.
+      expect((await c.regionRead(0, 4092, 4)).length).toBe(4)
+    } finally {
+      diagnosticsChannel.unsubscribe('vfio-user:request', onRequest)
+    }
   })
 
   it('reset: sent once deviceInfo said it is supported', async () => {
@@ -108,12 +151,16 @@ describe('typed calls against the test device', () => {
   })
 
   it("the server's errors: an access past a region, an unreadable region", async () => {
-    const past = await rejection(session.client.regionRead(0, 4094, 4))
-    expect(past.command).toBe(Command.REGION_READ)
-    const unreadable = await rejection(session.client.regionRead(1, 0, 4))
-    expect(unreadable.commandName).toBe('REGION_READ')
+    // A connection that has not read the region's size: the request goes, the server refuses.
+    await using device = await startTestDevice()
+    await using c = await connect(device.socketPath)
+    await c.validateVersion()
+    const past = await rejection(c.regionRead(0, 4094, 4))
+    expect(past).toMatchObject({ command: Command.REGION_READ, code: 'EIO' })
+    const unreadable = await rejection(c.regionRead(1, 0, 4))
+    expect(unreadable).toMatchObject({ commandName: 'REGION_READ', code: 'EIO' })
     // The connection is still in sync.
-    expect((await session.client.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
+    expect((await c.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
   })
 
   it('bad arguments throw before anything is sent', () => {

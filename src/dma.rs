@@ -5,36 +5,51 @@ use crate::client::NativeClient;
 use crate::convert::{self, NativeError};
 use crate::event::Event;
 use napi::bindgen_prelude::{BigInt, BufferSlice, Either};
-use napi::{sys, Env, Result, Status};
+use napi::{sys, Env, JsValue, Result, Status};
 use napi_derive::napi;
+use nix::errno::Errno;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vfio_user_client::{DmaMap, DmaMemory, Error};
 
-/// DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `buffer()` views
-/// the mapping, which lives until this object, every such Buffer and every map using it are
-/// gone.
+/// DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `array_buffer()`
+/// gives JS its one view of the mapping. `close` detaches that view (every Buffer over it then
+/// reads as empty) and lets go of the mapping, which is unmapped at once unless a DMA map
+/// still uses it (then with the last such map). Without `close`, the mapping lives until this
+/// object, its view and every map using it are gone.
 #[napi]
 pub struct NativeDmaMemory {
-    memory: Arc<DmaMemory>,
+    memory: Arc<Slot>,
 }
+
+/// The mapping while it is open: shared with the view's finalizer, emptied by `close`.
+type Slot = Mutex<Option<Arc<DmaMemory>>>;
 
 /// Allocates `size` bytes of DMA memory (a memfd, mapped shared).
 #[napi]
 pub fn allocate_dma_memory(size: f64) -> Either<NativeDmaMemory, NativeError> {
     match DmaMemory::allocate(size as usize) {
         Ok(m) => Either::A(NativeDmaMemory {
-            memory: Arc::new(m),
+            memory: Arc::new(Mutex::new(Some(Arc::new(m)))),
         }),
         Err(e) => Either::B(convert::from_error(&e)),
     }
 }
 
-/// Lets go of the mapping behind a Buffer once V8 has collected the Buffer.
+/// Lets go of the mapping behind a view once V8 has collected its ArrayBuffer.
 extern "C" fn drop_view(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
-    // SAFETY: `hint` is the Arc leaked in `buffer` for this Buffer alone; napi calls this
-    // finalizer exactly once.
-    drop(unsafe { Arc::from_raw(hint.cast::<DmaMemory>()) });
+    // SAFETY: `hint` is the Arc leaked in `array_buffer` for this ArrayBuffer alone; napi
+    // calls this finalizer exactly once.
+    drop(unsafe { Arc::from_raw(hint.cast::<Slot>()) });
+}
+
+impl NativeDmaMemory {
+    /// The mapping, or EBADF once closed.
+    fn mapping(&self) -> std::result::Result<Arc<DmaMemory>, Error> {
+        let slot = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+            .ok_or_else(|| Error::new(Errno::EBADF, "the DMA memory was closed"))
+    }
 }
 
 #[napi]
@@ -42,26 +57,26 @@ impl NativeDmaMemory {
     /// The memfd while it is open (borrowed: close it with `close`), else null.
     #[napi(getter)]
     pub fn fd(&self) -> Option<i32> {
-        self.memory.raw_fd()
+        self.mapping().ok().and_then(|m| m.raw_fd())
     }
 
-    #[napi(getter)]
-    pub fn size(&self) -> f64 {
-        self.memory.len() as f64
-    }
-
-    /// A Buffer over the mapping (no copy: reads and writes are the device's view).
-    #[napi(ts_return_type = "Buffer")]
-    pub fn buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+    /// An ArrayBuffer over the mapping (external, detachable; no copy: reads and writes are
+    /// the device's view). Call once: `close` detaches only the ArrayBuffer it is given.
+    #[napi(ts_return_type = "ArrayBuffer")]
+    pub fn array_buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+        let m = self
+            .mapping()
+            .map_err(|e| napi::Error::new(Status::GenericFailure, e.message))?;
         let hold = Arc::into_raw(self.memory.clone());
         let mut out = std::ptr::null_mut();
-        // SAFETY: the mapping is `len` bytes, alive while the Arc leaked into `hold` is,
-        // which the finalizer releases; `env` is live, on its thread.
+        // SAFETY: the mapping is `len` bytes and stays mapped until `close` detaches this
+        // ArrayBuffer first (or, without `close`, while the slot the leaked `hold` keeps holds
+        // it); the finalizer releases `hold`. `env` is live, on its thread.
         let status = unsafe {
-            sys::napi_create_external_buffer(
+            sys::napi_create_external_arraybuffer(
                 env.raw(),
-                self.memory.len(),
-                self.memory.as_ptr().cast(),
+                m.as_ptr().cast(),
+                m.len(),
                 Some(drop_view),
                 hold.cast_mut().cast(),
                 &mut out,
@@ -72,17 +87,33 @@ impl NativeDmaMemory {
             drop(unsafe { Arc::from_raw(hold) });
             return Err(napi::Error::new(
                 Status::GenericFailure,
-                "cannot create a Buffer over DMA memory (external buffers refused)",
+                "cannot create an ArrayBuffer over DMA memory (external buffers refused)",
             ));
         }
         // SAFETY: `out` is a live value of this env.
         Ok(unsafe { napi::bindgen_prelude::Unknown::from_raw_unchecked(env.raw(), out) })
     }
 
-    /// Closes the fd now (the mapping stays while anything uses it). Idempotent.
+    /// Detaches `view` (the ArrayBuffer from `array_buffer`), closes the fd and lets go of the
+    /// mapping: unmapped now, or with the last DMA map that still uses it. Idempotent.
     #[napi]
-    pub fn close(&self) {
-        self.memory.close_fd();
+    pub fn close(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
+        // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
+        // allowed, and a detached one stays detached.
+        let status = unsafe { sys::napi_detach_arraybuffer(env.raw(), view.raw()) };
+        if status != sys::Status::napi_ok
+            && status != sys::Status::napi_detachable_arraybuffer_expected
+        {
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "cannot detach the DMA memory's ArrayBuffer; it stays mapped",
+            ));
+        }
+        let m = self.memory.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(m) = m {
+            m.close_fd();
+        }
+        Ok(())
     }
 }
 
@@ -112,7 +143,7 @@ impl NativeClient {
         f: impl FnOnce(&vfio_user_client::Client, &DmaMap<'_>) -> std::result::Result<R, Error>,
     ) -> std::result::Result<R, Error> {
         let offset = u64_of(&args.offset);
-        let mem = &memory.memory;
+        let mem = &memory.mapping()?;
         mem.with_fd(|fd| {
             let map = DmaMap {
                 iova: u64_of(&args.iova),

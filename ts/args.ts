@@ -80,3 +80,10 @@ export function checkData(value: unknown): Buffer {
   if (data.byteLength === 0) throw new RangeError('data must not be empty')
   return data
 }
+
+/** A RangeError with Node's `code` for a value out of range (`ERR_OUT_OF_RANGE`). */
+export function outOfRange(message: string): RangeError & { code: 'ERR_OUT_OF_RANGE' } {
+  const e = new RangeError(message) as RangeError & { code: 'ERR_OUT_OF_RANGE' }
+  e.code = 'ERR_OUT_OF_RANGE'
+  return e
+}

@@ -39,6 +39,8 @@ export interface Channel {
   readonly dmaBuffers: Map<bigint, Uint8Array>
   /** The server's `maxDataXferSize` (the spec's default before negotiation). */
   maxDataXferSize(): number
+  /** What the server has said about its regions, to refuse accesses it would refuse. */
+  readonly regions: RegionLimits
   /** The regions mapped into this process (unmapped with the connection). */
   readonly regionMaps: Set<{ unmap(): void }>
   /**
@@ -51,6 +53,14 @@ export interface Channel {
   traceSync<T>(command: number, call: () => T): T
   /** Traces a posted request of `command` as sent. */
   tracePosted(command: number): void
+}
+
+/** @internal What a connection knows of its regions' bounds, from the server's own replies. */
+export interface RegionLimits {
+  /** How many regions DEVICE_GET_INFO reported, once it has been asked. */
+  count?: number
+  /** Each region's size, once its DEVICE_GET_REGION_INFO has been read. */
+  readonly sizes: Map<number, bigint>
 }
 
 /** @internal What receives a group's irq events, and the end of the connection. */

@@ -359,6 +359,7 @@ export class VfioUserClient extends EventEmitter {
         fromNative(this.#native.takeError() ?? { errno: 0, code: 'EIO', message: 'no reply' }, this.#path),
       error: (e) => fromNative(e, this.#path),
       irqGroups: this.#irqGroups,
+      regions: { sizes: new Map() },
       regionMaps: this.#regionMaps,
       dmaBuffers: this.#dmaBuffers,
       maxDataXferSize: () => this.version?.capabilities.maxDataXferSize ?? 1048576,
@@ -474,6 +475,10 @@ export class VfioUserClient extends EventEmitter {
    * repeated large reads then allocate nothing.
    * @throws {TypeError|RangeError} for bad arguments (a length of 0 or over 2^32 - 1, an offset
    *   past 2^64, an `into` smaller than `length` or detached), before anything is sent.
+   * @throws {RangeError} (rejection, `code` `'ERR_OUT_OF_RANGE'`) for what the server already
+   *   said it would refuse, before anything is sent: an `index` at or past the `numRegions` of
+   *   a {@link deviceInfo} read on this connection, or bytes past the `size` of a
+   *   {@link regionInfo} read of that region. The `*Sync` calls throw it.
    * @throws {VfioUserError} (rejection) `'EPROTO'` for a short or mismatched echo; otherwise as
    *   {@link sendWait}.
    */
@@ -495,6 +500,8 @@ export class VfioUserClient extends EventEmitter {
    * REGION_WRITE of `data` at `offset` of region `index`, split and checked like
    * {@link regionRead}. With `posted`, sent as posted writes (No_reply) and resolved once sent.
    * @throws {TypeError|RangeError} for bad arguments (empty or detached data), before anything is sent.
+   * @throws {RangeError} (rejection, `'ERR_OUT_OF_RANGE'`) past the known regions or a region's
+   *   end, as {@link regionRead}.
    * @throws {VfioUserError} (rejection) as {@link regionRead}.
    */
   regionWrite(

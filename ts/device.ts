@@ -24,6 +24,8 @@ export async function deviceInfo(ch: Channel, options: CallOptions = {}): Promis
   const reply = await ch.send(Command.DEVICE_GET_INFO, native.deviceInfoRequest(), options)
   const d = native.decodeDeviceInfo(reply.payload)
   if ('errno' in d) throw ch.error(d)
+  // Accesses to regions past this count are refused from now on, before they are sent.
+  ch.regions.count = d.numRegions
   return {
     flags: d.flags,
     reset: (d.flags & 1) !== 0,

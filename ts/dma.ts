@@ -14,18 +14,23 @@ import { type NativeDmaMemory, native } from './native'
  * while `buffer` or a map uses it.
  */
 export class DmaMemory {
-  /** The memory, as a Buffer over the mapping (no copy). */
+  /**
+   * The memory, as a Buffer over the mapping (no copy). Valid until {@link DmaMemory.close}:
+   * from then on it, and every view made of it, reads as empty (its ArrayBuffer is detached).
+   */
   readonly buffer: Buffer
   /** Its size in bytes. */
   readonly size: number
   /** @internal */
   readonly native: NativeDmaMemory
+  readonly #view: ArrayBuffer
 
   /** @internal Use {@link allocateDmaMemory}. */
   constructor(memory: NativeDmaMemory) {
     this.native = memory
-    this.size = memory.size
-    this.buffer = memory.buffer()
+    this.#view = memory.arrayBuffer()
+    this.size = this.#view.byteLength
+    this.buffer = Buffer.from(this.#view)
   }
 
   /** The memfd while it is open (owned by this object: do not close it yourself). */
@@ -33,9 +38,15 @@ export class DmaMemory {
     return this.native.fd ?? undefined
   }
 
-  /** Closes the fd. Idempotent. Maps already made keep working; new ones need the fd. */
+  /**
+   * Releases the memory now, not at garbage collection: detaches {@link DmaMemory.buffer}
+   * (it reads as empty from here on), closes the fd, and unmaps the pages from this process
+   * at once, or, when a DMA map still uses them, once the last such map is unmapped (or its
+   * connection ends): until then the device may still reach them. New maps of it fail with
+   * `'EBADF'`. Idempotent.
+   */
   close(): void {
-    this.native.close()
+    this.native.close(this.#view)
   }
 
   /** Same as {@link DmaMemory.close}, for `using`. */

@@ -2,7 +2,7 @@
 // 3.8). Region info is encoded and decoded by the proto crate's region.rs; reads and writes
 // are split, pipelined and checked by the client crate's region.rs.
 import { closeSync } from 'node:fs'
-import { checkData, checkInteger, checkOffset, checkTimeout } from './args'
+import { checkData, checkInteger, checkOffset, checkTimeout, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
@@ -109,6 +109,8 @@ async function askRegionInfo(ch: Channel, index: number, options: CallOptions): 
       continue
     }
     const warnings = [...d.warnings]
+    // Accesses past its end are refused from now on, before they are sent.
+    ch.regions.sizes.set(index, d.size)
     if (d.argsz > argsz) warnings.push(`the server needs ${d.argsz} bytes of region info; ${argsz} were accepted`)
     const mmap = (d.flags & 4) !== 0
     let fd: number | undefined
@@ -157,6 +159,25 @@ function checkAccess(index: number, offset: unknown, length: number) {
   return at
 }
 
+/**
+ * The error for an access the server has already told us it would refuse: a region index at
+ * or past the count `deviceInfo()` reported, or bytes past the size `regionInfo()` reported.
+ * Such a request is never sent (the server would only log and refuse it).
+ */
+function outOfBounds(ch: Channel, index: number, offset: bigint, length: number): RangeError | undefined {
+  const count = ch.regions.count
+  if (count !== undefined && index >= count) {
+    return outOfRange(`region ${index} does not exist: the device reported ${count} regions (0 to ${count - 1})`)
+  }
+  const size = ch.regions.sizes.get(index)
+  if (size !== undefined && offset + BigInt(length) > size) {
+    return outOfRange(
+      `${length} bytes at offset 0x${offset.toString(16)} of region ${index} pass its end (${size} bytes, 0x${size.toString(16)})`,
+    )
+  }
+  return undefined
+}
+
 /** Options of {@link regionRead}. */
 export interface RegionReadOptions extends CallOptions {
   /**
@@ -203,6 +224,8 @@ export function regionRead(
   const at = checkAccess(index, offset, length)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const target = readTarget(options.into, length)
+  const refused = outOfBounds(ch, index, at.value, length)
+  if (refused) return Promise.reject(refused)
   if (target) {
     const start = (token: number) => {
       const refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
@@ -228,6 +251,8 @@ export function regionReadSync(
   const at = checkAccess(index, offset, length)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const target = readTarget(options.into, length)
+  const refused = outOfBounds(ch, index, at.value, length)
+  if (refused) throw refused
   return ch.traceSync(Command.REGION_READ, () => {
     if (target) {
       if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw ch.lastError()
@@ -253,6 +278,8 @@ export function regionWrite(
   if (options.posted !== undefined && typeof options.posted !== 'boolean') {
     throw new TypeError('posted must be a boolean')
   }
+  const refused = outOfBounds(ch, index, at.value, bytes.byteLength)
+  if (refused) return Promise.reject(refused)
   if (options.posted && ch.regionMaps.size > 0) {
     // A store through a mapping could overtake a posted write still in the socket.
     return Promise.reject(
@@ -284,6 +311,8 @@ export function regionWriteSync(
   const bytes = checkData(data)
   const at = checkAccess(index, offset, bytes.byteLength)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  const refused = outOfBounds(ch, index, at.value, bytes.byteLength)
+  if (refused) throw refused
   ch.traceSync(Command.REGION_WRITE, () => {
     if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
   })
