@@ -1,0 +1,220 @@
+// libvfio-user's sample servers as test peers: the other vfio-user implementation users run
+// (the C library behind SPDK's target), written by people who did not read the spec our way.
+// Built from ../shared/peers (or found through $VFIO_USER_LIBVFIO_SAMPLES); a peer that cannot
+// be had fails the test that needs it, it never skips.
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
+import { existsSync, mkdtempSync, readFileSync, rmSync, watch } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+
+let samplesDir: string | undefined
+
+/**
+ * The folder holding libvfio-user's sample binaries: `$VFIO_USER_LIBVFIO_SAMPLES`, else what
+ * `../shared/peers/build-libvfio-user` builds (about 10 s the first time, reused after).
+ * @throws when neither is there, or the build fails: interop cannot be skipped.
+ */
+export function librarySamples(): string {
+  if (samplesDir) return samplesDir
+  const given = process.env.VFIO_USER_LIBVFIO_SAMPLES
+  if (given) {
+    if (!existsSync(join(given, 'server'))) throw new Error(`$VFIO_USER_LIBVFIO_SAMPLES=${given} holds no 'server'`)
+    samplesDir = given
+    return given
+  }
+  const script = resolve(__dirname, '../../shared/peers/build-libvfio-user')
+  if (!existsSync(script)) {
+    throw new Error(
+      `libvfio-user's samples are needed: neither $VFIO_USER_LIBVFIO_SAMPLES nor ${script} exists ` +
+        '(build libvfio-user and its samples, then point $VFIO_USER_LIBVFIO_SAMPLES at build/samples)',
+    )
+  }
+  const r = spawnSync(script, [], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+  const out = r.stdout.trim().split('\n').pop() ?? ''
+  if (r.status !== 0 || !existsSync(join(out, 'server'))) {
+    throw new Error(`building libvfio-user failed (exit ${r.status}):\n${r.stderr.slice(-4000)}`)
+  }
+  samplesDir = out
+  return out
+}
+
+/** How a sample process ended. */
+export interface Exit {
+  code: number | null
+  signal: NodeJS.Signals | null
+}
+
+/** A running libvfio-user sample on a socket of its own. */
+export interface Sample {
+  readonly socketPath: string
+  readonly process: ChildProcess
+  /** Everything it wrote to stderr so far. */
+  stderr(): string
+  /** Everything it wrote to stdout so far. */
+  stdout(): string
+  /** Settles when it exits. */
+  readonly exited: Promise<Exit>
+  /**
+   * Waits for it to exit by itself (`server` does once its client leaves), at most `ms`; then
+   * kills it and says so. Removes its folder.
+   */
+  waitExit(ms?: number): Promise<Exit & { killed: boolean }>
+  /** Ends it (SIGTERM, then SIGKILL if it does not go) and removes its folder. */
+  close(): Promise<Exit>
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+/**
+ * Starts sample `name` with `args` and its socket path last, and resolves once the socket
+ * exists (an inotify watch on its folder, not a poll). stdin is a pipe kept open (`null`
+ * exits at EOF on stdin).
+ */
+export async function startSample(name: string, args: string[] = []): Promise<Sample> {
+  const dir = mkdtempSync(join(tmpdir(), `lvu-${name}-`))
+  const socketPath = join(dir, 'sock')
+  const binary = join(librarySamples(), name)
+  let err = ''
+  let out = ''
+  const watcher = watch(dir)
+  const child = spawn(binary, [...args, socketPath], { stdio: ['pipe', 'pipe', 'pipe'] })
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => {
+    err += d
+  })
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => {
+    out += d
+  })
+  const exited = new Promise<Exit>((done) => child.once('exit', (code, signal) => done({ code, signal })))
+  try {
+    await new Promise<void>((ready, fail) => {
+      const timer = setTimeout(() => fail(new Error(`${name} did not create its socket in 10 s: ${err}`)), 10_000)
+      const finish = (e?: Error) => {
+        clearTimeout(timer)
+        if (e) fail(e)
+        else ready()
+      }
+      watcher.on('change', (_kind, file) => {
+        if (file === 'sock') finish()
+      })
+      void exited.then((x) => finish(new Error(`${name} exited (${x.code ?? x.signal}) before listening: ${err}`)))
+      child.once('error', finish)
+      if (existsSync(socketPath)) finish()
+    })
+  } catch (e) {
+    child.kill('SIGKILL')
+    await exited
+    rmSync(dir, { recursive: true, force: true })
+    throw e
+  } finally {
+    watcher.close()
+  }
+  const stop = async (ms: number, signal: NodeJS.Signals | undefined) => {
+    let killed = false
+    if (child.exitCode === null && child.signalCode === null) {
+      if (signal) child.kill(signal)
+      const timer = setTimeout(() => {
+        killed = true
+        child.kill('SIGKILL')
+      }, ms)
+      await exited
+      clearTimeout(timer)
+    }
+    rmSync(dir, { recursive: true, force: true })
+    return { ...(await exited), killed }
+  }
+  return {
+    socketPath,
+    process: child,
+    stderr: () => err,
+    stdout: () => out,
+    exited,
+    waitExit: (ms = 10_000) => stop(ms, undefined),
+    close: () => stop(5_000, 'SIGTERM'),
+    async [Symbol.asyncDispose]() {
+      await stop(5_000, 'SIGTERM')
+    },
+  }
+}
+
+/**
+ * The lines of a sample's stderr that report a failure (a failed command, a refused request,
+ * a bad access), less the benign one `server` logs each time its timer interrupts a read and
+ * those matching `expected` (what a test provoked on purpose).
+ */
+export function failures(stderr: string, expected: RegExp[] = []): string[] {
+  return stderr
+    .split('\n')
+    .filter((l) => /failed|bad |refus|invalid|cannot|assert|mismatch|error/i.test(l))
+    .filter((l) => !/failed to receive request: Interrupted system call/.test(l))
+    .filter((l) => !expected.some((re) => re.test(l)))
+}
+
+/** This process's thread count (`/proc/self/status`). */
+export function threadCount(): number {
+  const m = /^Threads:\s+(\d+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))
+  return Number(m?.[1])
+}
+
+/**
+ * A relay for a server that takes one client in its life (`server`), so that several clients
+ * can use that one session in turn: say a test setting up the device's state, then a CLI run,
+ * then the test again to look at the result. Bytes pass untouched both ways, except the
+ * VERSION of every client after the first, which the relay answers itself with the server's
+ * reply to the first (a VERSION mid-session is not the server's to answer). The session with
+ * the server ends at `close()`. No fds pass: only for commands that carry none.
+ */
+export async function relayOneSession(upstream: string): Promise<{ path: string; close(): Promise<void> }> {
+  const { createConnection, createServer } = await import('node:net')
+  const dir = mkdtempSync(join(tmpdir(), 'lvu-relay-'))
+  const path = join(dir, 'sock')
+  const up = createConnection(upstream)
+  await new Promise<void>((ok, fail) => up.once('connect', ok).once('error', fail))
+  let versionReply: Buffer | undefined
+  let clients = 0
+  let current: import('node:net').Socket | undefined
+  let fromServer = Buffer.alloc(0)
+  up.on('data', (d: Buffer) => {
+    if (versionReply === undefined) {
+      fromServer = Buffer.concat([fromServer, d])
+      // The header's size counts the header too.
+      if (fromServer.length >= 16 && fromServer.length >= fromServer.readUInt32LE(4)) {
+        versionReply = fromServer.subarray(0, fromServer.readUInt32LE(4))
+      }
+    }
+    current?.write(d)
+  })
+  const server = createServer((sock) => {
+    clients++
+    current = sock
+    const first = clients === 1
+    let pending = Buffer.alloc(0)
+    let answered = first
+    sock.on('data', (d: Buffer) => {
+      if (answered) {
+        up.write(d)
+        return
+      }
+      // A later client's VERSION: answer it with the first reply, its id rewritten.
+      pending = Buffer.concat([pending, d])
+      if (pending.length < 16 || pending.length < pending.readUInt32LE(4)) return
+      const size = pending.readUInt32LE(4)
+      const reply = Buffer.from(versionReply ?? Buffer.alloc(0))
+      reply.writeUInt16LE(pending.readUInt16LE(0), 0)
+      sock.write(reply)
+      answered = true
+      if (pending.length > size) up.write(pending.subarray(size))
+    })
+    sock.on('close', () => {
+      if (current === sock) current = undefined
+    })
+    sock.on('error', () => {})
+  })
+  await new Promise<void>((ok) => server.listen(path, ok))
+  return {
+    path,
+    async close() {
+      up.destroy()
+      await new Promise<void>((ok) => server.close(() => ok()))
+      rmSync(dir, { recursive: true, force: true })
+    },
+  }
+}
