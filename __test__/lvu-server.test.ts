@@ -5,13 +5,12 @@
 import { spawn } from 'node:child_process'
 import diagnosticsChannel from 'node:diagnostics_channel'
 import { readlinkSync } from 'node:fs'
-import { readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
-import { allocateDmaMemory, connect, migrate, type VfioUserClient } from '../ts/index'
-import { failures, librarySamples, relayOneSession, startSample, threadCount } from './peers'
+import { allocateDmaMemory, migrate, type VfioUserClient } from '../ts/index'
+import { connectRetrying, failures, librarySamples, relayOneSession, startSample, threadCount, warmUp } from './peers'
 import { refusal } from './rejection'
 import { openFds } from './session'
 
@@ -36,7 +35,7 @@ beforeAll(async () => {
   librarySamples()
   // Warm up what the process starts lazily (libuv's threadpool, the module) with one whole
   // session, so that the baselines below count only what a test leaves behind.
-  await readFile(__filename)
+  await warmUp()
   const p = await start()
   await p.client.close()
   await p.server.waitExit()
@@ -64,22 +63,6 @@ async function start(args: string[] = []): Promise<Peer> {
   const p = { server, client }
   peers.push(p)
   return p
-}
-
-/**
- * Connects; the socket file exists from bind(), a moment before listen(): a refusal in that
- * window is retried (never a connect-and-close probe, which the sample takes as a failed
- * client and exits 1).
- */
-async function connectRetrying(path: string): Promise<VfioUserClient> {
-  for (let i = 0; ; i++) {
-    try {
-      return await connect(path)
-    } catch (e) {
-      if ((e as { code?: string }).code !== 'ECONNREFUSED' || i === 100) throw e
-      await new Promise((r) => setImmediate(r))
-    }
-  }
 }
 
 /** Ends a test's sessions and checks what they left: exit 0, no failed command, no fd or thread. */
