@@ -1,6 +1,7 @@
 // The public API end to end against the real rust-vmm server (crates/test-device).
+import { execFileSync } from 'node:child_process'
 import { chmodSync, closeSync, cpSync, fstatSync, mkdtempSync, readdirSync, rmSync } from 'node:fs'
-import { constants, constants, tmpdir } from 'node:os'
+import { constants, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
@@ -241,7 +242,9 @@ describe('against the test device', () => {
       try {
         chmodSync(copy, 0o755)
         cpSync(join(root, 'dist'), join(copy, 'dist'), { recursive: true })
-        for (const f of readdirSync(root).filter((f) => f === 'index.js' || f === 'package.json' || f.endsWith('.node'))) {
+        for (const f of readdirSync(root).filter(
+          (f) => f === 'index.js' || f === 'package.json' || f.endsWith('.node'),
+        )) {
           cpSync(join(root, f), join(copy, f))
         }
         const dist = join(copy, 'dist', 'index.js')

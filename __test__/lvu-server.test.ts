@@ -2,7 +2,7 @@
 // through the public API only. Each test starts its own server (it serves one client and exits
 // when it leaves: 0 when all went well, 1 when its DMA check failed), reads its stderr for
 // failed commands, and checks that fds and threads are back where they started.
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import diagnosticsChannel from 'node:diagnostics_channel'
 import { readlinkSync } from 'node:fs'
 import { join } from 'node:path'
@@ -10,7 +10,16 @@ import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { allocateDmaMemory, migrate, type VfioUserClient } from '../ts/index'
-import { connectRetrying, failures, librarySamples, relayOneSession, startSample, threadCount, warmUp } from './peers'
+import {
+  connectRetrying,
+  failures,
+  librarySamples,
+  relayOneSession,
+  type Sample,
+  startSample,
+  threadCount,
+  warmUp,
+} from './peers'
 import { refusal } from './rejection'
 import { openFds } from './session'
 
@@ -113,6 +122,33 @@ describe("libvfio-user's server sample", () => {
     // Sent whenever the device has migration callbacks (protocol.md 7): accepted, reported.
     expect(v.capabilities.migration).toMatchObject({ pgsize: 4096 })
     await finish()
+  })
+
+  it('vfio-user probe: its regions (BAR1 with its sparse areas and fd), irqs and PCI ids', async () => {
+    const server = await startSample('server')
+    const r = spawnSync(process.execPath, [cli, 'probe', server.socketPath, '--json'], {
+      encoding: 'utf8',
+      timeout: 20_000,
+    })
+    expect({ status: r.status, stderr: r.stderr }).toEqual({ status: 0, stderr: '' })
+    const p = JSON.parse(r.stdout)
+    expect(p.device).toMatchObject({ numRegions: 9, numIrqs: 5, reset: true })
+    expect(p.regions.find((x: { index: number }) => x.index === BAR1)).toMatchObject({
+      size: String(BAR1_SIZE),
+      mmap: true,
+      hasFd: true,
+      sparse: [
+        { offset: '0', size: '4096' },
+        { offset: '8192', size: '4096' },
+      ],
+    })
+    expect(p.irqs.map((x: { count: number }) => x.count)).toEqual([1, 0, 0, 1, 1])
+    expect(p.pci).toMatchObject({ vendorId: 0xdead, deviceId: 0xbeef, subsystemVendorId: 0xcafe, subsystemId: 0xbabe })
+    expect(p.errors).toEqual([])
+    const exit = await server.waitExit()
+    expect(failures(server.stderr())).toEqual([])
+    expect(exit).toEqual({ code: 0, signal: null, killed: false })
+    expect(openFds()).toBe(fdBase)
   })
 
   it('deviceInfo: PCI with reset, 9 regions, 5 irq indexes', async () => {
