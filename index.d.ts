@@ -128,6 +128,11 @@ export declare class NativeClient {
    */
   regionReadInto(token: number, index: number, offsetHi: number, offsetLo: number, into: Buffer, timeoutMs?: number | undefined | null): NativeError | null
   /**
+   * Stops the read into memory with `token` from writing into it (an abort): once this
+   * returns nothing lands there again; its event still follows. A settled read: nothing.
+   */
+  cancelRead(token: number): void
+  /**
    * Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see
    * `take_error`).
    */

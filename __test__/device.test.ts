@@ -5,7 +5,7 @@ import { constants, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
-import { startTestDevice, type TestDevice } from '../ts/testing'
+import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
 
@@ -186,19 +186,22 @@ describe('against the test device', () => {
   })
 
   it('closes with await using, failing in-flight requests and emitting close', async () => {
-    const client = await connect(device.socketPath)
+    // A server that reads every request and answers none: nothing in flight can resolve, so
+    // a close that waited for replies instead of failing them would hang here.
+    await using hold = await startScriptedPeer('hold')
+    const client = await connect(hold.socketPath)
     await client.validateVersion()
     const closed = new Promise((resolve) => client.once('close', resolve))
-    const inFlight = client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 60_000 })
-    const settled = inFlight.then(
-      () => 'resolved',
-      (e: VfioUserError) => e.code,
+    const inFlight = Array.from({ length: 3 }, () =>
+      client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 60_000 }).then(
+        () => 'resolved',
+        (e: VfioUserError) => e.code,
+      ),
     )
     {
       await using _ = client
     }
-    // Either the reply won the race or the close failed it; it never hangs.
-    expect(['resolved', 'ECONNABORTED']).toContain(await settled)
+    expect(await Promise.all(inFlight)).toEqual(['ECONNABORTED', 'ECONNABORTED', 'ECONNABORTED'])
     const reason = (await closed) as VfioUserError
     expect(reason.code).toBe('ECONNABORTED')
     expect(client.closed).toBe(true)
@@ -214,17 +217,7 @@ describe('against the test device', () => {
     // A socket file whose server is gone: ECONNREFUSED.
     const gone = await startTestDevice()
     process.kill(gone.pid, 'SIGKILL')
-    await new Promise<void>((resolve) => {
-      const check = () => {
-        try {
-          process.kill(gone.pid, 0)
-          setImmediate(check)
-        } catch {
-          resolve()
-        }
-      }
-      check()
-    })
+    expect((await gone.exited).signal).toBe('SIGKILL')
     const refused = await rejection(connect(gone.socketPath))
     expect(refused.code).toBe('ECONNREFUSED')
     await gone.close()

@@ -72,15 +72,22 @@ describe('VERSION reply validation', () => {
 
 describe('requests against a misbehaving server', () => {
   it('drops the late reply of a timed-out request and the next request works', async () => {
+    // The peer echoes each request's payload: each carries its own nonce, so the late reply
+    // to the first, delivered to the second, would show.
+    const nonced = (n: number) => {
+      const b = getInfoPayload()
+      b.writeUInt32LE(n, 8)
+      return b
+    }
     await using p = await peer('late')
     await p.client.validateVersion()
-    const first = await rejection(p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload(), { timeoutMs: 50 }))
+    const first = await rejection(p.client.sendWait(Command.DEVICE_GET_INFO, nonced(0x1111), { timeoutMs: 50 }))
     expect(first.code).toBe('ETIMEDOUT')
     expect(first.commandName).toBe('DEVICE_GET_INFO')
-    const second = await p.client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
-    expect(second.payload.readUInt32LE(8)).toBe(9)
-    const third = p.client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
-    expect(third.payload.length).toBe(16)
+    const second = await p.client.sendWait(Command.DEVICE_GET_INFO, nonced(0x2222))
+    expect(second.payload.readUInt32LE(8)).toBe(0x2222)
+    const third = p.client.sendWaitSync(Command.DEVICE_GET_INFO, nonced(0x3333))
+    expect(third.payload.readUInt32LE(8)).toBe(0x3333)
   })
 
   it('fails every pending request at once when the server closes', async () => {

@@ -118,7 +118,14 @@ describe("libvfio-user's server sample", () => {
     const { client } = await start()
     const v = await client.validateVersion()
     expect(v).toMatchObject({ major: 0, minor: 0, warnings: [] })
-    expect(v.capabilities).toMatchObject({ maxMsgFds: 8, maxDataXferSize: 1048576, writeMultiple: false })
+    // It says nothing of pgsizes, max_dma_maps or write_multiple: the spec's defaults hold.
+    expect(v.capabilities).toMatchObject({
+      maxMsgFds: 8,
+      maxDataXferSize: 1048576,
+      pgsizes: 4096,
+      maxDmaMaps: 65535,
+      writeMultiple: false,
+    })
     // Sent whenever the device has migration callbacks (protocol.md 7): accepted, reported.
     expect(v.capabilities.migration).toMatchObject({ pgsize: 4096 })
     await finish()

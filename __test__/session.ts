@@ -1,22 +1,25 @@
-// One test device and one negotiated client for a whole test file, and the fd count the
-// files compare against.
+// A test device and a negotiated client of its own for every test (so that a test that fails
+// leaves nothing behind for the next: no map, reset or mapping carries over), and the fd
+// count the files compare against.
 import { readdirSync } from 'node:fs'
-import { afterAll, beforeAll } from 'vitest'
+import { afterEach, beforeEach } from 'vitest'
 import { connect, type VfioUserClient } from '../ts/index'
 import { startTestDevice, type TestDevice } from '../ts/testing'
 
-/** Starts a test device and connects to it before the file's tests; closes both after. */
+/** Starts a test device and connects to it before each test of the file; closes both after it. */
 export function deviceSession(): { readonly device: TestDevice; readonly client: VfioUserClient } {
   let device: TestDevice | undefined
   let client: VfioUserClient | undefined
-  beforeAll(async () => {
+  beforeEach(async () => {
     device = await startTestDevice()
     client = await connect(device.socketPath)
     await client.validateVersion()
   })
-  afterAll(async () => {
+  afterEach(async () => {
     await client?.close()
     await device?.close()
+    client = undefined
+    device = undefined
   })
   return {
     get device() {

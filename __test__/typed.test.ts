@@ -57,8 +57,14 @@ describe('typed calls against the test device', () => {
     }
   })
 
-  it('reset: sent once deviceInfo said it is supported', async () => {
-    await session.client.reset()
+  it('reset: sent once deviceInfo said it is supported; the device clears BAR0 and BAR2', async () => {
+    const c = session.client
+    await c.regionWrite(0, 0x100, Buffer.from('before reset'))
+    await c.regionWrite(2, 0, Buffer.from([0xaa, 0xbb, 0xcc, 0xdd]))
+    expect((await c.regionRead(0, 0x100, 12)).toString()).toBe('before reset')
+    await c.reset()
+    expect((await c.regionRead(0, 0x100, 12)).equals(Buffer.alloc(12))).toBe(true)
+    expect((await c.regionRead(2, 0, 4)).equals(Buffer.alloc(4))).toBe(true)
   })
 
   it('regionInfo: BAR0 after asking again with room for its sparse area, with its fd', async () => {

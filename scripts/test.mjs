@@ -53,6 +53,20 @@ for (const m of cargo.matchAll(/^test result: \w+\. (\d+) passed; (\d+) failed; 
   skipped += Number(m[3])
 }
 
+// vitest runs what was just built, and says which: the release module, test devices and dist/
+// (the CLI tests run dist/, the others ts/), rebuilt here if the sources changed (cargo and
+// tsc only redo what changed), and the devices named explicitly, so that the debug builds
+// cargo test just made are never picked up instead.
+run('npm', ['run', '--silent', 'build'])
+for (const [env, name] of [
+  ['VFIO_USER_TEST_DEVICE', 'vfio-user-test-device'],
+  ['VFIO_USER_SCRIPTED_PEER', 'vfio-user-scripted-peer'],
+  ['VFIO_USER_MIGRATION_DEVICE', 'vfio-user-migration-device'],
+]) {
+  process.env[env] ??= join(root, 'target', 'release', name)
+  console.log(`${env}=${process.env[env]}`)
+}
+
 // vitest: read its JSON report rather than scraping the console.
 const dir = mkdtempSync(join(tmpdir(), 'vfio-user-test-'))
 const report = join(dir, 'vitest.json')

@@ -13,11 +13,13 @@ use napi::{Env, Result, Status, Task};
 use napi_derive::napi;
 use nix::errno::Errno;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use vfio_user_client::{Client, Error, Options, Request};
+use vfio_user_client::{Client, Error, Options, ReadCancel, Request};
 
 /// A connection as a JS class. Once the connection has ended and JS has taken its close
 /// event, [`NativeClient::release`] lets go of everything native (I/O thread, socket, eventfd,
@@ -26,6 +28,9 @@ use vfio_user_client::{Client, Error, Options, Request};
 pub struct NativeClient {
     /// None once released.
     client: RefCell<Option<Client>>,
+    /// The reads into memory in flight, by token, for `cancel_read` (an abort); each leaves
+    /// when it settles.
+    pub(crate) reads: Arc<Mutex<HashMap<u32, ReadCancel>>>,
     pub(crate) events: EventQueue,
     loop_reader: RefCell<Option<LoopReader>>,
     path: String,
@@ -139,6 +144,7 @@ impl NativeClient {
         NativeClient {
             path: client.path().to_string(),
             client: RefCell::new(Some(client)),
+            reads: Arc::default(),
             events,
             loop_reader: RefCell::new(None),
             ended: RefCell::new(None),

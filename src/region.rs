@@ -12,7 +12,7 @@ use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use vfio_user_client::proto::{region, region_io_fds, Command};
-use vfio_user_client::{Error, ReadData, ReadInto, RegionMapping};
+use vfio_user_client::{Error, ReadCancel, ReadData, ReadInto, RegionMapping};
 
 fn offset(hi: u32, lo: u32) -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
@@ -100,14 +100,33 @@ impl NativeClient {
         let events = self.events.clone();
         let at = offset(offset_hi, offset_lo);
         let target = read_into(into);
+        // Registered before the read starts, so its completion (on any thread) always finds
+        // its entry to remove.
+        let cancel = ReadCancel::default();
+        lock(&self.reads).insert(token, cancel.clone());
+        let reads = self.reads.clone();
         let done = Box::new(move |r: std::result::Result<(), Error>| {
+            lock(&reads).remove(&token);
             events.push(settle(token, r.map(|()| ReadData::default())))
         });
-        self.live(|c| {
-            c.region_read_into_callback(index, at, target, convert::timeout(timeout_ms), done)
+        let started = self.live(|c| {
+            let timeout = convert::timeout(timeout_ms);
+            c.region_read_into_cancellable(index, at, target, timeout, &cancel, done)
+        });
+        started.err().map(|e| {
+            lock(&self.reads).remove(&token);
+            convert::from_error(&e)
         })
-        .err()
-        .map(|e| convert::from_error(&e))
+    }
+
+    /// Stops the read into memory with `token` from writing into it (an abort): once this
+    /// returns nothing lands there again; its event still follows. A settled read: nothing.
+    #[napi]
+    pub fn cancel_read(&self, token: u32) {
+        let cancel = lock(&self.reads).remove(&token);
+        if let Some(c) = cancel {
+            c.cancel();
+        }
     }
 
     /// Writes `data` to region `index` at offset (hi, lo), blocking. False on failure (see
@@ -402,4 +421,9 @@ pub fn decode_region_io_fds(
         }),
         Err(e) => Either::B(NativeError::proto_reply(Command::DeviceGetRegionIoFds, e)),
     }
+}
+
+/// The reads in flight, even if a completion panicked while holding them.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -334,6 +334,9 @@ export class VfioUserClient extends EventEmitter {
         // The request itself may still complete on the wire; its reply is then dropped
         // (and any fds it carried closed).
         waiter.unwatch = watchAbort(signal, () => {
+          // A read into the caller's memory stops writing into it before the caller hears of
+          // the abort (its event still comes, and releases the memory's hold).
+          if (this.#holds.has(token)) this.#native.cancelRead(token)
           if (this.#waiters.delete(token)) this.#settled()
           waiter.reject(signal.reason)
         })

@@ -185,7 +185,7 @@ export interface RegionReadOptions extends CallOptions {
    * straight from the socket (no copy, nothing allocated per read), and the result is a
    * Buffer over them. Until the call settles, the bytes are being written: do not read them
    * yet, and do not transfer or detach its ArrayBuffer. If the read fails, what they hold is
-   * unspecified.
+   * unspecified; once it has settled (an abort included), nothing is written there again.
    */
   into?: Uint8Array
 }

@@ -11,7 +11,14 @@ export interface TestDevice {
   readonly socketPath: string
   /** Its process id. */
   readonly pid: number
-  /** Stops the process and removes its temporary directory. Idempotent. */
+  /** Settles once the process has exited (for any reason) and its pipes are closed. */
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+  /** The last 64 KiB it wrote to stderr. */
+  stderr(): string
+  /**
+   * Stops the process (SIGTERM, and SIGCONT in case it was stopped; SIGKILL if it has not
+   * exited 2 s later) and removes its temporary directory. Idempotent; never waits forever.
+   */
   close(): Promise<void>
   /** Same as {@link TestDevice.close}, for `await using`. */
   [Symbol.asyncDispose](): Promise<void>
@@ -123,15 +130,21 @@ export function startScriptedPeer(scenario: string, options: TestDeviceOptions =
   return startListening(binary, [scenario], options.startTimeoutMs)
 }
 
+/** How long `close()` waits after SIGTERM before SIGKILL. */
+const CLOSE_GRACE_MS = 2000
+
 async function startListening(binary: string, args: string[], startTimeoutMs = 10_000): Promise<TestDevice> {
   const dir = mkdtempSync(join(tmpdir(), 'vfio-user-'))
   const socketPath = join(dir, 'device.sock')
   const child = spawn(binary, [socketPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
-  const closed = new Promise<void>((done) => child.once('close', () => done()))
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((done) =>
+    // 'close', not 'exit': by then its stdio pipes are closed too, so no fd of ours is left.
+    child.once('close', (code, signal) => done({ code, signal })),
+  )
   let stderr = ''
   child.stderr?.setEncoding('utf8')
   child.stderr?.on('data', (d: string) => {
-    stderr = (stderr + d).slice(-4096)
+    stderr = (stderr + d).slice(-65536)
   })
   const cleanup = () => rmSync(dir, { recursive: true, force: true })
   try {
@@ -146,13 +159,24 @@ async function startListening(binary: string, args: string[], startTimeoutMs = 1
   let closing: Promise<void> | undefined
   const close = () => {
     closing ??= new Promise<void>((done) => {
-      // 'close', not 'exit': by then its stdio pipes are closed too, so no fd of ours is left.
-      void closed.then(done)
-      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
+      void exited.then(() => done())
+      if (child.exitCode !== null || child.signalCode !== null) return
+      child.kill('SIGTERM')
+      // A stopped process (SIGSTOP, a debugger) takes SIGTERM only once continued.
+      child.kill('SIGCONT')
+      const force = setTimeout(() => child.kill('SIGKILL'), CLOSE_GRACE_MS)
+      void exited.then(() => clearTimeout(force))
     }).then(cleanup)
     return closing
   }
-  return { socketPath, pid: child.pid ?? -1, close, [Symbol.asyncDispose]: close }
+  return {
+    socketPath,
+    pid: child.pid ?? -1,
+    exited,
+    stderr: () => stderr,
+    close,
+    [Symbol.asyncDispose]: close,
+  }
 }
 
 function waitListening(child: ChildProcess, timeoutMs: number, stderr: () => string): Promise<void> {

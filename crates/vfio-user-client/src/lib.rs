@@ -56,6 +56,6 @@ pub use region_map::RegionMapping;
 pub use shared::DmaHook;
 pub use socket::{connect_unix, MAX_RECV_FDS};
 pub use state::Stats;
-pub use target::ReadInto;
+pub use target::{ReadCancel, ReadInto};
 pub use ticket::Ticket;
 pub use vfio_user_proto as proto;

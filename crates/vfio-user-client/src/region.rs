@@ -4,7 +4,7 @@
 
 use crate::join::Join;
 use crate::pending::Reply;
-use crate::target::{ReadInto, ReadTarget};
+use crate::target::{ReadCancel, ReadInto, ReadTarget};
 use crate::{Client, Error};
 use nix::errno::Errno;
 use std::sync::Arc;
@@ -194,7 +194,7 @@ impl Client {
         // if nothing was sent, with the completion, never written).
         let into = unsafe { ReadInto::new(out.as_mut_ptr(), out.len()) };
         let done: IntoCompletion = Box::new(move |r| done(r.map(|()| ReadData::whole(out))));
-        self.read_pieces_into_callback(index, &pieces, into, timeout, done)
+        self.read_pieces_into_callback(index, &pieces, into, timeout, &ReadCancel::default(), done)
     }
 
     /// [`Client::region_write`] without blocking: `done` gets an empty result once every
@@ -337,24 +337,47 @@ impl Client {
         timeout: Option<Duration>,
         done: IntoCompletion,
     ) -> Result<(), Error> {
-        let command = Command::RegionRead;
-        let pieces = split(command, offset, into.len(), self.read_piece(command)?)?;
-        self.read_pieces_into_callback(index, &pieces, into, timeout, done)
+        self.region_read_into_cancellable(
+            index,
+            offset,
+            into,
+            timeout,
+            &ReadCancel::default(),
+            done,
+        )
     }
 
-    /// [`Client::region_read_into_callback`] of `pieces`.
+    /// [`Client::region_read_into_callback`], which `cancel` can stop writing into `into`
+    /// before it settles (an abort): see [`ReadCancel`].
+    pub fn region_read_into_cancellable(
+        &self,
+        index: u32,
+        offset: u64,
+        into: ReadInto,
+        timeout: Option<Duration>,
+        cancel: &ReadCancel,
+        done: IntoCompletion,
+    ) -> Result<(), Error> {
+        let command = Command::RegionRead;
+        let pieces = split(command, offset, into.len(), self.read_piece(command)?)?;
+        self.read_pieces_into_callback(index, &pieces, into, timeout, cancel, done)
+    }
+
+    /// [`Client::region_read_into_cancellable`] of `pieces`.
     fn read_pieces_into_callback(
         &self,
         index: u32,
         pieces: &[Piece],
         into: ReadInto,
         timeout: Option<Duration>,
+        cancel: &ReadCancel,
         done: IntoCompletion,
     ) -> Result<(), Error> {
         let command = Command::RegionRead;
         let done: DataCompletion = Box::new(move |r| done(r.map(|_| ())));
         self.gather(command, pieces, Vec::new(), done, |p| {
             let target = piece_target(&into, &p)?;
+            cancel.watch(&target);
             let t = target.clone();
             let check = move |reply: &Reply, _: &mut Vec<u8>| finish_into(reply, &t, index, p);
             let request = region_access(index, p.offset, p.count, None);

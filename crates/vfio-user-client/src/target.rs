@@ -9,7 +9,7 @@
 
 use crate::socket::Received;
 use nix::errno::Errno;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Memory a region read lands in: `len` bytes at `ptr`, owned by the caller.
 #[derive(Clone, Copy, Debug)]
@@ -142,5 +142,43 @@ impl ReadTarget {
         // (checked above) and is our own buffer, so the two cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.into.ptr, data.len()) };
         true
+    }
+}
+
+/// Stops a read into memory before it settles (an abort): once [`ReadCancel::cancel`] returns,
+/// nothing is written into the memory again, each piece's target revoked under the lock every
+/// write holds. The read still settles through its completion as its replies arrive (read
+/// into their own buffers, then dropped) or fail, so the stream stays in step.
+#[derive(Clone, Default)]
+pub struct ReadCancel(Arc<Mutex<Cancel>>);
+
+#[derive(Default)]
+struct Cancel {
+    cancelled: bool,
+    targets: Vec<Arc<ReadTarget>>,
+}
+
+impl ReadCancel {
+    fn lock(&self) -> MutexGuard<'_, Cancel> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After this returns, the read writes nothing more into its memory. Idempotent.
+    pub fn cancel(&self) {
+        let mut c = self.lock();
+        c.cancelled = true;
+        for t in c.targets.drain(..) {
+            t.revoke();
+        }
+    }
+
+    /// Puts `target` under this cancel (revoked at once if it was already cancelled).
+    pub(crate) fn watch(&self, target: &Arc<ReadTarget>) {
+        let mut c = self.lock();
+        if c.cancelled {
+            target.revoke();
+        } else {
+            c.targets.push(target.clone());
+        }
     }
 }

@@ -14,6 +14,9 @@ use vfio_user_client::{Client, Error, Options, Reply, Request};
 const GET_INFO: u16 = 4;
 /// How long a watched call may take before the test calls it stuck.
 const WATCHDOG: Duration = Duration::from_secs(20);
+/// How long a call whose own deadline is 50 ms may take before the test says it waited on
+/// another deadline.
+const SHORT_WATCHDOG: Duration = Duration::from_secs(2);
 
 fn watched(client: &Arc<Client>, timeout: Duration) -> mpsc::Receiver<Result<Reply, Error>> {
     let (tx, rx) = mpsc::channel();
@@ -37,11 +40,13 @@ fn each_blocking_wait_keeps_its_own_timeout() {
     let m = peer.read_msg();
     peer.reply(&m.header, &get_info());
     assert!(long.recv_timeout(WATCHDOG).expect("answered").is_ok());
-    // A short one, never answered, must still end at its own deadline.
+    // A short one, never answered, must still end at its own deadline: 50 ms, watched for
+    // 2 s (40 times as long, for a slow machine). A wait that followed the previous request's
+    // deadline (600 s), or any fallback of seconds, fails here instead of passing late.
     let short = watched(&client, Duration::from_millis(50));
     let _ignored = peer.read_msg();
     let e = short
-        .recv_timeout(WATCHDOG)
+        .recv_timeout(SHORT_WATCHDOG)
         .expect("a short timeout waited as long as the previous request's")
         .unwrap_err();
     assert_eq!(e.code(), "ETIMEDOUT");

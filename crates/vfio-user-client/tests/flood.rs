@@ -40,6 +40,9 @@ fn a_flood_of_requests_is_bounded_by_the_cap_then_cut_off() {
     // that the peer never reads: the cheapest request for the server, the most entries for us.
     let one = Header::command(1, 99, 0, false).encode();
     let batch: Vec<u8> = one.iter().copied().cycle().take(16 * 4096).collect();
+    // The baseline is taken before the flood starts: whatever it makes us hold is counted.
+    reset_peak_rss();
+    let base = peak_rss();
     let flood = std::thread::spawn(move || {
         let mut s = peer.s;
         let mut sent = 0usize;
@@ -48,8 +51,6 @@ fn a_flood_of_requests_is_bounded_by_the_cap_then_cut_off() {
         }
         sent
     });
-    reset_peak_rss();
-    let base = peak_rss();
     let sent = flood.join().unwrap();
     let grown = peak_rss().saturating_sub(base);
     assert!(client.is_closed(), "the flooding server was disconnected");

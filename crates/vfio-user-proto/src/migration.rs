@@ -63,6 +63,17 @@ mod tests {
         assert_eq!(mig_data_write_request(&[9; 5])[0..4], 13u32.to_ne_bytes());
     }
 
+    /// The requests byte for byte as protocol.md 3.13 lays them out (argsz, size, data), written
+    /// by hand: libvfio-user refuses a read whose argsz is less than 8 + size, and a write
+    /// whose payload holds less than `size` bytes (lib/migration.c).
+    #[test]
+    fn requests_are_laid_out_as_the_spec_says() {
+        let read: Vec<u8> = [&(8u32 + 0x4000).to_le_bytes()[..], &0x4000u32.to_le_bytes()].concat();
+        assert_eq!(mig_data_read_request(0x4000).to_vec(), read);
+        let write: Vec<u8> = [&11u32.to_le_bytes()[..], &3u32.to_le_bytes(), &[5, 6, 7]].concat();
+        assert_eq!(mig_data_write_request(&[5, 6, 7]), write);
+    }
+
     /// libvfio-user's reply to a read of 8 bytes when 3 are left (lib/migration.c
     /// handle_mig_data_read): the payload is allocated for the size asked, `argsz` and `size`
     /// say 3, and 5 zeros follow the data. Written out by hand, not with our encoder.

@@ -173,6 +173,52 @@ mod tests {
         p
     }
 
+    /// A reply as libvfio-user builds it (lib/libvfio-user.c, handle_device_get_region_io_fds),
+    /// laid out from its include/vfio-user.h, written by hand rather than with the helper
+    /// above: `struct vfio_user_sub_region_ioeventfd` is packed, 48 bytes: gpa_offset u64,
+    /// size u64, fd_index u32, type u32, flags u32, shadow_mem_fd_index u32, shadow_offset
+    /// u64, datamatch u64. One plain ioeventfd (type 0) and one shadow ioeventfd (type 2).
+    #[test]
+    fn libvfio_user_records_decode_as_its_header_lays_them_out() {
+        #[rustfmt::skip]
+        let p: Vec<u8> = [
+            // argsz 16 + 2 * 48, flags 0, index 3, count 2
+            &112u32.to_le_bytes()[..], &0u32.to_le_bytes(), &3u32.to_le_bytes(), &2u32.to_le_bytes(),
+            // gpa_offset 0x10, size 4, fd_index 0, type 0, flags 1 (datamatch), shadow fd 0, shadow offset 0, datamatch 0xabcd
+            &0x10u64.to_le_bytes(), &4u64.to_le_bytes(), &0u32.to_le_bytes(), &0u32.to_le_bytes(),
+            &1u32.to_le_bytes(), &0u32.to_le_bytes(), &0u64.to_le_bytes(), &0xabcdu64.to_le_bytes(),
+            // gpa_offset 0x20, size 8, fd_index 1, type 2 (shadow), flags 0, shadow fd 2 at offset 0x1000, datamatch 0
+            &0x20u64.to_le_bytes(), &8u64.to_le_bytes(), &1u32.to_le_bytes(), &2u32.to_le_bytes(),
+            &0u32.to_le_bytes(), &2u32.to_le_bytes(), &0x1000u64.to_le_bytes(), &0u64.to_le_bytes(),
+        ]
+        .concat();
+        let r = decode_region_io_fds(&p, 3, 4096, 3).unwrap();
+        assert_eq!(r.stride, LIBVFIO_USER_RECORD);
+        assert_eq!(
+            r.records,
+            vec![
+                IoFdRecord {
+                    offset: 0x10,
+                    size: 4,
+                    fd_index: 0,
+                    kind: IO_FD_EVENTFD,
+                    flags: 1,
+                    datamatch: 0xabcd,
+                    shadow: None
+                },
+                IoFdRecord {
+                    offset: 0x20,
+                    size: 8,
+                    fd_index: 1,
+                    kind: IO_FD_SHADOW,
+                    flags: 0,
+                    datamatch: 0,
+                    shadow: Some((2, 0x1000))
+                },
+            ]
+        );
+    }
+
     #[test]
     fn both_layouts_decode_by_stride() {
         for stride in [SPEC_RECORD, LIBVFIO_USER_RECORD] {

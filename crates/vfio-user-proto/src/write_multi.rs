@@ -98,6 +98,46 @@ mod tests {
     use super::*;
     use crate::region::region_access;
 
+    /// The message for two writes, byte for byte as protocol.md 3.9 lays it out (header, then
+    /// `wr_cnt` u64, then 24-byte entries: offset u64, region u32, count u32, 8 data bytes),
+    /// written by hand rather than with the encoder, so an encoder and decoder wrong the same
+    /// way cannot both pass.
+    #[test]
+    fn a_message_is_laid_out_as_the_spec_says() {
+        let a = region_access(1, 0x100, 4, Some(&[1, 2, 3, 4]));
+        let b = region_access(2, 0x208, 8, Some(&[9; 8]));
+        let mut msg = write_multi_message(0x1234, small_write(&a).unwrap());
+        assert!(append_write(&mut msg, small_write(&b).unwrap()));
+        #[rustfmt::skip]
+        let want: Vec<u8> = [
+            // header: id 0x1234, command 15, size 16 + 8 + 48 = 72, flags: command | No_reply, error 0
+            &[0x34, 0x12, 15, 0][..], &72u32.to_le_bytes(), &0x10u32.to_le_bytes(), &[0; 4],
+            &2u64.to_le_bytes(),
+            // entry 0: offset 0x100, region 1, count 4, data 1 2 3 4 and 4 bytes of zeros
+            &0x100u64.to_le_bytes(), &1u32.to_le_bytes(), &4u32.to_le_bytes(), &[1, 2, 3, 4, 0, 0, 0, 0],
+            // entry 1: offset 0x208, region 2, count 8, data 9 x 8
+            &0x208u64.to_le_bytes(), &2u32.to_le_bytes(), &8u32.to_le_bytes(), &[9; 8],
+        ]
+        .concat();
+        assert_eq!(msg, want);
+        let back = decode_write_multi(&want[HEADER_SIZE..]).unwrap();
+        assert_eq!(
+            back,
+            vec![
+                SmallWrite {
+                    offset: 0x100,
+                    region: 1,
+                    data: &[1, 2, 3, 4]
+                },
+                SmallWrite {
+                    offset: 0x208,
+                    region: 2,
+                    data: &[9; 8]
+                },
+            ]
+        );
+    }
+
     #[test]
     fn small_writes_become_entries_and_decode_back() {
         let a = region_access(1, 0x100, 4, Some(&[1, 2, 3, 4]));

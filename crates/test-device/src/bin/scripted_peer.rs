@@ -8,7 +8,7 @@
 //! - `version:warnings`: a valid reply with unknown capabilities, then `serve`.
 //! - `serve`: answers every request with a 16-byte DEVICE_GET_INFO-like payload.
 //! - `late`: leaves the first request unanswered; once a second arrives, sends the late
-//!   reply to the first, then answers the second.
+//!   reply to the first, then answers the second. Every reply echoes its request's payload.
 //! - `eof-pending`: reads three requests, then closes the connection.
 //! - `errno0`: answers every request with an error reply whose errno is 0.
 //! - `flood`: sends requests (16 bytes, an unknown command) as fast as it can and never
@@ -233,16 +233,18 @@ fn run(s: &mut UnixStream, scenario: &str) {
             }
         }
         "late" => {
-            let Some((first, _)) = read_msg(s) else {
+            // Every reply echoes its request's payload: a reply delivered to the wrong
+            // request shows.
+            let Some((first, first_payload)) = read_msg(s) else {
                 return;
             };
-            let Some((second, _)) = read_msg(s) else {
+            let Some((second, second_payload)) = read_msg(s) else {
                 return;
             };
-            reply(s, &first, &info_payload(16));
-            reply(s, &second, &info_payload(16));
-            while let Some((h, _)) = read_msg(s) {
-                reply(s, &h, &info_payload(16));
+            reply(s, &first, &first_payload);
+            reply(s, &second, &second_payload);
+            while let Some((h, p)) = read_msg(s) {
+                reply(s, &h, &p);
             }
         }
         "eof-pending" => {
