@@ -5,7 +5,7 @@ use crate::client::NativeClient;
 use crate::convert::{self, NativeError};
 use crate::event::Event;
 use napi::bindgen_prelude::{BigInt, BufferSlice, Either};
-use napi::{sys, Env, JsValue, Result, Status};
+use napi::{sys, Env, Result, Status};
 use napi_derive::napi;
 use nix::errno::Errno;
 use std::ffi::c_void;
@@ -98,17 +98,7 @@ impl NativeDmaMemory {
     /// mapping: unmapped now, or with the last DMA map that still uses it. Idempotent.
     #[napi]
     pub fn close(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
-        // allowed, and a detached one stays detached.
-        let status = unsafe { sys::napi_detach_arraybuffer(env.raw(), view.raw()) };
-        if status != sys::Status::napi_ok
-            && status != sys::Status::napi_detachable_arraybuffer_expected
-        {
-            return Err(napi::Error::new(
-                Status::GenericFailure,
-                "cannot detach the DMA memory's ArrayBuffer; it stays mapped",
-            ));
-        }
+        convert::detach_array_buffer(env, &view, "the DMA memory")?;
         let m = self.memory.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(m) = m {
             m.close_fd();

@@ -6,7 +6,7 @@ use crate::client::NativeClient;
 use crate::convert::{self, NativeError, Payload};
 use crate::event::Event;
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
-use napi::{sys, Env, JsValue, Result, Status};
+use napi::{sys, Env, Result, Status};
 use napi_derive::napi;
 use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
@@ -340,17 +340,7 @@ impl NativeRegionMapping {
     /// Detaches `view` (the ArrayBuffer from `array_buffer`) and unmaps. Idempotent.
     #[napi]
     pub fn unmap(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
-        // allowed, and a detached one stays detached.
-        let status = unsafe { sys::napi_detach_arraybuffer(env.raw(), view.raw()) };
-        if status != sys::Status::napi_ok
-            && status != sys::Status::napi_detachable_arraybuffer_expected
-        {
-            return Err(napi::Error::new(
-                Status::GenericFailure,
-                "cannot detach the region's ArrayBuffer; it stays mapped",
-            ));
-        }
+        convert::detach_array_buffer(env, &view, "the region")?;
         self.mapping
             .lock()
             .unwrap_or_else(|p| p.into_inner())
