@@ -1,6 +1,8 @@
 // Interrupts against the real rust-vmm server (crates/test-device): a write of v to its
 // doorbell (BAR0 0xffc) signals MSI vector v through the eventfd wired to it.
+import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { connect, type IrqEvent } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
@@ -39,7 +41,7 @@ describe('interrupts against the test device', () => {
       byVector.set(e.vector, (byVector.get(e.vector) ?? 0) + e.count)
     }
     expect(Object.fromEntries(byVector)).toEqual({ 2: 2, 3: 1 })
-    const ended = new Promise((resolve) => irqs.once('end', resolve))
+    const ended = new Promise<void>((resolve) => irqs.once('end', () => resolve()))
     await irqs.disable()
     await ended
     expect(irqs.ended).toBe(true)
@@ -71,7 +73,7 @@ describe('interrupts against the test device', () => {
     const connected = openFds()
     const irqs = await c.enableIrqs(1, { count: 4 })
     expect(openFds()).toBe(connected + 4)
-    const ended = new Promise((resolve) => irqs.once('end', resolve))
+    const ended = new Promise<void>((resolve) => irqs.once('end', () => resolve()))
     await c.close()
     await ended
     expect(openFds()).toBe(before)
@@ -92,5 +94,101 @@ describe('interrupts against the test device', () => {
       // The rust-vmm server reports its backend's refusal with errno 0: EIO.
       code: 'EIO',
     })
+  })
+
+  it('signals raised before anyone listens are kept, coalesced per vector, for the first to take them', async () => {
+    const c = session.client
+    const irqs = await c.enableIrqs(1, { start: 0, count: 4 })
+    // Rung with nobody listening, and other awaits in between.
+    await ring(2)
+    await ring(2)
+    await ring(3)
+    await c.deviceInfo()
+    // The signals reach JS off the socket's order: wait for each vector, which takes what was kept.
+    const two = await irqs.wait({ vector: 2, timeoutMs: 10_000 })
+    const three = await irqs.wait({ vector: 3, timeoutMs: 10_000 })
+    expect([two, three]).toEqual([
+      { index: 1, vector: 2, count: 2 },
+      { index: 1, vector: 3, count: 1 },
+    ])
+    // Nothing else is kept: a later listener and iterator get only what comes after them.
+    await ring(1)
+    for await (const e of irqs) {
+      expect(e).toEqual({ index: 1, vector: 1, count: 1 })
+      break
+    }
+    await ring(0)
+    const [late] = (await once(irqs, 'irq')) as [IrqEvent]
+    expect(late).toEqual({ index: 1, vector: 0, count: 1 })
+    await irqs.disable()
+  })
+
+  it('wait(): times out, aborts, refuses a vector outside the group, and fails once the group ends', async () => {
+    const irqs = await session.client.enableIrqs(1, { start: 1, count: 2 })
+    expect((await rejection(irqs.wait({ timeoutMs: 20 }))).code).toBe('ETIMEDOUT')
+    const ac = new AbortController()
+    const aborted = irqs.wait({ signal: ac.signal })
+    ac.abort()
+    await expect(aborted).rejects.toMatchObject({ name: 'AbortError' })
+    await expect(irqs.wait({ vector: 0 })).rejects.toMatchObject({ name: 'RangeError' })
+    const waiting = rejection(irqs.wait())
+    await irqs.disable()
+    expect((await waiting).code).toBe('ECANCELED')
+    expect((await rejection(irqs.wait())).code).toBe('ECANCELED')
+  })
+
+  it('vectors past the count irqInfo reported are refused before anything is sent', async () => {
+    const c = session.client
+    expect((await c.irqInfo(1)).count).toBe(4)
+    const before = openFds()
+    for (const refused of [
+      c.enableIrqs(1, { count: 5 }),
+      c.enableIrqs(1, { start: 3, count: 2 }),
+      c.setIrqs(1, { action: 'trigger', start: 3, count: 2 }),
+    ]) {
+      const e = await refused.then(
+        () => undefined,
+        (err: unknown) => err as RangeError & { code?: string },
+      )
+      expect(e).toBeInstanceOf(RangeError)
+      expect(e?.code).toBe('ERR_OUT_OF_RANGE')
+    }
+    expect(openFds()).toBe(before)
+    expect((await c.irqInfo(0)).count).toBe(1)
+    const e = await c.enableIrqs(0, { count: 2 }).catch((err: unknown) => err as Error)
+    expect((e as Error).message).toBe('vectors 0 to 1 of irq 0: it has 1 (0 to 0)')
+  })
+
+  it('a pending wait() keeps Node running (an awaited interrupt from a device started elsewhere)', async () => {
+    // The child waits for an interrupt with nothing else to keep it alive (its stdin unref'd):
+    // without the hold a pending wait takes, Node would exit at once with code 13.
+    await using device = await startTestDevice()
+    const script = `
+      const { connect } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'index.js'))})
+      ;(async () => {
+        const c = await connect(process.argv[1])
+        await c.validateVersion()
+        const irqs = await c.enableIrqs(1, { start: 0, count: 4 })
+        process.stdin.on('data', () => {
+          const v = Buffer.alloc(4)
+          v.writeUInt32LE(2)
+          c.regionWriteSync(0, 0xffc, v)
+        })
+        process.stdin.unref()
+        console.log('ready')
+        const e = await irqs.wait()
+        console.log(JSON.stringify(e))
+        await c.close()
+        process.exit(0)
+      })()
+    `
+    const child = spawn(process.execPath, ['-e', script, device.socketPath], { stdio: ['pipe', 'pipe', 'inherit'] })
+    let out = ''
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      out += d
+      if (out === 'ready\n') child.stdin.write('ring\n')
+    })
+    const [code] = (await once(child, 'exit')) as [number | null]
+    expect({ code, out }).toEqual({ code: 0, out: 'ready\n{"index":1,"vector":2,"count":1}\n' })
   })
 })

@@ -87,3 +87,10 @@ export function outOfRange(message: string): RangeError & { code: 'ERR_OUT_OF_RA
   e.code = 'ERR_OUT_OF_RANGE'
   return e
 }
+
+/** A TypeError with Node's `code` for an argument of the wrong type (`ERR_INVALID_ARG_TYPE`). */
+export function invalidArg(message: string): TypeError & { code: 'ERR_INVALID_ARG_TYPE' } {
+  const e = new TypeError(message) as TypeError & { code: 'ERR_INVALID_ARG_TYPE' }
+  e.code = 'ERR_INVALID_ARG_TYPE'
+  return e
+}

@@ -41,6 +41,8 @@ export interface Channel {
   maxDataXferSize(): number
   /** What the server has said about its regions, to refuse accesses it would refuse. */
   readonly regions: RegionLimits
+  /** Each irq index's vector count, once its DEVICE_GET_IRQ_INFO has been read. */
+  readonly irqCounts: Map<number, number>
   /** The regions mapped into this process (unmapped with the connection). */
   readonly regionMaps: Set<{ unmap(): void }>
   /**

@@ -38,6 +38,7 @@ import {
   type SetIrqsOptions,
   setIrqs,
 } from './irq'
+import { holdLoop } from './liveness'
 import { loadState, type StateStreamOptions, saveState } from './migration'
 import {
   type NativeClient,
@@ -92,6 +93,18 @@ export interface SendOptions {
   timeoutMs?: number
   /** Rejects the promise with an `AbortError` when aborted (the request itself may still complete on the wire). */
   signal?: AbortSignal
+}
+
+/** The events of a {@link VfioUserClient}, and their arguments (`on('closed', …)` does not compile). */
+export interface VfioUserClientEvents {
+  /** The connection ended, for the reason given; emitted once. */
+  close: [reason: VfioUserError]
+  /** A DMA request of the server's was answered. */
+  dma: [event: DmaEvent]
+  /** EventEmitter's own: a listener is about to be added. */
+  newListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+  /** EventEmitter's own: a listener was removed. */
+  removeListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
 }
 
 /** A DMA request of the server's, as the `'dma'` event reports it once it has been answered. */
@@ -149,13 +162,6 @@ const SCRATCH_WORDS = 20
 /** Reply payloads up to this size come back from `sendSync` through a reused array. */
 const DATA_BYTES = 4096
 
-// One timer for the whole module keeps Node's event loop alive while any request is in
-// flight or any close is under way: the native callback and the socket's poll handle never
-// keep it alive by themselves, so an idle client does not hold `node` open.
-const keepAlive = setInterval(() => {}, 0x7fff_ffff)
-keepAlive.unref()
-let busyClients = 0
-
 /**
  * How the native callback reaches its client: weakly while the client is idle, so a client
  * nobody references is garbage-collected (and with it the native connection, its I/O thread
@@ -175,7 +181,7 @@ interface Link {
  * by the time `Promise.allSettled` of them resolves. Emits `'dma'` ({@link DmaEvent}) after each
  * DMA request of the server's has been answered (natively: a listener only observes).
  */
-export class VfioUserClient extends EventEmitter {
+export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   readonly #native: NativeClient
   readonly #path: string
   readonly #waiters = new Map<number, Waiter>()
@@ -195,6 +201,10 @@ export class VfioUserClient extends EventEmitter {
   #version?: Promise<VersionInfo>
   #versionInfo?: VersionInfo
   #closed?: VfioUserError
+  /** Releases the event loop's hold taken while something is awaited (see #updateHold). */
+  #busy?: () => void
+  /** Releases the hold `ref()` took. */
+  #refHold?: () => void
   #closing = false
   #closeEmitted = false
   readonly #closedPromise: Promise<void>
@@ -363,6 +373,7 @@ export class VfioUserClient extends EventEmitter {
       error: (e) => fromNative(e, this.#path),
       irqGroups: this.#irqGroups,
       regions: { sizes: new Map() },
+      irqCounts: new Map(),
       regionMaps: this.#regionMaps,
       dmaBuffers: this.#dmaBuffers,
       maxDataXferSize: () => this.version?.capabilities.maxDataXferSize ?? 1048576,
@@ -678,8 +689,11 @@ export class VfioUserClient extends EventEmitter {
    * Wires vectors [start, start + count) of irq `index` to eventfds made natively (sent in
    * chunks of the server's `maxMsgFds`) and resolves with an {@link Interrupts}: an
    * EventEmitter of `'irq'` events `{ index, vector, count }` (signals coalesced, read off the
-   * JS thread), an async iterator of the same, the eventfds, and `disable()`.
+   * JS thread, kept per vector until a listener, an iterator or `wait()` takes them), an
+   * async iterator of the same, `wait()`, `ref()`/`unref()`, the eventfds, and `disable()`.
    * @throws {RangeError} for a bad index or range, before anything is sent.
+   * @throws {RangeError} (rejection, `'ERR_OUT_OF_RANGE'`) for vectors past the count an
+   *   {@link irqInfo} of that index reported on this connection, before anything is sent.
    */
   enableIrqs(index: number, options: EnableIrqsOptions = {}): Promise<Interrupts> {
     return enableIrqs(this[CHANNEL], index, options)
@@ -702,6 +716,24 @@ export class VfioUserClient extends EventEmitter {
       this.#native.close()
     }
     return this.#closedPromise
+  }
+
+  /**
+   * Keeps Node running while this connection is open, as a socket does: for a daemon that
+   * serves a device's DMA or waits for its interrupts with nothing else pending. By default
+   * an idle client does not keep Node running (a request in flight always does). Undone by
+   * {@link unref} or the connection's end. Returns the client.
+   */
+  ref(): this {
+    if (!this.#refHold && !this.#closeEmitted) this.#refHold = holdLoop()
+    return this
+  }
+
+  /** Undoes {@link ref}: an idle client no longer keeps Node running. Returns the client. */
+  unref(): this {
+    this.#refHold?.()
+    this.#refHold = undefined
+    return this
   }
 
   /** Closes the connection (for `await using`). */
@@ -744,11 +776,14 @@ export class VfioUserClient extends EventEmitter {
     const want = !this.#closeEmitted && (this.#waiters.size > 0 || this.#holds.size > 0 || this.#closing)
     if (want === (this.#link.strong !== undefined)) return
     if (want) {
+      // The event loop stays alive while any request is in flight or any close is under way
+      // (liveness.ts): an idle client does not hold `node` open.
       this.#link.strong = this
-      if (busyClients++ === 0) keepAlive.ref()
+      this.#busy = holdLoop()
     } else {
       this.#link.strong = undefined
-      if (--busyClients === 0) keepAlive.unref()
+      this.#busy?.()
+      this.#busy = undefined
     }
   }
 
@@ -819,6 +854,7 @@ export class VfioUserClient extends EventEmitter {
       this.#holds.clear()
       this.#closeEmitted = true
       this.#updateHold()
+      this.unref()
       this.emit('close', this.#closed)
       this.#onClosed()
       return

@@ -1,9 +1,12 @@
 // DEVICE_GET_IRQ_INFO as a typed call (protocol.md 3.6). The bytes are encoded and decoded by
 // the proto crate's irq.rs, through the binding's irq.rs.
 import { EventEmitter } from 'node:events'
-import { checkInteger, checkTimeout } from './args'
+import { watchAbort } from './abort'
+import { checkInteger, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
+import { VfioUserError } from './errors'
+import { holdLoop } from './liveness'
 import { native } from './native'
 
 /** One `'irq'` event: vector `vector` of irq `index` fired `count` times since the last event. */
@@ -34,20 +37,62 @@ const DATA_NONE = 1
 const DATA_BOOL = 2
 const ACTIONS = { mask: 0x08, unmask: 0x10, trigger: 0x20 } as const
 
+/** The events of {@link Interrupts}, and their arguments (`on('irqq', …)` does not compile). */
+export interface InterruptsEvents {
+  /** A vector fired, `count` times since it was last taken. */
+  irq: [event: IrqEvent]
+  /** Disabled, or the connection ended; emitted once. */
+  end: []
+  /** EventEmitter's own: a listener is about to be added. */
+  newListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+  /** EventEmitter's own: a listener was removed. */
+  removeListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+}
+
+/** Options of {@link Interrupts.wait}. */
+export interface WaitIrqOptions {
+  /** Only this vector (default: any of the group's). */
+  vector?: number
+  /** Reject with `'ETIMEDOUT'` after this many ms (default: wait as long as it takes). */
+  timeoutMs?: number
+  /** Reject with an `AbortError` when aborted. */
+  signal?: AbortSignal
+}
+
+/** A {@link Interrupts.wait} in progress. */
+interface Waiter {
+  vector: number | undefined
+  resolve: (e: IrqEvent) => void
+  reject: (e: Error) => void
+}
+
 /**
  * Vectors wired to eventfds. Emits `'irq'` ({@link IrqEvent}) as the device signals them,
  * and `'end'` once they are disabled or the connection ends; `for await` yields the same
- * events until then. Holding it does not keep Node running.
+ * events until then, and {@link Interrupts.wait} takes the next one.
+ *
+ * Nothing is lost while nobody listens: as an eventfd keeps its count until it is read, each
+ * vector's signals are counted (coalesced) until an `'irq'` listener, an iterator or a `wait`
+ * takes them, and handed to the first of those to come. Holding it does not keep Node running
+ * unless {@link Interrupts.ref} was called; a pending `wait` always does.
  */
-export class Interrupts extends EventEmitter {
+export class Interrupts extends EventEmitter<InterruptsEvents> {
+  /** The irq index (PCI: 0 INTx, 1 MSI, 2 MSI-X, 3 ERR, 4 REQ). */
   readonly index: number
+  /** The first vector wired. */
   readonly start: number
+  /** How many vectors are wired, from `start`. */
   readonly count: number
   /** The eventfds, one per vector from `start` (for a caller who hands them to KVM). Closed by `disable()`. */
   readonly fds: readonly number[]
   #ch: Channel
   #group: number
   #ended = false
+  /** Signals counted per vector while nobody took them. */
+  readonly #kept = new Map<number, number>()
+  readonly #waiters = new Set<Waiter>()
+  /** Releases the event loop hold `ref()` took. */
+  #refHold?: () => void
 
   /** @internal Built by {@link enableIrqs}. */
   constructor(ch: Channel, group: number, index: number, start: number, fds: number[]) {
@@ -58,13 +103,46 @@ export class Interrupts extends EventEmitter {
     this.start = start
     this.count = fds.length
     this.fds = Object.freeze([...fds])
+    // A listener that comes later takes what was kept, once it is in place.
+    this.on('newListener', (name) => {
+      if (name === 'irq') queueMicrotask(() => this.#flush())
+    })
   }
 
   /** @internal The sink the client routes this group's events to. */
   get sink(): IrqSink {
     return {
-      fire: (vector, count) => this.emit('irq', { index: this.index, vector, count } satisfies IrqEvent),
+      fire: (vector, count) => this.#fire(vector, count),
       end: () => this.#end(),
+    }
+  }
+
+  /** Hands `count` signals of `vector` to whoever takes them, or keeps them. */
+  #fire(vector: number, count: number): void {
+    const total = (this.#kept.get(vector) ?? 0) + count
+    this.#kept.delete(vector)
+    const event: IrqEvent = { index: this.index, vector, count: total }
+    let taken = false
+    for (const w of this.#waiters) {
+      if (w.vector !== undefined && w.vector !== vector) continue
+      this.#waiters.delete(w)
+      w.resolve(event)
+      taken = true
+      break
+    }
+    if (this.listenerCount('irq') > 0) {
+      this.emit('irq', event)
+      taken = true
+    }
+    if (!taken) this.#kept.set(vector, total)
+  }
+
+  /** Hands what was kept to the listeners, if there are any now. */
+  #flush(): void {
+    if (this.listenerCount('irq') === 0) return
+    for (const [vector, count] of [...this.#kept]) {
+      this.#kept.delete(vector)
+      this.emit('irq', { index: this.index, vector, count })
     }
   }
 
@@ -72,12 +150,93 @@ export class Interrupts extends EventEmitter {
     if (this.#ended) return
     this.#ended = true
     this.#ch.irqGroups.delete(this.#group)
+    this.unref()
+    const ended = new VfioUserError('ECANCELED', 125, 'the interrupts were disabled or their connection ended')
+    for (const w of this.#waiters) w.reject(ended)
+    this.#waiters.clear()
     this.emit('end')
   }
 
   /** True once disabled or the connection has ended. */
   get ended(): boolean {
     return this.#ended
+  }
+
+  /**
+   * The next signal of `vector` (default: of any vector), with everything it counted since
+   * it was last taken; at once if one was kept while nobody listened. Keeps Node running
+   * while it waits.
+   * @throws {VfioUserError} (rejection) `'ETIMEDOUT'` after `timeoutMs`, `'ECANCELED'` once
+   *   disabled or the connection ended.
+   * @throws {RangeError|TypeError} (rejection) for a vector outside the group or bad options.
+   */
+  wait(options: WaitIrqOptions = {}): Promise<IrqEvent> {
+    try {
+      if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
+      const { vector, signal } = options
+      if (vector !== undefined) checkInteger('vector', vector, this.start, this.start + this.count - 1)
+      const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+      if (signal !== undefined && !(signal instanceof AbortSignal)) throw invalidArg('signal must be an AbortSignal')
+      for (const [v, count] of this.#kept) {
+        if (vector !== undefined && v !== vector) continue
+        this.#kept.delete(v)
+        return Promise.resolve({ index: this.index, vector: v, count })
+      }
+      if (this.#ended) {
+        return Promise.reject(
+          new VfioUserError('ECANCELED', 125, 'the interrupts were disabled or their connection ended'),
+        )
+      }
+      if (signal?.aborted) return Promise.reject(signal.reason)
+      return new Promise<IrqEvent>((resolve, reject) => {
+        const release = holdLoop()
+        let timer: NodeJS.Timeout | undefined
+        let unwatch: (() => void) | undefined
+        const done = () => {
+          this.#waiters.delete(w)
+          release()
+          if (timer) clearTimeout(timer)
+          unwatch?.()
+        }
+        const w: Waiter = {
+          vector,
+          resolve: (e) => {
+            done()
+            resolve(e)
+          },
+          reject: (e) => {
+            done()
+            reject(e)
+          },
+        }
+        this.#waiters.add(w)
+        if (timeoutMs !== undefined) {
+          timer = setTimeout(
+            () => w.reject(new VfioUserError('ETIMEDOUT', 110, `no interrupt of irq ${this.index} in ${timeoutMs} ms`)),
+            timeoutMs,
+          )
+        }
+        if (signal) unwatch = watchAbort(signal, () => w.reject(signal.reason))
+      })
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+
+  /**
+   * Keeps Node running until {@link unref}, {@link disable} or the connection's end: for a
+   * daemon that only waits for interrupts. Returns this.
+   */
+  ref(): this {
+    if (!this.#refHold && !this.#ended) this.#refHold = holdLoop()
+    return this
+  }
+
+  /** Undoes {@link ref}. Returns this. */
+  unref(): this {
+    this.#refHold?.()
+    this.#refHold = undefined
+    return this
   }
 
   /**
@@ -93,7 +252,7 @@ export class Interrupts extends EventEmitter {
       .then(() => {})
   }
 
-  /** The `'irq'` events from now until the end. */
+  /** The `'irq'` events from now until the end (and those kept until now, first). */
   async *[Symbol.asyncIterator](): AsyncGenerator<IrqEvent> {
     const queue: IrqEvent[] = []
     let wake: (() => void) | undefined
@@ -112,9 +271,15 @@ export class Interrupts extends EventEmitter {
           continue
         }
         if (this.#ended) return
-        await new Promise<void>((resolve) => {
-          wake = resolve
-        })
+        // Awaiting the next interrupt keeps Node running, as a pending wait() does.
+        const release = holdLoop()
+        try {
+          await new Promise<void>((resolve) => {
+            wake = resolve
+          })
+        } finally {
+          release()
+        }
         wake = undefined
       }
     } finally {
@@ -124,6 +289,18 @@ export class Interrupts extends EventEmitter {
   }
 }
 
+/**
+ * The error for vectors the server has already said it does not have: past the count an
+ * `irqInfo()` of that index reported on this connection. Such a request is never sent.
+ */
+function pastVectors(ch: Channel, index: number, start: number, count: number): RangeError | undefined {
+  const has = ch.irqCounts.get(index)
+  if (has === undefined || start + count <= has) return undefined
+  return outOfRange(
+    `vectors ${start} to ${start + count - 1} of irq ${index}: it has ${has} (${has === 0 ? 'none' : `0 to ${has - 1}`})`,
+  )
+}
+
 /** Wires vectors of irq `index` to eventfds made natively; see {@link Interrupts}. */
 export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOptions = {}): Promise<Interrupts> {
   checkInteger('index', index, 0, 0xffff_ffff)
@@ -131,6 +308,8 @@ export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOption
   const count = checkInteger('count', options.count ?? 1, 1, 2048)
   if (start + count > 0x7fff_ffff) throw new RangeError(`vectors ${start}+${count} run past 2^31`)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
+  const refused = pastVectors(ch, index, start, count)
+  if (refused) return Promise.reject(refused)
   let made: Interrupts | undefined
   return ch
     .call(
@@ -167,6 +346,8 @@ export function setIrqs(ch: Channel, index: number, options: SetIrqsOptions): Pr
   }
   const count = checkInteger('count', options.count ?? data?.length ?? 1, 0, 0xffff_ffff)
   if (data && data.length !== count) throw new RangeError(`data has ${data.length} values for ${count} vectors`)
+  const refused = pastVectors(ch, index, start, count)
+  if (refused) return Promise.reject(refused)
   const bytes = Buffer.from((data ?? []).map((d) => (d ? 1 : 0)))
   const payload = native.setIrqsRequest((data ? DATA_BOOL : DATA_NONE) | action, index, start, count, bytes)
   return ch.send(Command.DEVICE_SET_IRQS, payload, options).then(() => {})
@@ -198,6 +379,8 @@ export function irqInfo(ch: Channel, index: number, options: CallOptions = {}): 
 function decode(ch: Channel, payload: Buffer, index: number): IrqInfo {
   const i = native.decodeIrqInfo(payload, index)
   if ('errno' in i) throw ch.error(i)
+  // Vectors past this count are refused from now on, before anything is sent.
+  ch.irqCounts.set(index, i.count)
   return {
     index: i.index,
     count: i.count,
