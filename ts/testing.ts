@@ -71,8 +71,19 @@ export function testDeviceBinary(): string {
 }
 
 /**
- * Starts the test device (a small PCI device: config space, a 4 KiB BAR0, INTx and MSI) on a
- * socket in a fresh temporary directory, and resolves once it is listening.
+ * Starts the test device (rust-vmm's `vfio_user` server, `crates/test-device`) on a socket in
+ * a fresh temporary directory, and resolves once it is listening. It serves clients one after
+ * another, and is a PCI device with:
+ *
+ * - region 7, config space (256 bytes): vendor 0x1b36, device 0x0005; writable except the ids;
+ * - region 0, BAR0 (4 KiB, mmappable: one sparse area covering it, its fd on the second
+ *   `regionInfo` pass), memory except for its registers: `0xffc` doorbell (a 4-byte write of
+ *   `v` signals MSI vector `v` if an eventfd is wired to it, else INTx); `0xfe0` DMA source
+ *   iova and `0xfe8` DMA destination iova (u64 each), `0xff0` DMA go (a 4-byte length: the
+ *   device copies that many bytes through the memory behind its DMA maps);
+ * - region 2, BAR2 (1 MiB) of memory, over the socket only;
+ * - irqs: INTx (1 vector), MSI (4 vectors); MSI-X, ERR and REQ have none;
+ * - DEVICE_RESET clears BAR0 and BAR2 and restores config space.
  */
 export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDevice> {
   return startListening(options.binary ?? testDeviceBinary(), [], options.startTimeoutMs)
