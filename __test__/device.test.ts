@@ -4,9 +4,9 @@ import { chmodSync, closeSync, cpSync, fstatSync, mkdtempSync, readdirSync, rmSy
 import { constants, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
+import { AbortError, Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
-import { rejection } from './rejection'
+import { refusedArg, rejection } from './rejection'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
 
 let device: TestDevice
@@ -151,7 +151,7 @@ describe('against the test device', () => {
     await client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
   })
 
-  it('throws TypeError and RangeError for bad arguments before sending', async () => {
+  it('refuses bad arguments with TypeError and RangeError (Node codes) before sending', async () => {
     await using client = await connect(device.socketPath)
     await client.validateVersion()
     const p = getInfoPayload()
@@ -159,30 +159,39 @@ describe('against the test device', () => {
       sendWait(...a: unknown[]): Promise<unknown>
       sendWaitSync(...a: unknown[]): unknown
     }
-    expect(() => bad.sendWait('4', p)).toThrow(TypeError)
-    expect(() => bad.sendWait(0, p)).toThrow(RangeError)
-    expect(() => bad.sendWait(70000, p)).toThrow(RangeError)
-    expect(() => bad.sendWait(1.5, p)).toThrow(RangeError)
-    expect(() => bad.sendWait(Command.VERSION, p)).toThrow(RangeError)
-    expect(() => bad.sendWait(Command.DMA_READ, p)).toThrow(RangeError)
-    expect(() => bad.sendWait(4, 'payload')).toThrow(TypeError)
-    expect(() => bad.sendWait(4, p, { fds: 3 })).toThrow(TypeError)
-    expect(() => bad.sendWait(4, p, { fds: [-1] })).toThrow(RangeError)
-    expect(() => bad.sendWait(4, p, { timeoutMs: 0 })).toThrow(RangeError)
-    expect(() => bad.sendWait(4, p, { signal: {} })).toThrow(TypeError)
-    expect(() => bad.sendWaitSync(4, p, { timeoutMs: -5 })).toThrow(RangeError)
+    await refusedArg(() => bad.sendWait('4', p), TypeError)
+    await refusedArg(() => bad.sendWait(0, p), RangeError)
+    await refusedArg(() => bad.sendWait(70000, p), RangeError)
+    await refusedArg(() => bad.sendWait(1.5, p), RangeError)
+    await refusedArg(() => bad.sendWait(Command.VERSION, p), RangeError)
+    await refusedArg(() => bad.sendWait(Command.DMA_READ, p), RangeError)
+    await refusedArg(() => bad.sendWait(4, 'payload'), TypeError)
+    await refusedArg(() => bad.sendWait(4, p, { fds: 3 }), TypeError)
+    await refusedArg(() => bad.sendWait(4, p, { fds: [-1] }), RangeError)
+    await refusedArg(() => bad.sendWait(4, p, { timeoutMs: 0 }), RangeError)
+    await refusedArg(() => bad.sendWait(4, p, { signal: {} }), TypeError)
+    expect(() => bad.sendWaitSync(4, p, { timeoutMs: -5 })).toThrow(
+      expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }),
+    )
     expect(client.inFlight).toBe(0)
     // A Uint8Array that is not a Buffer is fine.
     const r = await client.sendWait(4, new Uint8Array(p))
     expect(r.payload.length).toBe(16)
   })
 
-  it('rejects with the AbortSignal reason', async () => {
+  it("rejects an abort as Node's APIs do: an AbortError, code 'ABORT_ERR', the signal's reason as cause", async () => {
     await using client = await connect(device.socketPath)
     await client.validateVersion()
+    const reason = new Error('stop')
     const ac = new AbortController()
-    ac.abort(new Error('stop'))
-    await expect(client.sendWait(4, getInfoPayload(), { signal: ac.signal })).rejects.toThrow('stop')
+    ac.abort(reason)
+    const before = await client.sendWait(4, getInfoPayload(), { signal: ac.signal }).catch((e: unknown) => e)
+    expect(before).toBeInstanceOf(AbortError)
+    expect(before).toMatchObject({ name: 'AbortError', code: 'ABORT_ERR', cause: reason })
+    const later = new AbortController()
+    const pending = client.sendWait(4, getInfoPayload(), { signal: later.signal }).catch((e: unknown) => e)
+    later.abort()
+    expect(await pending).toMatchObject({ name: 'AbortError', code: 'ABORT_ERR', cause: later.signal.reason })
   })
 
   it('closes with await using, failing in-flight requests and emitting close', async () => {

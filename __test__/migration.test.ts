@@ -6,7 +6,7 @@ import { pipeline } from 'node:stream/promises'
 import { afterEach, describe, expect, it } from 'vitest'
 import { allocateDmaMemory, connect, MigrationError, migrate, type VfioUserClient, VfioUserError } from '../ts/index'
 import { startMigrationDevice, startScriptedPeer, type TestDevice } from '../ts/testing'
-import { rejection } from './rejection'
+import { refusedArg, rejection } from './rejection'
 import { openFds } from './session'
 
 const STATE = 0
@@ -298,10 +298,10 @@ describe('migration-capable device', () => {
   it('bad options and the same client twice are refused before anything is sent', async () => {
     const src = await start(1)
     const dst = await start(1)
-    expect(() => migrate(src.client, src.client)).toThrow(TypeError)
-    expect(() => migrate(src.client, dst.client, { chunkSize: 0 })).toThrow(RangeError)
-    expect(() => migrate(src.client, dst.client, { maxPreCopyRounds: -1 })).toThrow(RangeError)
-    expect(() => migrate(src.client, dst.client, { progressBytes: 0.5 })).toThrow(RangeError)
+    await refusedArg(() => migrate(src.client, src.client), TypeError)
+    await refusedArg(() => migrate(src.client, dst.client, { chunkSize: 0 }), RangeError)
+    await refusedArg(() => migrate(src.client, dst.client, { maxPreCopyRounds: -1 }), RangeError)
+    await refusedArg(() => migrate(src.client, dst.client, { progressBytes: 0.5 }), RangeError)
     expect(await src.client.migrationState()).toBe('running')
     expect(await dst.client.migrationState()).toBe('running')
   })

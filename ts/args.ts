@@ -2,9 +2,9 @@
 
 /** Checks an integer option in [min, max]. */
 export function checkInteger(name: string, value: unknown, min: number, max: number): number {
-  if (typeof value !== 'number') throw new TypeError(`${name} must be a number, got ${typeof value}`)
+  if (typeof value !== 'number') throw invalidArg(`${name} must be a number, got ${typeof value}`)
   if (!Number.isInteger(value) || value < min || value > max) {
-    throw new RangeError(`${name} must be an integer from ${min} to ${max}, got ${value}`)
+    throw outOfRange(`${name} must be an integer from ${min} to ${max}, got ${value}`)
   }
   return value
 }
@@ -12,10 +12,10 @@ export function checkInteger(name: string, value: unknown, min: number, max: num
 /** Accepts any Uint8Array (Buffer included) and views it as a Buffer without copying. */
 export function checkPayload(value: unknown): Buffer {
   if (!(value instanceof Uint8Array)) {
-    throw new TypeError(`payload must be a Buffer or Uint8Array, got ${describe(value)}`)
+    throw invalidArg(`payload must be a Buffer or Uint8Array, got ${describe(value)}`)
   }
   if (value.byteLength > 0xffff_ffff - 16) {
-    throw new RangeError(`payload of ${value.byteLength} bytes does not fit a vfio-user message`)
+    throw outOfRange(`payload of ${value.byteLength} bytes does not fit a vfio-user message`)
   }
   return Buffer.isBuffer(value) ? value : Buffer.from(value.buffer, value.byteOffset, value.byteLength)
 }
@@ -23,16 +23,14 @@ export function checkPayload(value: unknown): Buffer {
 /** Checks a list of file descriptors; undefined when there are none (nothing to convert). */
 export function checkFds(value: unknown): number[] | undefined {
   if (value === undefined) return undefined
-  if (!Array.isArray(value)) throw new TypeError(`fds must be an array of file descriptors, got ${describe(value)}`)
+  if (!Array.isArray(value)) throw invalidArg(`fds must be an array of file descriptors, got ${describe(value)}`)
   const fds: number[] = []
   // An index loop, not map(): map skips the holes of a sparse array, which would then reach
   // the binding as a non-number.
   for (let i = 0; i < value.length; i++) {
     const fd: unknown = value[i]
     if (typeof fd !== 'number' || !Number.isInteger(fd)) {
-      throw new TypeError(
-        `fds[${i}] must be a file descriptor (an integer), got ${i in value ? describe(fd) : 'a hole'}`,
-      )
+      throw invalidArg(`fds[${i}] must be a file descriptor (an integer), got ${i in value ? describe(fd) : 'a hole'}`)
     }
     fds.push(checkInteger(`fds[${i}]`, fd, 0, 0x7fff_ffff))
   }
@@ -58,26 +56,27 @@ const TWO_POW_32 = 0x1_0000_0000
 export function checkOffset(name: string, value: unknown): { hi: number; lo: number; value: bigint } {
   if (typeof value === 'number') {
     if (!Number.isSafeInteger(value) || value < 0) {
-      throw new RangeError(`${name} must be a non-negative safe integer or a bigint, got ${value}`)
+      throw outOfRange(`${name} must be a non-negative safe integer or a bigint, got ${value}`)
     }
     return { hi: Math.floor(value / TWO_POW_32), lo: value % TWO_POW_32, value: BigInt(value) }
   }
   if (typeof value === 'bigint') {
-    if (value < 0n || value >= 1n << 64n) throw new RangeError(`${name} must be from 0 to 2^64 - 1, got ${value}`)
+    if (value < 0n || value >= 1n << 64n) throw outOfRange(`${name} must be from 0 to 2^64 - 1, got ${value}`)
     return { hi: Number(value >> 32n), lo: Number(value & 0xffff_ffffn), value }
   }
-  throw new TypeError(`${name} must be a number or a bigint, got ${describe(value)}`)
+  throw invalidArg(`${name} must be a number or a bigint, got ${describe(value)}`)
 }
 
 /** Data to write: a Uint8Array (Buffer included) that is not detached, as a Buffer view. */
 export function checkData(value: unknown): Buffer {
   if (value instanceof Uint8Array && value.byteLength === 0 && value.buffer.byteLength === 0) {
-    // A view of a detached (transferred) buffer reads as empty; refuse rather than write nothing.
-    const detached = (value.buffer as ArrayBuffer & { detached?: boolean }).detached
-    if (detached) throw new TypeError('data is a view of a detached ArrayBuffer')
+    // A view of a detached (transferred) buffer reads as empty; refuse rather than write
+    // nothing. Node 20 has no `ArrayBuffer.prototype.detached`: a new view of a detached
+    // buffer throws, of an empty one does not.
+    if (isDetached(value.buffer)) throw invalidArg('data is a view of a detached ArrayBuffer')
   }
   const data = checkPayload(value)
-  if (data.byteLength === 0) throw new RangeError('data must not be empty')
+  if (data.byteLength === 0) throw outOfRange('data must not be empty')
   return data
 }
 
@@ -93,4 +92,29 @@ export function invalidArg(message: string): TypeError & { code: 'ERR_INVALID_AR
   const e = new TypeError(message) as TypeError & { code: 'ERR_INVALID_ARG_TYPE' }
   e.code = 'ERR_INVALID_ARG_TYPE'
   return e
+}
+
+/**
+ * Runs `start`, turning an exception it throws (a bad argument, found before anything is
+ * sent) into a rejection, as `fs/promises` does: a promise-returning call never throws.
+ */
+export function rejecting<T>(start: () => Promise<T>): Promise<T> {
+  try {
+    return start()
+  } catch (e) {
+    return Promise.reject(e)
+  }
+}
+
+/** Whether `buffer` was detached (transferred): its length reads 0 and no view of it can be made. */
+export function isDetached(buffer: ArrayBufferLike): boolean {
+  const known = (buffer as ArrayBuffer & { detached?: boolean }).detached
+  if (known !== undefined) return known
+  if (buffer.byteLength !== 0) return false
+  try {
+    new Uint8Array(buffer)
+    return false
+  } catch {
+    return true
+  }
 }

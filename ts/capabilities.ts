@@ -1,3 +1,4 @@
+import { invalidArg } from './args'
 import { fromNative } from './errors'
 import { type NativeCapabilities, native } from './native'
 
@@ -65,7 +66,7 @@ export function toCapabilities(c: NativeCapabilities): Capabilities {
  * @throws {VfioUserError} with code `'EPROTO'` naming what is wrong.
  */
 export function parseCapabilities(json: string): ParsedCapabilities {
-  if (typeof json !== 'string') throw new TypeError(`json must be a string, got ${typeof json}`)
+  if (typeof json !== 'string') throw invalidArg(`json must be a string, got ${typeof json}`)
   const r = native.parseCapabilities(json)
   if (r.error || !r.capabilities) {
     throw fromNative(r.error ?? { errno: 0, code: 'EPROTO', message: 'capabilities missing' })

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
 import { watchAbort } from './abort'
-import { checkFds, checkInteger, checkPayload, checkTimeout } from './args'
+import { checkFds, checkInteger, checkPayload, checkTimeout, invalidArg, outOfRange, rejecting } from './args'
 import { type Capabilities, toCapabilities } from './capabilities'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
@@ -16,7 +16,7 @@ import {
   dmaUnmapAll,
   dmaUnmapSync,
 } from './dma'
-import { fromNative, VfioUserError } from './errors'
+import { aborted, fromNative, VfioUserError } from './errors'
 import { closeAll } from './fds'
 import {
   dirtyPages,
@@ -287,13 +287,17 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * Sends a request and resolves with its reply. Many may be in flight at once.
    * @param command a {@link Command} number
    * @param payload the bytes after the 16-byte header
-   * @throws {TypeError|RangeError} synchronously for bad arguments; nothing is sent.
+   * @throws {TypeError|RangeError} (rejection, Node's `ERR_*` code) for bad arguments; nothing is sent.
    * @throws {VfioUserError} (rejection) `'ETIMEDOUT'`, `'ECONNRESET'` when the connection ends,
    *   `'EPROTO'` for a malformed reply, `'EAGAIN'` when every message id waits for a reply,
    *   `'E2BIG'` for a transfer larger than the server accepts, or the server's errno
    *   (`'EIO'` when it gave none).
    */
   sendWait(command: number, payload: Uint8Array, options: SendOptions = {}): Promise<Reply> {
+    return rejecting(() => this.#sendWait(command, payload, options))
+  }
+
+  #sendWait(command: number, payload: Uint8Array, options: SendOptions): Promise<Reply> {
     const args = this.#check(command, payload, options)
     return this.#call(
       command,
@@ -309,9 +313,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   #call(command: number, start: (token: number) => NativeError | null, options: CallOptions): Promise<Reply> {
     const { signal } = options
     if (signal !== undefined && !(signal instanceof AbortSignal)) {
-      throw new TypeError('signal must be an AbortSignal')
+      throw invalidArg('signal must be an AbortSignal')
     }
-    if (signal?.aborted) return Promise.reject(signal.reason)
+    if (signal?.aborted) return Promise.reject(aborted(signal))
     return new Promise<Reply>((resolve, reject) => {
       const token = this.#token()
       const end = traceStart(this.#path, command)
@@ -348,7 +352,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
           // the abort (its event still comes, and releases the memory's hold).
           if (this.#holds.has(token)) this.#native.cancelRead(token)
           if (this.#waiters.delete(token)) this.#settled()
-          waiter.reject(signal.reason)
+          waiter.reject(aborted(signal))
         })
       }
       this.#track(token, waiter)
@@ -454,7 +458,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    *   claims more than 100 regions or 50 irq indexes; otherwise as {@link sendWait}.
    */
   deviceInfo(options: CallOptions = {}): Promise<DeviceInfo> {
-    return deviceInfo(this[CHANNEL], options).then((info) => {
+    return rejecting(() => deviceInfo(this[CHANNEL], options)).then((info) => {
       this.#deviceInfo = info
       return info
     })
@@ -474,12 +478,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * DEVICE_GET_REGION_INFO for region `index`: flags, size, mmap offset, sparse areas, type,
    * and the region's fd when the server sent one (owned by the result: close it with
    * `close()`, or take it with `takeFd()`). Asks again with more room when the server needs it.
-   * @throws {RangeError} for a bad index, before anything is sent.
+   * @throws {RangeError} (rejection, `'ERR_OUT_OF_RANGE'`) for a bad index, before anything is sent.
    * @throws {VfioUserError} (rejection) `'EPROTO'` for a capability chain that loops, overlaps
    *   or points outside the reply, or a sparse area past the region; otherwise as {@link sendWait}.
    */
   regionInfo(index: number, options: CallOptions = {}): Promise<RegionInfo> {
-    return regionInfo(this[CHANNEL], index, options)
+    return rejecting(() => regionInfo(this[CHANNEL], index, options))
   }
 
   /**
@@ -487,7 +491,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * server's `maxDataXferSize` sent pipelined; every echoed offset, region and count is checked.
    * With `into`, the data lands straight in that memory and the result is a Buffer over it:
    * repeated large reads then allocate nothing.
-   * @throws {TypeError|RangeError} for bad arguments (a length of 0 or over 2^32 - 1, an offset
+   * @throws {TypeError|RangeError} (rejection; thrown by the Sync call) for bad arguments (a length of 0 or over 2^32 - 1, an offset
    *   past 2^64, an `into` smaller than `length` or detached), before anything is sent.
    * @throws {RangeError} (rejection, `code` `'ERR_OUT_OF_RANGE'`) for what the server already
    *   said it would refuse, before anything is sent: an `index` at or past the `numRegions` of
@@ -497,7 +501,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    *   {@link sendWait}.
    */
   regionRead(index: number, offset: number | bigint, length: number, options: RegionReadOptions = {}): Promise<Buffer> {
-    return regionRead(this[CHANNEL], index, offset, length, options)
+    return rejecting(() => regionRead(this[CHANNEL], index, offset, length, options))
   }
 
   /** {@link regionRead}, blocking the JavaScript thread (the fastest way to read a register). */
@@ -513,7 +517,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /**
    * REGION_WRITE of `data` at `offset` of region `index`, split and checked like
    * {@link regionRead}. With `posted`, sent as posted writes (No_reply) and resolved once sent.
-   * @throws {TypeError|RangeError} for bad arguments (empty or detached data), before anything is sent.
+   * @throws {TypeError|RangeError} (rejection; thrown by the Sync call) for bad arguments (empty or detached data), before anything is sent.
    * @throws {RangeError} (rejection, `'ERR_OUT_OF_RANGE'`) past the known regions or a region's
    *   end, as {@link regionRead}.
    * @throws {VfioUserError} (rejection) as {@link regionRead}.
@@ -524,7 +528,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     data: Uint8Array,
     options: RegionWriteOptions = {},
   ): Promise<void> {
-    return regionWrite(this[CHANNEL], index, offset, data, options)
+    return rejecting(() => regionWrite(this[CHANNEL], index, offset, data, options))
   }
 
   /** {@link regionWrite} (not posted), blocking the JavaScript thread. */
@@ -541,13 +545,13 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * DMA_MAP: offers the device a range of {@link DmaMemory} at `iova` (its fd goes with the
    * map, so the server can mmap it; the server's DMA_READ/DMA_WRITE to the range are served
    * from the same memory, on the native side, with no JavaScript involved).
-   * @throws {TypeError|RangeError} for bad arguments, before anything is sent.
+   * @throws {TypeError|RangeError} (rejection; thrown by the Sync call) for bad arguments, before anything is sent.
    * @throws {VfioUserError} `'EINVAL'` (not aligned to the server's page size), `'EEXIST'`
    *   (overlaps a map), `'ENOSPC'` (the server's `maxDmaMaps` reached), all before sending;
    *   (rejection) the server's errno.
    */
   dmaMap(mapping: DmaMapping, options: CallOptions = {}): Promise<void> {
-    return dmaMap(this[CHANNEL], mapping, options)
+    return rejecting(() => dmaMap(this[CHANNEL], mapping, options))
   }
 
   /** {@link dmaMap}, blocking the JavaScript thread. */
@@ -557,7 +561,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
   /** Sends every mapping at once (pipelined) and settles when the last reply arrives. */
   dmaMapMany(mappings: DmaMapping[], options: CallOptions = {}): Promise<void> {
-    return dmaMapMany(this[CHANNEL], mappings, options)
+    return rejecting(() => dmaMapMany(this[CHANNEL], mappings, options))
   }
 
   /**
@@ -565,7 +569,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * @throws {VfioUserError} `'EINVAL'` before sending when no map matches.
    */
   dmaUnmap(range: DmaRange, options: CallOptions = {}): Promise<void> {
-    return dmaUnmap(this[CHANNEL], range, options)
+    return rejecting(() => dmaUnmap(this[CHANNEL], range, options))
   }
 
   /** {@link dmaUnmap}, blocking the JavaScript thread. */
@@ -575,7 +579,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
   /** DMA_UNMAP of every range (the ALL flag). */
   dmaUnmapAll(options: CallOptions = {}): Promise<void> {
-    return dmaUnmapAll(this[CHANNEL], options)
+    return rejecting(() => dmaUnmapAll(this[CHANNEL], options))
   }
 
   /** How many DMA ranges are mapped (or being mapped) now. */
@@ -591,7 +595,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    *   outside the region or name an fd that did not come.
    */
   regionIoFds(index: number, options: CallOptions = {}): Promise<RegionIoFds> {
-    return regionIoFds(this[CHANNEL], index, options)
+    return rejecting(() => regionIoFds(this[CHANNEL], index, options))
   }
 
   /**
@@ -602,7 +606,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * @throws {VfioUserError} (rejection) `'ENODEV'` when the region cannot be mmapped or no fd came.
    */
   mapRegion(index: number, options: CallOptions = {}): Promise<RegionMap> {
-    return mapRegion(this[CHANNEL], index, options)
+    return rejecting(() => mapRegion(this[CHANNEL], index, options))
   }
 
   /** DEVICE_FEATURE calls: `probe(index, { get, set })` says whether the device supports them. */
@@ -610,7 +614,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     probe(index: number, methods: { get?: boolean; set?: boolean }, options?: CallOptions): Promise<boolean>
   } {
     const ch = this[CHANNEL]
-    return { probe: (index, methods, options) => probeFeature(ch, index, methods, options) }
+    return { probe: (index, methods, options) => rejecting(() => probeFeature(ch, index, methods, options)) }
   }
 
   /**
@@ -618,12 +622,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * @throws {VfioUserError} (rejection) `'ENOTSUP'` when the device has no migration.
    */
   migrationFlags(options: CallOptions = {}): Promise<MigrationFlags> {
-    return migrationFlags(this[CHANNEL], options)
+    return rejecting(() => migrationFlags(this[CHANNEL], options))
   }
 
   /** The device's migration state. */
   migrationState(options: CallOptions = {}): Promise<MigrationState> {
-    return migrationState(this[CHANNEL], options)
+    return rejecting(() => migrationState(this[CHANNEL], options))
   }
 
   /**
@@ -633,7 +637,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    *   `state` says where); a RangeError for a forbidden transition, before anything is set.
    */
   setMigrationState(target: MigrationState, options: CallOptions = {}): Promise<MigrationState> {
-    return setMigrationState(this[CHANNEL], target, options)
+    return rejecting(() => setMigrationState(this[CHANNEL], target, options))
   }
 
   /**
@@ -659,7 +663,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       ranges?: Array<{ iova: number | bigint; length: number | bigint }>
     },
   ): Promise<{ pageSize: bigint }> {
-    return startDirtyLogging(this[CHANNEL], options)
+    return rejecting(() => startDirtyLogging(this[CHANNEL], options))
   }
 
   /**
@@ -669,12 +673,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   dirtyPages(
     options: CallOptions & { iova: number | bigint; length: number | bigint; pageSize: number | bigint },
   ): Promise<Array<{ iova: bigint; length: bigint }>> {
-    return dirtyPages(this[CHANNEL], options)
+    return rejecting(() => dirtyPages(this[CHANNEL], options))
   }
 
   /** Stops dirty-page tracking (DMA_LOGGING_STOP). */
   stopDirtyLogging(options: CallOptions = {}): Promise<void> {
-    return stopDirtyLogging(this[CHANNEL], options)
+    return rejecting(() => stopDirtyLogging(this[CHANNEL], options))
   }
 
   /**
@@ -682,7 +686,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * @throws {VfioUserError} (rejection) `'EPROTO'` when the reply is for another index.
    */
   irqInfo(index: number, options: CallOptions = {}): Promise<IrqInfo> {
-    return irqInfo(this[CHANNEL], index, options)
+    return rejecting(() => irqInfo(this[CHANNEL], index, options))
   }
 
   /**
@@ -691,17 +695,17 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * EventEmitter of `'irq'` events `{ index, vector, count }` (signals coalesced, read off the
    * JS thread, kept per vector until a listener, an iterator or `wait()` takes them), an
    * async iterator of the same, `wait()`, `ref()`/`unref()`, the eventfds, and `disable()`.
-   * @throws {RangeError} for a bad index or range, before anything is sent.
+   * @throws {RangeError} (rejection) for a bad index or range, before anything is sent.
    * @throws {RangeError} (rejection, `'ERR_OUT_OF_RANGE'`) for vectors past the count an
    *   {@link irqInfo} of that index reported on this connection, before anything is sent.
    */
   enableIrqs(index: number, options: EnableIrqsOptions = {}): Promise<Interrupts> {
-    return enableIrqs(this[CHANNEL], index, options)
+    return rejecting(() => enableIrqs(this[CHANNEL], index, options))
   }
 
   /** DEVICE_SET_IRQS with a raw action: mask, unmask or trigger, with no data or a bool per vector. */
   setIrqs(index: number, options: SetIrqsOptions): Promise<void> {
-    return setIrqs(this[CHANNEL], index, options)
+    return rejecting(() => setIrqs(this[CHANNEL], index, options))
   }
 
   /**
@@ -743,11 +747,11 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
   #check(command: number, payload: Uint8Array, options: Omit<SendOptions, 'signal'>) {
     checkInteger('command', command, 1, 0xffff)
-    if (command === Command.VERSION) throw new RangeError('VERSION is sent by validateVersion()')
+    if (command === Command.VERSION) throw outOfRange('VERSION is sent by validateVersion()')
     if (command === Command.DMA_READ || command === Command.DMA_WRITE) {
-      throw new RangeError(`command ${command} travels from server to client and cannot be sent`)
+      throw outOfRange(`command ${command} travels from server to client and cannot be sent`)
     }
-    if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+    if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
     return {
       payload: checkPayload(payload),
       fds: checkFds(options.fds),
@@ -865,16 +869,16 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
 
 /**
  * Connects to a vfio-user server's UNIX socket.
- * @throws {TypeError|RangeError} for bad arguments.
+ * @throws {TypeError|RangeError} (rejection) for bad arguments.
  * @throws {VfioUserError} (rejection) `'ENOENT'`, `'ECONNREFUSED'`, `'EACCES'`… with the path in the message.
  */
 export async function connect(path: string, options: ConnectOptions = {}): Promise<VfioUserClient> {
-  if (typeof path !== 'string') throw new TypeError(`path must be a string, got ${typeof path}`)
-  if (path.length === 0) throw new RangeError('path must not be empty')
-  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  if (typeof path !== 'string') throw invalidArg(`path must be a string, got ${typeof path}`)
+  if (path.length === 0) throw outOfRange('path must not be empty')
+  if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? 5000
   if (options.sendQueued !== undefined && typeof options.sendQueued !== 'boolean') {
-    throw new TypeError('sendQueued must be a boolean')
+    throw invalidArg('sendQueued must be a boolean')
   }
   const maxQueuedBytes =
     options.maxQueuedBytes === undefined

@@ -1,7 +1,7 @@
 // DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
 // checks against the server's page size and map count, the DMA table and the serving of the
 // server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
-import { checkInteger, checkOffset, checkTimeout } from './args'
+import { checkInteger, checkOffset, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative } from './errors'
@@ -96,24 +96,24 @@ export interface DmaRange {
 
 function checkBool(name: string, value: unknown, fallback: boolean): boolean {
   if (value === undefined) return fallback
-  if (typeof value !== 'boolean') throw new TypeError(`${name} must be a boolean`)
+  if (typeof value !== 'boolean') throw invalidArg(`${name} must be a boolean`)
   return value
 }
 
 function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
-  if (m === null || typeof m !== 'object') throw new TypeError('a DMA mapping must be an object')
+  if (m === null || typeof m !== 'object') throw invalidArg('a DMA mapping must be an object')
   if (!(m.memory instanceof DmaMemory) && !(m.memory instanceof Uint8Array)) {
-    throw new TypeError('memory must be a DmaMemory (see allocateDmaMemory) or a Buffer')
+    throw invalidArg('memory must be a DmaMemory (see allocateDmaMemory) or a Buffer')
   }
   const iova = checkOffset('iova', m.iova).value
   const size = checkOffset('size', m.size).value
   const offset = checkOffset('offset', m.offset ?? 0).value
-  if (size === 0n) throw new RangeError('size must not be 0')
+  if (size === 0n) throw outOfRange('size must not be 0')
   const available = m.memory instanceof DmaMemory ? m.memory.size : m.memory.byteLength
   if (offset + size > BigInt(available)) {
-    throw new RangeError(`${size} bytes at offset ${offset} pass the end of the ${available}-byte DMA memory`)
+    throw outOfRange(`${size} bytes at offset ${offset} pass the end of the ${available}-byte DMA memory`)
   }
-  if (iova + size > 1n << 64n) throw new RangeError(`${size} bytes at iova ${iova} pass 2^64`)
+  if (iova + size > 1n << 64n) throw outOfRange(`${size} bytes at iova ${iova} pass 2^64`)
   return {
     iova,
     size,
@@ -125,7 +125,7 @@ function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
 }
 
 function rangeArgs(r: DmaRange) {
-  if (r === null || typeof r !== 'object') throw new TypeError('a DMA range must be an object')
+  if (r === null || typeof r !== 'object') throw invalidArg('a DMA range must be an object')
   return { iova: checkOffset('iova', r.iova).value, size: checkOffset('size', r.size).value }
 }
 
@@ -186,7 +186,7 @@ export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions
 
 /** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
 export function dmaMapMany(ch: Channel, maps: DmaMapping[], options: CallOptions = {}): Promise<void> {
-  if (!Array.isArray(maps)) throw new TypeError('maps must be an array')
+  if (!Array.isArray(maps)) throw invalidArg('maps must be an array')
   const args = maps.map((m) => mapArgs(m, options))
   return Promise.all(args.map((a, i) => sendMap(ch, maps[i] as DmaMapping, a, options))).then(() => {})
 }

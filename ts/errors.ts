@@ -40,3 +40,23 @@ export function fromNative(e: NativeError, path?: string): VfioUserError {
   const where = path === undefined ? '' : ` (${path})`
   return new VfioUserError(e.code, errno, `${e.message}${where}`, e.command ?? undefined, path)
 }
+
+/**
+ * What a call rejects with when its `signal` aborts, as Node's own APIs do: `name`
+ * `'AbortError'`, `code` `'ABORT_ERR'`, and the signal's reason as `cause`.
+ */
+export class AbortError extends Error {
+  /** Always `'ABORT_ERR'`, as Node's. */
+  readonly code = 'ABORT_ERR'
+
+  /** Builds one whose `cause` is `reason` (the signal's). */
+  constructor(message = 'The operation was aborted', options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'AbortError'
+  }
+}
+
+/** The error for a call that `signal` aborted. */
+export function aborted(signal: AbortSignal): AbortError {
+  return new AbortError(undefined, { cause: signal.reason })
+}

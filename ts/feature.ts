@@ -1,6 +1,6 @@
 // DEVICE_FEATURE and the migration v2 state machine as typed calls (protocol.md 3.12). The
 // bytes and the paths between states are the proto crate's feature.rs; this shapes the calls.
-import { checkInteger, checkOffset } from './args'
+import { checkInteger, checkOffset, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
@@ -58,7 +58,7 @@ async function feature(
   argsz = 64,
 ): Promise<Buffer> {
   const request = native.featureRequest(index, ops, argsz, Buffer.from(data))
-  if ('errno' in request) throw new RangeError(request.message)
+  if ('errno' in request) throw outOfRange(request.message)
   const reply = await ch.send(Command.DEVICE_FEATURE, request, options)
   const d = native.featureReplyData(reply.payload, index | ops)
   if ('errno' in d) throw ch.error(d)
@@ -125,10 +125,10 @@ export async function setMigrationState(
   target: MigrationState,
   options: CallOptions = {},
 ): Promise<MigrationState> {
-  if (!(target in STATES)) throw new TypeError(`unknown migration state ${String(target)}`)
+  if (!(target in STATES)) throw invalidArg(`unknown migration state ${String(target)}`)
   const from = await migrationState(ch, options)
   const path = native.migrationPath(STATES[from], STATES[target])
-  if (!Array.isArray(path)) throw new RangeError(`${from} to ${target}: ${path.message}`)
+  if (!Array.isArray(path)) throw outOfRange(`${from} to ${target}: ${path.message}`)
   for (const step of path) {
     await feature(ch, MIG_DEVICE_STATE, SET, native.deviceStateData(step), options)
     const now = await migrationState(ch, options)
@@ -151,7 +151,7 @@ const DMA_LOGGING_REPORT = 8
 
 function checkPage(pageSize: unknown): bigint {
   const p = checkOffset('pageSize', pageSize).value
-  if (p === 0n || (p & (p - 1n)) !== 0n) throw new RangeError(`pageSize must be a power of two, got ${p}`)
+  if (p === 0n || (p & (p - 1n)) !== 0n) throw outOfRange(`pageSize must be a power of two, got ${p}`)
   return p
 }
 
@@ -196,10 +196,10 @@ export async function dirtyPages(
   const length = checkOffset('length', options.length).value
   const page = checkPage(options.pageSize)
   if (length === 0n || iova % page !== 0n || length % page !== 0n) {
-    throw new RangeError('iova and length must be non-zero multiples of pageSize')
+    throw outOfRange('iova and length must be non-zero multiples of pageSize')
   }
   const req = native.loggingReportRequest(iova, length, page)
-  if ('errno' in req) throw new RangeError(req.message)
+  if ('errno' in req) throw outOfRange(req.message)
   const data = await feature(ch, DMA_LOGGING_REPORT, GET, req.data, options, req.argsz)
   const flat = native.decodeDirtyBitmap(data, iova, length, page)
   if (!Array.isArray(flat)) throw ch.error(flat)

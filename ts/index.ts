@@ -23,7 +23,7 @@ export {
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
 export type { DeviceInfo } from './device'
 export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'
-export { VfioUserError } from './errors'
+export { AbortError, VfioUserError } from './errors'
 export type { MigrationFlags, MigrationState } from './feature'
 export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
 export {

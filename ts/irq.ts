@@ -5,7 +5,7 @@ import { watchAbort } from './abort'
 import { checkInteger, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
-import { VfioUserError } from './errors'
+import { aborted, VfioUserError } from './errors'
 import { holdLoop } from './liveness'
 import { native } from './native'
 
@@ -187,7 +187,7 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
           new VfioUserError('ECANCELED', 125, 'the interrupts were disabled or their connection ended'),
         )
       }
-      if (signal?.aborted) return Promise.reject(signal.reason)
+      if (signal?.aborted) return Promise.reject(aborted(signal))
       return new Promise<IrqEvent>((resolve, reject) => {
         const release = holdLoop()
         let timer: NodeJS.Timeout | undefined
@@ -216,7 +216,7 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
             timeoutMs,
           )
         }
-        if (signal) unwatch = watchAbort(signal, () => w.reject(signal.reason))
+        if (signal) unwatch = watchAbort(signal, () => w.reject(aborted(signal)))
       })
     } catch (e) {
       return Promise.reject(e)
@@ -306,7 +306,7 @@ export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOption
   checkInteger('index', index, 0, 0xffff_ffff)
   const start = checkInteger('start', options.start ?? 0, 0, 0x7fff_fffe)
   const count = checkInteger('count', options.count ?? 1, 1, 2048)
-  if (start + count > 0x7fff_ffff) throw new RangeError(`vectors ${start}+${count} run past 2^31`)
+  if (start + count > 0x7fff_ffff) throw outOfRange(`vectors ${start}+${count} run past 2^31`)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const refused = pastVectors(ch, index, start, count)
   if (refused) return Promise.reject(refused)
@@ -336,16 +336,16 @@ export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOption
 /** DEVICE_SET_IRQS with a raw action and DATA_NONE or DATA_BOOL. */
 export function setIrqs(ch: Channel, index: number, options: SetIrqsOptions): Promise<void> {
   checkInteger('index', index, 0, 0xffff_ffff)
-  if (options === null || typeof options !== 'object') throw new TypeError('options must be an object')
+  if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
   const action = ACTIONS[options.action]
-  if (action === undefined) throw new RangeError(`action must be 'mask', 'unmask' or 'trigger'`)
+  if (action === undefined) throw outOfRange(`action must be 'mask', 'unmask' or 'trigger'`)
   const start = checkInteger('start', options.start ?? 0, 0, 0xffff_ffff)
   const data = options.data
   if (data !== undefined && (!Array.isArray(data) || data.some((d) => typeof d !== 'boolean'))) {
-    throw new TypeError('data must be an array of booleans')
+    throw invalidArg('data must be an array of booleans')
   }
   const count = checkInteger('count', options.count ?? data?.length ?? 1, 0, 0xffff_ffff)
-  if (data && data.length !== count) throw new RangeError(`data has ${data.length} values for ${count} vectors`)
+  if (data && data.length !== count) throw outOfRange(`data has ${data.length} values for ${count} vectors`)
   const refused = pastVectors(ch, index, start, count)
   if (refused) return Promise.reject(refused)
   const bytes = Buffer.from((data ?? []).map((d) => (d ? 1 : 0)))

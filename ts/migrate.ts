@@ -2,11 +2,11 @@
 // rounds while the source runs (when it offers them), then STOP_COPY on the source piped into
 // RESUMING on the destination, then RUNNING on the destination. Built only on the typed
 // calls (feature.ts, migration.ts); this file decides the order and reports progress.
-import { checkInteger, checkTimeout } from './args'
+import { checkInteger, checkTimeout, invalidArg, rejecting } from './args'
 import type { CallOptions } from './channel'
 import { CHANNEL, type VfioUserClient } from './client'
 import { Command } from './command'
-import { VfioUserError } from './errors'
+import { aborted, VfioUserError } from './errors'
 import type { MigrationState } from './feature'
 import { pumpState } from './migration'
 
@@ -103,17 +103,17 @@ export class MigrationError extends VfioUserError {
 }
 
 function checkOptions(o: MigrateOptions): { rounds: number; converged: number } {
-  if (o === null || typeof o !== 'object') throw new TypeError('options must be an object')
+  if (o === null || typeof o !== 'object') throw invalidArg('options must be an object')
   if (o.chunkSize !== undefined) checkInteger('chunkSize', o.chunkSize, 1, 0xffff_fff0)
   checkTimeout('timeoutMs', o.timeoutMs)
-  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError('signal must be an AbortSignal')
+  if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw invalidArg('signal must be an AbortSignal')
   const rounds = o.maxPreCopyRounds ?? 8
   const converged = o.convergedBytes ?? 1 << 20
   checkInteger('maxPreCopyRounds', rounds, 0, 1 << 20)
   checkInteger('convergedBytes', converged, 0, Number.MAX_SAFE_INTEGER)
   checkInteger('progressBytes', o.progressBytes ?? 1, 1, Number.MAX_SAFE_INTEGER)
   if (o.onProgress !== undefined && typeof o.onProgress !== 'function') {
-    throw new TypeError('onProgress must be a function')
+    throw invalidArg('onProgress must be a function')
   }
   return { rounds, converged }
 }
@@ -128,17 +128,19 @@ function checkOptions(o: MigrateOptions): { rounds: number; converged: number } 
  * @throws {MigrationError} (rejection) when a device refuses or fails, a stream breaks, or
  *   `signal` aborts: the source is put back to running where it can be, and the error says
  *   where both devices were left.
- * @throws {TypeError | RangeError} (thrown, not a rejection) for bad options or the same
- *   client twice, before anything is sent.
+ * @throws {TypeError | RangeError} (rejection, with Node's `ERR_*` code) for bad options or
+ *   the same client twice, before anything is sent.
  */
 export function migrate(
   source: VfioUserClient,
   dest: VfioUserClient,
   options: MigrateOptions = {},
 ): Promise<MigrateSummary> {
-  if (source === dest) throw new TypeError('source and dest must be two connections')
-  const { rounds, converged } = checkOptions(options)
-  return run(source, dest, options, rounds, converged)
+  return rejecting(() => {
+    if (source === dest) throw invalidArg('source and dest must be two connections')
+    const { rounds, converged } = checkOptions(options)
+    return run(source, dest, options, rounds, converged)
+  })
 }
 
 /** {@link migrate}, its arguments checked. */
@@ -177,7 +179,7 @@ async function run(
   const copy = async (p: 'preCopy' | 'stopCopy'): Promise<number> => {
     let moved = 0
     for (;;) {
-      signal?.throwIfAborted()
+      if (signal?.aborted) throw aborted(signal)
       const r = await pumpState(source[CHANNEL], dest[CHANNEL], { chunkSize, timeoutMs, signal, limit: progressBytes })
       moved += r.bytes
       bytes += r.bytes

@@ -2,7 +2,7 @@
 // The bytes are the proto crate's migration.rs; this shapes them into a Readable and a
 // Writable with backpressure, sized reads, abort and typed errors.
 import { Readable, Writable } from 'node:stream'
-import { checkTimeout } from './args'
+import { checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { native } from './native'
@@ -17,11 +17,11 @@ export interface StateStreamOptions extends CallOptions {
 function chunk(ch: Channel, options: StateStreamOptions): number {
   checkTimeout('timeoutMs', options.timeoutMs)
   if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) {
-    throw new TypeError('signal must be an AbortSignal')
+    throw invalidArg('signal must be an AbortSignal')
   }
   const max = ch.maxDataXferSize()
   const asked = options.chunkSize ?? max
-  if (!Number.isInteger(asked) || asked < 1) throw new RangeError(`chunkSize must be a positive integer, got ${asked}`)
+  if (!Number.isInteger(asked) || asked < 1) throw outOfRange(`chunkSize must be a positive integer, got ${asked}`)
   return Math.min(asked, max, 0xffff_fff0)
 }
 

@@ -1,5 +1,7 @@
 // The PCI configuration header (type 0) and its capability list, decoded from the bytes of a
 // device's config region (region 7) by the proto crate's pci.rs, as `lspci -vv` shows them.
+
+import { invalidArg, outOfRange } from './args'
 import { native } from './native'
 
 /** One entry of the capability list. */
@@ -35,9 +37,9 @@ export interface PciConfig {
 
 /** Decodes a type-0 configuration header; `config` must hold at least its first 64 bytes. */
 export function decodePciConfig(config: Uint8Array): PciConfig {
-  if (!(config instanceof Uint8Array)) throw new TypeError('config must be a Uint8Array')
-  if (config.byteLength < 64) throw new RangeError(`a PCI config header is 64 bytes; got ${config.byteLength}`)
+  if (!(config instanceof Uint8Array)) throw invalidArg('config must be a Uint8Array')
+  if (config.byteLength < 64) throw outOfRange(`a PCI config header is 64 bytes; got ${config.byteLength}`)
   const p = native.decodePciConfig(Buffer.from(config.buffer, config.byteOffset, config.byteLength))
-  if ('errno' in p) throw new RangeError(p.message)
+  if ('errno' in p) throw outOfRange(p.message)
   return p
 }

@@ -2,7 +2,7 @@
 // 3.8). Region info is encoded and decoded by the proto crate's region.rs; reads and writes
 // are split, pipelined and checked by the client crate's region.rs.
 import { closeSync } from 'node:fs'
-import { checkData, checkInteger, checkOffset, checkTimeout, outOfRange } from './args'
+import { checkData, checkInteger, checkOffset, checkTimeout, invalidArg, isDetached, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
@@ -155,7 +155,7 @@ function checkAccess(index: number, offset: unknown, length: number) {
   checkInteger('index', index, 0, 0xffff_ffff)
   const at = checkOffset('offset', offset)
   checkInteger('length', length, 1, 0xffff_ffff)
-  if (at.value + BigInt(length) > 1n << 64n) throw new RangeError(`${length} bytes at offset ${at.value} pass 2^64`)
+  if (at.value + BigInt(length) > 1n << 64n) throw outOfRange(`${length} bytes at offset ${at.value} pass 2^64`)
   return at
 }
 
@@ -202,13 +202,13 @@ const DIRECT_READ = 64 * 1024
 function readTarget(into: unknown, length: number): Buffer | undefined {
   if (into === undefined) return length >= DIRECT_READ ? Buffer.allocUnsafeSlow(length) : undefined
   if (!(into instanceof Uint8Array)) {
-    throw new TypeError(`into must be a Buffer or Uint8Array, got ${into === null ? 'null' : typeof into}`)
+    throw invalidArg(`into must be a Buffer or Uint8Array, got ${into === null ? 'null' : typeof into}`)
   }
-  if ((into.buffer as ArrayBuffer & { detached?: boolean }).detached) {
-    throw new TypeError('into is a view of a detached ArrayBuffer')
+  if (isDetached(into.buffer)) {
+    throw invalidArg('into is a view of a detached ArrayBuffer')
   }
   if (into.byteLength < length) {
-    throw new RangeError(`into holds ${into.byteLength} bytes, fewer than the ${length} to read`)
+    throw outOfRange(`into holds ${into.byteLength} bytes, fewer than the ${length} to read`)
   }
   return Buffer.from(into.buffer, into.byteOffset, length)
 }
@@ -276,7 +276,7 @@ export function regionWrite(
   const at = checkAccess(index, offset, bytes.byteLength)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   if (options.posted !== undefined && typeof options.posted !== 'boolean') {
-    throw new TypeError('posted must be a boolean')
+    throw invalidArg('posted must be a boolean')
   }
   const refused = outOfBounds(ch, index, at.value, bytes.byteLength)
   if (refused) return Promise.reject(refused)

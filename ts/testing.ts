@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
+import { invalidArg, outOfRange } from './args'
 import { platformPackage } from './platform'
 
 /** A running server process: the test device (rust-vmm's vfio_user Server) or the scripted peer. */
@@ -120,7 +121,7 @@ export interface MigrationDeviceOptions extends TestDeviceOptions {
 export function startMigrationDevice(options: MigrationDeviceOptions = {}): Promise<TestDevice> {
   const { stateMib = 1, writeMultiple = true, padReads = false } = options
   if (!Number.isInteger(stateMib) || stateMib < 0 || stateMib > 4096)
-    throw new RangeError(`stateMib must be an integer from 0 to 4096, got ${stateMib}`)
+    throw outOfRange(`stateMib must be an integer from 0 to 4096, got ${stateMib}`)
   const args = [
     '--state-mib',
     String(stateMib),
@@ -136,7 +137,7 @@ export function startMigrationDevice(options: MigrationDeviceOptions = {}): Prom
  * scenario to every client that connects, until closed. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.
  */
 export function startScriptedPeer(scenario: string, options: TestDeviceOptions = {}): Promise<TestDevice> {
-  if (typeof scenario !== 'string') throw new TypeError('scenario must be a string')
+  if (typeof scenario !== 'string') throw invalidArg('scenario must be a string')
   const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER', false)
   return startListening(binary, [scenario], options.startTimeoutMs)
 }
