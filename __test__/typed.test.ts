@@ -2,7 +2,7 @@
 import diagnosticsChannel from 'node:diagnostics_channel'
 import { closeSync, fstatSync, readFileSync } from 'node:fs'
 import { describe, expect, it } from 'vitest'
-import { Command, connect } from '../ts/index'
+import { allocateDmaMemory, Command, connect } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
 import { refusal, refusedArg, rejection } from './rejection'
 import { deviceSession, openFds } from './session'
@@ -167,6 +167,19 @@ describe('typed calls against the test device', () => {
     expect(unreadable).toMatchObject({ commandName: 'REGION_READ', code: 'EIO' })
     // The connection is still in sync.
     expect((await c.regionRead(7, 0, 2)).readUInt16LE(0)).toBe(0x1b36)
+  })
+
+  it('sizes and lengths are taken as bigints too: RegionInfo.size reads a whole region', async () => {
+    const c = session.client
+    using bar0 = await c.regionInfo(0)
+    expect(typeof bar0.size).toBe('bigint')
+    await c.regionWrite(0, 0, Buffer.alloc(4096, 0x5a))
+    expect((await c.regionRead(0, 0, bar0.size)).equals(Buffer.alloc(4096, 0x5a))).toBe(true)
+    expect(c.regionReadSync(0, 0n, 16n).equals(Buffer.alloc(16, 0x5a))).toBe(true)
+    using memory = allocateDmaMemory(4096n)
+    expect(memory.size).toBe(4096)
+    await refusedArg(() => c.regionRead(0, 0, 1n << 32n), RangeError)
+    expect(() => allocateDmaMemory(0n)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }))
   })
 
   it('bad arguments are refused before anything is sent: rejections for promises, throws for Sync calls, with Node codes', async () => {

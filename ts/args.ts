@@ -118,3 +118,18 @@ export function isDetached(buffer: ArrayBufferLike): boolean {
     return true
   }
 }
+
+/**
+ * Checks a size or length given as a number or a bigint (as `RegionInfo.size` is), an integer
+ * in [min, max], and returns it as a number.
+ */
+export function checkSize(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value === 'bigint') {
+    if (value < BigInt(min) || value > BigInt(max)) {
+      throw outOfRange(`${name} must be an integer from ${min} to ${max}, got ${value}`)
+    }
+    return Number(value)
+  }
+  if (typeof value !== 'number') throw invalidArg(`${name} must be a number or a bigint, got ${typeof value}`)
+  return checkInteger(name, value, min, max)
+}

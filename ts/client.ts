@@ -500,7 +500,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * @throws {VfioUserError} (rejection) `'EPROTO'` for a short or mismatched echo; otherwise as
    *   {@link sendWait}.
    */
-  regionRead(index: number, offset: number | bigint, length: number, options: RegionReadOptions = {}): Promise<Buffer> {
+  regionRead(
+    index: number,
+    offset: number | bigint,
+    length: number | bigint,
+    options: RegionReadOptions = {},
+  ): Promise<Buffer> {
     return rejecting(() => regionRead(this[CHANNEL], index, offset, length, options))
   }
 
@@ -508,7 +513,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   regionReadSync(
     index: number,
     offset: number | bigint,
-    length: number,
+    length: number | bigint,
     options: Omit<RegionReadOptions, 'signal'> = {},
   ): Buffer {
     return regionReadSync(this[CHANNEL], index, offset, length, options)

@@ -1,7 +1,7 @@
 // DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
 // checks against the server's page size and map count, the DMA table and the serving of the
 // server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
-import { checkInteger, checkOffset, checkTimeout, invalidArg, outOfRange } from './args'
+import { checkOffset, checkSize, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative } from './errors'
@@ -57,12 +57,12 @@ export class DmaMemory {
 
 /**
  * Allocates `size` bytes of DMA memory (a memfd, zero-filled, mapped shared).
- * @throws {RangeError} for a size that is not a positive safe integer.
+ * @throws {RangeError} for a size that is not a positive safe integer (a number or a bigint).
  * @throws {VfioUserError} when the memfd cannot be made or mapped (`'ENOMEM'`, `'EMFILE'`…).
  */
-export function allocateDmaMemory(size: number): DmaMemory {
-  checkInteger('size', size, 1, Number.MAX_SAFE_INTEGER)
-  const m = native.allocateDmaMemory(size)
+export function allocateDmaMemory(size: number | bigint): DmaMemory {
+  const bytes = checkSize('size', size, 1, Number.MAX_SAFE_INTEGER)
+  const m = native.allocateDmaMemory(bytes)
   if ('errno' in m) throw fromNative(m)
   return new DmaMemory(m)
 }

@@ -2,7 +2,16 @@
 // 3.8). Region info is encoded and decoded by the proto crate's region.rs; reads and writes
 // are split, pipelined and checked by the client crate's region.rs.
 import { closeSync } from 'node:fs'
-import { checkData, checkInteger, checkOffset, checkTimeout, invalidArg, isDetached, outOfRange } from './args'
+import {
+  checkData,
+  checkInteger,
+  checkOffset,
+  checkSize,
+  checkTimeout,
+  invalidArg,
+  isDetached,
+  outOfRange,
+} from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { VfioUserError } from './errors'
@@ -151,12 +160,13 @@ export interface RegionWriteOptions extends CallOptions {
   posted?: boolean
 }
 
-function checkAccess(index: number, offset: unknown, length: number) {
+/** The checked offset (as u32 halves and a bigint) and length (a number) of an access. */
+function checkAccess(index: number, offset: unknown, size: unknown) {
   checkInteger('index', index, 0, 0xffff_ffff)
   const at = checkOffset('offset', offset)
-  checkInteger('length', length, 1, 0xffff_ffff)
+  const length = checkSize('length', size, 1, 0xffff_ffff)
   if (at.value + BigInt(length) > 1n << 64n) throw outOfRange(`${length} bytes at offset ${at.value} pass 2^64`)
-  return at
+  return { ...at, length }
 }
 
 /**
@@ -218,10 +228,11 @@ export function regionRead(
   ch: Channel,
   index: number,
   offset: number | bigint,
-  length: number,
+  size: number | bigint,
   options: RegionReadOptions = {},
 ): Promise<Buffer> {
-  const at = checkAccess(index, offset, length)
+  const at = checkAccess(index, offset, size)
+  const length = at.length
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const target = readTarget(options.into, length)
   const refused = outOfBounds(ch, index, at.value, length)
@@ -245,10 +256,11 @@ export function regionReadSync(
   ch: Channel,
   index: number,
   offset: number | bigint,
-  length: number,
+  size: number | bigint,
   options: Omit<RegionReadOptions, 'signal'> = {},
 ): Buffer {
-  const at = checkAccess(index, offset, length)
+  const at = checkAccess(index, offset, size)
+  const length = at.length
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const target = readTarget(options.into, length)
   const refused = outOfBounds(ch, index, at.value, length)
