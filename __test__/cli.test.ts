@@ -1,6 +1,7 @@
 // `vfio-user probe` as a user runs it (the compiled bin that `npm install` builds).
 import { spawn, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { connect } from '../ts/index'
@@ -41,8 +42,10 @@ describe('vfio-user probe', () => {
     expect(r.status).toBe(0)
     const out = JSON.parse(r.stdout)
     expect(out.socket).toBe(device.socketPath)
-    expect(out.capabilities.maxMsgFds).toBe(1)
-    expect(out.warnings).toEqual([])
+    // Each key once: the negotiated version under `version`, nowhere else.
+    expect(Object.keys(out).sort()).toEqual(['device', 'errors', 'irqs', 'pci', 'regions', 'socket', 'version'])
+    expect(out.version).toMatchObject({ major: 0, minor: 0, warnings: [] })
+    expect(out.version.capabilities.maxMsgFds).toBe(1)
     expect(out.device).toMatchObject({ numRegions: 9, numIrqs: 5, reset: true })
     expect(out.regions[0]).toMatchObject({
       index: 0,
@@ -161,7 +164,54 @@ describe('vfio-user migrate', () => {
     expect(r.stderr).toMatch(/^vfio-user: ENOTSUP: migration failed in prepare: the device has no migration/)
     expect(r.stderr).toMatch(/destination running/)
     const usage = await run('migrate', plain.socketPath)
-    expect(usage.status).toBe(1)
-    expect(usage.stderr).toMatch(/usage: vfio-user migrate SOURCE DEST/)
+    expect(usage.status).toBe(2)
+    expect(usage.stderr).toMatch(
+      /^vfio-user: SOURCE and DEST are needed, got 1 socket\(s\)\nusage: vfio-user migrate SOURCE DEST/,
+    )
+  })
+
+  it('refuses the same socket as SOURCE and DEST before connecting: the device is left as it was', async () => {
+    await using device = await startMigrationDevice()
+    const r = await run('migrate', device.socketPath, device.socketPath)
+    expect(r.status).toBe(2)
+    expect(r.stderr).toContain('SOURCE and DEST are the same socket')
+    // Also through another path to the same file.
+    const again = await run('migrate', device.socketPath, `${device.socketPath.replace(/\/([^/]+)$/, '/./$1')}`)
+    expect(again.status).toBe(2)
+    await using c = await connect(device.socketPath)
+    await c.validateVersion()
+    expect(await c.migrationState()).toBe('running')
+  })
+})
+
+describe('the vfio-user command line', () => {
+  it('--help prints the usage and exits 0, for the command and for each subcommand', async () => {
+    for (const args of [['--help'], ['probe', '--help'], ['migrate', '--help'], ['migrate', 'a', 'b', '--help']]) {
+      const r = await run(...args)
+      expect({ args, status: r.status, stderr: r.stderr }).toEqual({ args, status: 0, stderr: '' })
+      expect(r.stdout).toMatch(/^usage: vfio-user /)
+    }
+  })
+
+  it('--version prints the package version and exits 0', async () => {
+    const r = await run('--version')
+    const { version } = JSON.parse(readFileSync(join(__dirname, '..', 'package.json'), 'utf8')) as { version: string }
+    expect(r).toEqual({ status: 0, stdout: `${version}\n`, stderr: '' })
+  })
+
+  it('usage errors name the option as typed, exit 2, and print the usage', async () => {
+    for (const [args, message] of [
+      [['probe', '--timeout', 'x'], '--timeout needs a whole number of milliseconds (at least 1), got x'],
+      [['probe', '--frobnicate'], 'unknown option --frobnicate'],
+      [['migrate', 'a', 'b', '--max-rounds', '-1'], '--max-rounds needs a whole number of rounds, got -1'],
+      [['nonsense'], 'unknown command nonsense'],
+      [[], 'no command given'],
+    ] as const) {
+      const r = await run(...args)
+      expect(r.status).toBe(2)
+      expect(r.stderr.split('\n')[0]).toBe(`vfio-user: ${message}`)
+      expect(r.stderr).toContain('usage: vfio-user ')
+      expect(r.stderr).not.toContain('timeoutMs')
+    }
   })
 })

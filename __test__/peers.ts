@@ -84,7 +84,8 @@ export async function startSample(name: string, args: string[] = []): Promise<Sa
   child.stdout?.setEncoding('utf8').on('data', (d: string) => {
     out += d
   })
-  const exited = new Promise<Exit>((done) => child.once('exit', (code, signal) => done({ code, signal })))
+  // 'close', not 'exit': by then its stdio pipes are closed too, so no fd of ours is left.
+  const exited = new Promise<Exit>((done) => child.once('close', (code, signal) => done({ code, signal })))
   try {
     await new Promise<void>((ready, fail) => {
       const timer = setTimeout(() => fail(new Error(`${name} did not create its socket in 10 s: ${err}`)), 10_000)

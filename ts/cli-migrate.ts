@@ -1,6 +1,9 @@
 // `vfio-user migrate SOURCE DEST`: moves a device's state from the server at SOURCE to the one
 // at DEST with migrate() (migrate.ts), showing a progress line (bytes, rate, round) on a
 // terminal and a summary at the end, or the summary as JSON with --json.
+import { statSync } from 'node:fs'
+import { resolve } from 'node:path'
+import { UsageError, wholeNumber } from './cli-usage'
 import { connect, type MigrateProgress, type MigrateSummary, migrate, type VfioUserClient } from './index'
 
 /** How `vfio-user migrate` is called. */
@@ -24,33 +27,56 @@ function summaryLine(s: MigrateSummary): string {
 
 function parse(args: string[]) {
   let json = false
+  let help = false
   let timeoutMs = 5000
   let maxPreCopyRounds: number | undefined
   let convergedBytes: number | undefined
   const positional: string[] = []
-  const number = (a: string, v: string | undefined) => {
-    const n = Number(v)
-    if (v === undefined || !Number.isInteger(n) || n < 0)
-      throw new RangeError(`${a} needs a whole number\n${migrateUsage}`)
-    return n
-  }
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
-    if (a === '--json') json = true
-    else if (a === '--timeout') timeoutMs = number(a, args[++i])
-    else if (a === '--max-rounds') maxPreCopyRounds = number(a, args[++i])
-    else if (a === '--converged') convergedBytes = number(a, args[++i])
-    else if (a.startsWith('-')) throw new RangeError(`unknown option ${a}\n${migrateUsage}`)
+    if (a === '--help' || a === '-h') help = true
+    else if (a === '--json') json = true
+    else if (a === '--timeout') timeoutMs = wholeNumber(a, args[++i], 'milliseconds', migrateUsage, 1)
+    else if (a === '--max-rounds') maxPreCopyRounds = wholeNumber(a, args[++i], 'rounds', migrateUsage)
+    else if (a === '--converged') convergedBytes = wholeNumber(a, args[++i], 'bytes', migrateUsage)
+    else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, migrateUsage)
     else positional.push(a)
   }
+  // --help: nothing else is looked at.
+  if (help) return undefined
   const [source, dest] = positional
-  if (positional.length !== 2 || source === undefined || dest === undefined) throw new RangeError(migrateUsage)
+  if (positional.length !== 2 || source === undefined || dest === undefined) {
+    throw new UsageError(`SOURCE and DEST are needed, got ${positional.length} socket(s)`, migrateUsage)
+  }
+  if (sameSocket(source, dest)) {
+    throw new UsageError(
+      `SOURCE and DEST are the same socket (${source}): a device cannot migrate into itself`,
+      migrateUsage,
+    )
+  }
   return { json, timeoutMs, maxPreCopyRounds, convergedBytes, source, dest }
+}
+
+/** Whether two paths name the same socket: the same file once resolved (or the same path). */
+function sameSocket(a: string, b: string): boolean {
+  const id = (p: string) => {
+    try {
+      const s = statSync(p)
+      return `${s.dev}:${s.ino}`
+    } catch {
+      return resolve(p)
+    }
+  }
+  return id(a) === id(b)
 }
 
 /** Runs `vfio-user migrate` with its arguments; resolves with the exit code. */
 export async function migrateCommand(args: string[]): Promise<number> {
   const o = parse(args)
+  if (!o) {
+    process.stdout.write(`${migrateUsage}\n`)
+    return 0
+  }
   const tty = process.stderr.isTTY === true && !o.json
   let shown = Number.NEGATIVE_INFINITY
   const onProgress = (p: MigrateProgress) => {

@@ -1,6 +1,8 @@
 // `vfio-user probe [SOCKET] [--json]`: connect, negotiate, and show what the device is, as
 // `lspci -vv` would: version and capabilities, device info, every region and irq index, and
 // the PCI config header. Without SOCKET it starts the bundled test device and probes that.
+
+import { UsageError, wholeNumber } from './cli-usage'
 import {
   connect,
   type DeviceInfo,
@@ -127,20 +129,21 @@ function format(x: Inspection): string {
 
 /** Runs `vfio-user probe` with its arguments; resolves with the exit code. */
 export async function probe(args: string[]): Promise<number> {
-  const json = args.includes('--json')
+  let json = false
   let timeoutMs = 5000
   const positional: string[] = []
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
-    if (a === '--json') continue
-    if (a === '--timeout') {
-      timeoutMs = Number(args[++i])
-      continue
+    if (a === '--help' || a === '-h') {
+      process.stdout.write(`${probeUsage}\n`)
+      return 0
     }
-    if (a.startsWith('-')) throw new RangeError(`unknown option ${a}\n${probeUsage}`)
-    positional.push(a)
+    if (a === '--json') json = true
+    else if (a === '--timeout') timeoutMs = wholeNumber(a, args[++i], 'milliseconds', probeUsage, 1)
+    else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, probeUsage)
+    else positional.push(a)
   }
-  if (positional.length > 1) throw new RangeError(probeUsage)
+  if (positional.length > 1) throw new UsageError(`one socket at most, got ${positional.length}`, probeUsage)
   const device: TestDevice | undefined = positional[0] === undefined ? await startTestDevice() : undefined
   const path = positional[0] ?? (device as TestDevice).socketPath
   try {
@@ -148,8 +151,9 @@ export async function probe(args: string[]): Promise<number> {
     try {
       const v = await client.validateVersion()
       const found = await inspect(client, path, v)
+      // Each key once: the version under `version`, as in the inspection.
       const asJson = () =>
-        JSON.stringify({ ...found, ...v }, (_, value) => (typeof value === 'bigint' ? value.toString() : value), 2)
+        JSON.stringify(found, (_, value) => (typeof value === 'bigint' ? value.toString() : value), 2)
       process.stdout.write(`${json ? asJson() : format(found)}\n`)
     } finally {
       await client.close()

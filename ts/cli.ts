@@ -1,16 +1,28 @@
 #!/usr/bin/env node
-// The `vfio-user` command: `probe` (cli-probe.ts) and `migrate` (cli-migrate.ts). Errors are
-// printed as `vfio-user: CODE: message`, with exit code 1; an unknown command prints the usages and exits 2.
+// The `vfio-user` command: `probe` (cli-probe.ts) and `migrate` (cli-migrate.ts). `--help`
+// prints the usage (exit 0), `--version` the package's version. A command line that cannot
+// run prints what was wrong and the usage, exit code 2; a failure while running prints
+// `vfio-user: CODE: message`, exit code 1.
 import { migrateCommand, migrateUsage } from './cli-migrate'
 import { probe, probeUsage } from './cli-probe'
+import { packageVersion, UsageError } from './cli-usage'
 import { VfioUserError } from './index'
+
+const usage = `${probeUsage}\n${migrateUsage}\n       vfio-user --version`
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv
   if (cmd === 'probe') return probe(rest)
   if (cmd === 'migrate') return migrateCommand(rest)
-  process.stderr.write(`${probeUsage}\n${migrateUsage}\n`)
-  return 2
+  if (cmd === '--help' || cmd === '-h' || cmd === 'help') {
+    process.stdout.write(`${usage}\n`)
+    return 0
+  }
+  if (cmd === '--version' || cmd === '-v') {
+    process.stdout.write(`${packageVersion()}\n`)
+    return 0
+  }
+  throw new UsageError(cmd === undefined ? 'no command given' : `unknown command ${cmd}`, usage)
 }
 
 main(process.argv.slice(2)).then(
@@ -18,6 +30,11 @@ main(process.argv.slice(2)).then(
     process.exitCode = code
   },
   (e: unknown) => {
+    if (e instanceof UsageError) {
+      process.stderr.write(`vfio-user: ${e.message}\n${e.usage}\n`)
+      process.exitCode = 2
+      return
+    }
     const msg = e instanceof VfioUserError ? `${e.code}: ${e.message}` : e instanceof Error ? e.message : String(e)
     process.stderr.write(`vfio-user: ${msg}\n`)
     process.exitCode = 1
