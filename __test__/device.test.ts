@@ -1,8 +1,18 @@
 // The public API end to end against the real rust-vmm server (crates/test-device).
-import { execFileSync } from 'node:child_process'
-import { chmodSync, closeSync, cpSync, fstatSync, mkdtempSync, readdirSync, rmSync } from 'node:fs'
+import { execFileSync, spawnSync } from 'node:child_process'
+import {
+  chmodSync,
+  closeSync,
+  cpSync,
+  existsSync,
+  fstatSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+} from 'node:fs'
 import { constants, tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AbortError, Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
@@ -334,5 +344,43 @@ describe('send paths', () => {
     const sync = client.sendWaitSync(Command.DEVICE_GET_INFO, getInfoPayload())
     expect(sync.payload.length).toBe(16)
     expect((await Promise.all(pending)).length).toBe(50)
+  })
+})
+
+describe('test devices (vfio-user/testing)', () => {
+  /** Whether process `pid` is gone (reaped, or a zombie not yet reaped by its new parent). */
+  const gone = (pid: number) => {
+    try {
+      return readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.startsWith('Z') === true
+    } catch {
+      return true
+    }
+  }
+
+  it('die with the process that started them, and take their socket and folder along', async () => {
+    // A script that starts a device and then crashes without closing it.
+    const testing = join(__dirname, '..', 'dist', 'testing.js')
+    const script = `require(${JSON.stringify(testing)}).startTestDevice().then((d) => {
+      console.log(JSON.stringify({ pid: d.pid, socket: d.socketPath }))
+      process.exit(3)
+    })`
+    const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 20_000 })
+    expect(r.status).toBe(3)
+    const { pid, socket } = JSON.parse(r.stdout) as { pid: number; socket: string }
+    // No event tells us when an unrelated process is gone: look, for at most 10 s.
+    const deadline = Date.now() + 10_000
+    while (!gone(pid) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 10))
+    expect(gone(pid)).toBe(true)
+    expect(existsSync(socket)).toBe(false)
+    expect(existsSync(dirname(socket))).toBe(false)
+  })
+
+  it('close() ends a stopped device too, and its stderr stays readable', async () => {
+    const d = await startTestDevice()
+    process.kill(d.pid, 'SIGSTOP')
+    await d.close()
+    expect(await d.exited).toEqual({ code: 0, signal: null })
+    expect(d.stderr()).toBe('')
+    expect(existsSync(dirname(d.socketPath))).toBe(false)
   })
 })

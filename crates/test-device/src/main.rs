@@ -19,6 +19,8 @@
 //! It prints `listening SOCKET` once bound, then serves clients one after another until it is
 //! killed. A client that trips a panic inside the crate does not take the device down.
 
+mod lifetime;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -263,6 +265,7 @@ fn main() {
         eprintln!("usage: vfio-user-test-device SOCKET");
         std::process::exit(2);
     };
+    lifetime::die_with_parent(&path);
     let bar0_fd: OwnedFd = match nix::sys::memfd::memfd_create(
         c"vfio-user-test-bar0",
         nix::sys::memfd::MFdFlags::MFD_CLOEXEC,

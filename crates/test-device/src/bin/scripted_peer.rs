@@ -44,6 +44,9 @@
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
+#[path = "../lifetime.rs"]
+mod lifetime;
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use vfio_user_proto::bytes::{u32_at, u64_at};
@@ -532,6 +535,7 @@ fn main() {
         eprintln!("usage: vfio-user-scripted-peer SOCKET SCENARIO");
         std::process::exit(2);
     };
+    lifetime::die_with_parent(std::path::Path::new(path));
     let listener = match UnixListener::bind(path) {
         Ok(l) => l,
         Err(e) => {

@@ -15,6 +15,8 @@
 
 mod conn;
 mod dma;
+#[path = "../../lifetime.rs"]
+mod lifetime;
 mod regions;
 mod state;
 
@@ -31,6 +33,7 @@ fn usage() -> ! {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(path) = args.first() else { usage() };
+    lifetime::die_with_parent(std::path::Path::new(path));
     let mut state_mib = 1usize;
     let mut write_multiple = true;
     let mut pad_reads = false;
