@@ -163,6 +163,9 @@ describe('typed calls against the test device', () => {
     await c.validateVersion()
     const past = await rejection(c.regionRead(0, 4094, 4))
     expect(past).toMatchObject({ command: Command.REGION_READ, code: 'EIO' })
+    // The server's bare refusal (errno 0) still says what was refused.
+    expect(past.message).toMatch(/^REGION_READ of 4 bytes at 0xffe of region 0: /)
+    expect(() => c.regionWriteSync(0, 4094, Buffer.alloc(4))).toThrow(/^REGION_WRITE of 4 bytes at 0xffe of region 0: /)
     const unreadable = await rejection(c.regionRead(1, 0, 4))
     expect(unreadable).toMatchObject({ commandName: 'REGION_READ', code: 'EIO' })
     // The connection is still in sync.

@@ -223,6 +223,19 @@ function readTarget(into: unknown, length: number): Buffer | undefined {
   return Buffer.from(into.buffer, into.byteOffset, length)
 }
 
+/**
+ * `e` with the access it failed in its message (`REGION_READ of 4 bytes at 0xffe of region
+ * 0: …`), so that a server's bare refusal still says what was refused. Anything but a
+ * `VfioUserError` (an abort) is passed through.
+ */
+function about(e: unknown, command: number, length: number, offset: bigint, index: number): unknown {
+  if (!(e instanceof VfioUserError)) return e
+  const what = `${command === Command.REGION_READ ? 'REGION_READ' : 'REGION_WRITE'} of ${length} bytes at 0x${offset.toString(16)} of region ${index}`
+  const out = new VfioUserError(e.code, Math.abs(e.errno), `${what}: ${e.message}`, e.command, e.path)
+  out.cause = e
+  return out
+}
+
 /** Reads `length` bytes at `offset` of region `index`. */
 export function regionRead(
   ch: Channel,
@@ -244,11 +257,21 @@ export function regionRead(
       if (!refused) ch.hold(token, target)
       return refused
     }
-    return ch.call(Command.REGION_READ, start, options).then(() => target)
+    return ch.call(Command.REGION_READ, start, options).then(
+      () => target,
+      (e: unknown) => {
+        throw about(e, Command.REGION_READ, length, at.value, index)
+      },
+    )
   }
   return ch
     .call(Command.REGION_READ, (token) => ch.native.regionRead(token, index, at.hi, at.lo, length, timeoutMs), options)
-    .then((reply) => reply.payload)
+    .then(
+      (reply) => reply.payload,
+      (e: unknown) => {
+        throw about(e, Command.REGION_READ, length, at.value, index)
+      },
+    )
 }
 
 /** {@link regionRead}, blocking the JavaScript thread. */
@@ -265,13 +288,14 @@ export function regionReadSync(
   const target = readTarget(options.into, length)
   const refused = outOfBounds(ch, index, at.value, length)
   if (refused) throw refused
+  const failed = () => about(ch.lastError(), Command.REGION_READ, length, at.value, index)
   return ch.traceSync(Command.REGION_READ, () => {
     if (target) {
-      if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw ch.lastError()
+      if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw failed()
       return target
     }
     const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
-    if (data === null) throw ch.lastError()
+    if (data === null) throw failed()
     return data
   })
 }
@@ -309,7 +333,12 @@ export function regionWrite(
   }
   return ch
     .call(Command.REGION_WRITE, (token) => ch.native.regionWrite(token, index, at.hi, at.lo, bytes, timeoutMs), options)
-    .then(() => undefined)
+    .then(
+      () => undefined,
+      (e: unknown) => {
+        throw about(e, Command.REGION_WRITE, bytes.byteLength, at.value, index)
+      },
+    )
 }
 
 /** {@link regionWrite} (not posted), blocking the JavaScript thread. */
@@ -326,7 +355,9 @@ export function regionWriteSync(
   const refused = outOfBounds(ch, index, at.value, bytes.byteLength)
   if (refused) throw refused
   ch.traceSync(Command.REGION_WRITE, () => {
-    if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) throw ch.lastError()
+    if (!ch.native.regionWriteSync(index, at.hi, at.lo, bytes, timeoutMs)) {
+      throw about(ch.lastError(), Command.REGION_WRITE, bytes.byteLength, at.value, index)
+    }
   })
 }
 
