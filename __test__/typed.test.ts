@@ -185,6 +185,39 @@ describe('typed calls against the test device', () => {
     expect(() => allocateDmaMemory(0n)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }))
   })
 
+  it('registers(): little-endian reads and writes of 8, 16, 32 and 64 bits, async and sync', async () => {
+    const c = session.client
+    const bar0 = c.registers(0)
+    await bar0.write32(0x100, 0xdeadbeef)
+    expect(c.regionReadSync(0, 0x100, 4)).toEqual(Buffer.from([0xef, 0xbe, 0xad, 0xde]))
+    expect(await bar0.read32(0x100)).toBe(0xdeadbeef)
+    expect(bar0.read16Sync(0x102)).toBe(0xdead)
+    expect(await bar0.read8(0x103)).toBe(0xde)
+    bar0.write64Sync(0x108, 0x0123_4567_89ab_cdefn)
+    expect(await bar0.read64(0x108)).toBe(0x0123_4567_89ab_cdefn)
+    expect(bar0.read32Sync(0x10c)).toBe(0x0123_4567)
+    await bar0.write16(0x110, 0xbeef)
+    bar0.write8Sync(0x112, 0x7f)
+    await bar0.write64(0x118, 2 ** 40)
+    expect(c.regionReadSync(0, 0x110, 3)).toEqual(Buffer.from([0xef, 0xbe, 0x7f]))
+    expect(bar0.read64Sync(0x118)).toBe(1n << 40n)
+    await bar0.write32(0x120, 7, { posted: true })
+    expect(bar0.read32Sync(0x120)).toBe(7)
+    // The doorbell, as a register: rings MSI vector 3.
+    const irqs = await c.enableIrqs(1, { start: 0, count: 4 })
+    await bar0.write32(0xffc, 3)
+    expect(await irqs.wait({ vector: 3, timeoutMs: 10_000 })).toEqual({ index: 1, vector: 3, count: 1 })
+    await irqs.disable()
+    // Values that do not fit, and bounds, are refused before sending.
+    await refusedArg(() => bar0.write8(0, 256), RangeError)
+    await refusedArg(() => bar0.write32(0, -1), RangeError)
+    await refusedArg(() => bar0.write64(0, 1n << 64n), RangeError)
+    await refusedArg(() => bar0.write16(0, '1' as unknown as number), TypeError)
+    expect(() => bar0.write32Sync(0, 2 ** 32)).toThrow(expect.objectContaining({ code: 'ERR_OUT_OF_RANGE' }))
+    ;(await c.regionInfo(0)).close()
+    await refusedArg(() => bar0.read64(4092), RangeError)
+  })
+
   it('bad arguments are refused before anything is sent: rejections for promises, throws for Sync calls, with Node codes', async () => {
     const c = session.client as unknown as Record<string, (...a: unknown[]) => unknown>
     const call =

@@ -55,6 +55,7 @@ import {
   type RegionMap,
   type RegionReadOptions,
   type RegionWriteOptions,
+  Registers,
   regionInfo,
   regionIoFds,
   regionRead,
@@ -534,6 +535,15 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     options: RegionWriteOptions = {},
   ): Promise<void> {
     return rejecting(() => regionWrite(this[CHANNEL], index, offset, data, options))
+  }
+
+  /**
+   * Little-endian register access to region `index`: `read32(offset)`, `write64(offset,
+   * value)`, … and their `*Sync` twins, each one REGION_READ or REGION_WRITE of that width.
+   * @throws {RangeError} for a bad index.
+   */
+  registers(index: number): Registers {
+    return new Registers(this[CHANNEL], index)
   }
 
   /** {@link regionWrite} (not posted), blocking the JavaScript thread. */

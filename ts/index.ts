@@ -19,13 +19,22 @@ export {
   type SendOptions,
   type VersionInfo,
   VfioUserClient,
+  type VfioUserClientEvents,
 } from './client'
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
 export type { DeviceInfo } from './device'
 export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'
 export { AbortError, VfioUserError } from './errors'
 export type { MigrationFlags, MigrationState } from './feature'
-export { type EnableIrqsOptions, Interrupts, type IrqEvent, type IrqInfo, type SetIrqsOptions } from './irq'
+export {
+  type EnableIrqsOptions,
+  Interrupts,
+  type InterruptsEvents,
+  type IrqEvent,
+  type IrqInfo,
+  type SetIrqsOptions,
+  type WaitIrqOptions,
+} from './irq'
 export {
   type MigrateOptions,
   type MigrateProgress,
@@ -43,6 +52,8 @@ export {
   RegionMap,
   type RegionReadOptions,
   type RegionWriteOptions,
+  Registers,
+  type RegisterWriteOptions,
   type SparseArea,
 } from './region'
 export { type RequestMessage, requestChannel, type SettleMessage, settleChannel } from './tracing'

@@ -11,6 +11,7 @@ import {
   invalidArg,
   isDetached,
   outOfRange,
+  rejecting,
 } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
@@ -542,4 +543,121 @@ export function regionIoFds(ch: Channel, index: number, options: CallOptions = {
       return new RegionIoFds(index, records, d.stride, reply.fds)
     }
   })
+}
+
+/** Options of the register writes of {@link Registers}. */
+export interface RegisterWriteOptions extends CallOptions {
+  /** Send as a posted write (No_reply), as {@link RegionWriteOptions.posted}. */
+  posted?: boolean
+}
+
+/** Register widths in bytes, and the largest value each holds. */
+const WIDTH = { 8: 1, 16: 2, 32: 4 } as const
+
+/**
+ * Little-endian (PCI) register access to one region: `read32(offset)` is a 4-byte
+ * REGION_READ decoded, `write64(offset, value)` an 8-byte REGION_WRITE encoded, each with a
+ * `*Sync` twin that blocks the JavaScript thread. Bounds, errors and tracing are those of
+ * `regionRead`/`regionWrite`. Made by `VfioUserClient.registers(index)`.
+ */
+export class Registers {
+  /** The region's index. */
+  readonly index: number
+  readonly #ch: Channel
+
+  /** @internal Use `VfioUserClient.registers`. */
+  constructor(ch: Channel, index: number) {
+    this.#ch = ch
+    this.index = checkInteger('index', index, 0, 0xffff_ffff)
+  }
+
+  /** The byte at `offset`. */
+  read8(offset: number | bigint, options: CallOptions = {}): Promise<number> {
+    return this.#read(offset, 8, options)
+  }
+  /** The 16-bit register at `offset`. */
+  read16(offset: number | bigint, options: CallOptions = {}): Promise<number> {
+    return this.#read(offset, 16, options)
+  }
+  /** The 32-bit register at `offset`. */
+  read32(offset: number | bigint, options: CallOptions = {}): Promise<number> {
+    return this.#read(offset, 32, options)
+  }
+  /** The 64-bit register at `offset`, as a bigint. */
+  read64(offset: number | bigint, options: CallOptions = {}): Promise<bigint> {
+    return rejecting(() => regionRead(this.#ch, this.index, offset, 8, options)).then((b) => b.readBigUInt64LE(0))
+  }
+  /** {@link read8}, blocking. */
+  read8Sync(offset: number | bigint, options: Omit<CallOptions, 'signal'> = {}): number {
+    return regionReadSync(this.#ch, this.index, offset, 1, options).readUInt8(0)
+  }
+  /** {@link read16}, blocking. */
+  read16Sync(offset: number | bigint, options: Omit<CallOptions, 'signal'> = {}): number {
+    return regionReadSync(this.#ch, this.index, offset, 2, options).readUInt16LE(0)
+  }
+  /** {@link read32}, blocking. */
+  read32Sync(offset: number | bigint, options: Omit<CallOptions, 'signal'> = {}): number {
+    return regionReadSync(this.#ch, this.index, offset, 4, options).readUInt32LE(0)
+  }
+  /** {@link read64}, blocking. */
+  read64Sync(offset: number | bigint, options: Omit<CallOptions, 'signal'> = {}): bigint {
+    return regionReadSync(this.#ch, this.index, offset, 8, options).readBigUInt64LE(0)
+  }
+
+  /** Writes the byte `value` at `offset`. */
+  write8(offset: number | bigint, value: number, options: RegisterWriteOptions = {}): Promise<void> {
+    return rejecting(() => regionWrite(this.#ch, this.index, offset, encode(value, 8), options))
+  }
+  /** Writes the 16-bit `value` at `offset`. */
+  write16(offset: number | bigint, value: number, options: RegisterWriteOptions = {}): Promise<void> {
+    return rejecting(() => regionWrite(this.#ch, this.index, offset, encode(value, 16), options))
+  }
+  /** Writes the 32-bit `value` at `offset`. */
+  write32(offset: number | bigint, value: number, options: RegisterWriteOptions = {}): Promise<void> {
+    return rejecting(() => regionWrite(this.#ch, this.index, offset, encode(value, 32), options))
+  }
+  /** Writes the 64-bit `value` (a bigint, or a safe integer) at `offset`. */
+  write64(offset: number | bigint, value: number | bigint, options: RegisterWriteOptions = {}): Promise<void> {
+    return rejecting(() => regionWrite(this.#ch, this.index, offset, encode64(value), options))
+  }
+  /** {@link write8}, blocking. */
+  write8Sync(offset: number | bigint, value: number, options: Omit<CallOptions, 'signal'> = {}): void {
+    regionWriteSync(this.#ch, this.index, offset, encode(value, 8), options)
+  }
+  /** {@link write16}, blocking. */
+  write16Sync(offset: number | bigint, value: number, options: Omit<CallOptions, 'signal'> = {}): void {
+    regionWriteSync(this.#ch, this.index, offset, encode(value, 16), options)
+  }
+  /** {@link write32}, blocking. */
+  write32Sync(offset: number | bigint, value: number, options: Omit<CallOptions, 'signal'> = {}): void {
+    regionWriteSync(this.#ch, this.index, offset, encode(value, 32), options)
+  }
+  /** {@link write64}, blocking. */
+  write64Sync(offset: number | bigint, value: number | bigint, options: Omit<CallOptions, 'signal'> = {}): void {
+    regionWriteSync(this.#ch, this.index, offset, encode64(value), options)
+  }
+
+  #read(offset: number | bigint, bits: 8 | 16 | 32, options: CallOptions): Promise<number> {
+    const bytes = WIDTH[bits]
+    return rejecting(() => regionRead(this.#ch, this.index, offset, bytes, options)).then((b) => b.readUIntLE(0, bytes))
+  }
+}
+
+/** `value` as a little-endian register of `bits` bits. */
+function encode(value: number, bits: 8 | 16 | 32): Buffer {
+  const bytes = WIDTH[bits]
+  checkInteger('value', value, 0, 2 ** bits - 1)
+  const b = Buffer.alloc(bytes)
+  b.writeUIntLE(value, 0, bytes)
+  return b
+}
+
+/** `value` as a little-endian 64-bit register. */
+function encode64(value: number | bigint): Buffer {
+  const v = typeof value === 'number' ? BigInt(checkInteger('value', value, 0, Number.MAX_SAFE_INTEGER)) : value
+  if (typeof v !== 'bigint') throw invalidArg(`value must be a number or a bigint, got ${typeof value}`)
+  if (v < 0n || v >= 1n << 64n) throw outOfRange(`value must be from 0 to 2^64 - 1, got ${v}`)
+  const b = Buffer.alloc(8)
+  b.writeBigUInt64LE(v)
+  return b
 }
