@@ -200,6 +200,12 @@ export declare function allocateDmaMemory(size: number): NativeDmaMemory | Nativ
  */
 export declare function connect(path: string, options: NativeConnectOptions): Promise<NativeClient | NativeError>
 
+/**
+ * A client on an already connected AF_UNIX stream socket `fd` (the caller keeps `fd`; the
+ * client works on a duplicate), named `fd:N` in messages.
+ */
+export declare function connectFd(fd: number, options: NativeConnectOptions): NativeClient | NativeError
+
 /** Decodes a DEVICE_GET_INFO reply payload. */
 export declare function decodeDeviceInfo(payload: Buffer): NativeDeviceInfo | NativeError
 

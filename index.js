@@ -840,6 +840,7 @@ module.exports.NativeDmaMemory = nativeBinding.NativeDmaMemory
 module.exports.NativeRegionMapping = nativeBinding.NativeRegionMapping
 module.exports.allocateDmaMemory = nativeBinding.allocateDmaMemory
 module.exports.connect = nativeBinding.connect
+module.exports.connectFd = nativeBinding.connectFd
 module.exports.decodeDeviceInfo = nativeBinding.decodeDeviceInfo
 module.exports.decodeDeviceState = nativeBinding.decodeDeviceState
 module.exports.decodeDirtyBitmap = nativeBinding.decodeDirtyBitmap

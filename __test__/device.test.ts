@@ -1,5 +1,6 @@
 // The public API end to end against the real rust-vmm server (crates/test-device).
 import { execFileSync, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
 import {
   chmodSync,
   closeSync,
@@ -7,16 +8,19 @@ import {
   existsSync,
   fstatSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   rmSync,
 } from 'node:fs'
+import { createConnection, createServer, type Socket } from 'node:net'
 import { constants, tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AbortError, Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { refusedArg, rejection } from './rejection'
+import { openFds } from './session'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
 
 let device: TestDevice
@@ -382,5 +386,56 @@ describe('test devices (vfio-user/testing)', () => {
     expect(await d.exited).toEqual({ code: 0, signal: null })
     expect(d.stderr()).toBe('')
     expect(existsSync(dirname(d.socketPath))).toBe(false)
+  })
+})
+
+describe('connect({ fd })', () => {
+  /** A socket connected to `path` by Node itself, paused (it must not read), and its fd. */
+  async function nodeSocket(path: string): Promise<{ socket: Socket; fd: number }> {
+    const socket = createConnection(path)
+    await once(socket, 'connect')
+    socket.pause()
+    const fd = (socket as unknown as { _handle: { fd: number } })._handle.fd
+    return { socket, fd }
+  }
+
+  it('takes over a socket connected elsewhere; the fd stays the caller’s', async () => {
+    await using device = await startTestDevice()
+    const { socket, fd } = await nodeSocket(device.socketPath)
+    const before = openFds()
+    const c = await connect({ fd })
+    expect(c.path).toBe(`fd:${fd}`)
+    // The caller's socket can go: the client works on its own duplicate.
+    socket.destroy()
+    await once(socket, 'close')
+    await c.validateVersion()
+    expect((await c.deviceInfo()).numRegions).toBe(9)
+    await c.close()
+    expect(openFds()).toBe(before - 1)
+  })
+
+  it('refuses what is not a connected AF_UNIX stream, typed, naming the fd', async () => {
+    const file = openSync(__filename, 'r')
+    try {
+      const e = await rejection(connect({ fd: file }))
+      expect(e.code).toBe('ENOTSOCK')
+      expect(e.message).toContain(`fd ${file}`)
+    } finally {
+      closeSync(file)
+    }
+    const tcp = createServer()
+    tcp.listen(0, '127.0.0.1')
+    await once(tcp, 'listening')
+    const { port } = tcp.address() as { port: number }
+    const client = createConnection(port, '127.0.0.1')
+    await once(client, 'connect')
+    client.pause()
+    const fd = (client as unknown as { _handle: { fd: number } })._handle.fd
+    expect((await rejection(connect({ fd }))).code).toBe('EAFNOSUPPORT')
+    client.destroy()
+    tcp.close()
+    expect((await rejection(connect({ fd: 999_999 }))).code).toBe('EBADF')
+    await refusedArg(() => connect({ fd: -1 }), RangeError)
+    await refusedArg(() => connect(null as unknown as string), TypeError)
   })
 })

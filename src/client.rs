@@ -94,15 +94,34 @@ impl Task for ConnectTask {
 pub fn connect(path: String, options: NativeConnectOptions) -> AsyncTask<ConnectTask> {
     AsyncTask::new(ConnectTask {
         path: PathBuf::from(path),
-        options: Options {
-            timeout: Duration::from_millis(u64::from(options.timeout_ms)),
-            send_queued: options.send_queued,
-            max_queued_bytes: options
-                .max_queued_bytes
-                .map_or(Options::default().max_queued_bytes, |b| b as usize),
-            ..Options::default()
-        },
+        options: connect_options(&options),
     })
+}
+
+fn connect_options(options: &NativeConnectOptions) -> Options {
+    Options {
+        timeout: Duration::from_millis(u64::from(options.timeout_ms)),
+        send_queued: options.send_queued,
+        max_queued_bytes: options
+            .max_queued_bytes
+            .map_or(Options::default().max_queued_bytes, |b| b as usize),
+        ..Options::default()
+    }
+}
+
+/// A client on an already connected AF_UNIX stream socket `fd` (the caller keeps `fd`; the
+/// client works on a duplicate), named `fd:N` in messages.
+#[napi]
+pub fn connect_fd(fd: i32, options: NativeConnectOptions) -> Either<NativeClient, NativeError> {
+    // SAFETY: ts/ checked it is a non-negative integer; it is only borrowed during this call
+    // (checked and duplicated), and a number that is not an open fd fails with EBADF.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let started = vfio_user_client::adopt_unix_stream(borrowed)
+        .and_then(|sock| Client::from_socket(sock, connect_options(&options), format!("fd:{fd}")));
+    match started {
+        Ok(client) => Either::A(NativeClient::wrap(client)),
+        Err(e) => Either::B(convert::from_error(&e)),
+    }
 }
 
 pub(crate) fn borrow_fds(fds: &[i32]) -> Vec<BorrowedFd<'_>> {

@@ -882,14 +882,29 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   }
 }
 
+/** A socket already connected to a vfio-user server, for {@link connect}. */
+export interface ConnectedSocket {
+  /**
+   * Its file descriptor: an AF_UNIX stream socket, connected (QEMU's `socket.fd=`, socket
+   * activation, a socketpair you made). It stays yours: the client works on a duplicate, so
+   * close yours when you no longer need it.
+   */
+  fd: number
+}
+
 /**
- * Connects to a vfio-user server's UNIX socket.
+ * Connects to a vfio-user server's UNIX socket at `path`, or takes over one already connected
+ * (`{ fd }`).
  * @throws {TypeError|RangeError} (rejection) for bad arguments.
- * @throws {VfioUserError} (rejection) `'ENOENT'`, `'ECONNREFUSED'`, `'EACCES'`… with the path in the message.
+ * @throws {VfioUserError} (rejection) `'ENOENT'`, `'ECONNREFUSED'`, `'EACCES'`… with the path in
+ *   the message; for `{ fd }`, `'EBADF'`, `'ENOTSOCK'`, `'EPROTOTYPE'` (not a stream),
+ *   `'EAFNOSUPPORT'` (not AF_UNIX) or `'ENOTCONN'`, naming the fd.
  */
-export async function connect(path: string, options: ConnectOptions = {}): Promise<VfioUserClient> {
-  if (typeof path !== 'string') throw invalidArg(`path must be a string, got ${typeof path}`)
-  if (path.length === 0) throw outOfRange('path must not be empty')
+export async function connect(path: string | ConnectedSocket, options: ConnectOptions = {}): Promise<VfioUserClient> {
+  if (path === null || (typeof path !== 'string' && typeof path !== 'object')) {
+    throw invalidArg(`path must be a string or { fd }, got ${path === null ? 'null' : typeof path}`)
+  }
+  if (typeof path === 'string' && path.length === 0) throw outOfRange('path must not be empty')
   if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs) ?? 5000
   if (options.sendQueued !== undefined && typeof options.sendQueued !== 'boolean') {
@@ -899,7 +914,14 @@ export async function connect(path: string, options: ConnectOptions = {}): Promi
     options.maxQueuedBytes === undefined
       ? undefined
       : checkInteger('maxQueuedBytes', options.maxQueuedBytes, 64 * 1024, Number.MAX_SAFE_INTEGER)
-  const r = await native.connect(path, { timeoutMs, sendQueued: options.sendQueued ?? false, maxQueuedBytes })
+  const settings = { timeoutMs, sendQueued: options.sendQueued ?? false, maxQueuedBytes }
+  if (typeof path === 'object') {
+    const fd = checkInteger('fd', path.fd, 0, 0x7fff_ffff)
+    const r = native.connectFd(fd, settings)
+    if ('errno' in r) throw fromNative(r, `fd:${fd}`)
+    return new VfioUserClient(r, `fd:${fd}`)
+  }
+  const r = await native.connect(path, settings)
   if ('errno' in r) throw fromNative(r)
   return new VfioUserClient(r, path)
 }

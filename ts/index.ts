@@ -12,6 +12,7 @@ export {
 } from './capabilities'
 export type { CallOptions } from './channel'
 export {
+  type ConnectedSocket,
   type ConnectOptions,
   connect,
   type DmaEvent,

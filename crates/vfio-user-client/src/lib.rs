@@ -54,7 +54,7 @@ pub use reader::ExternalReader;
 pub use region::{DataCompletion, IntoCompletion, ReadData, READ_PIECE};
 pub use region_map::RegionMapping;
 pub use shared::DmaHook;
-pub use socket::{connect_unix, MAX_RECV_FDS};
+pub use socket::{adopt_unix_stream, connect_unix, MAX_RECV_FDS};
 pub use state::Stats;
 pub use target::{ReadCancel, ReadInto};
 pub use ticket::Ticket;

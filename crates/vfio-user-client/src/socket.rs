@@ -58,6 +58,32 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> Result<OwnedFd, Error> {
     }
 }
 
+/// A close-on-exec duplicate of `fd`, checked to be a connected AF_UNIX stream socket (made
+/// elsewhere: QEMU's `socket.fd=`, socket activation, a socketpair), with a send buffer of
+/// [`SEND_BUFFER`]. The caller keeps `fd`.
+pub fn adopt_unix_stream(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, Error> {
+    let n = fd.as_raw_fd();
+    let fail = |errno: Errno, what: &str| Error::new(errno, format!("fd {n} {what}"));
+    let kind = socket::getsockopt(&fd, socket::sockopt::SockType)
+        .map_err(|e| fail(e, &format!("is not a socket: {}", e.desc())))?;
+    if kind != SockType::Stream {
+        return Err(fail(Errno::EPROTOTYPE, "is not a stream socket"));
+    }
+    let local: socket::SockaddrStorage =
+        socket::getsockname(n).map_err(|e| fail(e, &format!("has no address: {}", e.desc())))?;
+    if socket::SockaddrLike::family(&local) != Some(AddressFamily::Unix) {
+        return Err(fail(Errno::EAFNOSUPPORT, "is not an AF_UNIX socket"));
+    }
+    socket::getpeername::<socket::SockaddrStorage>(n)
+        .map_err(|e| fail(e, &format!("is not connected: {}", e.desc())))?;
+    let dup = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))
+        .map_err(|e| fail(e, &format!("cannot be duplicated: {}", e.desc())))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    let _ = socket::setsockopt(&owned, socket::sockopt::SndBuf, &SEND_BUFFER);
+    Ok(owned)
+}
+
 /// One nonblocking sendmsg of `iov` gathered (writev-style), with `fds` as SCM_RIGHTS when
 /// there are any. MSG_NOSIGNAL: a closed peer is an EPIPE error, not a process-killing
 /// SIGPIPE.
