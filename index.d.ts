@@ -191,8 +191,8 @@ export declare class NativeRegionMapping {
   unmap(view: unknown): void
 }
 
-/** Allocates `size` bytes of DMA memory (a memfd, mapped shared). */
-export declare function allocateDmaMemory(size: number): NativeDmaMemory | NativeError
+/** Allocates `size` bytes of DMA memory (a memfd, mapped shared), of huge pages when `huge`. */
+export declare function allocateDmaMemory(size: number, huge: boolean): NativeDmaMemory | NativeError
 
 /**
  * Connects on a libuv worker (a full listen backlog can make connect wait); resolves to the
@@ -241,6 +241,9 @@ export declare function deviceInfoRequest(): Buffer
 
 /** The MIG_DEVICE_STATE data for `state`. */
 export declare function deviceStateData(state: number): Buffer
+
+/** `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`). */
+export declare function dmaMemoryFromFd(fd: number, offset: bigint, size: number): NativeDmaMemory | NativeError
 
 /** The data of a DEVICE_FEATURE reply to a request with `flags`. */
 export declare function featureReplyData(payload: Buffer, flags: number): Buffer | NativeError

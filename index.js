@@ -852,6 +852,7 @@ module.exports.decodeRegionInfo = nativeBinding.decodeRegionInfo
 module.exports.decodeRegionIoFds = nativeBinding.decodeRegionIoFds
 module.exports.deviceInfoRequest = nativeBinding.deviceInfoRequest
 module.exports.deviceStateData = nativeBinding.deviceStateData
+module.exports.dmaMemoryFromFd = nativeBinding.dmaMemoryFromFd
 module.exports.featureReplyData = nativeBinding.featureReplyData
 module.exports.featureRequest = nativeBinding.featureRequest
 module.exports.irqInfoRequest = nativeBinding.irqInfoRequest

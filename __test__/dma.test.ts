@@ -1,6 +1,18 @@
-import { readFileSync } from 'node:fs'
+import {
+  closeSync,
+  ftruncateSync,
+  mkdtempSync,
+  openSync,
+  readFileSync,
+  readSync,
+  rmSync,
+  writeFileSync,
+  writeSync,
+} from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { allocateDmaMemory, connect, type VfioUserClient } from '../ts/index'
+import { allocateDmaMemory, connect, dmaMemoryFromFd, type VfioUserClient } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { deviceSession, openFds } from './session'
@@ -148,5 +160,68 @@ describe('DMA against the test device', () => {
       await session.client.dmaUnmap({ iova: 0x50_0000, size: PAGE })
     }
     expect(openFds()).toBe(fds)
+  })
+})
+
+describe('DMA memory the VMM already has, and huge pages', () => {
+  it('dmaMemoryFromFd maps part of a file; a DMA map sends its fd with the range offset in the file', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vfio-user-guest-'))
+    const path = join(dir, 'guest-ram')
+    const fd = openSync(path, 'w+')
+    try {
+      ftruncateSync(fd, 4 * PAGE)
+      writeSync(fd, 'guest ram', PAGE)
+      // Pages 1 and 2 of the file: its byte 4096 is the memory's byte 0.
+      using memory = dmaMemoryFromFd(fd, { offset: PAGE, size: 2 * PAGE })
+      expect(memory.buffer.toString('utf8', 0, 9)).toBe('guest ram')
+      memory.buffer.write('from js', 100)
+      const back = Buffer.alloc(7)
+      readSync(fd, back, 0, 7, PAGE + 100)
+      expect(back.toString()).toBe('from js')
+      // The device copies through its own mapping of the fd: from the memory's page 0 (file
+      // page 1) to its page 1 (file page 2), which only works if the offset went with the fd.
+      await session.client.dmaMap({ iova: 0x40_0000n, size: 2 * PAGE, memory })
+      await deviceCopy(0x40_0000n, 0x40_1000n, 9)
+      const copied = Buffer.alloc(9)
+      readSync(fd, copied, 0, 9, 2 * PAGE)
+      expect(copied.toString()).toBe('guest ram')
+      expect(memory.buffer.toString('utf8', PAGE, PAGE + 9)).toBe('guest ram')
+      await session.client.dmaUnmap({ iova: 0x40_0000n, size: 2 * PAGE })
+      // Refused: an offset that is not page-aligned, a file opened read-only.
+      expect(() => dmaMemoryFromFd(fd, { offset: 100, size: PAGE })).toThrow(
+        expect.objectContaining({ code: 'EINVAL' }),
+      )
+      const readOnly = openSync(path, 'r')
+      try {
+        expect(() => dmaMemoryFromFd(readOnly, { size: PAGE })).toThrow(expect.objectContaining({ code: 'EACCES' }))
+      } finally {
+        closeSync(readOnly)
+      }
+    } finally {
+      // Still ours after the memory closed: this close would fail (EBADF) otherwise.
+      closeSync(fd)
+      rmSync(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('allocateDmaMemory({ hugePages }) is backed by huge pages the device maps too', async () => {
+    const HUGE = 2 << 20
+    // Reserved for this test if none are (root only), and given back after.
+    const reserved = Number(readFileSync('/proc/sys/vm/nr_hugepages', 'utf8'))
+    if (reserved < 2) writeFileSync('/proc/sys/vm/nr_hugepages', '2')
+    try {
+      using memory = allocateDmaMemory(HUGE, { hugePages: true })
+      const maps = readFileSync('/proc/self/smaps', 'utf8').split(/\n(?=[0-9a-f]+-)/)
+      const ours = maps.find((m) => m.includes('memfd:vfio-user-dma') && /KernelPageSize:\s+2048 kB/.test(m))
+      expect(ours).toMatch(/KernelPageSize:\s+2048 kB/)
+      memory.buffer.write('huge', 0)
+      await session.client.dmaMap({ iova: 0x80_0000n, size: HUGE, memory })
+      await deviceCopy(0x80_0000n, 0x80_0000n + BigInt(HUGE / 2), 4)
+      expect(memory.buffer.toString('utf8', HUGE / 2, HUGE / 2 + 4)).toBe('huge')
+      await session.client.dmaUnmap({ iova: 0x80_0000n, size: HUGE })
+      expect(() => allocateDmaMemory(PAGE, { hugePages: true })).toThrow(expect.objectContaining({ code: 'EINVAL' }))
+    } finally {
+      if (reserved < 2) writeFileSync('/proc/sys/vm/nr_hugepages', String(reserved))
+    }
   })
 })

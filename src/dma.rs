@@ -25,10 +25,27 @@ pub struct NativeDmaMemory {
 /// The mapping while it is open: shared with the view's finalizer, emptied by `close`.
 type Slot = Mutex<Option<Arc<DmaMemory>>>;
 
-/// Allocates `size` bytes of DMA memory (a memfd, mapped shared).
+/// Allocates `size` bytes of DMA memory (a memfd, mapped shared), of huge pages when `huge`.
 #[napi]
-pub fn allocate_dma_memory(size: f64) -> Either<NativeDmaMemory, NativeError> {
-    match DmaMemory::allocate(size as usize) {
+pub fn allocate_dma_memory(size: f64, huge: bool) -> Either<NativeDmaMemory, NativeError> {
+    wrap_memory(DmaMemory::allocate_with(size as usize, huge))
+}
+
+/// `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`).
+#[napi]
+pub fn dma_memory_from_fd(
+    fd: i32,
+    offset: BigInt,
+    size: f64,
+) -> Either<NativeDmaMemory, NativeError> {
+    // SAFETY: ts/ checked it is a non-negative integer; it is only borrowed during this call
+    // (duplicated), and a number that is not an open fd fails with EBADF.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    wrap_memory(DmaMemory::from_fd(borrowed, u64_of(&offset), size as usize))
+}
+
+fn wrap_memory(m: std::result::Result<DmaMemory, Error>) -> Either<NativeDmaMemory, NativeError> {
+    match m {
         Ok(m) => Either::A(NativeDmaMemory {
             memory: Arc::new(Mutex::new(Some(Arc::new(m)))),
         }),
@@ -140,7 +157,8 @@ impl NativeClient {
                 size: u64_of(&args.size),
                 read: args.read,
                 write: args.write,
-                fd: Some((fd, offset)),
+                // The fd's offset: where the memory starts in its file, plus the range's.
+                fd: Some((fd, mem.file_offset() + offset)),
                 local: Some(mem.from_offset(offset as usize)),
                 timeout: convert::timeout(args.timeout_ms),
             };

@@ -1,7 +1,7 @@
 // DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
 // checks against the server's page size and map count, the DMA table and the serving of the
 // server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
-import { checkOffset, checkSize, checkTimeout, invalidArg, outOfRange } from './args'
+import { checkInteger, checkOffset, checkSize, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative } from './errors'
@@ -55,14 +55,56 @@ export class DmaMemory {
   }
 }
 
+/** Options of {@link allocateDmaMemory}. */
+export interface AllocateDmaMemoryOptions {
+  /**
+   * Back it with huge pages (`MFD_HUGETLB`, the system's default huge page size, which `size`
+   * must be a multiple of), taken from those reserved in `/proc/sys/vm/nr_hugepages`.
+   */
+  hugePages?: boolean
+}
+
 /**
  * Allocates `size` bytes of DMA memory (a memfd, zero-filled, mapped shared).
  * @throws {RangeError} for a size that is not a positive safe integer (a number or a bigint).
- * @throws {VfioUserError} when the memfd cannot be made or mapped (`'ENOMEM'`, `'EMFILE'`…).
+ * @throws {VfioUserError} when the memfd cannot be made or mapped (`'ENOMEM'`, `'EMFILE'`…;
+ *   with `hugePages`, `'EINVAL'` for a size that is not a multiple of the huge page size,
+ *   `'ENOMEM'` when not enough huge pages are reserved).
  */
-export function allocateDmaMemory(size: number | bigint): DmaMemory {
+export function allocateDmaMemory(size: number | bigint, options: AllocateDmaMemoryOptions = {}): DmaMemory {
   const bytes = checkSize('size', size, 1, Number.MAX_SAFE_INTEGER)
-  const m = native.allocateDmaMemory(bytes)
+  if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
+  if (options.hugePages !== undefined && typeof options.hugePages !== 'boolean') {
+    throw invalidArg('hugePages must be a boolean')
+  }
+  const m = native.allocateDmaMemory(bytes, options.hugePages ?? false)
+  if ('errno' in m) throw fromNative(m)
+  return new DmaMemory(m)
+}
+
+/** Options of {@link dmaMemoryFromFd}. */
+export interface DmaMemoryFromFdOptions {
+  /** How many bytes to map. */
+  size: number | bigint
+  /** Where they start in the file (page-aligned; default 0). */
+  offset?: number | bigint
+}
+
+/**
+ * DMA memory the VMM already has: `size` bytes of `fd` (guest RAM in a memfd, a hugetlbfs
+ * file, opened read-write) from `offset`, mapped shared into this process. A DMA map of it
+ * sends that fd, with the offset of the range in the file. `fd` stays yours (this works on a
+ * duplicate, closed by `close()`).
+ * @throws {TypeError|RangeError} for bad arguments.
+ * @throws {VfioUserError} `'EBADF'`, `'EINVAL'` (an offset that is not page-aligned), `'EACCES'`
+ *   (not opened read-write), naming the fd.
+ */
+export function dmaMemoryFromFd(fd: number, options: DmaMemoryFromFdOptions): DmaMemory {
+  checkInteger('fd', fd, 0, 0x7fff_ffff)
+  if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
+  const bytes = checkSize('size', options.size, 1, Number.MAX_SAFE_INTEGER)
+  const offset = checkOffset('offset', options.offset ?? 0).value
+  const m = native.dmaMemoryFromFd(fd, offset, bytes)
   if ('errno' in m) throw fromNative(m)
   return new DmaMemory(m)
 }

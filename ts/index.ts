@@ -24,7 +24,15 @@ export {
 } from './client'
 export { Command, type CommandName, type CommandNumber, commandName } from './command'
 export type { DeviceInfo } from './device'
-export { allocateDmaMemory, type DmaMapping, DmaMemory, type DmaRange } from './dma'
+export {
+  type AllocateDmaMemoryOptions,
+  allocateDmaMemory,
+  type DmaMapping,
+  DmaMemory,
+  type DmaMemoryFromFdOptions,
+  type DmaRange,
+  dmaMemoryFromFd,
+} from './dma'
 export { AbortError, VfioUserError } from './errors'
 export type { MigrationFlags, MigrationState } from './feature'
 export {

@@ -59,7 +59,9 @@ struct Device {
     /// (irq index, vector) -> eventfd.
     irqs: HashMap<(u32, u32), File>,
     /// DMA windows by address: (size, offset in the fd, fd).
-    dma: HashMap<u64, (u64, u64, Option<File>)>,
+    /// DMA maps by iova: their size, and the memory behind them, mapped from their fd as a
+    /// device maps guest RAM (pread would not do for hugetlbfs files, which have no read()).
+    dma: HashMap<u64, (u64, Option<DmaWindow>)>,
 }
 
 fn initial_config() -> [u8; CONFIG_SIZE as usize] {
@@ -84,13 +86,70 @@ fn check_range(region: u32, offset: u64, len: usize, size: u64) -> io::Result<()
     }
 }
 
+/// The memory of one DMA map, mapped shared from its fd; unmapped when dropped.
+struct DmaWindow {
+    ptr: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+impl DmaWindow {
+    fn map(file: &File, offset: u64, size: u64) -> io::Result<DmaWindow> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let len = usize::try_from(size).map_err(|_| invalid(format!("DMA map of {size} bytes")))?;
+        let at =
+            i64::try_from(offset).map_err(|_| invalid(format!("DMA map at offset {offset}")))?;
+        let n =
+            std::num::NonZeroUsize::new(len).ok_or_else(|| invalid("an empty DMA map".into()))?;
+        // SAFETY: a fresh shared mapping of the client's file, at an address the kernel picks;
+        // it aliases nothing of ours and lives until this window is dropped.
+        let ptr = unsafe {
+            mmap(
+                None,
+                n,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file,
+                at,
+            )
+        }
+        .map_err(io::Error::from)?;
+        Ok(DmaWindow { ptr, len })
+    }
+
+    /// `len` bytes at `at` (the caller checked they lie inside).
+    #[allow(clippy::mut_from_ref)]
+    fn slice(&self, at: u64, len: u64) -> &mut [u8] {
+        // SAFETY: [at, at + len) lies inside the mapping (dma_window checks it against the
+        // map's size, which is the mapping's length); the device serves one request at a
+        // time, so no two slices are used at once; the guest may write the same memory, as
+        // real DMA races with it.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.ptr.as_ptr().cast::<u8>().add(at as usize),
+                len as usize,
+            )
+        }
+    }
+}
+
+impl Drop for DmaWindow {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once, and no slice of it outlives
+        // `&self` borrows, which end before the window is dropped.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+    }
+}
+
+// SAFETY: a DmaWindow is an address and a length of shared memory, tied to no thread.
+unsafe impl Send for DmaWindow {}
+
 impl Device {
-    /// The fd and file offset behind [iova, iova + len), if one map holds it all.
-    fn dma_window(&self, iova: u64, len: u64) -> io::Result<(&File, u64)> {
+    /// The memory behind [iova, iova + len), if one map with an fd holds it all.
+    fn dma_window(&self, iova: u64, len: u64) -> io::Result<&mut [u8]> {
         self.dma
             .iter()
-            .find(|(base, (size, _, _))| iova >= **base && iova - **base + len <= *size)
-            .and_then(|(base, (_, offset, fd))| fd.as_ref().map(|f| (f, offset + iova - *base)))
+            .find(|(base, (size, _))| iova >= **base && iova - **base + len <= *size)
+            .and_then(|(base, (_, w))| w.as_ref().map(|w| w.slice(iova - *base, len)))
             .ok_or_else(|| {
                 invalid(format!(
                     "no DMA map with an fd holds {len} bytes at {iova:#x}"
@@ -105,11 +164,9 @@ impl Device {
         let src = u64::from_le_bytes(reg);
         self.bar0.read_exact_at(&mut reg, DMA_DST)?;
         let dst = u64::from_le_bytes(reg);
-        let mut data = vec![0u8; len as usize];
-        let (from, at) = self.dma_window(src, u64::from(len))?;
-        from.read_exact_at(&mut data, at)?;
-        let (to, at) = self.dma_window(dst, u64::from(len))?;
-        to.write_all_at(&data, at)
+        let data = self.dma_window(src, u64::from(len))?.to_vec();
+        self.dma_window(dst, u64::from(len))?.copy_from_slice(&data);
+        Ok(())
     }
 
     fn signal(&self, vector: u32) -> io::Result<()> {
@@ -191,13 +248,17 @@ impl ServerBackend for Device {
         if size == 0 || self.dma.contains_key(&address) {
             return Err(invalid(format!("bad DMA map at {address:#x}")));
         }
-        self.dma.insert(address, (size, offset, fd));
+        let window = match fd {
+            Some(f) => Some(DmaWindow::map(&f, offset, size)?),
+            None => None,
+        };
+        self.dma.insert(address, (size, window));
         Ok(())
     }
 
     fn dma_unmap(&mut self, _flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
         match self.dma.get(&address) {
-            Some((s, _, _)) if *s == size => {
+            Some((s, _)) if *s == size => {
                 self.dma.remove(&address);
                 Ok(())
             }

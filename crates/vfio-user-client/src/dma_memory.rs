@@ -8,7 +8,7 @@ use nix::errno::Errno;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +19,8 @@ pub struct DmaMemory {
     fd: Mutex<Option<OwnedFd>>,
     ptr: NonNull<std::ffi::c_void>,
     len: usize,
+    /// Where the mapping starts in the fd's file (0 for memory allocated here).
+    file_offset: u64,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this object; nothing in it is tied to a
@@ -31,30 +33,90 @@ unsafe impl Sync for DmaMemory {}
 impl DmaMemory {
     /// A zero-filled memfd of `len` bytes (at least 1), mapped read-write and shared.
     pub fn allocate(len: usize) -> Result<DmaMemory, Error> {
-        let size = NonZeroUsize::new(len)
-            .ok_or_else(|| Error::new(Errno::EINVAL, "DMA memory must not be empty"))?;
-        let fail = |e: Errno, what: &str| Error::new(e, format!("{what}: {}", e.desc()));
-        let fd = memfd_create(c"vfio-user-dma", MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| fail(e, "memfd_create"))?;
-        nix::unistd::ftruncate(&fd, len as i64).map_err(|e| fail(e, "sizing DMA memory"))?;
-        // SAFETY: a fresh shared mapping of a file we own, at an address the kernel picks;
-        // it aliases no Rust object.
-        let ptr = unsafe {
-            mmap(
-                None,
-                size,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )
+        DmaMemory::allocate_with(len, false)
+    }
+
+    /// [`DmaMemory::allocate`], backed by huge pages when `huge` (`MFD_HUGETLB`: the system's
+    /// default huge page size, which `len` must be a multiple of, from the pages reserved in
+    /// `/proc/sys/vm/nr_hugepages`).
+    pub fn allocate_with(len: usize, huge: bool) -> Result<DmaMemory, Error> {
+        if len == 0 {
+            return Err(Error::new(Errno::EINVAL, "DMA memory must not be empty"));
         }
-        .map_err(|e| fail(e, "mapping DMA memory"))?;
+        let fail = |e: Errno, what: &str| Error::new(e, format!("{what}: {}", e.desc()));
+        let mut flags = MFdFlags::MFD_CLOEXEC;
+        if huge {
+            let page = huge_page_size().ok_or_else(|| {
+                Error::new(
+                    Errno::ENOTSUP,
+                    "this system has no huge pages (no Hugepagesize in /proc/meminfo)",
+                )
+            })?;
+            if !len.is_multiple_of(page) {
+                return Err(Error::new(
+                    Errno::EINVAL,
+                    format!("huge-page DMA memory must be a multiple of {page} bytes, not {len}"),
+                ));
+            }
+            flags |= MFdFlags::MFD_HUGETLB;
+        }
+        let fd = memfd_create(c"vfio-user-dma", flags).map_err(|e| fail(e, "memfd_create"))?;
+        nix::unistd::ftruncate(&fd, len as i64).map_err(|e| fail(e, "sizing DMA memory"))?;
+        let ptr = map_shared(&fd, len, 0).map_err(|e| {
+            if huge && e == Errno::ENOMEM {
+                Error::new(
+                    e,
+                    format!("mapping {len} bytes of huge pages: not enough reserved (/proc/sys/vm/nr_hugepages)"),
+                )
+            } else {
+                fail(e, "mapping DMA memory")
+            }
+        })?;
         Ok(DmaMemory {
             fd: Mutex::new(Some(fd)),
             ptr,
             len,
+            file_offset: 0,
         })
+    }
+
+    /// `len` bytes of memory the caller already has behind `fd` (guest RAM in a memfd, a
+    /// hugetlbfs file), from `offset` (page-aligned), mapped read-write and shared. The
+    /// caller keeps `fd`: this works on a duplicate, which goes with each DMA_MAP.
+    pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<DmaMemory, Error> {
+        if len == 0 {
+            return Err(Error::new(Errno::EINVAL, "DMA memory must not be empty"));
+        }
+        let n = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let fail = |e: Errno, what: &str| Error::new(e, format!("fd {n}: {what}: {}", e.desc()));
+        let dup = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))
+            .map_err(|e| fail(e, "cannot be duplicated"))?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        let at = i64::try_from(offset).map_err(|_| {
+            Error::new(
+                Errno::EINVAL,
+                format!("offset {offset} is past what mmap takes"),
+            )
+        })?;
+        let ptr = map_shared(&owned, len, at).map_err(|e| {
+            fail(
+                e,
+                &format!("cannot map {len} bytes at offset {offset} (page-aligned, inside the file, opened read-write)"),
+            )
+        })?;
+        Ok(DmaMemory {
+            fd: Mutex::new(Some(owned)),
+            ptr,
+            len,
+            file_offset: offset,
+        })
+    }
+
+    /// Where the mapping starts in the fd's file: a DMA_MAP of this memory at `o` sends the
+    /// fd with offset `file_offset() + o`.
+    pub fn file_offset(&self) -> u64 {
+        self.file_offset
     }
 
     /// Runs `f` with the fd, or fails with EBADF once it has been closed.
@@ -98,6 +160,31 @@ impl DmaMemory {
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr().cast()
     }
+}
+
+/// A read-write shared mapping of `len` bytes of `fd` from `offset`.
+fn map_shared(fd: &OwnedFd, len: usize, offset: i64) -> nix::Result<NonNull<std::ffi::c_void>> {
+    let size = NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+    // SAFETY: a fresh shared mapping of a file we hold, at an address the kernel picks; it
+    // aliases no Rust object.
+    unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            offset,
+        )
+    }
+}
+
+/// The system's default huge page size (`Hugepagesize:` of /proc/meminfo), if it has one.
+fn huge_page_size() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("Hugepagesize:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 impl LocalMemory for DmaMemory {
