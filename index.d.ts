@@ -96,10 +96,11 @@ export declare class NativeClient {
   /** `dma_map_buffer`, blocking until the reply. False on failure (see `take_error`). */
   dmaMapBufferSync(args: NativeDmaMapArgs, memory: Buffer): boolean
   /**
-   * Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
-   * reply event with `token` follows once the server has answered every chunk.
+   * Makes and wires an eventfd per vector of [start, start + count) of irq `index`, read
+   * here when `watch`, or wires the caller's `fds` (never read here); a reply event with
+   * `token` follows once the server has answered every chunk.
    */
-  enableIrqs(token: number, index: number, start: number, count: number, timeoutMs?: number | undefined | null): NativeIrqGroup | NativeError
+  enableIrqs(token: number, index: number, start: number, count: number, timeoutMs: number | undefined | null, watch: boolean, fds?: Array<number> | undefined | null): NativeIrqGroup | NativeError
   /**
    * Stops group `group` at once (eventfds closed) and unwires it on the device; a reply
    * event with `token` follows. Returns an error if nothing was sent.

@@ -2,6 +2,7 @@
 // doorbell (BAR0 0xffc) signals MSI vector v through the eventfd wired to it.
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
+import { closeSync, fstatSync, openSync, readSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { connect, type IrqEvent } from '../ts/index'
@@ -190,5 +191,49 @@ describe('interrupts against the test device', () => {
     })
     const [code] = (await once(child, 'exit')) as [number | null]
     expect({ code, out }).toEqual({ code: 0, out: 'ready\n{"index":1,"vector":2,"count":1}\n' })
+  })
+
+  it('watch: false wires eventfds the library never reads: the count waits in them for their reader (KVM)', async () => {
+    const c = session.client
+    const irqs = await c.enableIrqs(1, { start: 0, count: 4, watch: false })
+    expect(irqs.watched).toBe(false)
+    await ring(2)
+    await ring(2)
+    // Both signals are still in the eventfd: nobody here read them.
+    const count = Buffer.alloc(8)
+    expect(readSync(irqs.fds[2] as number, count, 0, 8, null)).toBe(8)
+    expect(count.readBigUInt64LE(0)).toBe(2n)
+    expect((await rejection(irqs.wait())).code).toBe('EINVAL')
+    await irqs.disable()
+  })
+
+  it('your own eventfds are wired as they are, never read here, and stay yours after disable()', async () => {
+    const c = session.client
+    // An eventfd of our own, for the test: one the library made and does not read.
+    const own = await c.enableIrqs(1, { start: 0, count: 1, watch: false })
+    const fd = own.fds[0] as number
+    const intx = await c.enableIrqs(0, { fds: [fd] })
+    expect(intx.fds).toEqual([fd])
+    expect(intx.watched).toBe(false)
+    // The doorbell for a vector with no MSI eventfd signals INTx: our eventfd counts it.
+    await ring(3)
+    const count = Buffer.alloc(8)
+    expect(readSync(fd, count, 0, 8, null)).toBe(8)
+    expect(count.readBigUInt64LE(0)).toBe(1n)
+    await intx.disable()
+    // Still open: only the library's duplicate was closed.
+    expect(fstatSync(fd).isFile()).toBe(false)
+    await own.disable()
+    // Refused before sending: not an eventfd, a count that does not match, watch: true.
+    const file = openSync(__filename, 'r')
+    try {
+      const e = await rejection(c.enableIrqs(0, { fds: [file] }))
+      expect(e).toMatchObject({ code: 'EINVAL' })
+      expect(e.message).toContain('is not an eventfd')
+    } finally {
+      closeSync(file)
+    }
+    await refusedArg(() => c.enableIrqs(1, { fds: [fd, fd], count: 3 }), RangeError)
+    await refusedArg(() => c.enableIrqs(1, { fds: [fd], watch: true }), RangeError)
   })
 })

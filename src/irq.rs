@@ -7,6 +7,7 @@ use crate::event::Event;
 use napi::bindgen_prelude::{Buffer, BufferSlice, Either};
 use napi_derive::napi;
 use vfio_user_client::proto::{irq, Command};
+use vfio_user_client::IrqFds;
 
 /// A decoded DEVICE_GET_IRQ_INFO reply.
 #[napi(object, object_from_js = false)]
@@ -56,9 +57,11 @@ pub struct NativeIrqGroup {
 
 #[napi]
 impl NativeClient {
-    /// Makes and wires an eventfd per vector of [start, start + count) of irq `index`; a
-    /// reply event with `token` follows once the server has answered every chunk.
+    /// Makes and wires an eventfd per vector of [start, start + count) of irq `index`, read
+    /// here when `watch`, or wires the caller's `fds` (never read here); a reply event with
+    /// `token` follows once the server has answered every chunk.
     #[napi]
+    #[allow(clippy::too_many_arguments)]
     pub fn enable_irqs(
         &self,
         token: u32,
@@ -66,11 +69,18 @@ impl NativeClient {
         start: u32,
         count: u32,
         timeout_ms: Option<u32>,
+        watch: bool,
+        fds: Option<Vec<i32>>,
     ) -> Either<NativeIrqGroup, NativeError> {
         let events = self.events.clone();
         let done = Box::new(move |r| events.push(Event::Done(token, r)));
-        match self.live(|c| c.enable_irqs(index, start, count, convert::timeout(timeout_ms), done))
-        {
+        let given = fds.as_deref().map(crate::client::borrow_fds);
+        let source = match &given {
+            Some(fds) => IrqFds::Given(fds),
+            None => IrqFds::Make { watch },
+        };
+        let timeout = convert::timeout(timeout_ms);
+        match self.live(|c| c.enable_irqs_with(index, start, count, source, timeout, done)) {
             Ok(e) => Either::A(NativeIrqGroup {
                 group: e.group,
                 fds: e.fds,

@@ -2,7 +2,7 @@
 // the proto crate's irq.rs, through the binding's irq.rs.
 import { EventEmitter } from 'node:events'
 import { watchAbort } from './abort'
-import { checkInteger, checkTimeout, invalidArg, outOfRange } from './args'
+import { checkFds, checkInteger, checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
 import { aborted, VfioUserError } from './errors'
@@ -20,8 +20,19 @@ export interface IrqEvent {
 export interface EnableIrqsOptions extends CallOptions {
   /** First vector (default 0). */
   start?: number
-  /** Vectors (default 1). */
+  /** Vectors (default 1; with `fds`, their number). */
   count?: number
+  /**
+   * Read the eventfds here and emit `'irq'` events (default true). With false the library
+   * makes them and wires them but never reads them, so they can go to KVM as irqfds with no
+   * second reader racing it.
+   */
+  watch?: boolean
+  /**
+   * Your own eventfds, one per vector from `start`: wired as they are (duplicates are sent
+   * and kept), never read here; they stay yours to close.
+   */
+  fds?: number[]
 }
 
 /** Options of {@link setIrqs}. */
@@ -83,8 +94,13 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
   readonly start: number
   /** How many vectors are wired, from `start`. */
   readonly count: number
-  /** The eventfds, one per vector from `start` (for a caller who hands them to KVM). Closed by `disable()`. */
+  /**
+   * The eventfds, one per vector from `start` (for a caller who hands them to KVM). Those the
+   * library made are closed by `disable()`; your own (`fds` given) stay yours.
+   */
   readonly fds: readonly number[]
+  /** Whether the library reads the eventfds (false with `watch: false` or your own `fds`): no events, no `wait`. */
+  readonly watched: boolean
   #ch: Channel
   #group: number
   #ended = false
@@ -95,8 +111,9 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
   #refHold?: () => void
 
   /** @internal Built by {@link enableIrqs}. */
-  constructor(ch: Channel, group: number, index: number, start: number, fds: number[]) {
+  constructor(ch: Channel, group: number, index: number, start: number, fds: number[], watched: boolean) {
     super()
+    this.watched = watched
     this.#ch = ch
     this.#group = group
     this.index = index
@@ -185,6 +202,11 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
       if (this.#ended) {
         return Promise.reject(
           new VfioUserError('ECANCELED', 125, 'the interrupts were disabled or their connection ended'),
+        )
+      }
+      if (!this.watched) {
+        return Promise.reject(
+          new VfioUserError('EINVAL', 22, 'these eventfds are not read by the library (watch: false, or your own fds)'),
         )
       }
       if (signal?.aborted) return Promise.reject(aborted(signal))
@@ -305,7 +327,13 @@ function pastVectors(ch: Channel, index: number, start: number, count: number): 
 export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOptions = {}): Promise<Interrupts> {
   checkInteger('index', index, 0, 0xffff_ffff)
   const start = checkInteger('start', options.start ?? 0, 0, 0x7fff_fffe)
-  const count = checkInteger('count', options.count ?? 1, 1, 2048)
+  const given = checkFds(options.fds)
+  if (options.fds !== undefined && given === undefined) throw outOfRange('fds must not be empty')
+  const count = checkInteger('count', options.count ?? given?.length ?? 1, 1, 2048)
+  if (given && given.length !== count) throw outOfRange(`${given.length} fds for ${count} vectors`)
+  if (options.watch !== undefined && typeof options.watch !== 'boolean') throw invalidArg('watch must be a boolean')
+  if (given && options.watch === true) throw outOfRange('your own eventfds are never read here: watch must not be true')
+  const watch = given ? false : (options.watch ?? true)
   if (start + count > 0x7fff_ffff) throw outOfRange(`vectors ${start}+${count} run past 2^31`)
   const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
   const refused = pastVectors(ch, index, start, count)
@@ -315,9 +343,9 @@ export function enableIrqs(ch: Channel, index: number, options: EnableIrqsOption
     .call(
       Command.DEVICE_SET_IRQS,
       (token) => {
-        const g = ch.native.enableIrqs(token, index, start, count, timeoutMs)
+        const g = ch.native.enableIrqs(token, index, start, count, timeoutMs, watch, given)
         if ('errno' in g) return g
-        made = new Interrupts(ch, g.group, index, start, g.fds)
+        made = new Interrupts(ch, g.group, index, start, g.fds, watch)
         ch.irqGroups.set(g.group, made.sink)
         return null
       },

@@ -15,6 +15,36 @@ use std::time::Duration;
 use vfio_user_proto::irq::{set_irqs_request, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD};
 use vfio_user_proto::Command;
 
+/// Where the eventfds of [`Client::enable_irqs_with`] come from.
+pub enum IrqFds<'a> {
+    /// Made here; read by the I/O thread (and reported to the irq hook) when `watch`.
+    Make { watch: bool },
+    /// The caller's, one per vector: duplicated, never read here.
+    Given(&'a [BorrowedFd<'a>]),
+}
+
+/// A duplicate of the caller's `fd`, checked to be an eventfd.
+fn adopt_eventfd(fd: BorrowedFd<'_>) -> Result<EventFd, Error> {
+    let n = fd.as_raw_fd();
+    let owned = fd.try_clone_to_owned().map_err(|e| {
+        Error::new(
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            format!("fd {n} cannot be duplicated: {e}"),
+        )
+    })?;
+    let what = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if what != "anon_inode:[eventfd]" {
+        return Err(Error::new(
+            Errno::EINVAL,
+            format!("fd {n} is not an eventfd ({what})"),
+        ));
+    }
+    // SAFETY: checked just above to be an eventfd, and the duplicate is ours alone.
+    Ok(unsafe { EventFd::from_owned_fd(owned) })
+}
+
 /// What [`Client::enable_irqs`] made: the group's id (as the hook reports it) and the
 /// eventfds, borrowed (the client closes them).
 pub struct Enabled {
@@ -56,6 +86,29 @@ impl Client {
         timeout: Option<Duration>,
         done: Completion,
     ) -> Result<Enabled, Error> {
+        self.enable_irqs_with(
+            index,
+            start,
+            count,
+            IrqFds::Make { watch: true },
+            timeout,
+            done,
+        )
+    }
+
+    /// [`Client::enable_irqs`] with the eventfds chosen: made here and watched or not (an
+    /// eventfd nobody here reads can go to KVM as an irqfd with no second reader racing it),
+    /// or the caller's own, one per vector (duplicated; never read here, the caller keeps
+    /// theirs). `Enabled::fds` are then the caller's numbers.
+    pub fn enable_irqs_with(
+        &self,
+        index: u32,
+        start: u32,
+        count: u32,
+        source: IrqFds<'_>,
+        timeout: Option<Duration>,
+        done: Completion,
+    ) -> Result<Enabled, Error> {
         let chunk = self
             .with_server_caps(|c| c.max_msg_fds.max(1) as usize)
             .ok_or_else(|| {
@@ -71,17 +124,38 @@ impl Client {
                 format!("{count} vectors from {start} of irq index {index}"),
             ));
         }
-        let fds = (0..count)
-            .map(|_| {
-                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Error::new(e, format!("cannot make an eventfd: {}", e.desc())))?;
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+        let (fds, raw, watched) = match source {
+            IrqFds::Make { watch } => {
+                let fds = (0..count)
+                    .map(|_| {
+                        EventFd::from_value_and_flags(
+                            0,
+                            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::new(e, format!("cannot make an eventfd: {}", e.desc())))?;
+                let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+                (fds, raw, watch)
+            }
+            IrqFds::Given(given) => {
+                if given.len() != count as usize {
+                    return Err(Error::new(
+                        Errno::EINVAL,
+                        format!("{} eventfds for {count} vectors", given.len()),
+                    ));
+                }
+                let fds = given
+                    .iter()
+                    .map(|fd| adopt_eventfd(*fd))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (fds, given.iter().map(AsRawFd::as_raw_fd).collect(), false)
+            }
+        };
         let group = {
             let mut table = self.irq_table().lock().unwrap_or_else(|p| p.into_inner());
             let id = table.add(Group { index, start, fds });
-            let watch = table.get(id).map_or(Ok(()), |g| {
+            let watch = table.get(id).filter(|_| watched).map_or(Ok(()), |g| {
                 g.fds.iter().enumerate().try_for_each(|(i, fd)| {
                     let ev = EpollEvent::new(EpollFlags::EPOLLIN, token(id, start + i as u32));
                     self.io_epoll().add(fd, ev)

@@ -45,7 +45,7 @@ pub use dma::DmaMap;
 pub use dma_memory::DmaMemory;
 pub use dma_table::LocalMemory;
 pub use error::Error;
-pub use irq::Enabled;
+pub use irq::{Enabled, IrqFds};
 pub use irq_table::IrqHook;
 pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};
