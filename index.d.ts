@@ -395,6 +395,14 @@ export interface NativeMigration {
   maxBitmapSize: number
 }
 
+/** One decoded BAR: kind 0 I/O, 1 32-bit memory, 2 64-bit memory. */
+export interface NativePciBar {
+  index: number
+  kind: number
+  prefetchable: boolean
+  address: bigint
+}
+
 export interface NativePciCapability {
   offset: number
   id: number
@@ -416,7 +424,33 @@ export interface NativePciConfig {
   interruptLine: number
   interruptPin: number
   capabilities: Array<NativePciCapability>
+  decodedBars: Array<NativePciBar>
+  msi?: NativePciMsi
+  msix?: NativePciMsix
+  extendedCapabilities: Array<NativePciCapability>
   warnings: Array<string>
+}
+
+/** The MSI capability. */
+export interface NativePciMsi {
+  offset: number
+  enabled: boolean
+  vectors: number
+  enabledVectors: number
+  address64: boolean
+  perVectorMasking: boolean
+}
+
+/** The MSI-X capability. */
+export interface NativePciMsix {
+  offset: number
+  enabled: boolean
+  functionMask: boolean
+  tableSize: number
+  tableBir: number
+  tableOffset: number
+  pbaBir: number
+  pbaOffset: number
 }
 
 /** What a pump moved. */

@@ -43,7 +43,16 @@ describe('vfio-user probe', () => {
     const out = JSON.parse(r.stdout)
     expect(out.socket).toBe(device.socketPath)
     // Each key once: the negotiated version under `version`, nowhere else.
-    expect(Object.keys(out).sort()).toEqual(['device', 'errors', 'irqs', 'pci', 'regions', 'socket', 'version'])
+    expect(Object.keys(out).sort()).toEqual([
+      'device',
+      'dumps',
+      'errors',
+      'irqs',
+      'pci',
+      'regions',
+      'socket',
+      'version',
+    ])
     expect(out.version).toMatchObject({ major: 0, minor: 0, warnings: [] })
     expect(out.version.capabilities.maxMsgFds).toBe(1)
     expect(out.device).toMatchObject({ numRegions: 9, numIrqs: 5, reset: true })
@@ -56,6 +65,36 @@ describe('vfio-user probe', () => {
     expect(out.irqs.map((i: { count: number }) => i.count)).toEqual([1, 4, 0, 0, 0])
     expect(out.pci).toMatchObject({ vendorId: 0x1b36, deviceId: 0x0005, capabilities: [] })
     expect(out.errors).toEqual([])
+  })
+
+  it('shows each BAR with its size and dumps regions with --dump REGION[:OFFSET[:LENGTH]]', async () => {
+    await using device = await startTestDevice()
+    {
+      await using c = await connect(device.socketPath)
+      await c.validateVersion()
+      await c.regionWrite(0, 0x100, Buffer.from('vfio-user probe!'))
+    }
+    const r = probe(device.socketPath, '--dump', '0:0x100:16', '--dump', '7:0:4')
+    expect({ status: r.status, stderr: r.stderr }).toEqual({ status: 0, stderr: '' })
+    expect(r.stdout).toContain('  BAR0              memory, 32-bit at 0x0, size 0x1000')
+    expect(r.stdout).toContain('  BAR2              memory, 32-bit at 0x0, size 0x100000')
+    expect(r.stdout).toContain('dump                region 0, 16 bytes at 0x100')
+    expect(r.stdout).toContain('  00000100  76 66 69 6f 2d 75 73 65 72 20 70 72 6f 62 65 21  |vfio-user probe!|')
+    expect(r.stdout).toContain('  00000000  36 1b 05 00')
+    const j = probe(device.socketPath, '--json', '--dump', '0:0x100:16')
+    const out = JSON.parse(j.stdout)
+    expect(out.dumps).toEqual([
+      {
+        region: 0,
+        offset: 256,
+        length: 16,
+        lines: ['00000100  76 66 69 6f 2d 75 73 65 72 20 70 72 6f 62 65 21  |vfio-user probe!|'],
+      },
+    ])
+    expect(out.pci.decodedBars[0]).toEqual({ index: 0, kind: 'memory32', prefetchable: false, address: '0' })
+    const bad = probe(device.socketPath, '--dump', 'x:1')
+    expect(bad.status).toBe(2)
+    expect(bad.stderr).toContain('--dump needs REGION[:OFFSET[:LENGTH]], got x:1')
   })
 
   it('fails with the errno name and the path', () => {

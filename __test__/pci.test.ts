@@ -54,4 +54,37 @@ describe('decodePciConfig', () => {
     expect(outside.warnings[0]).toMatch(/outside/)
     expect(() => decodePciConfig(Buffer.alloc(63))).toThrow(RangeError)
   })
+
+  it('pairs 64-bit BARs, decodes MSI and MSI-X, and walks the extended capabilities of 4 KiB', () => {
+    const c = Buffer.alloc(4096)
+    header([], 0).copy(c)
+    c.writeUInt32LE(0x0000_000c, 0x10) // BAR0: 64-bit prefetchable memory at 0x2_0000_0000
+    c.writeUInt32LE(0x2, 0x14)
+    c.writeUInt8(0x40, 0x34)
+    c.writeUInt8(0x11, 0x40) // MSI-X, last in the list
+    c.writeUInt16LE(0x8000 | 7, 0x42) // enabled, 8 vectors
+    c.writeUInt32LE(0x3000 | 0, 0x44) // table in BAR0 at 0x3000
+    c.writeUInt32LE(0x3800 | 0, 0x48) // PBA in BAR0 at 0x3800
+    c.writeUInt32LE(0x0001 | (1 << 16) | (0x148 << 20), 0x100) // AER, then 0x148
+    c.writeUInt32LE(0x0010 | (1 << 16), 0x148) // SR-IOV, last
+    const p = decodePciConfig(c)
+    expect(p.decodedBars[0]).toEqual({ index: 0, kind: 'memory64', prefetchable: true, address: 0x2_0000_0000n })
+    expect(p.decodedBars[1]?.index).toBe(2)
+    expect(p.msi).toBeUndefined()
+    expect(p.msix).toEqual({
+      offset: 0x40,
+      enabled: true,
+      functionMask: false,
+      tableSize: 8,
+      tableBir: 0,
+      tableOffset: 0x3000,
+      pbaBir: 0,
+      pbaOffset: 0x3800,
+    })
+    expect(p.extendedCapabilities.map((x) => [x.offset, x.name])).toEqual([
+      [0x100, 'Advanced Error Reporting'],
+      [0x148, 'SR-IOV'],
+    ])
+    expect(p.warnings).toEqual([])
+  })
 })

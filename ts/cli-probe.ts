@@ -16,7 +16,7 @@ import {
 import { startTestDevice, type TestDevice } from './testing'
 
 /** How `vfio-user probe` is called. */
-export const probeUsage = 'usage: vfio-user probe [SOCKET] [--json] [--timeout MS]'
+export const probeUsage = 'usage: vfio-user probe [SOCKET] [--json] [--timeout MS] [--dump REGION[:OFFSET[:LENGTH]]]...'
 
 /** What the inspector found. A part the server refused is reported, not fatal. */
 interface Inspection {
@@ -26,7 +26,66 @@ interface Inspection {
   regions: Array<Omit<RegionInfo, 'fd' | 'takeFd' | 'close' | typeof Symbol.dispose> & { hasFd: boolean }>
   irqs: IrqInfo[]
   pci?: PciConfig
+  /** The regions asked for with `--dump`, as hex lines. */
+  dumps: Array<{ region: number; offset: number; length: number; lines: string[] }>
   errors: string[]
+}
+
+/** A `--dump REGION[:OFF[:LEN]]`. */
+interface Dump {
+  region: number
+  offset: number
+  length?: number
+}
+
+/** Parses `REGION[:OFF[:LEN]]` (numbers in decimal or 0x hex). */
+function dumpSpec(spec: string | undefined): Dump {
+  const parts = (spec ?? '').split(':')
+  const num = (v: string | undefined) => (v !== undefined && /^(0x[0-9a-f]+|\d+)$/i.test(v) ? Number(v) : Number.NaN)
+  const [region, offset, length] = [
+    num(parts[0]),
+    parts[1] === undefined ? 0 : num(parts[1]),
+    parts[2] === undefined ? undefined : num(parts[2]),
+  ]
+  if (
+    parts.length > 3 ||
+    !Number.isSafeInteger(region) ||
+    !Number.isSafeInteger(offset) ||
+    (length !== undefined && !(Number.isSafeInteger(length) && length > 0))
+  ) {
+    throw new UsageError(`--dump needs REGION[:OFFSET[:LENGTH]], got ${spec ?? 'nothing'}`, probeUsage)
+  }
+  return length === undefined ? { region, offset } : { region, offset, length }
+}
+
+/** Reads a `--dump` (at most 64 KiB; by default up to 256 bytes of the region from `offset`). */
+async function dump(client: VfioUserClient, d: Dump, found: Inspection) {
+  const size = found.regions.find((r) => r.index === d.region)?.size
+  const left = size === undefined ? 256 : Math.max(0, Number(size) - d.offset)
+  const length = Math.min(d.length ?? Math.min(256, left), 1 << 16)
+  const bytes = await client.regionRead(d.region, d.offset, length)
+  return { region: d.region, offset: d.offset, length, lines: hexdump(bytes, d.offset) }
+}
+
+function failedDump(d: Dump, e: unknown) {
+  return {
+    region: d.region,
+    offset: d.offset,
+    length: d.length ?? 0,
+    lines: [`error: ${e instanceof Error ? e.message : String(e)}`],
+  }
+}
+
+/** `bytes` as `offset: 16 hex bytes  |ascii|` lines. */
+function hexdump(bytes: Buffer, base: number): string[] {
+  const lines: string[] = []
+  for (let at = 0; at < bytes.length; at += 16) {
+    const row = bytes.subarray(at, at + 16)
+    const hexes = [...row].map((b) => b.toString(16).padStart(2, '0')).join(' ')
+    const ascii = [...row].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('')
+    lines.push(`${(base + at).toString(16).padStart(8, '0')}  ${hexes.padEnd(47)}  |${ascii}|`)
+  }
+  return lines
 }
 
 const REGION_NAMES = ['BAR0', 'BAR1', 'BAR2', 'BAR3', 'BAR4', 'BAR5', 'ROM', 'CONFIG', 'VGA']
@@ -34,7 +93,7 @@ const IRQ_NAMES = ['INTx', 'MSI', 'MSI-X', 'ERR', 'REQ']
 const CONFIG_REGION = 7
 
 async function inspect(client: VfioUserClient, socket: string, version: VersionInfo): Promise<Inspection> {
-  const out: Inspection = { socket, version, regions: [], irqs: [], errors: [] }
+  const out: Inspection = { socket, version, regions: [], irqs: [], dumps: [], errors: [] }
   const note = (what: string) => (e: unknown) => {
     out.errors.push(`${what}: ${e instanceof Error ? e.message : String(e)}`)
   }
@@ -57,7 +116,8 @@ async function inspect(client: VfioUserClient, socket: string, version: VersionI
   }
   const config = out.regions.find((r) => r.index === CONFIG_REGION)
   if (config?.read && config.size >= 64n) {
-    const length = Number(config.size < 256n ? config.size : 256n)
+    // All of it up to 4 KiB: a PCI Express device's extended capabilities start at 0x100.
+    const length = Number(config.size < 4096n ? config.size : 4096n)
     await client.regionRead(CONFIG_REGION, 0, length).then((b) => {
       out.pci = decodePciConfig(b)
     }, note('config space'))
@@ -114,14 +174,35 @@ function format(x: Inspection): string {
       `  command           ${hex(p.command, 4)}  status ${hex(p.status, 4)}  header type ${hex(p.headerType, 2)}`,
       `  interrupt         pin ${p.interruptPin ? String.fromCharCode(64 + p.interruptPin) : 'none'}, line ${p.interruptLine}`,
     )
-    p.bars.forEach((bar, i) => {
-      if (bar !== 0)
-        lines.push(
-          `  BAR${i}              ${hex(bar, 8)} (${bar & 1 ? 'I/O' : `memory, ${bar & 4 ? '64' : '32'}-bit${bar & 8 ? ', prefetchable' : ''}`})`,
-        )
-    })
+    for (const bar of p.decodedBars) {
+      // Its size is the region's: config space holds only the address.
+      const size = x.regions.find((r) => r.index === bar.index)?.size ?? 0n
+      if (bar.address === 0n && size === 0n) continue
+      const kind =
+        bar.kind === 'io'
+          ? 'I/O'
+          : `memory, ${bar.kind === 'memory64' ? '64' : '32'}-bit${bar.prefetchable ? ', prefetchable' : ''}`
+      lines.push(`  BAR${bar.index}              ${kind} at ${hex(bar.address)}, size ${hex(size)}`)
+    }
     for (const cap of p.capabilities) lines.push(`  capability        [${hex(cap.offset, 2)}] ${cap.name}`)
+    if (p.msi) {
+      const m = p.msi
+      lines.push(
+        `  MSI               ${m.enabled ? 'enabled' : 'disabled'}, ${m.enabledVectors}/${m.vectors} vectors${m.address64 ? ', 64-bit' : ''}${m.perVectorMasking ? ', maskable' : ''}`,
+      )
+    }
+    if (p.msix) {
+      const m = p.msix
+      lines.push(
+        `  MSI-X             ${m.enabled ? 'enabled' : 'disabled'}${m.functionMask ? ' (masked)' : ''}, ${m.tableSize} vectors, table BAR${m.tableBir}+${hex(m.tableOffset)}, PBA BAR${m.pbaBir}+${hex(m.pbaOffset)}`,
+      )
+    }
+    for (const cap of p.extendedCapabilities) lines.push(`  extended          [${hex(cap.offset, 3)}] ${cap.name}`)
     for (const w of p.warnings) lines.push(`  warning           ${w}`)
+  }
+  for (const d of x.dumps) {
+    lines.push(`dump                region ${d.region}, ${d.length} bytes at ${hex(d.offset)}`)
+    for (const l of d.lines) lines.push(`  ${l}`)
   }
   for (const e of x.errors) lines.push(`error               ${e}`)
   return lines.join('\n')
@@ -131,6 +212,7 @@ function format(x: Inspection): string {
 export async function probe(args: string[]): Promise<number> {
   let json = false
   let timeoutMs = 5000
+  const dumps: Dump[] = []
   const positional: string[] = []
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
@@ -140,6 +222,7 @@ export async function probe(args: string[]): Promise<number> {
     }
     if (a === '--json') json = true
     else if (a === '--timeout') timeoutMs = wholeNumber(a, args[++i], 'milliseconds', probeUsage, 1)
+    else if (a === '--dump') dumps.push(dumpSpec(args[++i]))
     else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, probeUsage)
     else positional.push(a)
   }
@@ -151,6 +234,7 @@ export async function probe(args: string[]): Promise<number> {
     try {
       const v = await client.validateVersion()
       const found = await inspect(client, path, v)
+      for (const d of dumps) found.dumps.push(await dump(client, d, found).catch((e: unknown) => failedDump(d, e)))
       // Each key once: the version under `version`, as in the inspection.
       const asJson = () =>
         JSON.stringify(found, (_, value) => (typeof value === 'bigint' ? value.toString() : value), 2)

@@ -52,7 +52,14 @@ export {
   migrate,
 } from './migrate'
 export type { StateStreamOptions } from './migration'
-export { decodePciConfig, type PciCapability, type PciConfig } from './pci'
+export {
+  decodePciConfig,
+  type PciBar,
+  type PciCapability,
+  type PciConfig,
+  type PciMsi,
+  type PciMsix,
+} from './pci'
 export {
   type IoFdRecord,
   type MappedArea,

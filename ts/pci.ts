@@ -31,15 +31,75 @@ export interface PciConfig {
   interruptLine: number
   interruptPin: number
   capabilities: PciCapability[]
+  /** The BARs decoded: one entry per BAR, a 64-bit one taking its register and the next. */
+  decodedBars: PciBar[]
+  /** The MSI capability, when the list has one. */
+  msi?: PciMsi
+  /** The MSI-X capability, when the list has one. */
+  msix?: PciMsix
+  /** The PCI Express extended capabilities (from 0x100), when more than 256 bytes were given. */
+  extendedCapabilities: PciCapability[]
   /** What the walk refused (a loop, a pointer outside the bytes read). */
   warnings: string[]
 }
 
-/** Decodes a type-0 configuration header; `config` must hold at least its first 64 bytes. */
+/** One base address register, decoded. */
+export interface PciBar {
+  /** Its index (a 64-bit BAR also uses the register after it). */
+  index: number
+  kind: 'io' | 'memory32' | 'memory64'
+  prefetchable: boolean
+  /** The address programmed in it (0 until the guest or firmware assigns one). */
+  address: bigint
+}
+
+/** The MSI capability's message control. */
+export interface PciMsi {
+  /** Offset in config space. */
+  offset: number
+  enabled: boolean
+  /** Vectors the function can request (1 to 32). */
+  vectors: number
+  /** Vectors enabled now. */
+  enabledVectors: number
+  /** 64-bit message addresses. */
+  address64: boolean
+  perVectorMasking: boolean
+}
+
+/** The MSI-X capability: where its vector table and pending-bit array live (a BAR and an offset). */
+export interface PciMsix {
+  /** Offset in config space. */
+  offset: number
+  enabled: boolean
+  functionMask: boolean
+  /** Vectors in the table (1 to 2048). */
+  tableSize: number
+  /** The BAR (region index) holding the table. */
+  tableBir: number
+  tableOffset: number
+  /** The BAR (region index) holding the pending-bit array. */
+  pbaBir: number
+  pbaOffset: number
+}
+
+const BAR_KINDS = ['io', 'memory32', 'memory64'] as const
+
+/**
+ * Decodes a type-0 configuration header; `config` must hold at least its first 64 bytes.
+ * Give it all of a PCI Express device's 4096 bytes to have the extended capabilities.
+ */
 export function decodePciConfig(config: Uint8Array): PciConfig {
   if (!(config instanceof Uint8Array)) throw invalidArg('config must be a Uint8Array')
   if (config.byteLength < 64) throw outOfRange(`a PCI config header is 64 bytes; got ${config.byteLength}`)
   const p = native.decodePciConfig(Buffer.from(config.buffer, config.byteOffset, config.byteLength))
   if ('errno' in p) throw outOfRange(p.message)
-  return p
+  const { msi, msix, decodedBars, ...rest } = p
+  const out: PciConfig = {
+    ...rest,
+    decodedBars: decodedBars.map((b) => ({ ...b, kind: BAR_KINDS[b.kind] ?? 'memory32' })),
+  }
+  if (msi) out.msi = msi
+  if (msix) out.msix = msix
+  return out
 }
