@@ -236,4 +236,19 @@ describe('interrupts against the test device', () => {
     await refusedArg(() => c.enableIrqs(1, { fds: [fd, fd], count: 3 }), RangeError)
     await refusedArg(() => c.enableIrqs(1, { fds: [fd], watch: true }), RangeError)
   })
+
+  it('events are typed: a misspelt event or a wrong listener does not compile (tsc over the tests)', async () => {
+    const irqs = await session.client.enableIrqs(1, { start: 0, count: 1 })
+    const never = () => {
+      // @ts-expect-error 'irqq' is not an event of Interrupts
+      irqs.on('irqq', () => {})
+      // @ts-expect-error an 'irq' listener gets an IrqEvent, not a string
+      irqs.on('irq', (e: string) => e)
+      // @ts-expect-error 'closed' is not an event of the client
+      session.client.on('closed', () => {})
+    }
+    expect(typeof never).toBe('function')
+    irqs.on('irq', (e) => expect(e.vector).toBeTypeOf('number'))
+    await irqs.disable()
+  })
 })
