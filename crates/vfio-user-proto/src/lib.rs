@@ -7,6 +7,7 @@
 pub mod bytes;
 mod caps;
 mod command;
+pub mod describe;
 pub mod device;
 pub mod dma;
 mod error;

@@ -1,0 +1,564 @@
+//! A transparent relay between a VMM and its device that says what passes (`vfio-user tap`):
+//! it listens on a socket; for each client that connects it connects to the server, and
+//! relays both ways byte for byte, every fd forwarded with the bytes it came with and then
+//! closed here. Beside the relay, each direction frames the stream to describe every message
+//! (proto `describe.rs`) to a sink, and only while someone observes.
+//!
+//! Each session has two threads, one per direction, each with one buffer: a side that stops
+//! reading blocks the thread writing to it, which stops reading the other side. A session
+//! holds at most 2 x [`RELAY_BUFFER`] of relayed bytes (plus the kernel's socket buffers)
+//! and 2 x (16 + `VERSION_PREFIX`) bytes of message prefix. A peer's EOF is passed on as a
+//! shutdown of the other side's writing; the session ends once both directions have ended,
+//! or at once when either side fails. No fd outlives its session.
+
+use crate::socket::{cmsg_buffer, connect_unix, recv_chunk};
+use crate::Error;
+use nix::errno::Errno;
+use nix::sys::socket::{shutdown, ControlMessage, MsgFlags, Shutdown};
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vfio_user_proto::describe::{describe, prefix_needed, Description, Sender};
+use vfio_user_proto::{Header, HEADER_SIZE};
+
+/// Bytes one direction of a session reads at a time (its only buffer).
+pub const RELAY_BUFFER: usize = 256 << 10;
+
+/// A message that passed, described.
+#[derive(Debug, Clone)]
+pub struct TapRecord {
+    pub session: u64,
+    /// When it passed (the first byte read), since the Unix epoch.
+    pub at: Duration,
+    pub sender: Sender,
+    pub header: Header,
+    /// Fds that came with it (forwarded with it, then closed here).
+    pub fds: usize,
+    pub description: Description,
+    /// The first bytes of its data (at most the tap's `head`).
+    pub data_head: Vec<u8>,
+    /// For a reply: the time since its request passed.
+    pub latency: Option<Duration>,
+}
+
+/// What a tap reports.
+#[derive(Debug, Clone)]
+pub enum TapEvent {
+    /// A client connected and the tap connected it to the server.
+    Opened {
+        session: u64,
+    },
+    /// A session ended; `reason` is why when it was not a clean EOF.
+    Closed {
+        session: u64,
+        reason: Option<String>,
+    },
+    /// A client connected but the server could not be reached: the client was closed.
+    Refused {
+        reason: String,
+    },
+    Record(Box<TapRecord>),
+}
+
+/// Where a tap's events go; called on the relay threads, so it must not block.
+pub type TapSink = Arc<dyn Fn(TapEvent) + Send + Sync>;
+
+/// A running tap. Dropping it (or [`Tap::close`]) ends every session and stops listening.
+pub struct Tap {
+    listener: Arc<UnixListener>,
+    path: PathBuf,
+    accept: Mutex<Option<JoinHandle<()>>>,
+    shared: Arc<TapShared>,
+}
+
+struct TapShared {
+    upstream: PathBuf,
+    head: usize,
+    sink: TapSink,
+    observed: AtomicBool,
+    closing: AtomicBool,
+    next: AtomicU64,
+    sessions: Mutex<HashMap<u64, Session>>,
+}
+
+struct Session {
+    client: Arc<OwnedFd>,
+    server: Arc<OwnedFd>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Tap {
+    /// Listens on `listen` (which must not exist) and relays each client to `upstream`,
+    /// showing `head` bytes of each message's data to `sink` while [`Tap::observe`] is on.
+    pub fn listen(
+        listen: &Path,
+        upstream: &Path,
+        head: usize,
+        sink: TapSink,
+    ) -> Result<Tap, Error> {
+        let listener = UnixListener::bind(listen).map_err(|e| {
+            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(0));
+            Error::new(errno, format!("cannot listen on {}: {e}", listen.display()))
+        })?;
+        let listener = Arc::new(listener);
+        let shared = Arc::new(TapShared {
+            upstream: upstream.to_path_buf(),
+            head,
+            sink,
+            observed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            next: AtomicU64::new(1),
+            sessions: Mutex::new(HashMap::new()),
+        });
+        let (l, s) = (listener.clone(), shared.clone());
+        let accept = std::thread::Builder::new()
+            .name("vfio-user-tap".into())
+            .spawn(move || accept_loop(&l, &s))
+            .map_err(|e| {
+                Error::new(Errno::EAGAIN, format!("cannot start the tap's thread: {e}"))
+            })?;
+        Ok(Tap {
+            listener,
+            path: listen.to_path_buf(),
+            accept: Mutex::new(Some(accept)),
+            shared,
+        })
+    }
+
+    /// Describe messages to the sink (true) or only relay them (false, the default).
+    pub fn observe(&self, on: bool) {
+        self.shared.observed.store(on, Ordering::Relaxed);
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        lock(&self.shared.sessions).len()
+    }
+
+    /// Stops listening, ends every session (both sockets shut down, fds closed) and waits
+    /// for every thread. Idempotent.
+    pub fn close(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        // A listening socket shut down wakes its accept() with an error.
+        let _ = shutdown(self.listener.as_raw_fd(), Shutdown::Both);
+        if let Some(t) = lock(&self.accept).take() {
+            let _ = t.join();
+        }
+        let sessions: Vec<Session> = lock(&self.shared.sessions)
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in &sessions {
+            let _ = shutdown(s.client.as_raw_fd(), Shutdown::Both);
+            let _ = shutdown(s.server.as_raw_fd(), Shutdown::Both);
+        }
+        for s in sessions {
+            for t in s.threads {
+                let _ = t.join();
+            }
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(listener: &UnixListener, shared: &Arc<TapShared>) {
+    loop {
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
+            // Shut down by close(), or broken: either way no more clients.
+            Err(_) => return,
+        };
+        if shared.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        start_session(shared, client);
+    }
+}
+
+/// Connects `client` to the server and starts its two relay threads.
+fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
+    let server = match connect_unix(&shared.upstream, Duration::from_secs(5)).and_then(blocking) {
+        Ok(s) => s,
+        Err(e) => {
+            (shared.sink)(TapEvent::Refused { reason: e.message });
+            return;
+        }
+    };
+    let id = shared.next.fetch_add(1, Ordering::Relaxed);
+    let client = Arc::new(OwnedFd::from(client));
+    let server = Arc::new(server);
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    (shared.sink)(TapEvent::Opened { session: id });
+    let mut sessions = lock(&shared.sessions);
+    let mut threads = Vec::new();
+    let ended = Arc::new(Mutex::new(Ended::default()));
+    for (sender, from, to) in [
+        (Sender::Client, client.clone(), server.clone()),
+        (Sender::Server, server.clone(), client.clone()),
+    ] {
+        let (s, p, e) = (shared.clone(), pending.clone(), ended.clone());
+        let t = std::thread::Builder::new()
+            .name("vfio-user-tap".into())
+            .spawn(move || {
+                let result = relay(&s, id, sender, &from, &to, &p);
+                finish(&s, id, &e, result);
+            });
+        match t {
+            Ok(t) => threads.push(t),
+            Err(_) => {
+                let _ = shutdown(client.as_raw_fd(), Shutdown::Both);
+                let _ = shutdown(server.as_raw_fd(), Shutdown::Both);
+            }
+        }
+    }
+    sessions.insert(
+        id,
+        Session {
+            client,
+            server,
+            threads,
+        },
+    );
+}
+
+/// How the two directions of a session ended.
+#[derive(Default)]
+struct Ended {
+    directions: usize,
+    reason: Option<String>,
+}
+
+/// One direction is done: the second one to finish ends the session (its fds close once
+/// both threads have let go of them) and reports it.
+fn finish(shared: &Arc<TapShared>, id: u64, ended: &Mutex<Ended>, result: Result<(), String>) {
+    let mut e = lock(ended);
+    e.directions += 1;
+    if let Err(r) = result {
+        e.reason.get_or_insert(r);
+    }
+    if e.directions < 2 {
+        return;
+    }
+    let reason = e.reason.take();
+    drop(e);
+    // Taken out of the table (unless close() took it first); the threads are this one and
+    // one that has ended, so they are detached rather than joined here.
+    let gone = lock(&shared.sessions).remove(&id);
+    drop(gone);
+    (shared.sink)(TapEvent::Closed {
+        session: id,
+        reason,
+    });
+}
+
+/// The socket `fd`, switched to blocking: each relay thread sleeps in its own recvmsg or
+/// sendmsg, which is what stops a fast side when the other stops reading.
+fn blocking(fd: OwnedFd) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(&fd, FcntlArg::F_GETFL)
+        .map_err(|e| Error::new(e, "cannot configure the server socket"))?;
+    fcntl(
+        &fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| Error::new(e, "cannot configure the server socket"))?;
+    Ok(fd)
+}
+
+/// Requests in flight one way, by id, and when they passed: a reply's latency.
+#[derive(Default)]
+struct Pending {
+    from_client: HashMap<u16, Instant>,
+    from_server: HashMap<u16, Instant>,
+}
+
+/// Relays `from` to `to` until EOF (passed on as a shutdown of `to`'s writing) or a failure
+/// (both sockets shut down), describing messages on the way.
+fn relay(
+    shared: &TapShared,
+    session: u64,
+    sender: Sender,
+    from: &OwnedFd,
+    to: &OwnedFd,
+    pending: &Mutex<Pending>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut cmsg = cmsg_buffer();
+    let mut framer = TapFramer::new(shared.head);
+    let result = loop {
+        let got = match recv_chunk(from.as_raw_fd(), &mut buf, &mut cmsg, true) {
+            Ok(g) => g,
+            Err(Errno::EINTR) => continue,
+            Err(e) => break Err(format!("reading from the {}: {}", side(sender), e.desc())),
+        };
+        if got.bytes == 0 {
+            // EOF: passed on, and this direction is done.
+            let _ = shutdown(to.as_raw_fd(), Shutdown::Write);
+            break Ok(());
+        }
+        let raw: Vec<RawFd> = got.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        if shared.observed.load(Ordering::Relaxed) {
+            for r in framer.feed(&buf[..got.bytes], raw.len()) {
+                report(shared, session, sender, r, pending);
+            }
+        } else {
+            framer.skip(&buf[..got.bytes]);
+        }
+        if let Err(e) = send_all(to.as_raw_fd(), &buf[..got.bytes], &raw) {
+            break Err(format!(
+                "writing to the {}: {}",
+                side(other(sender)),
+                e.desc()
+            ));
+        }
+        // `got.fds` drops here: forwarded, so closed on our side.
+    };
+    if result.is_err() {
+        let _ = shutdown(from.as_raw_fd(), Shutdown::Both);
+        let _ = shutdown(to.as_raw_fd(), Shutdown::Both);
+    }
+    result
+}
+
+fn side(s: Sender) -> &'static str {
+    match s {
+        Sender::Client => "client",
+        Sender::Server => "server",
+    }
+}
+
+fn other(s: Sender) -> Sender {
+    match s {
+        Sender::Client => Sender::Server,
+        Sender::Server => Sender::Client,
+    }
+}
+
+/// Writes all of `bytes`, blocking, `fds` with the first sendmsg (so they stay with the bytes
+/// they came with). MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
+fn send_all(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
+    let mut at = 0;
+    let mut first = true;
+    while at < bytes.len() {
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if first && !fds.is_empty() {
+            &rights
+        } else {
+            &[]
+        };
+        let iov = [IoSlice::new(&bytes[at..])];
+        match nix::sys::socket::sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => {
+                at += n;
+                first = false;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A message the framer has seen whole: its header, its first payload bytes, its fds.
+struct Framed {
+    header: Header,
+    prefix: Vec<u8>,
+    fds: usize,
+    at: Instant,
+}
+
+/// Frames one direction's bytes into messages, keeping only what a description needs.
+struct TapFramer {
+    head: usize,
+    header: Vec<u8>,
+    current: Option<(Header, Vec<u8>, usize, usize, Instant)>,
+    /// Once the stream cannot be framed (a size below the header's), nothing more is.
+    lost: Option<String>,
+    /// Fds that came in a read in which no message began: they go with the next one.
+    fds_waiting: usize,
+}
+
+impl TapFramer {
+    fn new(head: usize) -> TapFramer {
+        TapFramer {
+            head,
+            header: Vec::with_capacity(HEADER_SIZE),
+            current: None,
+            lost: None,
+            fds_waiting: 0,
+        }
+    }
+
+    /// Frames `bytes` without keeping anything (nobody observes): only the boundaries.
+    fn skip(&mut self, bytes: &[u8]) {
+        let _ = self.walk(bytes, 0, false);
+    }
+
+    /// Frames `bytes`, which came with `fds` fds, and returns the messages they complete.
+    fn feed(&mut self, bytes: &[u8], fds: usize) -> Vec<Framed> {
+        self.walk(bytes, fds, true)
+    }
+
+    fn walk(&mut self, mut bytes: &[u8], fds: usize, keep: bool) -> Vec<Framed> {
+        let mut out = Vec::new();
+        // The fds of a read go with the first message that begins in it (a sender puts them
+        // on the first byte of the message that carries them).
+        self.fds_waiting += fds;
+        while !bytes.is_empty() && self.lost.is_none() {
+            if let Some((h, prefix, want, left, at)) = &mut self.current {
+                let n = (*left).min(bytes.len());
+                if keep && prefix.len() < *want {
+                    let take = (*want - prefix.len()).min(n);
+                    prefix.extend_from_slice(&bytes[..take]);
+                }
+                *left -= n;
+                bytes = &bytes[n..];
+                if *left == 0 {
+                    let (header, prefix, at) = (*h, std::mem::take(prefix), *at);
+                    let fds = std::mem::take(&mut self.fds_waiting);
+                    self.current = None;
+                    if keep {
+                        out.push(Framed {
+                            header,
+                            prefix,
+                            fds,
+                            at,
+                        });
+                    }
+                }
+                continue;
+            }
+            let take = (HEADER_SIZE - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.header.len() < HEADER_SIZE {
+                break;
+            }
+            let mut raw = [0u8; HEADER_SIZE];
+            raw.copy_from_slice(&self.header);
+            self.header.clear();
+            let h = Header::decode(&raw);
+            if (h.size as usize) < HEADER_SIZE {
+                self.lost = Some(format!(
+                    "a header says the message is {} bytes, less than its own {HEADER_SIZE}: the rest of this direction is relayed but not framed",
+                    h.size
+                ));
+                if keep {
+                    out.push(Framed {
+                        header: h,
+                        prefix: Vec::new(),
+                        fds: std::mem::take(&mut self.fds_waiting),
+                        at: Instant::now(),
+                    });
+                }
+                break;
+            }
+            let want = prefix_needed(&h, self.head);
+            let left = h.payload_len();
+            let now = Instant::now();
+            if left == 0 {
+                let fds = std::mem::take(&mut self.fds_waiting);
+                if keep {
+                    out.push(Framed {
+                        header: h,
+                        prefix: Vec::new(),
+                        fds,
+                        at: now,
+                    });
+                }
+            } else {
+                self.current = Some((
+                    h,
+                    Vec::with_capacity(if keep { want } else { 0 }),
+                    want,
+                    left,
+                    now,
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Describes a framed message and hands it to the sink, pairing replies with requests.
+fn report(shared: &TapShared, session: u64, sender: Sender, m: Framed, pending: &Mutex<Pending>) {
+    let h = m.header;
+    let reply = h.flags & vfio_user_proto::FLAG_TYPE_MASK == 1;
+    let latency = {
+        let mut guard = lock(pending);
+        let p = &mut *guard;
+        let (mine, theirs) = match sender {
+            Sender::Client => (&mut p.from_client, &mut p.from_server),
+            Sender::Server => (&mut p.from_server, &mut p.from_client),
+        };
+        if reply {
+            theirs
+                .remove(&h.id)
+                .map(|t| m.at.saturating_duration_since(t))
+        } else {
+            if !h.no_reply() {
+                mine.insert(h.id, m.at);
+            }
+            None
+        }
+    };
+    let mut description = if (h.size as usize) < HEADER_SIZE {
+        Description {
+            fields: Default::default(),
+            data_len: 0,
+            data_at: None,
+            undecodable: Some(format!("a header says the message is {} bytes, less than {HEADER_SIZE}: the stream cannot be framed past it", h.size)),
+        }
+    } else {
+        describe(&h, &m.prefix, sender)
+    };
+    let data_head = match description.data_at {
+        Some(at) => {
+            let end = (at + shared.head)
+                .min(m.prefix.len())
+                .min(at + description.data_len as usize);
+            m.prefix.get(at..end).unwrap_or_default().to_vec()
+        }
+        None => Vec::new(),
+    };
+    if description.undecodable.is_none()
+        && h.flags
+            & !(vfio_user_proto::FLAG_TYPE_MASK
+                | vfio_user_proto::FLAG_NO_REPLY
+                | vfio_user_proto::FLAG_ERROR)
+            != 0
+    {
+        description.undecodable = Some(format!("unknown header flags 0x{:x}", h.flags));
+    }
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(m.at.elapsed());
+    (shared.sink)(TapEvent::Record(Box::new(TapRecord {
+        session,
+        at,
+        sender,
+        header: h,
+        fds: m.fds,
+        description,
+        data_head,
+        latency,
+    })));
+}

@@ -1,0 +1,432 @@
+//! What a message says, field by field, for someone watching the traffic (the tap): the
+//! decoded fields of any request or reply of either side, as a JSON object. It never fails:
+//! what cannot be decoded is said as such, with the reason, and the message is still shown.
+//! Only a message's first bytes are needed ([`DESCRIBE_PREFIX`], more for VERSION); data
+//! (region, DMA and migration data) is shown as its size and first bytes.
+
+use crate::bytes::{u16_at, u32_at, u64_at};
+use crate::feature::{MigState, FEATURE_GET, FEATURE_PROBE, FEATURE_SET};
+use crate::{command_name, Command, Header};
+use serde_json::{json, Map, Value};
+
+/// Payload bytes a description needs besides the data head: every fixed request and reply
+/// layout fits (REGION_INFO's sparse areas are summarised by count).
+pub const DESCRIBE_PREFIX: usize = 128;
+/// Payload bytes kept for a VERSION message (its capability JSON).
+pub const VERSION_PREFIX: usize = 8192;
+
+/// Who sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    Server,
+}
+
+/// A message described: its fields, the data it carries (size and first bytes), and, when
+/// it could not be decoded, why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Description {
+    pub fields: Map<String, Value>,
+    /// Bytes of data (region, DMA or migration data) the message carries.
+    pub data_len: u64,
+    /// Where the data starts in the payload, when there is data.
+    pub data_at: Option<usize>,
+    pub undecodable: Option<String>,
+}
+
+/// How many payload bytes to keep to describe a message with `header`, showing `head` bytes
+/// of its data.
+pub fn prefix_needed(header: &Header, head: usize) -> usize {
+    let want = if header.command == Command::Version as u16 {
+        VERSION_PREFIX
+    } else {
+        DESCRIBE_PREFIX + head
+    };
+    want.min(header.payload_len())
+}
+
+fn hex(v: u64) -> Value {
+    Value::String(format!("0x{v:x}"))
+}
+
+/// The errno's name (`EINVAL`), or its number when unknown.
+pub fn errno_name(errno: u32) -> String {
+    let e = nix_errno_name(errno as i32);
+    e.unwrap_or_else(|| format!("errno {errno}"))
+}
+
+fn nix_errno_name(n: i32) -> Option<String> {
+    // The names of the errnos a server is likely to send; others are shown by number.
+    let name = match n {
+        1 => "EPERM",
+        2 => "ENOENT",
+        5 => "EIO",
+        9 => "EBADF",
+        11 => "EAGAIN",
+        12 => "ENOMEM",
+        13 => "EACCES",
+        14 => "EFAULT",
+        16 => "EBUSY",
+        17 => "EEXIST",
+        19 => "ENODEV",
+        22 => "EINVAL",
+        28 => "ENOSPC",
+        38 => "ENOSYS",
+        71 => "EPROTO",
+        74 => "EBADMSG",
+        75 => "EOVERFLOW",
+        95 => "ENOTSUP",
+        104 => "ECONNRESET",
+        107 => "ENOTCONN",
+        110 => "ETIMEDOUT",
+        _ => return None,
+    };
+    Some(name.to_string())
+}
+
+/// Describes the message with `header`, `payload` being its first bytes (at least
+/// [`prefix_needed`] of them, or all of it) and `total` its whole payload length.
+/// `request_command` is what the request was, for a reply (replies echo it anyway).
+pub fn describe(header: &Header, payload: &[u8], sender: Sender) -> Description {
+    let mut d = Description {
+        fields: Map::new(),
+        data_len: 0,
+        data_at: None,
+        undecodable: None,
+    };
+    let reply = header.flags & crate::FLAG_TYPE_MASK == 1;
+    let total = header.payload_len();
+    if header.is_error() {
+        d.fields.insert("errno".into(), json!(header.error));
+        d.fields
+            .insert("errnoName".into(), json!(errno_name(header.error)));
+        return d;
+    }
+    let u32f = |at: usize| u32_at(payload, at);
+    let u64f = |at: usize| u64_at(payload, at);
+    let short = |what: &str, need: usize| -> Option<String> {
+        (payload.len() < need)
+            .then(|| format!("{what} is {} bytes, less than {need}", payload.len()))
+    };
+    let f = &mut d.fields;
+    let cmd = Command::from_u16(header.command);
+    let mut problem: Option<String> = None;
+    match (cmd, reply) {
+        (Some(Command::Version), _) => match (u16_at(payload, 0), u16_at(payload, 2)) {
+            (Some(major), Some(minor)) => {
+                f.insert("major".into(), json!(major));
+                f.insert("minor".into(), json!(minor));
+                let json = &payload[4..];
+                let json = json.strip_suffix(&[0]).unwrap_or(json);
+                if !json.is_empty() {
+                    match serde_json::from_slice::<Value>(json) {
+                        Ok(v) => {
+                            f.insert("json".into(), v);
+                        }
+                        Err(e) => problem = Some(format!("its JSON does not parse: {e}")),
+                    }
+                }
+            }
+            _ => problem = short("VERSION payload", 4),
+        },
+        (Some(Command::DmaMap), false) => {
+            problem = short("DMA_MAP request", 32);
+            if problem.is_none() {
+                let flags = u32f(4).unwrap_or(0);
+                f.insert("flags".into(), json!(flags));
+                f.insert("read".into(), json!(flags & 1 != 0));
+                f.insert("write".into(), json!(flags & 2 != 0));
+                f.insert("offset".into(), hex(u64f(8).unwrap_or(0)));
+                f.insert("iova".into(), hex(u64f(16).unwrap_or(0)));
+                f.insert("size".into(), hex(u64f(24).unwrap_or(0)));
+            }
+        }
+        (Some(Command::DmaUnmap), _) if !(reply && payload.is_empty()) => {
+            problem = short("DMA_UNMAP payload", 24);
+            if problem.is_none() {
+                let flags = u32f(4).unwrap_or(0);
+                f.insert("flags".into(), json!(flags));
+                f.insert("all".into(), json!(flags & 2 != 0));
+                f.insert("iova".into(), hex(u64f(8).unwrap_or(0)));
+                f.insert("size".into(), hex(u64f(16).unwrap_or(0)));
+            }
+        }
+        (Some(Command::DeviceGetInfo), false) => {
+            f.insert("argsz".into(), json!(u32f(0)));
+        }
+        (Some(Command::DeviceGetInfo), true) => match crate::device::decode_device_info(payload) {
+            Ok(i) => {
+                f.insert("flags".into(), json!(i.flags));
+                f.insert("reset".into(), json!(i.flags & 1 != 0));
+                f.insert("pci".into(), json!(i.flags & 2 != 0));
+                f.insert("numRegions".into(), json!(i.num_regions));
+                f.insert("numIrqs".into(), json!(i.num_irqs));
+            }
+            Err(e) => problem = Some(e.0),
+        },
+        (Some(Command::DeviceGetRegionInfo), false) => {
+            f.insert("argsz".into(), json!(u32f(0)));
+            f.insert("index".into(), json!(u32f(8)));
+        }
+        (Some(Command::DeviceGetRegionInfo), true) => {
+            let index = u32f(8).unwrap_or(u32::MAX);
+            match crate::region::decode_region_info(payload, index) {
+                Ok(r) => {
+                    f.insert("argsz".into(), json!(r.argsz));
+                    f.insert("index".into(), json!(r.index));
+                    f.insert("flags".into(), json!(r.flags));
+                    f.insert("size".into(), hex(r.size));
+                    f.insert("offset".into(), hex(r.offset));
+                    if let Some(s) = r.sparse {
+                        f.insert("sparseAreas".into(), json!(s.len()));
+                    }
+                }
+                // A reply too long for the prefix kept is not a decoding failure.
+                Err(e) if payload.len() < total => {
+                    f.insert("index".into(), json!(index));
+                    f.insert("argsz".into(), json!(u32f(0)));
+                    let _ = e;
+                }
+                Err(e) => problem = Some(e.0),
+            }
+        }
+        (Some(Command::DeviceGetRegionIoFds), _) => {
+            f.insert("argsz".into(), json!(u32f(0)));
+            f.insert("index".into(), json!(u32f(8)));
+            f.insert("count".into(), json!(u32f(12)));
+        }
+        (Some(Command::DeviceGetIrqInfo), false) => {
+            f.insert("index".into(), json!(u32f(8)));
+        }
+        (Some(Command::DeviceGetIrqInfo), true) => {
+            let index = u32f(8).unwrap_or(u32::MAX);
+            match crate::irq::decode_irq_info(payload, index) {
+                Ok(i) => {
+                    f.insert("index".into(), json!(i.index));
+                    f.insert("count".into(), json!(i.count));
+                    f.insert("flags".into(), json!(i.flags));
+                }
+                Err(e) => problem = Some(e.0),
+            }
+        }
+        (Some(Command::DeviceSetIrqs), false) => {
+            problem = short("DEVICE_SET_IRQS request", 20);
+            if problem.is_none() {
+                let flags = u32f(4).unwrap_or(0);
+                let data = match flags & 0x7 {
+                    1 => "none",
+                    2 => "bool",
+                    4 => "eventfd",
+                    _ => "?",
+                };
+                let action = match flags & 0x38 {
+                    0x08 => "mask",
+                    0x10 => "unmask",
+                    0x20 => "trigger",
+                    _ => "?",
+                };
+                f.insert("index".into(), json!(u32f(8)));
+                f.insert("start".into(), json!(u32f(12)));
+                f.insert("count".into(), json!(u32f(16)));
+                f.insert("action".into(), json!(action));
+                f.insert("data".into(), json!(data));
+            }
+        }
+        // A header-only reply (a count of 0) says nothing more.
+        (Some(Command::RegionRead | Command::RegionWrite), _) if !(reply && payload.is_empty()) => {
+            problem = short("region access", 16);
+            if problem.is_none() {
+                f.insert("region".into(), json!(u32f(8)));
+                f.insert("offset".into(), hex(u64f(0).unwrap_or(0)));
+                f.insert("count".into(), json!(u32f(12)));
+                let carries = matches!((cmd, reply), (Some(Command::RegionRead), true))
+                    || matches!((cmd, reply), (Some(Command::RegionWrite), false));
+                if carries {
+                    d.data_len = (total - 16) as u64;
+                    d.data_at = Some(16);
+                }
+            }
+        }
+        (Some(Command::DmaRead | Command::DmaWrite), _) => {
+            problem = short("DMA access", 16);
+            if problem.is_none() {
+                f.insert("address".into(), hex(u64f(0).unwrap_or(0)));
+                f.insert("count".into(), json!(u64f(8)));
+                let carries = matches!((cmd, reply), (Some(Command::DmaRead), true))
+                    || matches!((cmd, reply), (Some(Command::DmaWrite), false));
+                if carries {
+                    d.data_len = (total - 16) as u64;
+                    d.data_at = Some(16);
+                }
+            }
+        }
+        (Some(Command::DeviceReset), _) => {}
+        (Some(Command::RegionWriteMulti), false) => {
+            problem = short("REGION_WRITE_MULTI request", 8);
+            if problem.is_none() {
+                let n = u64f(0).unwrap_or(0);
+                f.insert("writes".into(), json!(n));
+                let first: Vec<Value> = (0..n.min(4) as usize)
+                    .filter_map(|i| {
+                        let at = 8 + 24 * i;
+                        Some(json!({
+                            "offset": hex(u64f(at)?),
+                            "region": u32f(at + 8)?,
+                            "count": u32f(at + 12)?,
+                        }))
+                    })
+                    .collect();
+                f.insert("first".into(), Value::Array(first));
+            }
+        }
+        (Some(Command::DeviceFeature), _) if !(reply && payload.is_empty()) => {
+            problem = short("DEVICE_FEATURE payload", 8);
+            if problem.is_none() {
+                let flags = u32f(4).unwrap_or(0);
+                let feature = (flags & 0xffff) as u16;
+                let name = match feature {
+                    1 => "MIGRATION".to_string(),
+                    2 => "MIG_DEVICE_STATE".to_string(),
+                    6 => "DMA_LOGGING_START".to_string(),
+                    7 => "DMA_LOGGING_STOP".to_string(),
+                    8 => "DMA_LOGGING_REPORT".to_string(),
+                    n => format!("feature {n}"),
+                };
+                let ops: Vec<&str> = [
+                    (FEATURE_GET, "get"),
+                    (FEATURE_SET, "set"),
+                    (FEATURE_PROBE, "probe"),
+                ]
+                .into_iter()
+                .filter(|(bit, _)| flags & bit != 0)
+                .map(|(_, n)| n)
+                .collect();
+                f.insert("feature".into(), json!(name));
+                f.insert("ops".into(), json!(ops));
+                let data = &payload[8..];
+                let probing = flags & FEATURE_PROBE != 0;
+                let set = flags & FEATURE_SET != 0;
+                // The state is in a SET request and in a GET reply.
+                let state_here = (set && !reply) || (!set && reply);
+                if feature == 2 && !probing && state_here {
+                    if let Some(s) = u32_at(data, 0) {
+                        let state = MigState::from_u32(s)
+                            .map_or(format!("state {s}"), |m| format!("{m:?}"));
+                        f.insert("state".into(), json!(state));
+                    }
+                }
+                if feature == 1 && reply && !probing {
+                    if let Some(bits) = u64_at(data, 0) {
+                        let names: Vec<&str> = [(1u64, "stopCopy"), (2, "p2p"), (4, "preCopy")]
+                            .into_iter()
+                            .filter(|(b, _)| bits & b != 0)
+                            .map(|(_, n)| n)
+                            .collect();
+                        f.insert("migration".into(), json!(names));
+                    }
+                }
+                if feature == 8 && !reply {
+                    f.insert("iova".into(), hex(u64_at(data, 0).unwrap_or(0)));
+                    f.insert("length".into(), hex(u64_at(data, 8).unwrap_or(0)));
+                    f.insert("pageSize".into(), json!(u64_at(data, 16)));
+                }
+            }
+        }
+        (Some(Command::MigDataRead | Command::MigDataWrite), _)
+            if !(reply && payload.is_empty()) =>
+        {
+            problem = short("MIG_DATA payload", 8);
+            if problem.is_none() {
+                f.insert("argsz".into(), json!(u32f(0)));
+                f.insert("size".into(), json!(u32f(4)));
+                let carries = matches!((cmd, reply), (Some(Command::MigDataRead), true))
+                    || matches!((cmd, reply), (Some(Command::MigDataWrite), false));
+                if carries {
+                    // The data is `size` bytes; a libvfio-user reply pads past it.
+                    let size = u64::from(u32f(4).unwrap_or(0));
+                    d.data_len = size.min((total - 8) as u64);
+                    d.data_at = Some(8);
+                    if (total - 8) as u64 > size {
+                        f.insert("padding".into(), json!((total - 8) as u64 - size));
+                    }
+                }
+            }
+        }
+        (None, _) => problem = Some(format!("unknown command {}", command_name(header.command))),
+        _ => {}
+    }
+    let _ = sender;
+    d.undecodable = problem;
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::dma_map_request;
+    use crate::region::region_access;
+
+    fn request(command: Command, payload: &[u8]) -> Header {
+        Header::command(7, command as u16, payload.len(), false)
+    }
+
+    #[test]
+    fn requests_and_replies_are_described_field_by_field() {
+        let p = dma_map_request(3, 0x1000, 0x10_0000, 0x2000);
+        let d = describe(&request(Command::DmaMap, &p), &p, Sender::Client);
+        assert_eq!(
+            Value::Object(d.fields),
+            json!({"flags": 3, "read": true, "write": true, "offset": "0x1000", "iova": "0x100000", "size": "0x2000"})
+        );
+        let p = region_access(2, 0x40, 4, Some(&[1, 2, 3, 4]));
+        let d = describe(&request(Command::RegionWrite, &p), &p, Sender::Client);
+        assert_eq!((d.data_len, d.data_at), (4, Some(16)));
+        assert_eq!(d.fields["region"], json!(2));
+        let mut v = vec![0u8, 0, 0, 0];
+        v.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":8}}\0");
+        let d = describe(&request(Command::Version, &v), &v, Sender::Server);
+        assert_eq!(d.fields["json"]["capabilities"]["max_msg_fds"], json!(8));
+        // A state change, a padded MIG_DATA_READ reply.
+        let mut f = crate::feature::feature_request(
+            2,
+            FEATURE_SET,
+            16,
+            &crate::feature::device_state_data(6),
+        )
+        .unwrap();
+        let d = describe(&request(Command::DeviceFeature, &f), &f, Sender::Client);
+        assert_eq!(d.fields["state"], json!("PreCopy"));
+        f.truncate(4);
+        assert!(
+            describe(&request(Command::DeviceFeature, &f), &f, Sender::Client)
+                .undecodable
+                .is_some()
+        );
+        let mut r = vec![0u8; 8 + 16];
+        r[0..4].copy_from_slice(&11u32.to_ne_bytes());
+        r[4..8].copy_from_slice(&3u32.to_ne_bytes());
+        let h = Header::reply_to(&request(Command::MigDataRead, &[0; 8]), r.len());
+        let d = describe(&h, &r, Sender::Server);
+        assert_eq!((d.data_len, d.fields["padding"].clone()), (3, json!(13)));
+    }
+
+    #[test]
+    fn errors_unknown_commands_and_short_payloads_are_said_not_refused() {
+        let h = Header::error_reply_to(&request(Command::RegionRead, &[]), 22);
+        assert_eq!(
+            describe(&h, &[], Sender::Server).fields["errnoName"],
+            json!("EINVAL")
+        );
+        let h = Header::command(1, 99, 3, false);
+        assert!(describe(&h, &[1, 2, 3], Sender::Client)
+            .undecodable
+            .unwrap()
+            .contains("unknown command"));
+        let p = [0u8; 5];
+        let d = describe(&request(Command::DmaMap, &p), &p, Sender::Client);
+        assert_eq!(
+            d.undecodable.unwrap(),
+            "DMA_MAP request is 5 bytes, less than 32"
+        );
+    }
+}
