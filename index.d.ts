@@ -192,6 +192,19 @@ export declare class NativeRegionMapping {
   unmap(view: unknown): void
 }
 
+/** A running tap. */
+export declare class NativeTap {
+  /** Describe each message (true), or only relay (false, the default). */
+  observe(on: boolean): void
+  /** Sessions open now. */
+  get sessions(): number
+  /**
+   * Stops listening and ends every session; the events already queued are still
+   * delivered, then the callback is released. Idempotent.
+   */
+  close(): void
+}
+
 /** Allocates `size` bytes of DMA memory (a memfd, mapped shared), of huge pages when `huge`. */
 export declare function allocateDmaMemory(size: number, huge: boolean): NativeDmaMemory | NativeError
 
@@ -530,3 +543,10 @@ export declare function regionIoFdsRequest(index: number, argsz: number): Buffer
 
 /** The DEVICE_SET_IRQS request payload (`data`: one byte per vector, with DATA_BOOL). */
 export declare function setIrqsRequest(flags: number, index: number, start: number, count: number, data: Buffer): Buffer
+
+/**
+ * Starts a tap listening on `listen`, relaying each client to `connect`; `on_events` gets
+ * batches of JSON lines, one per event, while `observe(true)` (sessions opening and closing
+ * are always reported). `head` data bytes of each message are shown.
+ */
+export declare function startTap(listen: string, connect: string, head: number, onEvents: (lines: string[]) => void): NativeTap | NativeError

@@ -18,6 +18,7 @@ mod loop_reader;
 mod migration;
 mod pci;
 mod region;
+mod tap;
 
 use convert::{NativeCapabilitiesResult, NativeError};
 use napi_derive::napi;

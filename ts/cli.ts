@@ -1,19 +1,21 @@
 #!/usr/bin/env node
-// The `vfio-user` command: `probe` (cli-probe.ts) and `migrate` (cli-migrate.ts). `--help`
+// The `vfio-user` command: `probe` (cli-probe.ts), `migrate` (cli-migrate.ts) and `tap` (cli-tap.ts). `--help`
 // prints the usage (exit 0), `--version` the package's version. A command line that cannot
 // run prints what was wrong and the usage, exit code 2; a failure while running prints
 // `vfio-user: CODE: message`, exit code 1.
 import { migrateCommand, migrateUsage } from './cli-migrate'
 import { probe, probeUsage } from './cli-probe'
+import { tapCommand, tapUsage } from './cli-tap'
 import { packageVersion, UsageError } from './cli-usage'
 import { VfioUserError } from './index'
 
-const usage = `${probeUsage}\n${migrateUsage}\n       vfio-user --version`
+const usage = `${probeUsage}\n${migrateUsage}\n${tapUsage}\n       vfio-user --version`
 
 async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv
   if (cmd === 'probe') return probe(rest)
   if (cmd === 'migrate') return migrateCommand(rest)
+  if (cmd === 'tap') return tapCommand(rest)
   if (cmd === '--help' || cmd === '-h' || cmd === 'help') {
     process.stdout.write(`${usage}\n`)
     return 0

@@ -72,4 +72,14 @@ export {
   type RegisterWriteOptions,
   type SparseArea,
 } from './region'
+export {
+  Tap,
+  type TapEvents,
+  type TapMessage,
+  type TapOptions,
+  type TapRecord,
+  type TapRefused,
+  type TapSession,
+  tap,
+} from './tap'
 export { type RequestMessage, requestChannel, type SettleMessage, settleChannel } from './tracing'

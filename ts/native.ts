@@ -30,5 +30,6 @@ export type {
   NativeEvent,
   NativeRegionMapping,
   NativeReply,
+  NativeTap,
   NativeVersion,
 } from '../index'

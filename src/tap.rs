@@ -1,0 +1,175 @@
+//! The tap (the client crate's `tap.rs`) for JavaScript: its events converted to JSON lines
+//! (the schema the README documents) and handed over in batches through one threadsafe
+//! function, as completions are. The relay itself never enters JavaScript.
+
+use crate::convert::{self, NativeError};
+use napi::bindgen_prelude::{Either, Function};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::{Result, Status};
+use napi_derive::napi;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use vfio_user_client::proto::describe::{errno_name, Sender};
+use vfio_user_client::proto::{command_name, FLAG_TYPE_MASK};
+use vfio_user_client::{Tap, TapEvent, TapRecord};
+
+type Sink = ThreadsafeFunction<(), (), Vec<String>, Status, false, true>;
+
+/// Events waiting for JavaScript, and the function that takes them.
+#[derive(Default)]
+struct Queue {
+    lines: Vec<String>,
+    sink: Option<Arc<Sink>>,
+}
+
+/// A running tap.
+#[napi]
+pub struct NativeTap {
+    tap: Tap,
+    queue: Arc<Mutex<Queue>>,
+}
+
+fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts a tap listening on `listen`, relaying each client to `connect`; `on_events` gets
+/// batches of JSON lines, one per event, while `observe(true)` (sessions opening and closing
+/// are always reported). `head` data bytes of each message are shown.
+#[napi(
+    ts_args_type = "listen: string, connect: string, head: number, onEvents: (lines: string[]) => void"
+)]
+pub fn start_tap(
+    listen: String,
+    connect: String,
+    head: u32,
+    on_events: Function<'_, Vec<String>, ()>,
+) -> Result<Either<NativeTap, NativeError>> {
+    let queue: Arc<Mutex<Queue>> = Arc::default();
+    let weak = Arc::downgrade(&queue);
+    let sink = on_events
+        .build_threadsafe_function::<()>()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .build_callback(move |_ctx| {
+            Ok(weak
+                .upgrade()
+                .map(|q| std::mem::take(&mut lock(&q).lines))
+                .unwrap_or_default())
+        })?;
+    lock(&queue).sink = Some(Arc::new(sink));
+    let q = queue.clone();
+    let push = Arc::new(move |e: TapEvent| {
+        let line = to_json(&e).to_string();
+        let wake = {
+            let mut g = lock(&q);
+            g.lines.push(line);
+            if g.lines.len() == 1 {
+                g.sink.clone()
+            } else {
+                None
+            }
+        };
+        if let Some(s) = wake {
+            s.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    });
+    Ok(
+        match Tap::listen(Path::new(&listen), Path::new(&connect), head as usize, push) {
+            Ok(tap) => Either::A(NativeTap { tap, queue }),
+            Err(e) => Either::B(convert::from_error(&e)),
+        },
+    )
+}
+
+#[napi]
+impl NativeTap {
+    /// Describe each message (true), or only relay (false, the default).
+    #[napi]
+    pub fn observe(&self, on: bool) {
+        self.tap.observe(on);
+    }
+
+    /// Sessions open now.
+    #[napi(getter)]
+    pub fn sessions(&self) -> u32 {
+        self.tap.sessions() as u32
+    }
+
+    /// Stops listening and ends every session; the events already queued are still
+    /// delivered, then the callback is released. Idempotent.
+    #[napi]
+    pub fn close(&self) {
+        self.tap.close();
+        let sink = lock(&self.queue).sink.take();
+        if let Some(s) = sink {
+            s.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    }
+}
+
+fn from(s: Sender) -> &'static str {
+    match s {
+        Sender::Client => "client",
+        Sender::Server => "server",
+    }
+}
+
+/// One event as the README's NDJSON schema has it.
+fn to_json(e: &TapEvent) -> Value {
+    match e {
+        TapEvent::Opened { session } => json!({ "type": "open", "session": session }),
+        TapEvent::Closed { session, reason } => {
+            json!({ "type": "close", "session": session, "reason": reason })
+        }
+        TapEvent::Refused { reason } => json!({ "type": "refused", "reason": reason }),
+        TapEvent::Record(r) => record(r),
+    }
+}
+
+fn record(r: &TapRecord) -> Value {
+    let h = &r.header;
+    let kind = if h.is_error() {
+        "error"
+    } else if h.flags & FLAG_TYPE_MASK == 1 {
+        "reply"
+    } else {
+        "request"
+    };
+    let mut v = json!({
+        "type": "message",
+        "session": r.session,
+        "time": r.at.as_secs_f64() * 1000.0,
+        "from": from(r.sender),
+        "id": h.id,
+        "command": command_name(h.command),
+        "commandNumber": h.command,
+        "kind": kind,
+        "size": h.payload_len(),
+        "fds": r.fds,
+        "fields": Value::Object(r.description.fields.clone()),
+    });
+    let o = v.as_object_mut().expect("built as an object above");
+    if h.no_reply() {
+        o.insert("noReply".into(), json!(true));
+    }
+    if h.is_error() {
+        o.insert("errno".into(), json!(h.error));
+        o.insert("errnoName".into(), json!(errno_name(h.error)));
+    }
+    if let Some(l) = r.latency {
+        o.insert("latencyUs".into(), json!(l.as_secs_f64() * 1e6));
+    }
+    if r.description.data_at.is_some() {
+        let head: String = r.data_head.iter().map(|b| format!("{b:02x}")).collect();
+        o.insert(
+            "data".into(),
+            json!({ "length": r.description.data_len, "head": head }),
+        );
+    }
+    if let Some(why) = &r.description.undecodable {
+        o.insert("undecodable".into(), json!(why));
+    }
+    v
+}

@@ -1,0 +1,183 @@
+// `vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N]`: a transparent relay
+// between a VMM and its device (tap.ts) printing every message that passes, decoded, one line
+// each (or NDJSON with --json; --out FILE writes the NDJSON to a file while the terminal gets
+// the lines), and a summary (count per command, errors per errno, p50/p99 latency per
+// command) each time the last client leaves, and on Ctrl-C, which then ends it.
+import { createWriteStream, type WriteStream } from 'node:fs'
+import { UsageError, wholeNumber } from './cli-usage'
+import { type TapMessage, type TapRecord, tap } from './tap'
+
+/** How `vfio-user tap` is called. */
+export const tapUsage = 'usage: vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N]'
+
+function parse(args: string[]) {
+  let json = false
+  let out: string | undefined
+  let bytes = 16
+  const positional: string[] = []
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i] as string
+    if (a === '--help' || a === '-h') return undefined
+    if (a === '--json') json = true
+    else if (a === '--out') {
+      out = args[++i]
+      if (out === undefined || out === '') throw new UsageError('--out needs a file', tapUsage)
+    } else if (a === '--bytes') bytes = Math.min(wholeNumber(a, args[++i], 'bytes', tapUsage), 4096)
+    else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, tapUsage)
+    else positional.push(a)
+  }
+  const [listen, server] = positional
+  if (positional.length !== 2 || listen === undefined || server === undefined) {
+    throw new UsageError(`LISTEN and SERVER are needed, got ${positional.length} path(s)`, tapUsage)
+  }
+  return { json, out, bytes, listen, server }
+}
+
+const pad2 = (n: number) => String(n).padStart(2, '0')
+
+/** `HH:MM:SS.uuuuuu` of a time in ms since the epoch (local time). */
+function clock(ms: number): string {
+  const d = new Date(ms)
+  const micros = Math.floor((ms % 1000) * 1000)
+  return `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}.${String(micros).padStart(6, '0')}`
+}
+
+function fieldText(fields: Record<string, unknown>): string {
+  return Object.entries(fields)
+    .map(([k, v]) => `${k}=${typeof v === 'object' ? JSON.stringify(v) : String(v)}`)
+    .join(' ')
+}
+
+/** One message as a terminal line. */
+export function messageLine(m: TapMessage): string {
+  const arrow = m.from === 'client' ? 'client→server' : 'server→client'
+  const what = m.kind === 'error' ? `error ${m.errnoName} (${m.errno})` : `${m.kind}${m.noReply ? ' (no reply)' : ''}`
+  const parts = [`${clock(m.time)}  #${m.session} ${arrow}  id ${m.id}  ${m.command} ${what}`]
+  if (m.latencyUs !== undefined) parts.push(`${m.latencyUs.toFixed(1)}µs`)
+  const f = fieldText(m.fields)
+  if (f) parts.push(f)
+  if (m.fds > 0) parts.push(`fds=${m.fds}`)
+  if (m.data) {
+    const head = m.data.head.match(/../g)?.join(' ') ?? ''
+    parts.push(`data ${m.data.length} B${head ? ` ${head}${m.data.length * 2 > m.data.head.length ? ' …' : ''}` : ''}`)
+  }
+  if (m.undecodable) parts.push(`undecodable: ${m.undecodable}`)
+  return parts.join('  ')
+}
+
+/** What the summary counts. */
+class Summary {
+  sessions = 0
+  messages = 0
+  readonly perCommand = new Map<string, { count: number; errors: number; latencies: number[] }>()
+  readonly perErrno = new Map<string, number>()
+
+  add(m: TapMessage): void {
+    this.messages++
+    const c = this.perCommand.get(m.command) ?? { count: 0, errors: 0, latencies: [] }
+    this.perCommand.set(m.command, c)
+    if (m.kind === 'request') c.count++
+    if (m.kind === 'error') {
+      c.errors++
+      const name = m.errnoName ?? String(m.errno)
+      this.perErrno.set(name, (this.perErrno.get(name) ?? 0) + 1)
+    }
+    if (m.latencyUs !== undefined) c.latencies.push(m.latencyUs)
+  }
+
+  /** The nearest-rank percentile `q` of `xs`, sorted. */
+  static percentile(xs: number[], q: number): number | undefined {
+    if (xs.length === 0) return undefined
+    const sorted = [...xs].sort((a, b) => a - b)
+    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1))]
+  }
+
+  toJson() {
+    return {
+      type: 'summary',
+      sessions: this.sessions,
+      messages: this.messages,
+      commands: Object.fromEntries(
+        [...this.perCommand].map(([name, c]) => [
+          name,
+          {
+            requests: c.count,
+            errors: c.errors,
+            p50Us: Summary.percentile(c.latencies, 0.5) ?? null,
+            p99Us: Summary.percentile(c.latencies, 0.99) ?? null,
+          },
+        ]),
+      ),
+      errors: Object.fromEntries(this.perErrno),
+    }
+  }
+
+  toText(): string {
+    const lines = [`summary: ${this.sessions} session(s), ${this.messages} message(s)`]
+    lines.push(
+      `  ${'command'.padEnd(26)}${'requests'.padStart(9)}${'errors'.padStart(8)}${'p50 µs'.padStart(10)}${'p99 µs'.padStart(10)}`,
+    )
+    for (const [name, c] of [...this.perCommand].sort((a, b) => a[0].localeCompare(b[0]))) {
+      const p = (q: number) => Summary.percentile(c.latencies, q)?.toFixed(1) ?? '-'
+      lines.push(
+        `  ${name.padEnd(26)}${String(c.count).padStart(9)}${String(c.errors).padStart(8)}${p(0.5).padStart(10)}${p(0.99).padStart(10)}`,
+      )
+    }
+    const errors = [...this.perErrno].map(([n, k]) => `${n} ${k}`).join(', ')
+    lines.push(`errors: ${errors || 'none'}`)
+    return lines.join('\n')
+  }
+}
+
+/** Runs `vfio-user tap` with its arguments; resolves with the exit code once ended (Ctrl-C). */
+export async function tapCommand(args: string[]): Promise<number> {
+  const o = parse(args)
+  if (!o) {
+    process.stdout.write(`${tapUsage}\n`)
+    return 0
+  }
+  const t = await tap({ listen: o.listen, connect: o.server, bytes: o.bytes })
+  const file: WriteStream | undefined = o.out ? createWriteStream(o.out, { flags: 'w' }) : undefined
+  const summary = new Summary()
+  const show = (line: string) => process.stdout.write(`${line}\n`)
+  const record = (r: TapRecord) => {
+    const ndjson = JSON.stringify(r)
+    file?.write(`${ndjson}\n`)
+    if (o.json) show(ndjson)
+    return !o.json
+  }
+  const printSummary = () => {
+    if (o.json) show(JSON.stringify(summary.toJson()))
+    else show(summary.toText())
+    file?.write(`${JSON.stringify(summary.toJson())}\n`)
+  }
+  t.on('message', (m) => {
+    summary.add(m)
+    if (record(m)) show(messageLine(m))
+  })
+  t.on('open', (e) => {
+    summary.sessions++
+    if (record(e)) show(`session #${e.session} opened`)
+  })
+  t.on('close', (e) => {
+    if (record(e)) show(`session #${e.session} closed${e.reason ? `: ${e.reason}` : ''}`)
+    if (t.sessions === 0) printSummary()
+  })
+  t.on('refused', (e) => {
+    if (record(e)) show(`a client came but the server could not be reached: ${e.reason}`)
+  })
+  if (!o.json) show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.off('SIGINT', stop)
+      process.off('SIGTERM', stop)
+      resolve()
+    }
+    process.on('SIGINT', stop)
+    process.on('SIGTERM', stop)
+  })
+  await t.close()
+  printSummary()
+  if (file) await new Promise<void>((resolve) => file.end(() => resolve()))
+  return 0
+}

@@ -1,0 +1,233 @@
+// The tap as an API (the binding's tap.rs, the client crate's relay): a transparent relay
+// between a VMM and its device that says what passes. Bytes and fds never enter JavaScript;
+// JavaScript sees decoded records, built only while someone listens for them.
+import { EventEmitter } from 'node:events'
+import { checkInteger, invalidArg, outOfRange, rejecting } from './args'
+import { fromNative } from './errors'
+import { holdLoop } from './liveness'
+import { type NativeTap, native } from './native'
+
+/** One message that passed through the tap, decoded (one NDJSON line of `vfio-user tap --json`). */
+export interface TapMessage {
+  type: 'message'
+  /** The session (one client and its own connection to the server), numbered from 1. */
+  session: number
+  /** When it passed, in ms since the Unix epoch (fractional). */
+  time: number
+  /** Who sent it. */
+  from: 'client' | 'server'
+  id: number
+  /** The command's name (`'DMA_MAP'`), or `'command N'` for an unknown one. */
+  command: string
+  commandNumber: number
+  kind: 'request' | 'reply' | 'error'
+  /** Payload bytes (the message less its 16-byte header). */
+  size: number
+  /** Fds that came with it (forwarded with it). */
+  fds: number
+  /** The decoded fields: region/offset/count, iova/size/flags, index/start/count/action, states, capabilities… */
+  fields: Record<string, unknown>
+  /** Set when the message said No_reply. */
+  noReply?: true
+  /** An error reply's errno, and its name. */
+  errno?: number
+  errnoName?: string
+  /** A reply's time since its request passed, in µs. */
+  latencyUs?: number
+  /** The data it carries (region, DMA or migration data): its length and first bytes as hex. */
+  data?: { length: number; head: string }
+  /** Why it could not be decoded (it was relayed all the same). */
+  undecodable?: string
+}
+
+/** A session opened or ended. */
+export interface TapSession {
+  type: 'open' | 'close'
+  session: number
+  /** Why it ended, when not by a clean EOF. */
+  reason?: string | null
+}
+
+/** A client connected but the server could not be reached: the client was closed. */
+export interface TapRefused {
+  type: 'refused'
+  reason: string
+}
+
+/** Anything a tap reports, as its iterator yields it. */
+export type TapRecord = TapMessage | TapSession | TapRefused
+
+/** The events of a {@link Tap} and their arguments. */
+export interface TapEvents {
+  message: [message: TapMessage]
+  open: [event: TapSession]
+  close: [event: TapSession]
+  refused: [event: TapRefused]
+  /** The tap was closed. */
+  end: []
+  newListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+  removeListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+}
+
+/** Options of {@link tap}. */
+export interface TapOptions {
+  /** The socket path to listen on (it must not exist). */
+  listen: string
+  /** The server's socket path, connected to once per client. */
+  connect: string
+  /** Data bytes shown per message (default 16, at most 4096). */
+  bytes?: number
+}
+
+/**
+ * A running tap: emits `'message'` ({@link TapMessage}) for each message that passes while a
+ * listener (or an iterator) is there, `'open'`/`'close'` per session, `'refused'` for a client
+ * whose server could not be reached, and `'end'` once closed. It keeps Node running while
+ * open unless {@link Tap.unref} is called.
+ */
+export class Tap extends EventEmitter<TapEvents> {
+  /** Where it listens. */
+  readonly listen: string
+  /** Where it connects. */
+  readonly connect: string
+  readonly #native: NativeTap
+  #iterators = 0
+  #ended = false
+  #hold?: () => void
+  #closed?: Promise<void>
+
+  /** @internal Use {@link tap}. */
+  constructor(t: NativeTap, listen: string, connect: string, feed: (deliver: (lines: string[]) => void) => void) {
+    super()
+    this.#native = t
+    this.listen = listen
+    this.connect = connect
+    this.#hold = holdLoop()
+    feed((lines) => this.#deliver(lines))
+    const watch = () => queueMicrotask(() => this.#observe())
+    this.on('newListener', (name) => {
+      if (name === 'message') watch()
+    })
+    this.on('removeListener', (name) => {
+      if (name === 'message') watch()
+    })
+  }
+
+  #observe(): void {
+    if (!this.#ended) this.#native.observe(this.listenerCount('message') > 0 || this.#iterators > 0)
+  }
+
+  #deliver(lines: string[]): void {
+    for (const line of lines) {
+      const r = JSON.parse(line) as TapRecord
+      if (r.type === 'message') this.emit('message', r)
+      else if (r.type === 'refused') this.emit('refused', r)
+      else this.emit(r.type, r)
+    }
+  }
+
+  /** Sessions open now. */
+  get sessions(): number {
+    return this.#ended ? 0 : this.#native.sessions
+  }
+
+  /** Keeps Node running while the tap is open (the default). Returns this. */
+  ref(): this {
+    if (!this.#hold && !this.#ended) this.#hold = holdLoop()
+    return this
+  }
+
+  /** Lets Node exit while the tap is open. Returns this. */
+  unref(): this {
+    this.#hold?.()
+    this.#hold = undefined
+    return this
+  }
+
+  /**
+   * Stops listening and ends every session (both sides' sockets shut down, every fd closed);
+   * resolves once every relay thread has finished and the events they left are delivered.
+   * Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closed ??= (async () => {
+      this.#native.close()
+      // The last batch comes through the threadsafe function; one macrotask hands it over.
+      await new Promise((resolve) => setImmediate(resolve))
+      this.#ended = true
+      this.unref()
+      this.emit('end')
+    })()
+    return this.#closed
+  }
+
+  /** Same as {@link Tap.close}, for `await using`. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close()
+  }
+
+  /** Every record from now until the tap is closed (messages, sessions, refusals). */
+  async *[Symbol.asyncIterator](): AsyncGenerator<TapRecord> {
+    const queue: TapRecord[] = []
+    let wake: (() => void) | undefined
+    const push = (r: TapRecord) => {
+      queue.push(r)
+      wake?.()
+    }
+    const end = () => wake?.()
+    const names = ['message', 'open', 'close', 'refused'] as const
+    for (const n of names) this.on(n, push)
+    this.on('end', end)
+    this.#iterators++
+    this.#observe()
+    try {
+      for (;;) {
+        const next = queue.shift()
+        if (next) {
+          yield next
+          continue
+        }
+        if (this.#ended) return
+        await new Promise<void>((resolve) => {
+          wake = resolve
+        })
+        wake = undefined
+      }
+    } finally {
+      this.#iterators--
+      for (const n of names) this.off(n, push)
+      this.off('end', end)
+      this.#observe()
+    }
+  }
+}
+
+/**
+ * Starts a tap: listens on `listen`, and for each client that connects, connects to
+ * `connect` and relays both ways byte for byte (fds forwarded with the bytes they came
+ * with), natively. See {@link Tap} for what it reports.
+ * @throws {TypeError|RangeError} (rejection) for bad options.
+ * @throws {VfioUserError} (rejection) `'EADDRINUSE'` when `listen` exists, or another errno
+ *   of binding it.
+ */
+export function tap(options: TapOptions): Promise<Tap> {
+  return rejecting(async () => {
+    if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
+    if (typeof options.listen !== 'string' || typeof options.connect !== 'string') {
+      throw invalidArg('listen and connect must be socket paths (strings)')
+    }
+    if (options.listen.length === 0 || options.connect.length === 0) throw outOfRange('socket paths must not be empty')
+    const bytes = checkInteger('bytes', options.bytes ?? 16, 0, 4096)
+    let deliver: ((lines: string[]) => void) | undefined
+    const pending: string[] = []
+    const t = native.startTap(options.listen, options.connect, bytes, (lines) => {
+      if (deliver) deliver(lines)
+      else pending.push(...lines)
+    })
+    if ('errno' in t) throw fromNative(t, options.listen)
+    return new Tap(t, options.listen, options.connect, (d) => {
+      deliver = d
+      if (pending.length > 0) d(pending.splice(0))
+    })
+  })
+}
