@@ -22,6 +22,7 @@ import {
 } from './peers'
 import { refusal } from './rejection'
 import { openFds } from './session'
+import { startTap, type TapProcess, throughTap } from './through-tap'
 
 const BAR0 = 0
 const BAR1 = 1
@@ -30,10 +31,11 @@ const BAR1_SIZE = 0x4000
 const PAGE = 4096
 const cli = join(__dirname, '..', 'dist', 'cli.js')
 
-/** A client of `server`, and the server. */
+/** A client of `server`, the server, and the tap between them when the run uses one. */
 interface Peer {
   server: Sample
   client: VfioUserClient
+  relay?: TapProcess
 }
 
 let peers: Peer[] = []
@@ -61,15 +63,17 @@ afterEach(async () => {
   for (const p of peers.splice(0)) {
     await p.client.close()
     await p.server.waitExit()
+    await p.relay?.close()
   }
 })
 
-/** Starts a server and connects to it (negotiated). */
+/** Starts a server and connects to it (negotiated), through a tap when the run says so. */
 async function start(args: string[] = []): Promise<Peer> {
   const server = await startSample('server', args)
-  const client = await connectRetrying(server.socketPath)
+  const relay = throughTap ? await startTap(server.socketPath) : undefined
+  const client = await connectRetrying(relay?.path ?? server.socketPath)
   await client.validateVersion()
-  const p = { server, client }
+  const p = { server, client, relay }
   peers.push(p)
   return p
 }
@@ -81,6 +85,9 @@ async function finish(expected: RegExp[] = []): Promise<void> {
     const exit = await p.server.waitExit()
     expect(failures(p.server.stderr(), expected)).toEqual([])
     expect(exit).toEqual({ code: 0, signal: null, killed: false })
+    // Through a tap, everything that passed was decoded.
+    await p.relay?.close()
+    expect(p.relay?.output() ?? '').not.toContain('undecodable')
   }
   expect(openFds()).toBe(fdBase)
   expect(threadCount()).toBe(threadBase)

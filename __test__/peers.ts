@@ -180,8 +180,21 @@ export async function relayOneSession(upstream: string): Promise<{ path: string;
   const { createConnection, createServer } = await import('node:net')
   const dir = mkdtempSync(join(tmpdir(), 'lvu-relay-'))
   const path = join(dir, 'sock')
-  const up = createConnection(upstream)
-  await new Promise<void>((ok, fail) => up.once('connect', ok).once('error', fail))
+  // The socket file exists from bind(), a moment before listen(): a refusal then is retried.
+  const connectOnce = () =>
+    new Promise<import('node:net').Socket>((ok, fail) => {
+      const s = createConnection(upstream)
+      s.once('connect', () => ok(s)).once('error', fail)
+    })
+  let up: import('node:net').Socket | undefined
+  for (let i = 0; !up; i++) {
+    try {
+      up = await connectOnce()
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ECONNREFUSED' || i === 100) throw e
+      await new Promise((r) => setImmediate(r))
+    }
+  }
   let versionReply: Buffer | undefined
   let clients = 0
   let current: import('node:net').Socket | undefined

@@ -5,20 +5,25 @@ import { readdirSync } from 'node:fs'
 import { afterEach, beforeEach } from 'vitest'
 import { connect, type VfioUserClient } from '../ts/index'
 import { startTestDevice, type TestDevice } from '../ts/testing'
+import { startTap, type TapProcess, throughTap } from './through-tap'
 
 /** Starts a test device and connects to it before each test of the file; closes both after it. */
 export function deviceSession(): { readonly device: TestDevice; readonly client: VfioUserClient } {
   let device: TestDevice | undefined
   let client: VfioUserClient | undefined
+  let relay: TapProcess | undefined
   beforeEach(async () => {
     device = await startTestDevice()
-    client = await connect(device.socketPath)
+    relay = throughTap ? await startTap(device.socketPath) : undefined
+    client = await connect(relay?.path ?? device.socketPath)
     await client.validateVersion()
   })
   afterEach(async () => {
     await client?.close()
+    await relay?.close()
     await device?.close()
     client = undefined
+    relay = undefined
     device = undefined
   })
   return {

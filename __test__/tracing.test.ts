@@ -43,7 +43,7 @@ describe('tracing', () => {
       ['REGION_WRITE', true],
     ])
     expect(settled.map((m) => m.commandName)).toEqual(names)
-    expect(sent.every((m) => m.path === session.device.socketPath)).toBe(true)
+    expect(sent.every((m) => m.path === session.client.path)).toBe(true)
     expect(settled[0]?.reply).toBe(reply)
     expect(settled.every((m) => Number.isFinite(m.durationMs) && m.durationMs >= 0 && m.error === undefined)).toBe(true)
   })

@@ -67,25 +67,47 @@ for (const [env, name] of [
   console.log(`${env}=${process.env[env]}`)
 }
 
-// vitest: read its JSON report rather than scraping the console.
-const dir = mkdtempSync(join(tmpdir(), 'vfio-user-test-'))
-const report = join(dir, 'vitest.json')
-run('npx', ['vitest', 'run', '--reporter=default', '--reporter=json', `--outputFile.json=${report}`])
+// vitest: read its JSON report rather than scraping the console. Run twice: every suite as
+// it is, then the typed suites again with each connection going through `vfio-user tap`
+// (which must change nothing: __test__/through-tap.ts).
 const skips = []
-try {
-  const r = JSON.parse(readFileSync(report, 'utf8'))
-  passed += r.numPassedTests
-  failed += r.numFailedTests
-  skipped += r.numPendingTests + r.numTodoTests
-  if (r.numFailedTestSuites > 0 && r.numFailedTests === 0) failed += r.numFailedTestSuites
-  for (const file of r.testResults)
-    for (const t of file.assertionResults)
-      if (t.status === 'pending' || t.status === 'skipped' || t.status === 'todo') skips.push(t.fullName)
-} catch {
-  broken = true
-} finally {
-  rmSync(dir, { recursive: true, force: true })
+function vitest(label, files, env) {
+  const dir = mkdtempSync(join(tmpdir(), 'vfio-user-test-'))
+  const report = join(dir, 'vitest.json')
+  console.log(`vitest: ${label}`)
+  run('npx', ['vitest', 'run', '--reporter=default', '--reporter=json', `--outputFile.json=${report}`, ...files], {
+    ...process.env,
+    ...env,
+  })
+  try {
+    const r = JSON.parse(readFileSync(report, 'utf8'))
+    passed += r.numPassedTests
+    failed += r.numFailedTests
+    skipped += r.numPendingTests + r.numTodoTests
+    if (r.numFailedTestSuites > 0 && r.numFailedTests === 0) failed += r.numFailedTestSuites
+    for (const file of r.testResults)
+      for (const t of file.assertionResults)
+        if (t.status === 'pending' || t.status === 'skipped' || t.status === 'todo')
+          skips.push(`${label}: ${t.fullName}`)
+  } catch {
+    broken = true
+  } finally {
+    rmSync(dir, { recursive: true, force: true })
+  }
 }
+vitest('every suite', [], {})
+vitest(
+  'the typed suites through vfio-user tap',
+  [
+    '__test__/typed.test.ts',
+    '__test__/dma.test.ts',
+    '__test__/irq.test.ts',
+    '__test__/read-into.test.ts',
+    '__test__/tracing.test.ts',
+    '__test__/lvu-server.test.ts',
+  ],
+  { VFIO_USER_THROUGH_TAP: '1' },
+)
 
 // A skip hides a test that did not run: none is expected anywhere, unless the machine says so
 // by name in $VFIO_USER_ALLOWED_SKIPS (substrings of test names, separated by '|').

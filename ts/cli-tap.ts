@@ -166,7 +166,8 @@ export async function tapCommand(args: string[]): Promise<number> {
   t.on('refused', (e) => {
     if (record(e)) show(`a client came but the server could not be reached: ${e.reason}`)
   })
-  if (!o.json) show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
+  if (o.json) show(JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server }))
+  else show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
   await new Promise<void>((resolve) => {
     const stop = () => {
       process.off('SIGINT', stop)
