@@ -71,7 +71,8 @@ pub type TapSink = Arc<dyn Fn(TapEvent) + Send + Sync>;
 
 /// A running tap. Dropping it (or [`Tap::close`]) ends every session and stops listening.
 pub struct Tap {
-    listener: Arc<UnixListener>,
+    /// Taken (closed) by `close`, once the accept thread has let go of its clone.
+    listener: Mutex<Option<Arc<UnixListener>>>,
     path: PathBuf,
     accept: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<TapShared>,
@@ -124,7 +125,7 @@ impl Tap {
                 Error::new(Errno::EAGAIN, format!("cannot start the tap's thread: {e}"))
             })?;
         Ok(Tap {
-            listener,
+            listener: Mutex::new(Some(listener)),
             path: listen.to_path_buf(),
             accept: Mutex::new(Some(accept)),
             shared,
@@ -146,10 +147,15 @@ impl Tap {
     pub fn close(&self) {
         self.shared.closing.store(true, Ordering::SeqCst);
         // A listening socket shut down wakes its accept() with an error.
-        let _ = shutdown(self.listener.as_raw_fd(), Shutdown::Both);
+        let listener = lock(&self.listener).take();
+        if let Some(l) = &listener {
+            let _ = shutdown(l.as_raw_fd(), Shutdown::Both);
+        }
         if let Some(t) = lock(&self.accept).take() {
             let _ = t.join();
         }
+        // The accept thread's clone is gone with it: this closes the listening socket.
+        drop(listener);
         let sessions: Vec<Session> = lock(&self.shared.sessions)
             .drain()
             .map(|(_, s)| s)

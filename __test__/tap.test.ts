@@ -1,0 +1,227 @@
+// `vfio-user tap` and tap(): a real client and a real server that are not ours (libvfio-user's
+// `client` and `server` samples) through the tap, the API's records, and sessions ended every
+// way with fds and threads back where they were.
+import { spawn } from 'node:child_process'
+import { once } from 'node:events'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { createConnection } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { Command, connect, type TapMessage, type TapRecord, tap } from '../ts/index'
+import { startScriptedPeer } from '../ts/testing'
+import { librarySamples, startSample, threadCount, warmUp } from './peers'
+import { rejection } from './rejection'
+import { openFds } from './session'
+import { startTap } from './through-tap'
+import { getInfoPayload } from './wire'
+
+let dir: string
+beforeAll(async () => {
+  await warmUp()
+  dir = mkdtempSync(join(tmpdir(), 'vfio-user-tap-test-'))
+})
+afterAll(() => rmSync(dir, { recursive: true, force: true }))
+
+let n = 0
+const socketPath = () => join(dir, `tap-${++n}.sock`)
+
+/** Every request (not No_reply) has exactly one reply or error, same session and id, from the other side, after it. */
+function pairUp(messages: TapMessage[]): string[] {
+  const problems: string[] = []
+  const open = new Map<string, TapMessage>()
+  for (const m of messages) {
+    const key = `${m.session}:${m.from === 'client' ? 'c' : 's'}:${m.id}`
+    const answers = `${m.session}:${m.from === 'client' ? 's' : 'c'}:${m.id}`
+    if (m.kind === 'request') {
+      if (m.noReply) continue
+      if (open.has(key)) problems.push(`request ${key} ${m.command} while one with its id waits`)
+      open.set(key, m)
+    } else {
+      const q = open.get(answers)
+      if (!q) problems.push(`${m.kind} ${answers} ${m.command} answers nothing`)
+      else if (q.command !== m.command) problems.push(`${m.command} answers ${q.command}`)
+      open.delete(answers)
+    }
+  }
+  for (const [k, q] of open) problems.push(`request ${k} ${q.command} never answered`)
+  return problems
+}
+
+describe('vfio-user tap', () => {
+  it("libvfio-user's own client drives its server through the tap: exit 0, every message decoded and paired, every fd through", async () => {
+    const samples = librarySamples()
+    await using server = await startSample('server')
+    const out = join(dir, 'client-server.ndjson')
+    const relay = await startTap(server.socketPath, ['--out', out, '--bytes', '8'])
+    try {
+      // Its destination server for the migration part is started by the client beside its
+      // socket; the client itself talks to the tap.
+      const client = spawn(join(samples, 'client'), [relay.path], { stdio: ['ignore', 'pipe', 'pipe'] })
+      let stdout = ''
+      client.stdout.setEncoding('utf8').on('data', (d: string) => {
+        stdout += d
+      })
+      const [code] = (await once(client, 'exit')) as [number | null]
+      expect(code).toBe(0)
+      expect(stdout.match(/INTx triggered!/g)?.length).toBeGreaterThanOrEqual(1)
+      const exit = await server.waitExit()
+      expect(exit).toEqual({ code: 0, signal: null, killed: false })
+    } finally {
+      expect(await relay.close()).toBe(0)
+    }
+    const records = readFileSync(out, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as TapRecord | { type: 'summary' })
+    const messages = records.filter((r): r is TapMessage => r.type === 'message')
+    expect(messages.length).toBeGreaterThan(100)
+    expect(messages.filter((m) => m.undecodable !== undefined)).toEqual([])
+    expect(pairUp(messages)).toEqual([])
+    // Its 16 DMA maps each carried the file behind them, and the eventfd for INTx went with
+    // SET_IRQS: the server's direct DMA into them (its CRC check, exit 0) used them.
+    const maps = messages.filter((m) => m.command === 'DMA_MAP' && m.kind === 'request')
+    expect(maps.length).toBe(16)
+    expect(maps.every((m) => m.fds === 1)).toBe(true)
+    expect(messages.find((m) => m.command === 'DEVICE_SET_IRQS' && m.kind === 'request')?.fds).toBe(1)
+    // The server's DMA went through the tap too, with its data shown.
+    const dmaWrite = messages.find((m) => m.command === 'DMA_WRITE' && m.from === 'server')
+    expect(dmaWrite?.data).toEqual({ length: 1024, head: '4141414141414141' })
+    // The region info retry: MMAP without CAPS first, then the caps and the fd.
+    const bar1 = messages.filter(
+      (m) => m.command === 'DEVICE_GET_REGION_INFO' && m.kind === 'reply' && m.fields.index === 1,
+    )
+    expect(bar1.map((m) => [m.fields.flags, m.fds])).toEqual([
+      [7, 0],
+      [15, 1],
+    ])
+    const summary = records.at(-1) as { type: string; commands: Record<string, { requests: number }> }
+    expect(summary.type).toBe('summary')
+    expect(summary.commands.DMA_MAP?.requests).toBe(16)
+  })
+
+  it('prints a line per message, and the summary when the last client leaves', async () => {
+    await using device = await startScriptedPeer('serve')
+    const relay = await startTap(device.socketPath)
+    try {
+      await using c = await connect(relay.path)
+      await c.validateVersion()
+      await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+      await c.close()
+      // The summary follows the session's end: wait for it in the output, bounded.
+      const deadline = Date.now() + 10_000
+      while (!relay.output().includes('summary:') && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 10))
+      }
+    } finally {
+      await relay.close()
+    }
+    const text = relay.output()
+    expect(text).toMatch(/#1 client→server {2}id \d+ {2}VERSION request {2}json=\{"capabilities":/)
+    expect(text).toMatch(/#1 server→client {2}id \d+ {2}DEVICE_GET_INFO reply {2}[\d.]+µs {2}flags=/)
+    expect(text).toContain('session #1 closed')
+    expect(text).toMatch(
+      /summary: 1 session\(s\), 4 message\(s\)\n {2}command +requests +errors +p50 µs +p99 µs\n {2}DEVICE_GET_INFO +1 +0/,
+    )
+  })
+})
+
+describe('tap()', () => {
+  it('emits decoded records while someone listens; garbage from the server is relayed and said undecodable', async () => {
+    await using peer = await startScriptedPeer('serve')
+    await using t = await tap({ listen: socketPath(), connect: peer.socketPath, bytes: 4 })
+    const seen: TapMessage[] = []
+    const onMessage = (m: TapMessage) => seen.push(m)
+    t.on('message', onMessage)
+    const c = await connect(t.listen)
+    await c.validateVersion()
+    const reply = await c.sendWait(Command.REGION_WRITE, Buffer.concat([Buffer.alloc(16), Buffer.from('data')]))
+    expect(reply.payload.length).toBe(16)
+    // Every message of a session is reported before its end.
+    const ended = once(t, 'close')
+    await c.close()
+    await ended
+    expect(seen.map((m) => `${m.from} ${m.command} ${m.kind}`)).toEqual([
+      'client VERSION request',
+      'server VERSION reply',
+      'client REGION_WRITE request',
+      'server REGION_WRITE reply',
+    ])
+    expect(seen[2]?.data).toEqual({ length: 4, head: Buffer.from('data').toString('hex') })
+    expect(seen[3]?.latencyUs).toBeGreaterThan(0)
+    t.off('message', onMessage)
+    // A server that floods requests of an unknown command: relayed, said undecodable.
+    await using flood = await startScriptedPeer('flood')
+    await using t2 = await tap({ listen: socketPath(), connect: flood.socketPath })
+    const garbage = new Promise<TapMessage>((resolve) => {
+      t2.on('message', (m) => {
+        if (m.undecodable) resolve(m)
+      })
+    })
+    const c2 = await connect(t2.listen)
+    await c2.validateVersion()
+    expect(await garbage).toMatchObject({
+      from: 'server',
+      command: 'command 99',
+      undecodable: 'unknown command command 99',
+    })
+    await c2.close()
+  })
+
+  it('100 sessions opened and ended every way: fds and threads back where they were', async () => {
+    await using peer = await startScriptedPeer('serve')
+    const fds = openFds()
+    const threads = threadCount()
+    const t = await tap({ listen: socketPath(), connect: peer.socketPath })
+    const closes: Array<Promise<unknown>> = []
+    const left: Array<{ close(): Promise<void> }> = []
+    for (let i = 0; i < 100; i++) {
+      const way = i % 4
+      if (way === 0) {
+        // A client that does its work and closes.
+        const c = await connect(t.listen)
+        await c.validateVersion()
+        await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+        closes.push(once(t, 'close'))
+        await c.close()
+      } else if (way === 1) {
+        // A client gone mid-message: half a header, then killed.
+        const s = createConnection(t.listen)
+        await once(s, 'connect')
+        s.write(Buffer.alloc(7))
+        s.destroy()
+      } else if (way === 2) {
+        // A client whose request times out, then closes.
+        const c = await connect(t.listen, { timeoutMs: 50 })
+        expect((await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))).code).toBe('ENOTCONN')
+        await c.close()
+      } else {
+        // Still open when the tap closes.
+        const c = await connect(t.listen)
+        await c.validateVersion()
+        left.push(c)
+      }
+    }
+    await Promise.all(closes)
+    await t.close()
+    for (const c of left) await c.close()
+    // A relay thread that saw its session end exits on its own: wait for it, bounded.
+    const deadline = Date.now() + 10_000
+    while ((openFds() !== fds || threadCount() !== threads) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    expect({ fds: openFds(), threads: threadCount() }).toEqual({ fds, threads })
+    expect(t.sessions).toBe(0)
+  })
+
+  it('refuses a listen path that exists, typed, and a client whose server is gone is closed', async () => {
+    const path = socketPath()
+    await using first = await tap({ listen: path, connect: join(dir, 'nobody.sock') })
+    expect((await rejection(tap({ listen: path, connect: 'x' }))).code).toBe('EADDRINUSE')
+    const refused = once(first, 'refused')
+    const s = createConnection(path)
+    const [e] = (await refused) as [{ reason: string }]
+    expect(e.reason).toContain('nobody.sock')
+    await once(s, 'close')
+  })
+})
