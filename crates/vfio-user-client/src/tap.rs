@@ -208,7 +208,14 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
         }
     };
     let id = shared.next.fetch_add(1, Ordering::Relaxed);
-    let client = Arc::new(OwnedFd::from(client));
+    let client = OwnedFd::from(client);
+    // As for the server's side (connect_unix): a MiB-sized message leaves in one sendmsg.
+    let _ = nix::sys::socket::setsockopt(
+        &client,
+        nix::sys::socket::sockopt::SndBuf,
+        &crate::socket::SEND_BUFFER,
+    );
+    let client = Arc::new(client);
     let server = Arc::new(server);
     let pending = Arc::new(Mutex::new(Pending::default()));
     (shared.sink)(TapEvent::Opened { session: id });
