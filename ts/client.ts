@@ -38,7 +38,7 @@ import {
   type SetIrqsOptions,
   setIrqs,
 } from './irq'
-import { holdLoop } from './liveness'
+import { holdLoop, LoopRef } from './liveness'
 import { loadState, type StateStreamOptions, saveState } from './migration'
 import {
   type NativeClient,
@@ -204,8 +204,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   #closed?: VfioUserError
   /** Releases the event loop's hold taken while something is awaited (see #updateHold). */
   #busy?: () => void
-  /** Releases the hold `ref()` took. */
-  #refHold?: () => void
+  /** The event loop hold `ref()` takes. */
+  readonly #loop = new LoopRef()
   #closing = false
   #closeEmitted = false
   readonly #closedPromise: Promise<void>
@@ -268,6 +268,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       if (refused) return reject(fromNative(refused, this.#path))
       this.#track(token, { command: Command.VERSION, resolve, reject })
     }).then(() => {
+      // Kept at the close when the connection ended in the same batch as the reply (a server
+      // that floods right after negotiating): the native side is gone by now.
+      if (this.#versionInfo) return this.#versionInfo
       const v = this.#native.version()
       if (!v) throw new VfioUserError('EPROTO', 71, 'VERSION reply was not recorded', Command.VERSION, this.#path)
       this.#versionInfo = toVersion(v)
@@ -744,14 +747,13 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * {@link unref} or the connection's end. Returns the client.
    */
   ref(): this {
-    if (!this.#refHold && !this.#closeEmitted) this.#refHold = holdLoop()
+    if (!this.#closeEmitted) this.#loop.ref()
     return this
   }
 
   /** Undoes {@link ref}: an idle client no longer keeps Node running. Returns the client. */
   unref(): this {
-    this.#refHold?.()
-    this.#refHold = undefined
+    this.#loop.unref()
     return this
   }
 

@@ -6,7 +6,8 @@ import { checkFds, checkInteger, checkTimeout, invalidArg, outOfRange } from './
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
 import { aborted, VfioUserError } from './errors'
-import { holdLoop } from './liveness'
+import { untilEnd } from './iterate'
+import { holdLoop, LoopRef } from './liveness'
 import { native } from './native'
 
 /** One `'irq'` event: vector `vector` of irq `index` fired `count` times since the last event. */
@@ -107,8 +108,8 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
   /** Signals counted per vector while nobody took them. */
   readonly #kept = new Map<number, number>()
   readonly #waiters = new Set<Waiter>()
-  /** Releases the event loop hold `ref()` took. */
-  #refHold?: () => void
+  /** The event loop hold `ref()` takes. */
+  readonly #loop = new LoopRef()
 
   /** @internal Built by {@link enableIrqs}. */
   constructor(ch: Channel, group: number, index: number, start: number, fds: number[], watched: boolean) {
@@ -250,14 +251,13 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
    * daemon that only waits for interrupts. Returns this.
    */
   ref(): this {
-    if (!this.#refHold && !this.#ended) this.#refHold = holdLoop()
+    if (!this.#ended) this.#loop.ref()
     return this
   }
 
   /** Undoes {@link ref}. Returns this. */
   unref(): this {
-    this.#refHold?.()
-    this.#refHold = undefined
+    this.#loop.unref()
     return this
   }
 
@@ -275,39 +275,9 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
   }
 
   /** The `'irq'` events from now until the end (and those kept until now, first). */
-  async *[Symbol.asyncIterator](): AsyncGenerator<IrqEvent> {
-    const queue: IrqEvent[] = []
-    let wake: (() => void) | undefined
-    const onIrq = (e: IrqEvent) => {
-      queue.push(e)
-      wake?.()
-    }
-    const onEnd = () => wake?.()
-    this.on('irq', onIrq)
-    this.on('end', onEnd)
-    try {
-      for (;;) {
-        const next = queue.shift()
-        if (next) {
-          yield next
-          continue
-        }
-        if (this.#ended) return
-        // Awaiting the next interrupt keeps Node running, as a pending wait() does.
-        const release = holdLoop()
-        try {
-          await new Promise<void>((resolve) => {
-            wake = resolve
-          })
-        } finally {
-          release()
-        }
-        wake = undefined
-      }
-    } finally {
-      this.off('irq', onIrq)
-      this.off('end', onEnd)
-    }
+  [Symbol.asyncIterator](): AsyncGenerator<IrqEvent> {
+    // Awaiting the next interrupt keeps Node running, as a pending wait() does.
+    return untilEnd<IrqEvent>(this as unknown as EventEmitter, ['irq'], () => this.#ended, true)
   }
 }
 

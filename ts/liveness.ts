@@ -17,3 +17,19 @@ export function holdLoop(): () => void {
     if (--holds === 0) timer.unref()
   }
 }
+
+/** One hold that `ref()` takes and `unref()` gives back, for objects that offer both. */
+export class LoopRef {
+  #release?: () => void
+
+  /** Takes the hold, if not taken. */
+  ref(): void {
+    this.#release ??= holdLoop()
+  }
+
+  /** Gives the hold back, if taken. */
+  unref(): void {
+    this.#release?.()
+    this.#release = undefined
+  }
+}

@@ -4,7 +4,8 @@
 import { EventEmitter } from 'node:events'
 import { checkInteger, invalidArg, outOfRange, rejecting } from './args'
 import { fromNative } from './errors'
-import { holdLoop } from './liveness'
+import { untilEnd } from './iterate'
+import { LoopRef } from './liveness'
 import { type NativeTap, native } from './native'
 
 /** One message that passed through the tap, decoded (one NDJSON line of `vfio-user tap --json`). */
@@ -93,7 +94,7 @@ export class Tap extends EventEmitter<TapEvents> {
   readonly #native: NativeTap
   #iterators = 0
   #ended = false
-  #hold?: () => void
+  readonly #loop = new LoopRef()
   #closed?: Promise<void>
 
   /** @internal Use {@link tap}. */
@@ -102,7 +103,7 @@ export class Tap extends EventEmitter<TapEvents> {
     this.#native = t
     this.listen = listen
     this.connect = connect
-    this.#hold = holdLoop()
+    this.#loop.ref()
     feed((lines) => this.#deliver(lines))
     const watch = () => queueMicrotask(() => this.#observe())
     this.on('newListener', (name) => {
@@ -133,14 +134,13 @@ export class Tap extends EventEmitter<TapEvents> {
 
   /** Keeps Node running while the tap is open (the default). Returns this. */
   ref(): this {
-    if (!this.#hold && !this.#ended) this.#hold = holdLoop()
+    if (!this.#ended) this.#loop.ref()
     return this
   }
 
   /** Lets Node exit while the tap is open. Returns this. */
   unref(): this {
-    this.#hold?.()
-    this.#hold = undefined
+    this.#loop.unref()
     return this
   }
 
@@ -168,35 +168,17 @@ export class Tap extends EventEmitter<TapEvents> {
 
   /** Every record from now until the tap is closed (messages, sessions, refusals). */
   async *[Symbol.asyncIterator](): AsyncGenerator<TapRecord> {
-    const queue: TapRecord[] = []
-    let wake: (() => void) | undefined
-    const push = (r: TapRecord) => {
-      queue.push(r)
-      wake?.()
-    }
-    const end = () => wake?.()
-    const names = ['message', 'open', 'close', 'refused'] as const
-    for (const n of names) this.on(n, push)
-    this.on('end', end)
     this.#iterators++
     this.#observe()
     try {
-      for (;;) {
-        const next = queue.shift()
-        if (next) {
-          yield next
-          continue
-        }
-        if (this.#ended) return
-        await new Promise<void>((resolve) => {
-          wake = resolve
-        })
-        wake = undefined
-      }
+      yield* untilEnd<TapRecord>(
+        this as unknown as EventEmitter,
+        ['message', 'open', 'close', 'refused'],
+        () => this.#ended,
+        false,
+      )
     } finally {
       this.#iterators--
-      for (const n of names) this.off(n, push)
-      this.off('end', end)
       this.#observe()
     }
   }
