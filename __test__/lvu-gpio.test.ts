@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process'
 import { join } from 'node:path'
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { allocateDmaMemory, decodePciConfig, type VfioUserClient } from '../ts/index'
-import { connectRetrying, failures, type Sample, startSample, threadCount, warmUp } from './peers'
+import { connectRetrying, expectCountsBack, failures, type Sample, startSample, threadCount, warmUp } from './peers'
 import { openFds } from './session'
 
 const BAR2 = 2
@@ -52,8 +52,7 @@ async function open(): Promise<VfioUserClient> {
 async function finish(c: VfioUserClient): Promise<void> {
   await c.close()
   expect(failures(device().stderr())).toEqual([])
-  expect(openFds()).toBe(fdBase)
-  expect(threadCount()).toBe(threadBase)
+  await expectCountsBack(fdBase, threadBase)
 }
 
 describe("libvfio-user's gpio-pci-idio-16 sample", () => {

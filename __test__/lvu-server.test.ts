@@ -12,6 +12,7 @@ import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { allocateDmaMemory, migrate, type VfioUserClient } from '../ts/index'
 import {
   connectRetrying,
+  expectCountsBack,
   failures,
   librarySamples,
   relayOneSession,
@@ -89,8 +90,7 @@ async function finish(expected: RegExp[] = []): Promise<void> {
     await p.relay?.close()
     expect(p.relay?.output() ?? '').not.toContain('undecodable')
   }
-  expect(openFds()).toBe(fdBase)
-  expect(threadCount()).toBe(threadBase)
+  await expectCountsBack(fdBase, threadBase)
 }
 
 /** Byte i of BAR1 contents `seed`. */

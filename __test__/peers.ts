@@ -3,7 +3,7 @@
 // Built from ../shared/peers (or found through $VFIO_USER_LIBVFIO_SAMPLES); a peer that cannot
 // be had fails the test that needs it, it never skips.
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, rmSync, watch } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, watch } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { connect, type VfioUserClient } from '../ts/index'
@@ -162,10 +162,17 @@ const BENIGN = [
   /vfu_reset_ctx: No message of desired type/,
 ]
 
-/** This process's thread count (`/proc/self/status`). */
+/** How many of this library's threads this process has (`/proc/self/task`). */
 export function threadCount(): number {
-  const m = /^Threads:\s+(\d+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))
-  return Number(m?.[1])
+  // Only the library's own threads (its I/O threads, a tap's relay threads): Node starts and
+  // parks threads of its own (libuv's pool, V8's) whenever it likes.
+  return readdirSync('/proc/self/task').filter((t) => {
+    try {
+      return readFileSync(`/proc/self/task/${t}/comm`, 'utf8').startsWith('vfio-user')
+    } catch {
+      return false // gone while we looked
+    }
+  }).length
 }
 
 /**
@@ -274,4 +281,22 @@ export async function warmUp(): Promise<void> {
   await new Promise((r) => child.once('exit', r))
   watch(tmpdir()).close()
   await import('../ts/index')
+}
+
+/**
+ * Expects this process's fd and thread counts to be back at `fds` and `threads`. A thread
+ * that has been joined can stay listed in /proc/self/task a moment longer (the join returns
+ * when it clears its tid, before the kernel releases it), and no event says when it is gone:
+ * look again, a millisecond at a time, for at most 5 s. Anything really left behind stays
+ * and fails.
+ */
+export async function expectCountsBack(fds: number, threads: number): Promise<void> {
+  const { expect } = await import('vitest')
+  const { readdirSync } = await import('node:fs')
+  const open = () => readdirSync('/proc/self/fd').length
+  const deadline = Date.now() + 5000
+  while ((open() !== fds || threadCount() !== threads) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 1))
+  }
+  expect({ fds: open(), threads: threadCount() }).toEqual({ fds, threads })
 }

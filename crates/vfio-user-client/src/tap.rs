@@ -327,14 +327,24 @@ fn relay(
             break Ok(());
         }
         let raw: Vec<RawFd> = got.fds.iter().map(AsRawFd::as_raw_fd).collect();
-        if shared.observed.load(Ordering::Relaxed) {
-            for r in framer.feed(&buf[..got.bytes], raw.len()) {
-                report(shared, session, sender, r, pending);
-            }
-        } else {
-            framer.skip(&buf[..got.bytes]);
+        let chunk = &buf[..got.bytes];
+        let observed = shared.observed.load(Ordering::Relaxed);
+        let walked = framer.walk(chunk, raw.len(), observed);
+        for r in walked.complete {
+            report(shared, session, sender, r, pending);
         }
-        if let Err(e) = send_all(to.as_raw_fd(), &buf[..got.bytes], &raw) {
+        // The fds belong to the last message that begins in this read (a read ends right after
+        // the segment that carried them). Should a kernel return the end of a message without
+        // fds before it in the same read (the one here does not: tried with both queued
+        // before the first read), the bytes before it go on without them.
+        let split = if raw.is_empty() {
+            0
+        } else {
+            walked.last_start.unwrap_or(0)
+        };
+        let sent = send_all(to.as_raw_fd(), &chunk[..split], &[])
+            .and_then(|()| send_all(to.as_raw_fd(), &chunk[split..], &raw));
+        if let Err(e) = sent {
             break Err(format!(
                 "writing to the {}: {}",
                 side(other(sender)),
@@ -397,15 +407,32 @@ struct Framed {
     at: Instant,
 }
 
+/// A message being framed.
+struct Current {
+    header: Header,
+    prefix: Vec<u8>,
+    want: usize,
+    left: usize,
+    fds: usize,
+    at: Instant,
+    /// Kept from its first byte (someone observed when it began): only those are reported.
+    kept: bool,
+}
+
+/// What one read framed: the messages it completed (while observed) and where, in it, the
+/// last message that begins there begins.
+struct Walked {
+    complete: Vec<Framed>,
+    last_start: Option<usize>,
+}
+
 /// Frames one direction's bytes into messages, keeping only what a description needs.
 struct TapFramer {
     head: usize,
     header: Vec<u8>,
-    current: Option<(Header, Vec<u8>, usize, usize, Instant)>,
+    current: Option<Current>,
     /// Once the stream cannot be framed (a size below the header's), nothing more is.
-    lost: Option<String>,
-    /// Fds that came in a read in which no message began: they go with the next one.
-    fds_waiting: usize,
+    lost: bool,
 }
 
 impl TapFramer {
@@ -414,49 +441,56 @@ impl TapFramer {
             head,
             header: Vec::with_capacity(HEADER_SIZE),
             current: None,
-            lost: None,
-            fds_waiting: 0,
+            lost: false,
         }
     }
 
-    /// Frames `bytes` without keeping anything (nobody observes): only the boundaries.
-    fn skip(&mut self, bytes: &[u8]) {
-        let _ = self.walk(bytes, 0, false);
-    }
-
-    /// Frames `bytes`, which came with `fds` fds, and returns the messages they complete.
-    fn feed(&mut self, bytes: &[u8], fds: usize) -> Vec<Framed> {
-        self.walk(bytes, fds, true)
-    }
-
-    fn walk(&mut self, mut bytes: &[u8], fds: usize, keep: bool) -> Vec<Framed> {
-        let mut out = Vec::new();
-        // The fds of a read go with the first message that begins in it (a sender puts them
-        // on the first byte of the message that carries them).
-        self.fds_waiting += fds;
-        while !bytes.is_empty() && self.lost.is_none() {
-            if let Some((h, prefix, want, left, at)) = &mut self.current {
-                let n = (*left).min(bytes.len());
-                if keep && prefix.len() < *want {
-                    let take = (*want - prefix.len()).min(n);
-                    prefix.extend_from_slice(&bytes[..take]);
+    /// Frames `chunk`, one read that came with `fds` fds, keeping what a description needs
+    /// when `keep`. The fds go with the last message that begins in the read (a sender
+    /// puts them on the first byte of the message that carries them, and the kernel ends a
+    /// read right after them); with none beginning there, with the message in progress.
+    fn walk(&mut self, chunk: &[u8], fds: usize, keep: bool) -> Walked {
+        /// The last message begun in this read, as far as the walk has got.
+        enum Last {
+            None,
+            Gathering,
+            Current,
+            Completed(Option<usize>),
+        }
+        let mut complete = Vec::new();
+        let mut last_start = None;
+        let mut last = Last::None;
+        let mut bytes = chunk;
+        while !bytes.is_empty() && !self.lost {
+            let at = chunk.len() - bytes.len();
+            if let Some(c) = &mut self.current {
+                let n = c.left.min(bytes.len());
+                if c.kept && c.prefix.len() < c.want {
+                    let take = (c.want - c.prefix.len()).min(n);
+                    c.prefix.extend_from_slice(&bytes[..take]);
                 }
-                *left -= n;
+                c.left -= n;
                 bytes = &bytes[n..];
-                if *left == 0 {
-                    let (header, prefix, at) = (*h, std::mem::take(prefix), *at);
-                    let fds = std::mem::take(&mut self.fds_waiting);
-                    self.current = None;
-                    if keep {
-                        out.push(Framed {
-                            header,
-                            prefix,
-                            fds,
-                            at,
+                if c.left == 0 {
+                    let done = self.current.take().filter(|c| c.kept);
+                    let index = done.map(|c| {
+                        complete.push(Framed {
+                            header: c.header,
+                            prefix: c.prefix,
+                            fds: c.fds,
+                            at: c.at,
                         });
+                        complete.len() - 1
+                    });
+                    if matches!(last, Last::Current) {
+                        last = Last::Completed(index);
                     }
                 }
                 continue;
+            }
+            if self.header.is_empty() {
+                last_start = Some(at);
+                last = Last::Gathering;
             }
             let take = (HEADER_SIZE - self.header.len()).min(bytes.len());
             self.header.extend_from_slice(&bytes[..take]);
@@ -467,46 +501,62 @@ impl TapFramer {
             let mut raw = [0u8; HEADER_SIZE];
             raw.copy_from_slice(&self.header);
             self.header.clear();
-            let h = Header::decode(&raw);
-            if (h.size as usize) < HEADER_SIZE {
-                self.lost = Some(format!(
-                    "a header says the message is {} bytes, less than its own {HEADER_SIZE}: the rest of this direction is relayed but not framed",
-                    h.size
-                ));
-                if keep {
-                    out.push(Framed {
-                        header: h,
-                        prefix: Vec::new(),
-                        fds: std::mem::take(&mut self.fds_waiting),
-                        at: Instant::now(),
-                    });
-                }
-                break;
-            }
-            let want = prefix_needed(&h, self.head);
-            let left = h.payload_len();
+            let begun_here = matches!(last, Last::Gathering);
+            let header = Header::decode(&raw);
             let now = Instant::now();
-            if left == 0 {
-                let fds = std::mem::take(&mut self.fds_waiting);
-                if keep {
-                    out.push(Framed {
-                        header: h,
+            let left = header.payload_len();
+            let broken = (header.size as usize) < HEADER_SIZE;
+            if broken || left == 0 {
+                self.lost = broken;
+                let index = keep.then(|| {
+                    complete.push(Framed {
+                        header,
                         prefix: Vec::new(),
-                        fds,
+                        fds: 0,
                         at: now,
                     });
+                    complete.len() - 1
+                });
+                if begun_here {
+                    last = Last::Completed(index);
                 }
-            } else {
-                self.current = Some((
-                    h,
-                    Vec::with_capacity(if keep { want } else { 0 }),
-                    want,
-                    left,
-                    now,
-                ));
+                continue;
+            }
+            let want = prefix_needed(&header, self.head);
+            self.current = Some(Current {
+                header,
+                prefix: Vec::with_capacity(if keep { want } else { 0 }),
+                want,
+                left,
+                fds: 0,
+                at: now,
+                kept: keep,
+            });
+            if begun_here {
+                last = Last::Current;
             }
         }
-        out
+        if fds > 0 {
+            match last {
+                Last::Completed(Some(i)) => {
+                    if let Some(m) = complete.get_mut(i) {
+                        m.fds += fds;
+                    }
+                }
+                // Begun here but not reported (nobody observed when it began): nothing to count.
+                Last::Completed(None) => {}
+                // In progress (begun here, or before this read with none begun since).
+                Last::Current | Last::None | Last::Gathering => {
+                    if let Some(c) = &mut self.current {
+                        c.fds += fds;
+                    }
+                }
+            }
+        }
+        Walked {
+            complete,
+            last_start: if self.lost { None } else { last_start },
+        }
     }
 }
 
