@@ -200,7 +200,7 @@ export declare class NativeTap {
   get sessions(): number
   /**
    * Stops listening and ends every session; the events already queued are still
-   * delivered, then the callback is released. Idempotent.
+   * delivered, ending with `{"type":"end"}`, then the callback is released. Idempotent.
    */
   close(): void
 }

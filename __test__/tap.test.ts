@@ -98,7 +98,7 @@ describe('vfio-user tap', () => {
     const summary = records.at(-1) as { type: string; commands: Record<string, { requests: number }> }
     expect(summary.type).toBe('summary')
     expect(summary.commands.DMA_MAP?.requests).toBe(16)
-  })
+  }, 60_000)
 
   it('prints a line per message, and the summary when the last client leaves', async () => {
     await using device = await startScriptedPeer('serve')

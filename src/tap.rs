@@ -98,14 +98,21 @@ impl NativeTap {
     }
 
     /// Stops listening and ends every session; the events already queued are still
-    /// delivered, then the callback is released. Idempotent.
+    /// delivered, ending with `{"type":"end"}`, then the callback is released. Idempotent.
     #[napi]
     pub fn close(&self) {
+        // Every relay thread has been joined when this returns: nothing is reported after the
+        // `end` line, which tells JavaScript it has everything.
         self.tap.close();
-        let sink = lock(&self.queue).sink.take();
-        if let Some(s) = sink {
-            s.call((), ThreadsafeFunctionCallMode::NonBlocking);
-        }
+        let sink = {
+            let mut q = lock(&self.queue);
+            let Some(sink) = q.sink.take() else {
+                return;
+            };
+            q.lines.push(json!({ "type": "end" }).to_string());
+            sink
+        };
+        sink.call((), ThreadsafeFunctionCallMode::NonBlocking);
     }
 }
 

@@ -139,6 +139,9 @@ export async function tapCommand(args: string[]): Promise<number> {
   const t = await tap({ listen: o.listen, connect: o.server, bytes: o.bytes })
   const file: WriteStream | undefined = o.out ? createWriteStream(o.out, { flags: 'w' }) : undefined
   const summary = new Summary()
+  // Sessions open, as the events said (the native count may already include one that
+  // opened since): the summary comes when the last one ends.
+  let open = 0
   const show = (line: string) => process.stdout.write(`${line}\n`)
   const record = (r: TapRecord) => {
     const ndjson = JSON.stringify(r)
@@ -156,12 +159,13 @@ export async function tapCommand(args: string[]): Promise<number> {
     if (record(m)) show(messageLine(m))
   })
   t.on('open', (e) => {
+    open++
     summary.sessions++
     if (record(e)) show(`session #${e.session} opened`)
   })
   t.on('close', (e) => {
     if (record(e)) show(`session #${e.session} closed${e.reason ? `: ${e.reason}` : ''}`)
-    if (t.sessions === 0) printSummary()
+    if (--open === 0) printSummary()
   })
   t.on('refused', (e) => {
     if (record(e)) show(`a client came but the server could not be reached: ${e.reason}`)

@@ -96,6 +96,8 @@ export class Tap extends EventEmitter<TapEvents> {
   #ended = false
   readonly #loop = new LoopRef()
   #closed?: Promise<void>
+  /** Resolves `close()` once the end has been delivered. */
+  #onEnd?: () => void
 
   /** @internal Use {@link tap}. */
   constructor(t: NativeTap, listen: string, connect: string, feed: (deliver: (lines: string[]) => void) => void) {
@@ -105,12 +107,13 @@ export class Tap extends EventEmitter<TapEvents> {
     this.connect = connect
     this.#loop.ref()
     feed((lines) => this.#deliver(lines))
-    const watch = () => queueMicrotask(() => this.#observe())
+    // On at once when a listener comes (it is added right after this event), off once none
+    // is left.
     this.on('newListener', (name) => {
-      if (name === 'message') watch()
+      if (name === 'message' && !this.#ended) this.#native.observe(true)
     })
     this.on('removeListener', (name) => {
-      if (name === 'message') watch()
+      if (name === 'message') this.#observe()
     })
   }
 
@@ -120,10 +123,24 @@ export class Tap extends EventEmitter<TapEvents> {
 
   #deliver(lines: string[]): void {
     for (const line of lines) {
-      const r = JSON.parse(line) as TapRecord
-      if (r.type === 'message') this.emit('message', r)
-      else if (r.type === 'refused') this.emit('refused', r)
-      else this.emit(r.type, r)
+      const r = JSON.parse(line) as TapRecord | { type: 'end' }
+      switch (r.type) {
+        case 'end':
+          // The native side's last line: every relay thread has ended, nothing follows.
+          this.#ended = true
+          this.#loop.unref()
+          this.emit('end')
+          this.#onEnd?.()
+          break
+        case 'message':
+          this.emit('message', r)
+          break
+        case 'refused':
+          this.emit('refused', r)
+          break
+        default:
+          this.emit(r.type, r)
+      }
     }
   }
 
@@ -150,14 +167,12 @@ export class Tap extends EventEmitter<TapEvents> {
    * Idempotent.
    */
   close(): Promise<void> {
-    this.#closed ??= (async () => {
+    this.#closed ??= new Promise<void>((resolve) => {
+      this.#onEnd = resolve
+      // Keep Node running until the last records (and the end) have been handed over.
+      this.#loop.ref()
       this.#native.close()
-      // The last batch comes through the threadsafe function; one macrotask hands it over.
-      await new Promise((resolve) => setImmediate(resolve))
-      this.#ended = true
-      this.unref()
-      this.emit('end')
-    })()
+    })
     return this.#closed
   }
 
@@ -200,16 +215,12 @@ export function tap(options: TapOptions): Promise<Tap> {
     }
     if (options.listen.length === 0 || options.connect.length === 0) throw outOfRange('socket paths must not be empty')
     const bytes = checkInteger('bytes', options.bytes ?? 16, 0, 4096)
-    let deliver: ((lines: string[]) => void) | undefined
-    const pending: string[] = []
-    const t = native.startTap(options.listen, options.connect, bytes, (lines) => {
-      if (deliver) deliver(lines)
-      else pending.push(...lines)
-    })
+    // The callback runs on the event loop, so never before the Tap below is made.
+    let deliver: (lines: string[]) => void = () => {}
+    const t = native.startTap(options.listen, options.connect, bytes, (lines) => deliver(lines))
     if ('errno' in t) throw fromNative(t, options.listen)
     return new Tap(t, options.listen, options.connect, (d) => {
       deliver = d
-      if (pending.length > 0) d(pending.splice(0))
     })
   })
 }
