@@ -204,6 +204,11 @@ describe('interrupts against the test device', () => {
     expect(readSync(irqs.fds[2] as number, count, 0, 8, null)).toBe(8)
     expect(count.readBigUInt64LE(0)).toBe(2n)
     expect((await rejection(irqs.wait())).code).toBe('EINVAL')
+    // Iterating them fails at once too, rather than waiting (and holding Node) forever.
+    const iterated = await (async () => {
+      for await (const e of irqs) return e
+    })().catch((e: unknown) => e)
+    expect(iterated).toMatchObject({ code: 'EINVAL' })
     await irqs.disable()
   })
 

@@ -26,9 +26,9 @@ export interface Channel {
   /**
    * Keeps `memory` reachable until the native event for `token` is delivered (or the
    * connection has ended), whatever happens to the promise: native code writes into it until
-   * then.
+   * then. `release` is called then too.
    */
-  hold(token: number, memory: Uint8Array): void
+  hold(token: number, memory: Uint8Array, release?: () => void): void
   /** The error of the last native sync call that failed, as a `VfioUserError`. */
   lastError(): VfioUserError
   /** A native error record as a `VfioUserError` naming this connection. */

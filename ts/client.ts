@@ -187,7 +187,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   readonly #path: string
   readonly #waiters = new Map<number, Waiter>()
   /** Memory native code writes into until the event for its token (see `Channel.hold`). */
-  readonly #holds = new Map<number, Uint8Array>()
+  readonly #holds = new Map<number, { memory: Uint8Array; release?: () => void }>()
   readonly #link: Link
   /** Where the native `sendSync` leaves a reply's id, command, flags, fd count and fds. */
   readonly #scratch = new Uint32Array(SCRATCH_WORDS)
@@ -372,8 +372,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       native: this.#native,
       send: (command, payload, options) => this.sendWait(command, payload, options),
       call: (command, start, options = {}) => this.#call(command, start, options),
-      hold: (token, memory) => {
-        this.#holds.set(token, memory)
+      hold: (token, memory, release) => {
+        this.#holds.set(token, { memory, release })
         if (this.#holds.size === 1) this.#updateHold()
       },
       lastError: () =>
@@ -813,7 +813,11 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     for (let i = 0; i < batch.length; i += 3) {
       const token = batch[i] as number
       const value = batch[i + 2]
-      if (this.#holds.size > 0) this.#holds.delete(token)
+      if (this.#holds.size > 0) {
+        // Native code no longer writes into the memory held for this token.
+        this.#holds.get(token)?.release?.()
+        this.#holds.delete(token)
+      }
       if (value === null || value instanceof Uint8Array) {
         // A plain reply: payload only (null: empty), flags 1, no fds.
         const w = this.#waiters.get(token)
@@ -872,6 +876,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       // Nothing is served any more: the Buffers behind fd-less DMA ranges may go, and every
       // read was settled (its memory revoked) before the close was reported.
       this.#dmaBuffers.clear()
+      for (const h of this.#holds.values()) h.release?.()
       this.#holds.clear()
       this.#closeEmitted = true
       this.#updateHold()

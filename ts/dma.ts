@@ -25,12 +25,28 @@ export class DmaMemory {
   readonly native: NativeDmaMemory
   readonly #view: ArrayBuffer
 
+  /** Reads into its memory in flight: `close()` waits for them (native code writes there). */
+  #uses = 0
+  #closing = false
+
   /** @internal Use {@link allocateDmaMemory}. */
   constructor(memory: NativeDmaMemory) {
     this.native = memory
     this.#view = memory.arrayBuffer()
     this.size = this.#view.byteLength
     this.buffer = Buffer.from(this.#view)
+    owners.set(this.#view, this)
+  }
+
+  /** @internal Native code writes into this memory until the returned function is called. */
+  retain(): () => void {
+    this.#uses++
+    let held = true
+    return () => {
+      if (!held) return
+      held = false
+      if (--this.#uses === 0 && this.#closing) this.native.close(this.#view)
+    }
   }
 
   /** The memfd while it is open (owned by this object: do not close it yourself). */
@@ -42,17 +58,29 @@ export class DmaMemory {
    * Releases the memory now, not at garbage collection: detaches {@link DmaMemory.buffer}
    * (it reads as empty from here on), closes the fd, and unmaps the pages from this process
    * at once, or, when a DMA map still uses them, once the last such map is unmapped (or its
-   * connection ends): until then the device may still reach them. New maps of it fail with
-   * `'EBADF'`. Idempotent.
+   * connection ends): until then the device may still reach them. A `regionRead` into it
+   * still in flight delays all of this until it settles. New maps of it fail with `'EBADF'`.
+   * Idempotent.
    */
   close(): void {
-    this.native.close(this.#view)
+    // A read into this memory still in flight is written by native code: the release waits
+    // for it to settle.
+    this.#closing = true
+    if (this.#uses === 0) this.native.close(this.#view)
   }
 
   /** Same as {@link DmaMemory.close}, for `using`. */
   [Symbol.dispose](): void {
     this.close()
   }
+}
+
+/** Each DmaMemory's ArrayBuffer, to recognise a Buffer view of one. */
+const owners = new WeakMap<ArrayBufferLike, DmaMemory>()
+
+/** @internal The DmaMemory whose memory `view` is a view of, if any. */
+export function dmaMemoryOf(view: Uint8Array): DmaMemory | undefined {
+  return owners.get(view.buffer)
 }
 
 /** Options of {@link allocateDmaMemory}. */
@@ -149,20 +177,33 @@ function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
   }
   const iova = checkOffset('iova', m.iova).value
   const size = checkOffset('size', m.size).value
-  const offset = checkOffset('offset', m.offset ?? 0).value
+  let offset = checkOffset('offset', m.offset ?? 0).value
+  // A view of a DmaMemory's buffer maps as that memory (its fd goes with the map, and the
+  // map keeps the pages until unmapped, whatever close() says meanwhile).
+  const owner = m.memory instanceof Uint8Array ? dmaMemoryOf(m.memory) : undefined
+  if (owner && m.memory instanceof Uint8Array) {
+    if (offset + size > BigInt(m.memory.byteLength)) {
+      throw outOfRange(`${size} bytes at offset ${offset} pass the end of the ${m.memory.byteLength}-byte view`)
+    }
+    offset += BigInt(m.memory.byteOffset)
+  }
+  const memory: DmaMemory | Uint8Array = owner ?? m.memory
   if (size === 0n) throw outOfRange('size must not be 0')
-  const available = m.memory instanceof DmaMemory ? m.memory.size : m.memory.byteLength
+  const available = memory instanceof DmaMemory ? memory.size : memory.byteLength
   if (offset + size > BigInt(available)) {
     throw outOfRange(`${size} bytes at offset ${offset} pass the end of the ${available}-byte DMA memory`)
   }
   if (iova + size > 1n << 64n) throw outOfRange(`${size} bytes at iova ${iova} pass 2^64`)
   return {
-    iova,
-    size,
-    offset,
-    read: checkBool('read', m.read, true),
-    write: checkBool('write', m.write, true),
-    timeoutMs: checkTimeout('timeoutMs', options.timeoutMs),
+    memory,
+    args: {
+      iova,
+      size,
+      offset,
+      read: checkBool('read', m.read, true),
+      write: checkBool('write', m.write, true),
+      timeoutMs: checkTimeout('timeoutMs', options.timeoutMs),
+    },
   }
 }
 
@@ -173,9 +214,9 @@ function rangeArgs(r: DmaRange) {
 
 type MapArgs = ReturnType<typeof mapArgs>
 
-/** Sends one DMA_MAP for `m` (checked into `args`); a Buffer behind it is kept until unmapped. */
-function sendMap(ch: Channel, m: DmaMapping, args: MapArgs, options: CallOptions): Promise<void> {
-  const memory = m.memory
+/** Sends one DMA_MAP (checked into `m`); a Buffer behind it is kept until unmapped. */
+function sendMap(ch: Channel, m: MapArgs, options: CallOptions): Promise<void> {
+  const { memory, args } = m
   if (memory instanceof DmaMemory) {
     return ch.call(Command.DMA_MAP, (token) => ch.native.dmaMap(token, args, memory.native), options).then(() => {})
   }
@@ -202,13 +243,12 @@ function sendMap(ch: Channel, m: DmaMapping, args: MapArgs, options: CallOptions
 
 /** DMA_MAP of `m`, settled when the server answers. */
 export function dmaMap(ch: Channel, m: DmaMapping, options: CallOptions = {}): Promise<void> {
-  return sendMap(ch, m, mapArgs(m, options), options)
+  return sendMap(ch, mapArgs(m, options), options)
 }
 
 /** {@link dmaMap}, blocking the JavaScript thread. */
 export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions, 'signal'> = {}): void {
-  const args = mapArgs(m, options)
-  const memory = m.memory
+  const { memory, args } = mapArgs(m, options)
   if (memory instanceof DmaMemory) {
     ch.traceSync(Command.DMA_MAP, () => {
       if (!ch.native.dmaMapSync(args, memory.native)) throw ch.lastError()
@@ -229,8 +269,8 @@ export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions
 /** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
 export function dmaMapMany(ch: Channel, maps: DmaMapping[], options: CallOptions = {}): Promise<void> {
   if (!Array.isArray(maps)) throw invalidArg('maps must be an array')
-  const args = maps.map((m) => mapArgs(m, options))
-  return Promise.all(args.map((a, i) => sendMap(ch, maps[i] as DmaMapping, a, options))).then(() => {})
+  const checked = maps.map((m) => mapArgs(m, options))
+  return Promise.all(checked.map((m) => sendMap(ch, m, options))).then(() => {})
 }
 
 /** DMA_UNMAP of a range mapped earlier (exactly), settled when the server answers. */

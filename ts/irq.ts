@@ -2,7 +2,7 @@
 // the proto crate's irq.rs, through the binding's irq.rs.
 import { EventEmitter } from 'node:events'
 import { watchAbort } from './abort'
-import { checkFds, checkInteger, checkTimeout, invalidArg, outOfRange } from './args'
+import { checkFds, checkInteger, checkTimeout, invalidArg, outOfRange, rejecting } from './args'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
 import { aborted, VfioUserError } from './errors'
@@ -266,6 +266,10 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
    * Idempotent.
    */
   disable(options: CallOptions = {}): Promise<void> {
+    return rejecting(() => this.#disable(options))
+  }
+
+  #disable(options: CallOptions): Promise<void> {
     if (this.#ended) return Promise.resolve()
     const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
     this.#end()
@@ -276,6 +280,7 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
 
   /** The `'irq'` events from now until the end (and those kept until now, first). */
   [Symbol.asyncIterator](): AsyncGenerator<IrqEvent> {
+    if (!this.watched) return unwatched()
     // Awaiting the next interrupt keeps Node running, as a pending wait() does.
     return untilEnd<IrqEvent>(this as unknown as EventEmitter, ['irq'], () => this.#ended, true)
   }
@@ -291,6 +296,12 @@ function pastVectors(ch: Channel, index: number, start: number, count: number): 
   return outOfRange(
     `vectors ${start} to ${start + count - 1} of irq ${index}: it has ${has} (${has === 0 ? 'none' : `0 to ${has - 1}`})`,
   )
+}
+
+/** The iterator of vectors nobody here reads: it fails at once, as `wait()` does. */
+// biome-ignore lint/correctness/useYield: it only throws.
+async function* unwatched(): AsyncGenerator<IrqEvent> {
+  throw new VfioUserError('EINVAL', 22, 'these eventfds are not read by the library (watch: false, or your own fds)')
 }
 
 /** Wires vectors of irq `index` to eventfds made natively; see {@link Interrupts}. */

@@ -15,6 +15,7 @@ import {
 } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
+import { dmaMemoryOf } from './dma'
 import { VfioUserError } from './errors'
 import { closeAll } from './fds'
 import { type NativeRegionMapping, native } from './native'
@@ -252,10 +253,13 @@ export function regionRead(
   const refused = outOfBounds(ch, index, at.value, length)
   if (refused) return Promise.reject(refused)
   if (target) {
+    // Memory of a DmaMemory is not unmapped by its close() while this read writes into it.
+    const release = options.into ? dmaMemoryOf(target)?.retain() : undefined
     const start = (token: number) => {
       const refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
       // The native side writes it until the read's event arrives, whatever the promise does.
-      if (!refused) ch.hold(token, target)
+      if (!refused) ch.hold(token, target, release)
+      else release?.()
       return refused
     }
     return ch.call(Command.REGION_READ, start, options).then(
@@ -292,6 +296,7 @@ export function regionReadSync(
   const failed = () => about(ch.lastError(), Command.REGION_READ, length, at.value, index)
   return ch.traceSync(Command.REGION_READ, () => {
     if (target) {
+      // A blocking read settles before it returns: nothing can close its memory meanwhile.
       if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw failed()
       return target
     }

@@ -148,7 +148,12 @@ impl Device {
     fn dma_window(&self, iova: u64, len: u64) -> io::Result<&mut [u8]> {
         self.dma
             .iter()
-            .find(|(base, (size, _))| iova >= **base && iova - **base + len <= *size)
+            .find(|(base, (size, _))| {
+                iova >= **base
+                    && (iova - **base)
+                        .checked_add(len)
+                        .is_some_and(|end| end <= *size)
+            })
             .and_then(|(base, (_, w))| w.as_ref().map(|w| w.slice(iova - *base, len)))
             .ok_or_else(|| {
                 invalid(format!(

@@ -93,6 +93,18 @@ impl DmaMemory {
             .map_err(|e| fail(e, "cannot be duplicated"))?;
         // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
         let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        // A mapping past the end of the file maps, and the first touch there (ours, or the
+        // device's DMA served from it) is SIGBUS: refuse it here.
+        let size = nix::sys::stat::fstat(&owned)
+            .map_err(|e| fail(e, "cannot be examined"))?
+            .st_size;
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|e| e > size as u64) {
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!("fd {n}: {len} bytes at offset {offset} pass the end of its file ({size} bytes)"),
+            ));
+        }
         let at = i64::try_from(offset).map_err(|_| {
             Error::new(
                 Errno::EINVAL,
