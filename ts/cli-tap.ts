@@ -65,16 +65,32 @@ export function messageLine(m: TapMessage): string {
   return parts.join('  ')
 }
 
+/** Latencies kept per command for the percentiles: past this many, a uniform sample of them. */
+const LATENCY_SAMPLE = 1 << 16
+
+/**
+ * Keeps `us` in `c`'s latencies: every one up to LATENCY_SAMPLE, then a reservoir sample, so
+ * a tap that runs for days holds a bounded amount.
+ */
+function keep(c: { latencies: number[]; seen: number }, us: number): void {
+  c.seen++
+  if (c.latencies.length < LATENCY_SAMPLE) c.latencies.push(us)
+  else {
+    const i = Math.floor(Math.random() * c.seen)
+    if (i < LATENCY_SAMPLE) c.latencies[i] = us
+  }
+}
+
 /** What the summary counts. */
 class Summary {
   sessions = 0
   messages = 0
-  readonly perCommand = new Map<string, { count: number; errors: number; latencies: number[] }>()
+  readonly perCommand = new Map<string, { count: number; errors: number; latencies: number[]; seen: number }>()
   readonly perErrno = new Map<string, number>()
 
   add(m: TapMessage): void {
     this.messages++
-    const c = this.perCommand.get(m.command) ?? { count: 0, errors: 0, latencies: [] }
+    const c = this.perCommand.get(m.command) ?? { count: 0, errors: 0, latencies: [], seen: 0 }
     this.perCommand.set(m.command, c)
     if (m.kind === 'request') c.count++
     if (m.kind === 'error') {
@@ -82,7 +98,7 @@ class Summary {
       const name = m.errnoName ?? String(m.errno)
       this.perErrno.set(name, (this.perErrno.get(name) ?? 0) + 1)
     }
-    if (m.latencyUs !== undefined) c.latencies.push(m.latencyUs)
+    if (m.latencyUs !== undefined) keep(c, m.latencyUs)
   }
 
   /** The nearest-rank percentile `q` of `xs`, sorted. */

@@ -32,6 +32,13 @@ impl Drop for TempDir {
     }
 }
 
+/// The tests count this process's fds: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn setup(head: usize) -> Setup {
     let dir = std::env::temp_dir().join(format!("vfio-user-tap-{}-{}", std::process::id(), rand()));
     std::fs::create_dir(&dir).unwrap();
@@ -127,6 +134,7 @@ fn recv_exact(s: &UnixStream, n: usize) -> (Vec<u8>, Vec<OwnedFd>) {
 
 #[test]
 fn bytes_and_253_fds_pass_unchanged_and_every_message_is_described() {
+    let _serial = serial();
     let s = setup(16);
     let base = open_fds();
     let (client, mut server) = session(&s);
@@ -188,6 +196,7 @@ fn bytes_and_253_fds_pass_unchanged_and_every_message_is_described() {
 
 #[test]
 fn garbage_and_a_half_message_are_relayed_untouched_and_said_undecodable() {
+    let _serial = serial();
     let s = setup(16);
     let (client, server) = session(&s);
     let mut c = Peer { s: client };
@@ -227,6 +236,7 @@ fn garbage_and_a_half_message_are_relayed_untouched_and_said_undecodable() {
 
 #[test]
 fn a_client_that_never_reads_stops_the_tap_reading_the_server() {
+    let _serial = serial();
     let s = setup(16);
     let (_client, server) = session(&s);
     server.set_nonblocking(true).unwrap();
@@ -262,6 +272,7 @@ fn a_client_that_never_reads_stops_the_tap_reading_the_server() {
 
 #[test]
 fn a_server_that_cannot_be_reached_closes_the_client() {
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("vfio-user-tap-gone-{}", std::process::id()));
     let _ = std::fs::create_dir(&dir);
     let listen = dir.join("tap.sock");
@@ -285,4 +296,23 @@ fn a_server_that_cannot_be_reached_closes_the_client() {
     }
     drop(tap);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_servers_eof_reaches_the_client_after_what_it_sent() {
+    let _serial = serial();
+    let s = setup(16);
+    let (client, mut server) = session(&s);
+    let reply = message(
+        Header::command(9, Command::DeviceGetInfo as u16, 16, false),
+        &get_info(),
+    );
+    server.write_all(&reply).unwrap();
+    drop(server);
+    let mut c = client;
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, reply);
+    drop(c);
+    assert_eq!(closed(&s), None);
 }
