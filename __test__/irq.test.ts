@@ -256,4 +256,40 @@ describe('interrupts against the test device', () => {
     irqs.on('irq', (e) => expect(e.vector).toBeTypeOf('number'))
     await irqs.disable()
   })
+
+  it.each(['client', 'interrupts'])(
+    '%s.ref() keeps Node running while idle; unref, disable or close lets it end',
+    async (which) => {
+      // Nothing else keeps the child alive (its stdin unref'd): without the ref it would exit
+      // right after 'ready', and never print 'go'.
+      await using device = await startTestDevice()
+      const script = `
+      const { connect } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'index.js'))})
+      ;(async () => {
+        const c = await connect(process.argv[1])
+        await c.validateVersion()
+        const irqs = await c.enableIrqs(1, { start: 0, count: 1 })
+        if (process.argv[2] === 'client') c.ref()
+        else irqs.ref()
+        process.stdin.on('data', async () => {
+          console.log('go')
+          await irqs.disable()
+          await c.close()
+        })
+        process.stdin.unref()
+        console.log('ready')
+      })()
+    `
+      const child = spawn(process.execPath, ['-e', script, device.socketPath, which], {
+        stdio: ['pipe', 'pipe', 'inherit'],
+      })
+      let out = ''
+      child.stdout.setEncoding('utf8').on('data', (d: string) => {
+        out += d
+        if (out === 'ready\n') child.stdin.write('go\n')
+      })
+      const [code] = (await once(child, 'exit')) as [number | null]
+      expect({ code, out }).toEqual({ code: 0, out: 'ready\ngo\n' })
+    },
+  )
 })
