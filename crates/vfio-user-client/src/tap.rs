@@ -86,6 +86,9 @@ struct TapShared {
     closing: AtomicBool,
     next: AtomicU64,
     sessions: Mutex<HashMap<u64, Session>>,
+    /// The threads of sessions that have ended, for `close` to join (so that no report can
+    /// follow it); pruned of those already finished as sessions end.
+    finished: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Session {
@@ -116,6 +119,7 @@ impl Tap {
             closing: AtomicBool::new(false),
             next: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
+            finished: Mutex::new(Vec::new()),
         });
         let (l, s) = (listener.clone(), shared.clone());
         let accept = std::thread::Builder::new()
@@ -169,6 +173,12 @@ impl Tap {
                 let _ = t.join();
             }
         }
+        // Threads of sessions that ended by themselves: once they are joined, nothing more
+        // is reported.
+        let finished: Vec<JoinHandle<()>> = lock(&self.shared.finished).drain(..).collect();
+        for t in finished {
+            let _ = t.join();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -187,9 +197,15 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<TapShared>) {
     loop {
         let client = match listener.accept() {
             Ok((c, _)) => c,
+            // Shut down by close(): no more clients.
+            Err(_) if shared.closing.load(Ordering::SeqCst) => return,
             Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
-            // Shut down by close(), or broken: either way no more clients.
-            Err(_) => return,
+            // Out of fds, or a client gone before it was accepted: go on accepting, after a
+            // pause so that a lasting shortage does not spin.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
         };
         if shared.closing.load(Ordering::SeqCst) {
             return;
@@ -221,6 +237,7 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
     (shared.sink)(TapEvent::Opened { session: id });
     let mut sessions = lock(&shared.sessions);
     let mut threads = Vec::new();
+    let mut failed = 0;
     let ended = Arc::new(Mutex::new(Ended::default()));
     for (sender, from, to) in [
         (Sender::Client, client.clone(), server.clone()),
@@ -231,6 +248,9 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
             .name("vfio-user-tap".into())
             .spawn(move || {
                 let result = relay(&s, id, sender, &from, &to, &p);
+                // Let go of the sockets first: the last direction to end then closes them
+                // (with the session's own handles) before the end is reported.
+                drop((from, to));
                 finish(&s, id, &e, result);
             });
         match t {
@@ -238,6 +258,7 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
             Err(_) => {
                 let _ = shutdown(client.as_raw_fd(), Shutdown::Both);
                 let _ = shutdown(server.as_raw_fd(), Shutdown::Both);
+                failed += 1;
             }
         }
     }
@@ -249,6 +270,16 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
             threads,
         },
     );
+    drop(sessions);
+    // A direction whose thread could not start has ended too.
+    for _ in 0..failed {
+        finish(
+            shared,
+            id,
+            &ended,
+            Err("cannot start a relay thread".into()),
+        );
+    }
 }
 
 /// How the two directions of a session ended.
@@ -271,10 +302,14 @@ fn finish(shared: &Arc<TapShared>, id: u64, ended: &Mutex<Ended>, result: Result
     }
     let reason = e.reason.take();
     drop(e);
-    // Taken out of the table (unless close() took it first); the threads are this one and
-    // one that has ended, so they are detached rather than joined here.
+    // Taken out of the table (unless close() took it first), which closes its sockets. Its
+    // threads (this one, and one that has ended) are left for close() to join.
     let gone = lock(&shared.sessions).remove(&id);
-    drop(gone);
+    if let Some(s) = gone {
+        let mut finished = lock(&shared.finished);
+        finished.retain(|t| !t.is_finished());
+        finished.extend(s.threads);
+    }
     (shared.sink)(TapEvent::Closed {
         session: id,
         reason,
