@@ -18,6 +18,29 @@ function ring(vector: number) {
   return session.client.regionWrite(0, 0xffc, v)
 }
 
+/**
+ * Runs `body` in a child Node with `c` a client of the device at `socketPath` (argv[2] on
+ * are `args`); once it prints 'ready', a line goes to its stdin. Its exit code and output.
+ */
+async function childSession(socketPath: string, args: string[], body: string) {
+  const script = `
+    const { connect } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'index.js'))})
+    ;(async () => {
+      const c = await connect(process.argv[1])
+      await c.validateVersion()
+      ${body}
+    })()
+  `
+  const child = spawn(process.execPath, ['-e', script, socketPath, ...args], { stdio: ['pipe', 'pipe', 'inherit'] })
+  let out = ''
+  child.stdout.setEncoding('utf8').on('data', (d: string) => {
+    out += d
+    if (out === 'ready\n') child.stdin.write('go\n')
+  })
+  const [code] = (await once(child, 'exit')) as [number | null]
+  return { code, out }
+}
+
 describe('interrupts against the test device', () => {
   it('MSI vectors wired one fd per message (max_msg_fds 1) fire as irq events', async () => {
     const before = openFds()
@@ -164,11 +187,10 @@ describe('interrupts against the test device', () => {
     // The child waits for an interrupt with nothing else to keep it alive (its stdin unref'd):
     // without the hold a pending wait takes, Node would exit at once with code 13.
     await using device = await startTestDevice()
-    const script = `
-      const { connect } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'index.js'))})
-      ;(async () => {
-        const c = await connect(process.argv[1])
-        await c.validateVersion()
+    const ended = await childSession(
+      device.socketPath,
+      [],
+      `
         const irqs = await c.enableIrqs(1, { start: 0, count: 4 })
         process.stdin.on('data', () => {
           const v = Buffer.alloc(4)
@@ -181,16 +203,9 @@ describe('interrupts against the test device', () => {
         console.log(JSON.stringify(e))
         await c.close()
         process.exit(0)
-      })()
-    `
-    const child = spawn(process.execPath, ['-e', script, device.socketPath], { stdio: ['pipe', 'pipe', 'inherit'] })
-    let out = ''
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      out += d
-      if (out === 'ready\n') child.stdin.write('ring\n')
-    })
-    const [code] = (await once(child, 'exit')) as [number | null]
-    expect({ code, out }).toEqual({ code: 0, out: 'ready\n{"index":1,"vector":2,"count":1}\n' })
+      `,
+    )
+    expect(ended).toEqual({ code: 0, out: 'ready\n{"index":1,"vector":2,"count":1}\n' })
   })
 
   it('watch: false wires eventfds the library never reads: the count waits in them for their reader (KVM)', async () => {
@@ -263,33 +278,23 @@ describe('interrupts against the test device', () => {
       // Nothing else keeps the child alive (its stdin unref'd): without the ref it would exit
       // right after 'ready', and never print 'go'.
       await using device = await startTestDevice()
-      const script = `
-      const { connect } = require(${JSON.stringify(join(__dirname, '..', 'dist', 'index.js'))})
-      ;(async () => {
-        const c = await connect(process.argv[1])
-        await c.validateVersion()
-        const irqs = await c.enableIrqs(1, { start: 0, count: 1 })
-        if (process.argv[2] === 'client') c.ref()
-        else irqs.ref()
-        process.stdin.on('data', async () => {
-          console.log('go')
-          await irqs.disable()
-          await c.close()
-        })
-        process.stdin.unref()
-        console.log('ready')
-      })()
-    `
-      const child = spawn(process.execPath, ['-e', script, device.socketPath, which], {
-        stdio: ['pipe', 'pipe', 'inherit'],
-      })
-      let out = ''
-      child.stdout.setEncoding('utf8').on('data', (d: string) => {
-        out += d
-        if (out === 'ready\n') child.stdin.write('go\n')
-      })
-      const [code] = (await once(child, 'exit')) as [number | null]
-      expect({ code, out }).toEqual({ code: 0, out: 'ready\ngo\n' })
+      const ended = await childSession(
+        device.socketPath,
+        [which],
+        `
+          const irqs = await c.enableIrqs(1, { start: 0, count: 1 })
+          if (process.argv[2] === 'client') c.ref()
+          else irqs.ref()
+          process.stdin.on('data', async () => {
+            console.log('go')
+            await irqs.disable()
+            await c.close()
+          })
+          process.stdin.unref()
+          console.log('ready')
+        `,
+      )
+      expect(ended).toEqual({ code: 0, out: 'ready\ngo\n' })
     },
   )
 })

@@ -10,8 +10,8 @@ use napi_derive::napi;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use vfio_user_client::proto::describe::{errno_name, Sender};
-use vfio_user_client::proto::{command_name, FLAG_TYPE_MASK};
+use vfio_user_client::proto::command_name;
+use vfio_user_client::proto::describe::{errno_name, kind};
 use vfio_user_client::{Tap, TapEvent, TapRecord};
 
 type Sink = ThreadsafeFunction<(), (), Vec<String>, Status, false, true>;
@@ -116,13 +116,6 @@ impl NativeTap {
     }
 }
 
-fn from(s: Sender) -> &'static str {
-    match s {
-        Sender::Client => "client",
-        Sender::Server => "server",
-    }
-}
-
 /// One event as the README's NDJSON schema has it.
 fn to_json(e: &TapEvent) -> Value {
     match e {
@@ -137,22 +130,15 @@ fn to_json(e: &TapEvent) -> Value {
 
 fn record(r: &TapRecord) -> Value {
     let h = &r.header;
-    let kind = if h.is_error() {
-        "error"
-    } else if h.flags & FLAG_TYPE_MASK == 1 {
-        "reply"
-    } else {
-        "request"
-    };
     let mut v = json!({
         "type": "message",
         "session": r.session,
         "time": r.at.as_secs_f64() * 1000.0,
-        "from": from(r.sender),
+        "from": r.sender.name(),
         "id": h.id,
         "command": command_name(h.command),
         "commandNumber": h.command,
-        "kind": kind,
+        "kind": kind(h),
         "size": h.payload_len(),
         "fds": r.fds,
         "fields": Value::Object(r.description.fields.clone()),

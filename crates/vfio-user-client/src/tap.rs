@@ -24,11 +24,35 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use vfio_user_proto::describe::{describe, prefix_needed, Description, Sender};
+use vfio_user_proto::describe::{describe, prefix_needed, Description};
 use vfio_user_proto::{Header, HEADER_SIZE};
 
 /// Bytes one direction of a session reads at a time (its only buffer).
 pub const RELAY_BUFFER: usize = 256 << 10;
+
+/// Which side of a session sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    Server,
+}
+
+impl Sender {
+    /// `"client"` or `"server"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sender::Client => "client",
+            Sender::Server => "server",
+        }
+    }
+
+    fn other(self) -> Sender {
+        match self {
+            Sender::Client => Sender::Server,
+            Sender::Server => Sender::Client,
+        }
+    }
+}
 
 /// A message that passed, described.
 #[derive(Debug, Clone)]
@@ -354,7 +378,7 @@ fn relay(
         let got = match recv_chunk(from.as_raw_fd(), &mut buf, &mut cmsg, true) {
             Ok(g) => g,
             Err(Errno::EINTR) => continue,
-            Err(e) => break Err(format!("reading from the {}: {}", side(sender), e.desc())),
+            Err(e) => break Err(format!("reading from the {}: {}", sender.name(), e.desc())),
         };
         if got.bytes == 0 {
             // EOF: passed on, and this direction is done.
@@ -382,7 +406,7 @@ fn relay(
         if let Err(e) = sent {
             break Err(format!(
                 "writing to the {}: {}",
-                side(other(sender)),
+                sender.other().name(),
                 e.desc()
             ));
         }
@@ -393,20 +417,6 @@ fn relay(
         let _ = shutdown(to.as_raw_fd(), Shutdown::Both);
     }
     result
-}
-
-fn side(s: Sender) -> &'static str {
-    match s {
-        Sender::Client => "client",
-        Sender::Server => "server",
-    }
-}
-
-fn other(s: Sender) -> Sender {
-    match s {
-        Sender::Client => Sender::Server,
-        Sender::Server => Sender::Client,
-    }
 }
 
 /// Writes all of `bytes`, blocking, `fds` with the first sendmsg (so they stay with the bytes
@@ -598,7 +608,7 @@ impl TapFramer {
 /// Describes a framed message and hands it to the sink, pairing replies with requests.
 fn report(shared: &TapShared, session: u64, sender: Sender, m: Framed, pending: &Mutex<Pending>) {
     let h = m.header;
-    let reply = h.flags & vfio_user_proto::FLAG_TYPE_MASK == 1;
+    let reply = h.is_reply();
     let latency = {
         let mut guard = lock(pending);
         let p = &mut *guard;
@@ -617,16 +627,7 @@ fn report(shared: &TapShared, session: u64, sender: Sender, m: Framed, pending: 
             None
         }
     };
-    let mut description = if (h.size as usize) < HEADER_SIZE {
-        Description {
-            fields: Default::default(),
-            data_len: 0,
-            data_at: None,
-            undecodable: Some(format!("a header says the message is {} bytes, less than {HEADER_SIZE}: the stream cannot be framed past it", h.size)),
-        }
-    } else {
-        describe(&h, &m.prefix, sender)
-    };
+    let description = describe(&h, &m.prefix);
     let data_head = match description.data_at {
         Some(at) => {
             let end = (at + shared.head)
@@ -636,15 +637,6 @@ fn report(shared: &TapShared, session: u64, sender: Sender, m: Framed, pending: 
         }
         None => Vec::new(),
     };
-    if description.undecodable.is_none()
-        && h.flags
-            & !(vfio_user_proto::FLAG_TYPE_MASK
-                | vfio_user_proto::FLAG_NO_REPLY
-                | vfio_user_proto::FLAG_ERROR)
-            != 0
-    {
-        description.undecodable = Some(format!("unknown header flags 0x{:x}", h.flags));
-    }
     let at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
-use vfio_user_client::proto::describe::Sender;
 use vfio_user_client::proto::{Command, Header};
+use vfio_user_client::Sender;
 use vfio_user_client::{Tap, TapEvent, TapRecord};
 
 struct Setup {

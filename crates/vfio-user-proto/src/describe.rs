@@ -6,7 +6,7 @@
 
 use crate::bytes::{u16_at, u32_at, u64_at};
 use crate::feature::{MigState, FEATURE_GET, FEATURE_PROBE, FEATURE_SET};
-use crate::{command_name, Command, Header};
+use crate::{command_name, Command, Header, HEADER_SIZE};
 use serde_json::{json, Map, Value};
 
 /// Payload bytes a description needs besides the data head: every fixed request and reply
@@ -14,13 +14,6 @@ use serde_json::{json, Map, Value};
 pub const DESCRIBE_PREFIX: usize = 128;
 /// Payload bytes kept for a VERSION message (its capability JSON).
 pub const VERSION_PREFIX: usize = 8192;
-
-/// Who sent a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sender {
-    Client,
-    Server,
-}
 
 /// A message described: its fields, the data it carries (size and first bytes), and, when
 /// it could not be decoded, why.
@@ -84,17 +77,50 @@ fn nix_errno_name(n: i32) -> Option<String> {
     Some(name.to_string())
 }
 
+/// What kind of message `header` starts: `"request"`, `"reply"` or `"error"` (a reply
+/// reporting failure).
+pub fn kind(header: &Header) -> &'static str {
+    if header.is_error() {
+        "error"
+    } else if header.is_reply() {
+        "reply"
+    } else {
+        "request"
+    }
+}
+
 /// Describes the message with `header`, `payload` being its first bytes (at least
-/// [`prefix_needed`] of them, or all of it) and `total` its whole payload length.
-/// `request_command` is what the request was, for a reply (replies echo it anyway).
-pub fn describe(header: &Header, payload: &[u8], sender: Sender) -> Description {
+/// [`prefix_needed`] of them, or all of it). A header that cannot frame its message, or
+/// carries flags no version defines, is said to be undecodable.
+pub fn describe(header: &Header, payload: &[u8]) -> Description {
+    if (header.size as usize) < HEADER_SIZE {
+        return Description {
+            fields: Map::new(),
+            data_len: 0,
+            data_at: None,
+            undecodable: Some(format!(
+                "a header says the message is {} bytes, less than {HEADER_SIZE}: the stream \
+                 cannot be framed past it",
+                header.size
+            )),
+        };
+    }
+    let mut d = describe_payload(header, payload);
+    if d.undecodable.is_none() && header.unknown_flags() != 0 {
+        d.undecodable = Some(format!("unknown header flags 0x{:x}", header.flags));
+    }
+    d
+}
+
+/// The fields of a message whose header frames it.
+fn describe_payload(header: &Header, payload: &[u8]) -> Description {
     let mut d = Description {
         fields: Map::new(),
         data_len: 0,
         data_at: None,
         undecodable: None,
     };
-    let reply = header.flags & crate::FLAG_TYPE_MASK == 1;
+    let reply = header.is_reply();
     let total = header.payload_len();
     // An error reply's errno is the header's (see `errno_name`); it has no fields of its own.
     if header.is_error() {
@@ -180,10 +206,9 @@ pub fn describe(header: &Header, payload: &[u8], sender: Sender) -> Description 
                     }
                 }
                 // A reply too long for the prefix kept is not a decoding failure.
-                Err(e) if payload.len() < total => {
+                Err(_) if payload.len() < total => {
                     f.insert("index".into(), json!(index));
                     f.insert("argsz".into(), json!(u32f(0)));
-                    let _ = e;
                 }
                 Err(e) => problem = Some(e.0),
             }
@@ -353,7 +378,6 @@ pub fn describe(header: &Header, payload: &[u8], sender: Sender) -> Description 
         (None, _) => problem = Some(format!("unknown command {}", command_name(header.command))),
         _ => {}
     }
-    let _ = sender;
     d.undecodable = problem;
     d
 }
@@ -371,18 +395,18 @@ mod tests {
     #[test]
     fn requests_and_replies_are_described_field_by_field() {
         let p = dma_map_request(3, 0x1000, 0x10_0000, 0x2000);
-        let d = describe(&request(Command::DmaMap, &p), &p, Sender::Client);
+        let d = describe(&request(Command::DmaMap, &p), &p);
         assert_eq!(
             Value::Object(d.fields),
             json!({"flags": 3, "read": true, "write": true, "offset": "0x1000", "iova": "0x100000", "size": "0x2000"})
         );
         let p = region_access(2, 0x40, 4, Some(&[1, 2, 3, 4]));
-        let d = describe(&request(Command::RegionWrite, &p), &p, Sender::Client);
+        let d = describe(&request(Command::RegionWrite, &p), &p);
         assert_eq!((d.data_len, d.data_at), (4, Some(16)));
         assert_eq!(d.fields["region"], json!(2));
         let mut v = vec![0u8, 0, 0, 0];
         v.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":8}}\0");
-        let d = describe(&request(Command::Version, &v), &v, Sender::Server);
+        let d = describe(&request(Command::Version, &v), &v);
         assert_eq!(d.fields["json"]["capabilities"]["max_msg_fds"], json!(8));
         // A state change, a padded MIG_DATA_READ reply.
         let mut f = crate::feature::feature_request(
@@ -392,37 +416,53 @@ mod tests {
             &crate::feature::device_state_data(6),
         )
         .unwrap();
-        let d = describe(&request(Command::DeviceFeature, &f), &f, Sender::Client);
+        let d = describe(&request(Command::DeviceFeature, &f), &f);
         assert_eq!(d.fields["state"], json!("PreCopy"));
         f.truncate(4);
-        assert!(
-            describe(&request(Command::DeviceFeature, &f), &f, Sender::Client)
-                .undecodable
-                .is_some()
-        );
+        assert!(describe(&request(Command::DeviceFeature, &f), &f)
+            .undecodable
+            .is_some());
         let mut r = vec![0u8; 8 + 16];
         r[0..4].copy_from_slice(&11u32.to_ne_bytes());
         r[4..8].copy_from_slice(&3u32.to_ne_bytes());
         let h = Header::reply_to(&request(Command::MigDataRead, &[0; 8]), r.len());
-        let d = describe(&h, &r, Sender::Server);
+        let d = describe(&h, &r);
         assert_eq!((d.data_len, d.fields["padding"].clone()), (3, json!(13)));
     }
 
     #[test]
     fn errors_unknown_commands_and_short_payloads_are_said_not_refused() {
         let h = Header::error_reply_to(&request(Command::RegionRead, &[]), 22);
-        assert!(describe(&h, &[], Sender::Server).fields.is_empty());
+        assert!(describe(&h, &[]).fields.is_empty());
         assert_eq!(errno_name(h.error), "EINVAL");
         let h = Header::command(1, 99, 3, false);
-        assert!(describe(&h, &[1, 2, 3], Sender::Client)
+        assert!(describe(&h, &[1, 2, 3])
             .undecodable
             .unwrap()
             .contains("unknown command"));
         let p = [0u8; 5];
-        let d = describe(&request(Command::DmaMap, &p), &p, Sender::Client);
+        let d = describe(&request(Command::DmaMap, &p), &p);
         assert_eq!(
             d.undecodable.unwrap(),
             "DMA_MAP request is 5 bytes, less than 32"
+        );
+        // A header too short to frame its message, and flags no version defines.
+        let mut h = request(Command::DmaMap, &[]);
+        h.size = 12;
+        assert!(describe(&h, &[])
+            .undecodable
+            .unwrap()
+            .contains("less than 16"));
+        let p = dma_map_request(3, 0x1000, 0x10_0000, 0x2000);
+        let mut h = request(Command::DmaMap, &p);
+        h.flags |= 0x100;
+        assert_eq!(
+            describe(&h, &p).undecodable.unwrap(),
+            "unknown header flags 0x100"
+        );
+        assert_eq!(
+            (kind(&h), kind(&Header::reply_to(&h, 0))),
+            ("request", "reply")
         );
     }
 }

@@ -118,6 +118,16 @@ impl Header {
         (self.size as usize).saturating_sub(HEADER_SIZE)
     }
 
+    /// Whether the type bits say reply (anything but 1 is a command or invalid).
+    pub fn is_reply(&self) -> bool {
+        self.flags & FLAG_TYPE_MASK == 1
+    }
+
+    /// Flag bits no version of the protocol defines (zero for a well-formed header).
+    pub fn unknown_flags(&self) -> u32 {
+        self.flags & !(FLAG_TYPE_MASK | FLAG_NO_REPLY | FLAG_ERROR)
+    }
+
     pub fn is_error(&self) -> bool {
         self.flags & FLAG_ERROR != 0
     }
