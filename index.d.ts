@@ -196,6 +196,13 @@ export declare class NativeRegionMapping {
 export declare class NativeTap {
   /** Describe each message (true), or only relay (false, the default). */
   observe(on: boolean): void
+  /** Lines waiting for JavaScript to take them (at most `MAX_QUEUED_LINES`). */
+  get queued(): number
+  /**
+   * Relay threads waiting for JavaScript to take lines (a peer sending faster than
+   * JavaScript reads).
+   */
+  get stalled(): number
   /** Sessions open now. */
   get sessions(): number
   /**
@@ -550,3 +557,10 @@ export declare function setIrqsRequest(flags: number, index: number, start: numb
  * are always reported). `head` data bytes of each message are shown.
  */
 export declare function startTap(listen: string, connect: string, head: number, onEvents: (lines: string[]) => void): NativeTap | NativeError
+
+/**
+ * Lines JavaScript has not taken yet, at most. Past it a relay thread waits for room, so a
+ * peer flooding faster than JavaScript reads is slowed to JavaScript's pace (as a pipe
+ * would) instead of growing memory; nothing is dropped.
+ */
+export declare const TAP_MAX_QUEUED_LINES: number

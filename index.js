@@ -870,3 +870,4 @@ module.exports.regionInfoRequest = nativeBinding.regionInfoRequest
 module.exports.regionIoFdsRequest = nativeBinding.regionIoFdsRequest
 module.exports.setIrqsRequest = nativeBinding.setIrqsRequest
 module.exports.startTap = nativeBinding.startTap
+module.exports.TAP_MAX_QUEUED_LINES = nativeBinding.TAP_MAX_QUEUED_LINES

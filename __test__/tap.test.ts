@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { Command, connect, type TapMessage, type TapRecord, tap } from '../ts/index'
+import { native } from '../ts/native'
 import { startScriptedPeer } from '../ts/testing'
 import { librarySamples, startSample, threadCount, warmUp } from './peers'
 import { rejection } from './rejection'
@@ -166,6 +167,69 @@ describe('tap()', () => {
       undecodable: 'unknown command command 99',
     })
     await c2.close()
+  })
+
+  it('a server flooding faster than JavaScript reads waits for room: the queue stops at its bound, nothing is dropped', async () => {
+    await using flood = await startScriptedPeer('flood')
+    const lines: string[] = []
+    let onBatch = () => {}
+    const listen = socketPath()
+    const max = native.TAP_MAX_QUEUED_LINES
+    const nt = native.startTap(listen, flood.socketPath, 0, (batch) => {
+      lines.push(...batch)
+      onBatch()
+    })
+    if ('errno' in nt) throw new Error(nt.message)
+    const batch = () => new Promise<void>((resolve) => (onBatch = resolve))
+    nt.observe(true)
+    const c = await connect(listen)
+    await c.validateVersion()
+    // JavaScript takes no lines while this loop runs. Every read of the flood holds thousands
+    // of messages, so the queue reaches its bound; past it a relay thread must wait for room
+    // (stalled), not queue more. Without the bound the loop ends on queued > the bound.
+    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0) {}
+    expect({ stalled: nt.stalled > 0, queued: nt.queued }).toEqual({ stalled: true, queued: max })
+    // Once JavaScript takes them the relay goes on: more lines come after the first batch.
+    await batch()
+    const taken = lines.length
+    await batch()
+    expect(lines.length).toBeGreaterThan(taken)
+    await c.close()
+    nt.close()
+    while (lines.at(-1) !== '{"type":"end"}') await batch()
+    const messages = lines.map((l) => JSON.parse(l) as TapRecord).filter((r) => r.type === 'message')
+    expect(messages.length).toBeGreaterThan(max)
+    expect(messages).toContainEqual(expect.objectContaining({ from: 'server', command: 'command 99' }))
+  })
+
+  it('close() while a relay thread waits for room returns, and every line queued before it is still delivered', async () => {
+    await using flood = await startScriptedPeer('flood')
+    const lines: string[] = []
+    let onBatch = () => {}
+    const listen = socketPath()
+    const nt = native.startTap(listen, flood.socketPath, 0, (batch) => {
+      lines.push(...batch)
+      onBatch()
+    })
+    if ('errno' in nt) throw new Error(nt.message)
+    nt.observe(true)
+    const c = await connect(listen)
+    await c.validateVersion()
+    const max = native.TAP_MAX_QUEUED_LINES
+    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0) {}
+    expect(nt.stalled).toBeGreaterThan(0)
+    // close() joins the relay threads on this thread, which cannot take lines meanwhile:
+    // without releasing the waiting ones first it would never return.
+    nt.close()
+    expect(nt.stalled).toBe(0)
+    while (lines.at(-1) !== '{"type":"end"}') await new Promise<void>((resolve) => (onBatch = resolve))
+    expect(lines.length).toBeGreaterThan(max)
+    // The session ended with the tap: the client's connection is gone (reset, as the flood
+    // left bytes it had not read).
+    expect(['ECONNRESET', 'ENOTCONN']).toContain(
+      (await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))).code,
+    )
+    await c.close()
   })
 
   it('100 sessions opened and ended every way: fds and threads back where they were', async () => {

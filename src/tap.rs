@@ -9,29 +9,63 @@ use napi::{Result, Status};
 use napi_derive::napi;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use vfio_user_client::proto::command_name;
 use vfio_user_client::proto::describe::{errno_name, kind};
 use vfio_user_client::{Tap, TapEvent, TapRecord};
 
 type Sink = ThreadsafeFunction<(), (), Vec<String>, Status, false, true>;
 
+/// Lines JavaScript has not taken yet, at most. Past it a relay thread waits for room, so a
+/// peer flooding faster than JavaScript reads is slowed to JavaScript's pace (as a pipe
+/// would) instead of growing memory; nothing is dropped.
+#[napi]
+pub const TAP_MAX_QUEUED_LINES: u32 = 4096;
+const MAX_QUEUED_LINES: usize = TAP_MAX_QUEUED_LINES as usize;
+
 /// Events waiting for JavaScript, and the function that takes them.
 #[derive(Default)]
 struct Queue {
     lines: Vec<String>,
     sink: Option<Arc<Sink>>,
+    /// Set before the relay threads are joined (on JavaScript's thread, which then cannot
+    /// take lines): from then on nobody waits for room.
+    closing: bool,
+    /// Relay threads waiting for room now.
+    waiting: u32,
+}
+
+/// The queue and the room it signals when JavaScript takes its lines.
+#[derive(Default)]
+struct Events {
+    queue: Mutex<Queue>,
+    room: Condvar,
+}
+
+impl Events {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// No relay thread waits for room any more.
+    fn closing(&self) {
+        self.lock().closing = true;
+        self.room.notify_all();
+    }
 }
 
 /// A running tap.
 #[napi]
 pub struct NativeTap {
     tap: Tap,
-    queue: Arc<Mutex<Queue>>,
+    events: Arc<Events>,
 }
 
-fn lock(q: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
-    q.lock().unwrap_or_else(|p| p.into_inner())
+impl Drop for NativeTap {
+    // Dropping `tap` joins its threads here, on JavaScript's thread: none may be waiting.
+    fn drop(&mut self) {
+        self.events.closing();
+    }
 }
 
 /// Starts a tap listening on `listen`, relaying each client to `connect`; `on_events` gets
@@ -46,8 +80,8 @@ pub fn start_tap(
     head: u32,
     on_events: Function<'_, Vec<String>, ()>,
 ) -> Result<Either<NativeTap, NativeError>> {
-    let queue: Arc<Mutex<Queue>> = Arc::default();
-    let weak = Arc::downgrade(&queue);
+    let events: Arc<Events> = Arc::default();
+    let weak = Arc::downgrade(&events);
     let sink = on_events
         .build_threadsafe_function::<()>()
         .callee_handled::<false>()
@@ -55,15 +89,27 @@ pub fn start_tap(
         .build_callback(move |_ctx| {
             Ok(weak
                 .upgrade()
-                .map(|q| std::mem::take(&mut lock(&q).lines))
+                .map(|ev| {
+                    let lines = std::mem::take(&mut ev.lock().lines);
+                    ev.room.notify_all();
+                    lines
+                })
                 .unwrap_or_default())
         })?;
-    lock(&queue).sink = Some(Arc::new(sink));
-    let q = queue.clone();
+    events.lock().sink = Some(Arc::new(sink));
+    let ev = events.clone();
     let push = Arc::new(move |e: TapEvent| {
         let line = to_json(&e).to_string();
         let wake = {
-            let mut g = lock(&q);
+            let mut g = ev.lock();
+            if g.lines.len() >= MAX_QUEUED_LINES && !g.closing {
+                g.waiting += 1;
+                g = ev
+                    .room
+                    .wait_while(g, |q| q.lines.len() >= MAX_QUEUED_LINES && !q.closing)
+                    .unwrap_or_else(|p| p.into_inner());
+                g.waiting -= 1;
+            }
             g.lines.push(line);
             if g.lines.len() == 1 {
                 g.sink.clone()
@@ -77,7 +123,7 @@ pub fn start_tap(
     });
     Ok(
         match Tap::listen(Path::new(&listen), Path::new(&connect), head as usize, push) {
-            Ok(tap) => Either::A(NativeTap { tap, queue }),
+            Ok(tap) => Either::A(NativeTap { tap, events }),
             Err(e) => Either::B(convert::from_error(&e)),
         },
     )
@@ -89,6 +135,19 @@ impl NativeTap {
     #[napi]
     pub fn observe(&self, on: bool) {
         self.tap.observe(on);
+    }
+
+    /// Lines waiting for JavaScript to take them (at most `MAX_QUEUED_LINES`).
+    #[napi(getter)]
+    pub fn queued(&self) -> u32 {
+        self.events.lock().lines.len() as u32
+    }
+
+    /// Relay threads waiting for JavaScript to take lines (a peer sending faster than
+    /// JavaScript reads).
+    #[napi(getter)]
+    pub fn stalled(&self) -> u32 {
+        self.events.lock().waiting
     }
 
     /// Sessions open now.
@@ -103,9 +162,10 @@ impl NativeTap {
     pub fn close(&self) {
         // Every relay thread has been joined when this returns: nothing is reported after the
         // `end` line, which tells JavaScript it has everything.
+        self.events.closing();
         self.tap.close();
         let sink = {
-            let mut q = lock(&self.queue);
+            let mut q = self.events.lock();
             let Some(sink) = q.sink.take() else {
                 return;
             };
