@@ -16,11 +16,12 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
  */
 export declare class NativeClient {
   /**
-   * Registers the function that receives batches of completions and the close event, and
-   * the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
-   * `data`, for small payloads.
+   * Registers the function that receives batches of completions and the close event, the
+   * arrays batches share with it (`batch_words`, `batch_data`: see `batch.rs`), and the
+   * scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and `data`,
+   * for small payloads. The arrays must be JS's own, used for nothing else.
    */
-  start(onEvents: (batch: Array<number | Buffer | NativeEvent | null>) => void, scratch: Uint32Array, data: Uint8Array): void
+  start(onEvents: (batch: Array<number | Buffer | NativeEvent | null> | null) => void, batchWords: Uint32Array, batchData: Uint8Array, scratch: Uint32Array, data: Uint8Array): void
   get path(): string
   /**
    * Sends VERSION; the result arrives as an event with `token`. Returns an error if

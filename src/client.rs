@@ -1,6 +1,6 @@
 //! `NativeClient`: a `vfio_user_client::Client` as a JS class.
 
-use crate::batch::Batch;
+use crate::batch::{Batch, BatchArea};
 use crate::convert::{self, NativeError, NativeVersion, NativeVersionResult};
 use crate::event::Event;
 use crate::events::EventQueue;
@@ -39,6 +39,9 @@ pub struct NativeClient {
     /// Where `send_sync` puts a reply's header fields and fds (see [`SCRATCH_WORDS`]), so a
     /// reply reaches JS as one Buffer and a few integers instead of two objects.
     scratch: RefCell<Option<Uint32Array>>,
+    /// The typed arrays batches of plain replies are written into (see `batch.rs`), kept
+    /// referenced while the event queue may write into them.
+    batch_arrays: RefCell<Option<(Uint32Array, Uint8Array)>>,
     /// Held from [`NativeClient::cork`] to [`NativeClient::uncork`] (the end of a JS job).
     cork: RefCell<Option<vfio_user_client::Cork>>,
     /// Where `send_sync` copies a reply payload of up to the array's length; JS copies it out
@@ -168,6 +171,7 @@ impl NativeClient {
             loop_reader: RefCell::new(None),
             ended: RefCell::new(None),
             scratch: RefCell::new(None),
+            batch_arrays: RefCell::new(None),
             cork: RefCell::new(None),
             data: RefCell::new(None),
             last_error: RefCell::new(None),
@@ -187,16 +191,19 @@ impl NativeClient {
         }
     }
 
-    /// Registers the function that receives batches of completions and the close event, and
-    /// the scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and
-    /// `data`, for small payloads.
+    /// Registers the function that receives batches of completions and the close event, the
+    /// arrays batches share with it (`batch_words`, `batch_data`: see `batch.rs`), and the
+    /// scratch arrays of `send_sync`: `scratch` (at least [`SCRATCH_WORDS`] long) and `data`,
+    /// for small payloads. The arrays must be JS's own, used for nothing else.
     #[napi(
-        ts_args_type = "onEvents: (batch: Array<number | Buffer | NativeEvent | null>) => void, scratch: Uint32Array, data: Uint8Array"
+        ts_args_type = "onEvents: (batch: Array<number | Buffer | NativeEvent | null> | null) => void, batchWords: Uint32Array, batchData: Uint8Array, scratch: Uint32Array, data: Uint8Array"
     )]
     pub fn start(
         &self,
         env: Env,
         on_events: Function<'_, Batch, ()>,
+        mut batch_words: Uint32Array,
+        mut batch_data: Uint8Array,
         scratch: Uint32Array,
         data: Uint8Array,
     ) -> Result<()> {
@@ -208,6 +215,11 @@ impl NativeClient {
         }
         *self.scratch.borrow_mut() = Some(scratch);
         *self.data.borrow_mut() = Some(data);
+        // SAFETY: on the JS thread during a napi call; the arrays are referenced by this
+        // object until `release`, which makes the queue forget the area first, and their
+        // buffers are big enough to live outside V8's heap, so they never move.
+        let area = unsafe { BatchArea::new(batch_words.as_mut(), batch_data.as_mut()) };
+        *self.batch_arrays.borrow_mut() = Some((batch_words, batch_data));
         let callback = JsCallback::new(env.raw(), on_events.value().value)?;
         let queue = self.events.downgrade();
         let tsfn = on_events
@@ -215,7 +227,7 @@ impl NativeClient {
             .callee_handled::<false>()
             .weak::<true>()
             .build_callback(move |_ctx| Ok(queue.take()))?;
-        self.events.set_sink(tsfn);
+        self.events.set_sink(tsfn, area);
         if let Some(c) = self.client.borrow().as_ref() {
             // Replies are read on this event loop when it is free (no thread hop per reply).
             *self.loop_reader.borrow_mut() = Some(LoopReader::start(
@@ -454,6 +466,7 @@ impl NativeClient {
             *self.ended.borrow_mut() = c.closed_reason();
         }
         self.events.clear_sink();
+        self.batch_arrays.borrow_mut().take();
     }
 }
 

@@ -4,7 +4,7 @@
 //! then takes everything queued. Thousands in flight cost one JS call per wakeup, not one
 //! per request, and no libuv threadpool thread is ever parked.
 
-use crate::batch::Batch;
+use crate::batch::{Batch, BatchArea};
 use crate::event::Event;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
@@ -21,6 +21,9 @@ pub struct EventQueue {
 struct Inner {
     events: Vec<Event>,
     tsfn: Option<Arc<Tsfn>>,
+    /// Where plain replies are handed over without an N-API call each (see `batch.rs`);
+    /// forgotten with the sink, before the client lets go of the memory.
+    area: Option<BatchArea>,
     /// The event loop is reading the socket and will hand over what is queued itself when
     /// done: pushes meanwhile need not wake the threadsafe function.
     loop_delivers: bool,
@@ -31,13 +34,20 @@ struct Inner {
 }
 
 impl EventQueue {
-    pub fn set_sink(&self, tsfn: Tsfn) {
-        self.lock().tsfn = Some(Arc::new(tsfn));
+    pub fn set_sink(&self, tsfn: Tsfn, area: BatchArea) {
+        let mut g = self.lock();
+        g.tsfn = Some(Arc::new(tsfn));
+        g.area = Some(area);
     }
 
-    /// Drops the sink: the JS callback is released, and events pushed later are discarded.
+    /// Drops the sink: the JS callback is released, events pushed later are discarded, and
+    /// the shared memory is no longer written.
     pub fn clear_sink(&self) {
-        let tsfn = self.lock().tsfn.take();
+        let tsfn = {
+            let mut g = self.lock();
+            g.area = None;
+            g.tsfn.take()
+        };
         drop(tsfn);
     }
 
@@ -122,22 +132,22 @@ impl EventQueue {
 
     /// Takes everything queued and ends [`EventQueue::loop_delivers`], in one step, so an event
     /// pushed from another thread right after is not missed (its push wakes the sink).
-    pub fn take_from_loop(&self) -> Vec<Event> {
+    pub fn take_from_loop(&self) -> Batch {
         let mut g = self.lock();
         g.loop_delivers = false;
         if g.ending {
-            return Vec::new();
+            return Batch::new(Vec::new(), g.area);
         }
-        std::mem::take(&mut g.events)
+        Batch::new(std::mem::take(&mut g.events), g.area)
     }
 
     /// Takes everything queued (on the JS thread); nothing while the end is held back.
     pub fn take(&self) -> Batch {
         let mut g = self.lock();
         if g.ending {
-            return Batch(Vec::new());
+            return Batch::new(Vec::new(), g.area);
         }
-        Batch(std::mem::take(&mut g.events))
+        Batch::new(std::mem::take(&mut g.events), g.area)
     }
 }
 
@@ -149,7 +159,7 @@ impl WeakEventQueue {
     pub fn take(&self) -> Batch {
         match self.0.upgrade() {
             Some(inner) => EventQueue { inner }.take(),
-            None => Batch(Vec::new()),
+            None => Batch::new(Vec::new(), None),
         }
     }
 }

@@ -50,9 +50,9 @@ impl JsCallback {
         Ok(cb)
     }
 
-    /// Calls the function with `events` (from a libuv callback on the JS thread). Returns
-    /// them if the call could not even be prepared, so they can go the slow way instead.
-    pub fn call(&self, events: Vec<Event>) -> Result<(), Vec<Event>> {
+    /// Calls the function with `batch` (from a libuv callback on the JS thread). Returns
+    /// its events if the call could not even be prepared, so they can go the slow way instead.
+    pub fn call(&self, batch: Batch) -> Result<(), Vec<Event>> {
         let env = self.env;
         // SAFETY: we are on the JS thread, outside any napi call (a libuv callback), so a
         // handle scope of our own holds every value made here; the reference and the async
@@ -61,7 +61,7 @@ impl JsCallback {
         unsafe {
             let mut scope = ptr::null_mut();
             if sys::napi_open_handle_scope(env, &mut scope) != sys::Status::napi_ok {
-                return Err(events);
+                return Err(batch.events);
             }
             let mut func = ptr::null_mut();
             let mut recv = ptr::null_mut();
@@ -72,10 +72,10 @@ impl JsCallback {
                 && sys::napi_get_global(env, &mut recv) == sys::Status::napi_ok;
             if !ready {
                 sys::napi_close_handle_scope(env, scope);
-                return Err(events);
+                return Err(batch.events);
             }
             {
-                if let Ok(arg) = Batch::to_napi_value(env, Batch(events)) {
+                if let Ok(arg) = Batch::to_napi_value(env, batch) {
                     let (context, mut result) = (self.context, ptr::null_mut());
                     let status =
                         sys::napi_make_callback(env, context, recv, func, 1, &arg, &mut result);

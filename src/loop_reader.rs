@@ -134,7 +134,7 @@ extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
     }
     if let Some((callback, events)) = deliver {
         let taken = events.take_from_loop();
-        if !taken.is_empty() {
+        if !taken.events.is_empty() {
             // Requests the callbacks send (promise reactions run before `call` returns) are
             // written together when this is dropped: one sendmsg for the lot.
             // SAFETY: as above; a short borrow (the cork holds its own reference).

@@ -152,8 +152,20 @@ function toVersion(v: NativeVersion): VersionInfo {
 /** @internal How the per-command modules reach a client's channel. */
 export const CHANNEL: unique symbol = Symbol('vfio-user channel')
 
-/** Completions from native code: `token, id, payload` (null: empty) or `token, 0, event`, flat. */
-type NativeBatch = Array<number | Buffer | NativeEvent | null>
+/**
+ * What native code passes with a batch of completions (see `src/batch.rs`): the values of
+ * the entries it could not share (a Buffer, null or an event, in entry order), then the
+ * events past the shared words' room, flat: `token, id, payload` (null: empty) or
+ * `token, 0, event`. Null when there are none.
+ */
+type NativeBatch = Array<number | Buffer | NativeEvent | null> | null
+
+/** Entries of a batch the shared words hold at most: 3 words each after 2 of head. */
+const BATCH_ENTRIES = 1024
+/** Bytes of small reply payloads a batch shares (each at most 2 KiB; see `src/batch.rs`). */
+const BATCH_DATA_BYTES = 16 * 1024
+/** An entry's length that says its value is the next one of the batch's array. */
+const SPECIAL = 0xffff_ffff
 
 /** The payload of every empty plain reply: zero bytes, so sharing it is safe. */
 const EMPTY = Buffer.alloc(0)
@@ -189,6 +201,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
   /** Memory native code writes into until the event for its token (see `Channel.hold`). */
   readonly #holds = new Map<number, { memory: Uint8Array; release?: () => void }>()
   readonly #link: Link
+  /** Where native code lists a batch's entries: count, bytes used, then token, id, length each. */
+  readonly #batchWords = new Uint32Array(2 + 3 * BATCH_ENTRIES)
+  /** Where it copies their payloads, back to back. */
+  readonly #batchData = new Uint8Array(BATCH_DATA_BYTES)
+  /** Inside `#deliver`: a nested delivery must not read the shared words (they are not its). */
+  #delivering = false
   /** Where the native `sendSync` leaves a reply's id, command, flags, fd count and fds. */
   readonly #scratch = new Uint32Array(SCRATCH_WORDS)
   /** Where it copies a small reply payload, which is then copied into a pooled Buffer. */
@@ -220,7 +238,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
       this.#onClosed = resolve
     })
     this.#link = { weak: new WeakRef(this) }
-    this.#native.start(VfioUserClient.#router(this.#link), this.#scratch, this.#data)
+    this.#native.start(VfioUserClient.#router(this.#link), this.#batchWords, this.#batchData, this.#scratch, this.#data)
     // Served DMA requests are reported only while someone listens.
     this.on('newListener', (name) => {
       if (name === 'dma' && this.listenerCount('dma') === 0 && !this.#closeEmitted) this.#native.observeDma(true)
@@ -808,53 +826,90 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     }
   }
 
+  /** Resolves the waiter of `token`, if any, with a plain reply: flags 1, no fds. */
+  #settlePlain(token: number, id: number, payload: Buffer): void {
+    if (this.#holds.size > 0) this.#release(token)
+    const w = this.#waiters.get(token)
+    if (!w) return
+    this.#waiters.delete(token)
+    w.unwatch?.()
+    w.resolve({ id, command: w.command, flags: 1, payload, fds: [] })
+  }
+
+  /** Native code no longer writes into the memory held for `token`. */
+  #release(token: number): void {
+    this.#holds.get(token)?.release?.()
+    this.#holds.delete(token)
+  }
+
+  /** Settles one event that came as a value: a plain reply's payload (null: empty), or an event. */
+  #settle(token: number, id: number, value: Buffer | NativeEvent | null): void {
+    if (value === null || value instanceof Uint8Array) {
+      this.#settlePlain(token, id, value === null ? EMPTY : value)
+      return
+    }
+    if (this.#holds.size > 0) this.#release(token)
+    const e = value
+    if (e.dma) {
+      const d = e.dma
+      const event: DmaEvent = { command: d.write ? 'DMA_WRITE' : 'DMA_READ', address: d.address, count: d.count }
+      if (d.code) event.code = d.code
+      if (d.missed > 0) event.missed = d.missed
+      this.emit('dma', event)
+      return
+    }
+    if (e.irq) {
+      this.#irqGroups.get(e.irq.group)?.fire(e.irq.vector, e.irq.count)
+      return
+    }
+    if (e.closed) {
+      this.#closed = fromNative(e.closed, this.#path)
+      return
+    }
+    const w = this.#waiters.get(e.token)
+    if (!w) {
+      // Aborted by the caller: nobody wants it, but fds received are still ours to close.
+      closeAll(e.reply?.fds ?? [])
+      return
+    }
+    this.#waiters.delete(e.token)
+    w.unwatch?.()
+    if (e.reply) w.resolve(toReply(e.reply))
+    else w.reject(fromNative(e.error ?? { errno: 0, code: 'EIO', message: 'request failed' }, this.#path))
+  }
+
   /** Settles what a batch from native code says: see `src/batch.rs` for its layout. */
-  #deliver(batch: NativeBatch): void {
-    for (let i = 0; i < batch.length; i += 3) {
-      const token = batch[i] as number
-      const value = batch[i + 2]
-      if (this.#holds.size > 0) {
-        // Native code no longer writes into the memory held for this token.
-        this.#holds.get(token)?.release?.()
-        this.#holds.delete(token)
+  #deliver(values: NativeBatch): void {
+    const w = this.#batchWords
+    // A batch converted while this runs (from a listener) leaves the words alone.
+    const entries = this.#delivering ? 0 : w[0]
+    let v = 0
+    if (entries > 0) {
+      this.#delivering = true
+      try {
+        // One pooled copy of every shared payload, viewed by each reply.
+        const used = w[1]
+        const bytes = used > 0 ? Buffer.from(this.#batchData.subarray(0, used)) : EMPTY
+        let at = 0
+        for (let k = 2, end = 2 + 3 * entries; k < end; k += 3) {
+          const length = w[k + 2]
+          if (length === SPECIAL) {
+            this.#settle(w[k], w[k + 1], (values as NonNullable<NativeBatch>)[v++] as Buffer | NativeEvent | null)
+            continue
+          }
+          const payload = length === 0 ? EMPTY : Buffer.from(bytes.buffer, bytes.byteOffset + at, length)
+          at += length
+          this.#settlePlain(w[k], w[k + 1], payload)
+        }
+      } finally {
+        w[0] = 0
+        this.#delivering = false
       }
-      if (value === null || value instanceof Uint8Array) {
-        // A plain reply: payload only (null: empty), flags 1, no fds.
-        const w = this.#waiters.get(token)
-        if (!w) continue
-        this.#waiters.delete(token)
-        w.unwatch?.()
-        const payload = value === null ? EMPTY : (value as Buffer)
-        w.resolve({ id: batch[i + 1] as number, command: w.command, flags: 1, payload, fds: [] })
-        continue
+    }
+    if (values !== null) {
+      for (let i = v; i < values.length; i += 3) {
+        this.#settle(values[i] as number, values[i + 1] as number, values[i + 2] as Buffer | NativeEvent | null)
       }
-      const e = value as NativeEvent
-      if (e.dma) {
-        const d = e.dma
-        const event: DmaEvent = { command: d.write ? 'DMA_WRITE' : 'DMA_READ', address: d.address, count: d.count }
-        if (d.code) event.code = d.code
-        if (d.missed > 0) event.missed = d.missed
-        this.emit('dma', event)
-        continue
-      }
-      if (e.irq) {
-        this.#irqGroups.get(e.irq.group)?.fire(e.irq.vector, e.irq.count)
-        continue
-      }
-      if (e.closed) {
-        this.#closed = fromNative(e.closed, this.#path)
-        continue
-      }
-      const w = this.#waiters.get(e.token)
-      if (!w) {
-        // Aborted by the caller: nobody wants it, but fds received are still ours to close.
-        closeAll(e.reply?.fds ?? [])
-        continue
-      }
-      this.#waiters.delete(e.token)
-      w.unwatch?.()
-      if (e.reply) w.resolve(toReply(e.reply))
-      else w.reject(fromNative(e.error ?? { errno: 0, code: 'EIO', message: 'request failed' }, this.#path))
     }
     if (this.#closed) {
       // The native side fails everything before it reports the close; this only guards

@@ -48,6 +48,8 @@ struct Polled {
     /// The promise of the request in flight, if any.
     deferred: sys::napi_deferred,
     context: sys::napi_async_context,
+    /// The resource object of the callback scope, made once (not one per reply).
+    resource: sys::napi_ref,
     /// The `uv_poll_t`, sized by libuv at run time; its first field points back here.
     handle: Box<[u64]>,
 }
@@ -171,6 +173,7 @@ fn start_polling(env: &Env, fd: c_int) -> Result<*mut Polled> {
         cmsg: nix::cmsg_space!([i32; 253]),
         deferred: ptr::null_mut(),
         context: ptr::null_mut(),
+        resource: ptr::null_mut(),
         handle: vec![0u64; size.div_ceil(8)].into_boxed_slice(),
     }));
     // SAFETY: on the JS thread during a napi call; `polled` is a live allocation that is
@@ -190,6 +193,9 @@ fn start_polling(env: &Env, fd: c_int) -> Result<*mut Polled> {
             resource_name,
             &mut (*polled).context,
         );
+        let mut resource = ptr::null_mut();
+        sys::napi_create_object(env.raw(), &mut resource);
+        sys::napi_create_reference(env.raw(), resource, 1, &mut (*polled).resource);
         let handle = (*polled).handle.as_mut_ptr().cast::<c_void>();
         if uv_poll_init(event_loop, handle, fd) != 0 {
             return Err(failed("uv_poll_init", "failed"));
@@ -230,7 +236,7 @@ extern "C" fn on_poll(handle: *mut c_void, _status: c_int, _events: c_int) {
         let mut scope = ptr::null_mut();
         sys::napi_open_handle_scope(env, &mut scope);
         let mut resource = ptr::null_mut();
-        sys::napi_create_object(env, &mut resource);
+        sys::napi_get_reference_value(env, st.resource, &mut resource);
         let mut callback_scope = ptr::null_mut();
         sys::napi_open_callback_scope(env, resource, st.context, &mut callback_scope);
         let (mut data, mut buffer) = (ptr::null_mut(), ptr::null_mut());
