@@ -75,6 +75,13 @@ export declare class NativeClient {
    * sent (a check failed before sending).
    */
   dmaMap(token: number, args: NativeDmaMapArgs, memory: NativeDmaMemory): NativeError | null
+  /**
+   * Sends a DMA_MAP for each range of `memory` that `ranges` lists (iova, size and offset
+   * in the memory, three numbers each; `access` bit 0 read, bit 1 write, one byte each),
+   * pipelined; one event with `token` follows once every map sent was answered: an empty
+   * payload, or the first failure. Returns an error if nothing was sent.
+   */
+  dmaMapMany(token: number, memory: NativeDmaMemory, ranges: BigUint64Array, access: Uint8Array, timeoutMs?: number | undefined | null): NativeError | null
   /** Sends DMA_MAP and blocks until the reply. False on failure (see `take_error`). */
   dmaMapSync(args: NativeDmaMapArgs, memory: NativeDmaMemory): boolean
   /**

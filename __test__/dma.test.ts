@@ -138,6 +138,29 @@ describe('DMA against the test device', () => {
     expect(session.client.dmaMaps).toBe(0)
   })
 
+  it('dmaMapMany maps runs of one memory, Buffers and other memory between them, in order', async () => {
+    using a = allocateDmaMemory(8 * PAGE)
+    using b = allocateDmaMemory(2 * PAGE)
+    const at = (i: number) => (1n << 32n) + BigInt(i * PAGE)
+    const maps = [
+      ...[0, 1, 2].map((i) => ({ iova: at(i), size: PAGE, memory: a, offset: i * PAGE })),
+      { iova: at(3), size: PAGE, memory: Buffer.alloc(PAGE) },
+      ...[4, 5].map((i) => ({ iova: at(i), size: PAGE, memory: a, offset: i * PAGE, write: false })),
+      ...[6, 7].map((i) => ({ iova: at(i), size: PAGE, memory: b, offset: (i - 6) * PAGE })),
+    ]
+    await session.client.dmaMapMany(maps)
+    expect(session.client.dmaMaps).toBe(8)
+    // Each run went with its own memory and offsets: the device copies a's page 2 to b's page 1.
+    a.buffer.write('run of a', 2 * PAGE)
+    await deviceCopy(at(2), at(7), 8)
+    expect(b.buffer.toString('utf8', PAGE, PAGE + 8)).toBe('run of a')
+    // Each is mapped exactly as given: unmapping each range succeeds, and nothing is left.
+    for (const m of maps) await session.client.dmaUnmap(m)
+    expect(session.client.dmaMaps).toBe(0)
+    await session.client.dmaMapMany([])
+    expect(session.client.dmaMaps).toBe(0)
+  })
+
   it('refuses bad maps before anything is sent', async () => {
     using memory = allocateDmaMemory(2 * PAGE)
     await session.client.dmaMap({ iova: 0x30_0000, size: PAGE, memory })

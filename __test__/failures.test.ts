@@ -136,6 +136,19 @@ describe('requests against a misbehaving server', () => {
     )
   })
 
+  it('dmaMapMany settles once every map it sent was answered, with the first failure', async () => {
+    await using p = await peer('hold', 300)
+    await p.client.validateVersion()
+    using memory = allocateDmaMemory(4 * 4096)
+    const page = (i: number) => ({ iova: 0x10_0000n + BigInt(i * 4096), size: 4096, memory, offset: i * 4096 })
+    // The third overlaps the first: refused before it is sent, after two were (never answered).
+    const e = await rejection(p.client.dmaMapMany([page(0), page(1), page(0)]))
+    expect(e.code).toBe('EEXIST')
+    // Settled only once the two sent had timed out, which forgot them: none is left mapped.
+    expect(p.client.dmaMaps).toBe(0)
+    expect(p.client.inFlight).toBe(0)
+  })
+
   it('answers a server DMA request to an unmapped address with EFAULT while its own request is outstanding', async () => {
     await using p = await peer('dma-request')
     await p.client.validateVersion()

@@ -131,4 +131,20 @@ describe("libvfio-user's gpio-pci-idio-16 sample", () => {
     memory.close()
     await finish(c)
   })
+
+  it('dmaMapMany of 32 pages with a Buffer among them is accepted, and each page unmaps', async () => {
+    const c = await open()
+    const memory = allocateDmaMemory(32 * 4096)
+    const maps = Array.from({ length: 32 }, (_, i) =>
+      i === 16
+        ? { iova: 0x100_0000n + BigInt(i * 4096), size: 4096, memory: Buffer.alloc(4096) }
+        : { iova: 0x100_0000n + BigInt(i * 4096), size: 4096, memory, offset: i * 4096 },
+    )
+    await c.dmaMapMany(maps)
+    expect(c.dmaMaps).toBe(32)
+    for (const m of maps) await c.dmaUnmap(m)
+    expect(c.dmaMaps).toBe(0)
+    memory.close()
+    await finish(c)
+  })
 })

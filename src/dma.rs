@@ -2,9 +2,9 @@
 //! a memfd mapping seen from JS as a Buffer over the same pages.
 
 use crate::client::NativeClient;
-use crate::convert::{self, NativeError};
+use crate::convert::{self, NativeError, Payload};
 use crate::event::Event;
-use napi::bindgen_prelude::{BigInt, BufferSlice, Either};
+use napi::bindgen_prelude::{BigInt, BigUint64ArraySlice, BufferSlice, Either, Uint8ArraySlice};
 use napi::{sys, Env, Result, Status};
 use napi_derive::napi;
 use nix::errno::Errno;
@@ -183,6 +183,48 @@ impl NativeClient {
         self.with_map(&args, memory, |c, m| c.dma_map_callback(m, done))
             .err()
             .map(|e| convert::from_error(&e))
+    }
+
+    /// Sends a DMA_MAP for each range of `memory` that `ranges` lists (iova, size and offset
+    /// in the memory, three numbers each; `access` bit 0 read, bit 1 write, one byte each),
+    /// pipelined; one event with `token` follows once every map sent was answered: an empty
+    /// payload, or the first failure. Returns an error if nothing was sent.
+    #[napi]
+    pub fn dma_map_many(
+        &self,
+        token: u32,
+        memory: &NativeDmaMemory,
+        ranges: BigUint64ArraySlice,
+        access: Uint8ArraySlice,
+        timeout_ms: Option<u32>,
+    ) -> Option<NativeError> {
+        let events = self.events.clone();
+        let done = Box::new(move |r: std::result::Result<(), Error>| {
+            events.push(match r {
+                Ok(()) => Event::Data(token, Payload::whole(Vec::new())),
+                Err(e) => Event::Done(token, Err(e)),
+            })
+        });
+        let sent = memory.mapping().and_then(|mem| {
+            mem.with_fd(|fd| {
+                let maps: Vec<DmaMap<'_>> = ranges
+                    .chunks_exact(3)
+                    .zip(access.iter())
+                    .map(|(r, a)| DmaMap {
+                        iova: r[0],
+                        size: r[1],
+                        read: a & 1 != 0,
+                        write: a & 2 != 0,
+                        // The fd's offset: where the memory starts in its file, plus the range's.
+                        fd: Some((fd, mem.file_offset() + r[2])),
+                        local: Some(mem.from_offset(r[2] as usize)),
+                        timeout: convert::timeout(timeout_ms),
+                    })
+                    .collect();
+                self.live(|c| c.dma_map_many_callback(&maps, done))
+            })?
+        });
+        sent.err().map(|e| convert::from_error(&e))
     }
 
     /// Sends DMA_MAP and blocks until the reply. False on failure (see `take_error`).

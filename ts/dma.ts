@@ -6,6 +6,7 @@ import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative } from './errors'
 import { type NativeDmaMemory, native } from './native'
+import type { Reply } from './reply'
 
 /**
  * Memory to offer a device for DMA: a memfd mapped into this process. `buffer` is a view of
@@ -266,11 +267,50 @@ export function dmaMapSync(ch: Channel, m: DmaMapping, options: Omit<CallOptions
   })
 }
 
-/** Every mapping of `maps` sent at once (pipelined); settles when the last reply arrives. */
+/**
+ * Every mapping of `maps` sent at once (pipelined), in order; settles once every map sent has
+ * been answered, rejecting with the first failure. Consecutive maps of the same DmaMemory go
+ * to native code as one call settled by one event, so a long list costs one promise, not one
+ * per map.
+ */
 export function dmaMapMany(ch: Channel, maps: DmaMapping[], options: CallOptions = {}): Promise<void> {
   if (!Array.isArray(maps)) throw invalidArg('maps must be an array')
   const checked = maps.map((m) => mapArgs(m, options))
-  return Promise.all(checked.map((m) => sendMap(ch, m, options))).then(() => {})
+  const calls: Promise<unknown>[] = []
+  for (let i = 0; i < checked.length; ) {
+    const { memory } = checked[i]
+    if (!(memory instanceof DmaMemory)) {
+      calls.push(sendMap(ch, checked[i++], options))
+      continue
+    }
+    let end = i + 1
+    while (end < checked.length && checked[end].memory === memory) end++
+    calls.push(sendRun(ch, memory, checked.slice(i, end), options))
+    i = end
+  }
+  // allSettled first: the call settles once every map was answered, as one native call does.
+  return Promise.allSettled(calls).then((results) => {
+    for (const r of results) if (r.status === 'rejected') throw r.reason
+  })
+}
+
+/** Maps of one DmaMemory as one native call: iova, size and offset, then the access bits. */
+function sendRun(ch: Channel, memory: DmaMemory, run: MapArgs[], options: CallOptions): Promise<Reply> {
+  const ranges = new BigUint64Array(3 * run.length)
+  const access = new Uint8Array(run.length)
+  for (let k = 0; k < run.length; k++) {
+    const a = run[k].args
+    ranges[3 * k] = a.iova
+    ranges[3 * k + 1] = a.size
+    ranges[3 * k + 2] = a.offset
+    access[k] = (a.read ? 1 : 0) | (a.write ? 2 : 0)
+  }
+  const timeoutMs = run[0].args.timeoutMs
+  return ch.call(
+    Command.DMA_MAP,
+    (token) => ch.native.dmaMapMany(token, memory.native, ranges, access, timeoutMs),
+    options,
+  )
 }
 
 /** DMA_UNMAP of a range mapped earlier (exactly), settled when the server answers. */

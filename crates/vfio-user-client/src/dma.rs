@@ -3,6 +3,7 @@
 //! server's `max_dma_maps`), and the DMA table follows what the server agreed to.
 
 use crate::dma_table::{Entry, LocalMemory};
+use crate::join::{Join, JoinDone};
 use crate::pending::{Completion, Reply};
 use crate::{Client, Error, Request};
 use nix::errno::Errno;
@@ -162,6 +163,37 @@ impl Client {
                 .remove(iova, generation);
         }
         sent
+    }
+
+    /// [`Client::dma_map_callback`] for each of `maps`, pipelined (one message each, with its
+    /// fd), settled as one call: `done` is called once every map sent has been answered, with
+    /// the first failure if any. Each map is checked as it is sent, so one that overlaps an
+    /// earlier one of the same list is refused too. If this returns an error, nothing was
+    /// sent and `done` is not called; if a later map cannot be sent, none after it is, and
+    /// the maps sent settle the call with that error. Each map the server refused is
+    /// forgotten; the others stay mapped.
+    pub fn dma_map_many_callback(
+        &self,
+        maps: &[DmaMap<'_>],
+        done: JoinDone<()>,
+    ) -> Result<(), Error> {
+        if maps.is_empty() {
+            done(Ok(()));
+            return Ok(());
+        }
+        let join = Join::new((), maps.len(), done);
+        for (i, map) in maps.iter().enumerate() {
+            let j = join.clone();
+            let part = Box::new(move |r: Result<Reply, Error>| Join::settle(&j, |_| r.map(drop)));
+            if let Err(e) = self.dma_map_callback(map, part) {
+                if i == 0 {
+                    return Err(e);
+                }
+                Join::abandon(&join, maps.len() - i, e);
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Checks that [iova, iova + size) is exactly an earlier map; returns its generation.

@@ -48,6 +48,7 @@ pub use dma_table::LocalMemory;
 pub use error::Error;
 pub use irq::{Enabled, IrqFds};
 pub use irq_table::IrqHook;
+pub use join::JoinDone;
 pub use options::{Options, OUR_MAX_MSG_FDS};
 pub use pending::{Completion, Reply};
 pub use pump::{PumpDone, Pumped, WRITES_IN_FLIGHT};

@@ -41,6 +41,10 @@
 //!   errno of the write in 4..8.
 //! - `dma-flood`: before answering a request, sends 5000 DMA_READs of 8 bytes at 0 back to
 //!   back, then reads the 5000 answers.
+//! - `burst:N`: reads N requests, then answers them all in one write, and again. Each
+//!   request's payload is (length u32, nonce u32); its reply's payload is `length` bytes, byte
+//!   i being `(nonce + i) & 0xff`: a reply delivered to the wrong request, or cut from the
+//!   wrong place, shows. For the client's batches of many replies at once.
 //! - `dma-request`: before answering a request, sends the client a DMA_READ and reports the
 //!   errno of the client's answer in bytes 0..4 of the reply payload.
 
@@ -165,6 +169,28 @@ fn lying_region_info(index: u32) -> Vec<u8> {
     p
 }
 
+/// Answers requests `n` at a time, the `n` replies in one write (see `burst:N`).
+fn burst(s: &mut UnixStream, n: usize) {
+    loop {
+        let mut out = Vec::new();
+        for _ in 0..n.max(1) {
+            let Some((h, p)) = read_msg(s) else {
+                return;
+            };
+            let length = u32_at(&p, 0).unwrap_or(0);
+            let nonce = u32_at(&p, 4).unwrap_or(0);
+            let data: Vec<u8> = (0..length)
+                .map(|i| (nonce.wrapping_add(i) & 0xff) as u8)
+                .collect();
+            out.extend_from_slice(&Header::reply_to(&h, data.len()).encode());
+            out.extend_from_slice(&data);
+        }
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
 fn reply(s: &mut UnixStream, to: &Header, payload: &[u8]) {
     send(s, Header::reply_to(to, payload.len()), payload);
 }
@@ -227,6 +253,13 @@ fn run(s: &mut UnixStream, scenario: &str) {
         None => ("ok", scenario),
     };
     if !version(s, kind) {
+        return;
+    }
+    if let Some(n) = after
+        .strip_prefix("burst:")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        burst(s, n);
         return;
     }
     match after {
