@@ -136,9 +136,12 @@ extern "C" fn on_poll(handle: *mut c_void, status: c_int, _events: c_int) {
         let taken = events.take_from_loop();
         if !taken.events.is_empty() {
             // Requests the callbacks send (promise reactions run before `call` returns) are
-            // written together when this is dropped: one sendmsg for the lot.
+            // written together when this is dropped: one sendmsg for the lot. A lone
+            // completion's continuation (an awaited call and the next one) sends inline:
+            // queueing and flushing one request costs a copy and more for the same syscall.
             // SAFETY: as above; a short borrow (the cork holds its own reference).
-            let _cork = unsafe { (*ctx).reader.as_ref().map(ExternalReader::cork) };
+            let _cork = (taken.events.len() > 1)
+                .then(|| unsafe { (*ctx).reader.as_ref().map(ExternalReader::cork) });
             if let Err(back) = callback.call(taken) {
                 // Not deliverable from here: the threadsafe function takes them.
                 for e in back {

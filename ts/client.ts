@@ -164,6 +164,8 @@ type NativeBatch = Array<number | Buffer | NativeEvent | null> | null
 const BATCH_ENTRIES = 1024
 /** Bytes of small reply payloads a batch shares (each at most 2 KiB; see `src/batch.rs`). */
 const BATCH_DATA_BYTES = 16 * 1024
+/** A lone payload up to this size is copied out in a loop: no view of the shared bytes made. */
+const SMALL_PAYLOAD = 64
 /** An entry's length that says its value is the next one of the batch's array. */
 const SPECIAL = 0xffff_ffff
 
@@ -887,9 +889,11 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     if (entries > 0) {
       this.#delivering = true
       try {
-        // One pooled copy of every shared payload, viewed by each reply.
+        // A lone small payload is copied out byte by byte into a pooled Buffer; otherwise one
+        // pooled copy of every shared payload is made, and each reply views its part.
         const used = w[1]
-        const bytes = used > 0 ? Buffer.from(this.#batchData.subarray(0, used)) : EMPTY
+        const data = this.#batchData
+        const bytes = used > SMALL_PAYLOAD || entries > 1 ? Buffer.from(data.subarray(0, used)) : undefined
         let at = 0
         for (let k = 2, end = 2 + 3 * entries; k < end; k += 3) {
           const length = w[k + 2]
@@ -897,7 +901,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
             this.#settle(w[k], w[k + 1], (values as NonNullable<NativeBatch>)[v++] as Buffer | NativeEvent | null)
             continue
           }
-          const payload = length === 0 ? EMPTY : Buffer.from(bytes.buffer, bytes.byteOffset + at, length)
+          let payload = EMPTY
+          if (length > 0 && bytes) payload = Buffer.from(bytes.buffer, bytes.byteOffset + at, length)
+          else if (length > 0) {
+            payload = Buffer.allocUnsafe(length)
+            for (let i = 0; i < length; i++) payload[i] = data[at + i]
+          }
           at += length
           this.#settlePlain(w[k], w[k + 1], payload)
         }

@@ -10,7 +10,35 @@
 //!
 //! Bitmaps keep every operation cheap, including a refusal when the space is full.
 
+use std::hash::{BuildHasherDefault, Hasher};
+
 const WORDS: usize = (u16::MAX as usize + 1) / 64;
+
+/// Hashes message ids for the tables keyed by them: a multiply that spreads the 16 bits over
+/// the word (the table's control bytes come from its top bits). The ids in a table are ours;
+/// a peer only makes us look one up, so SipHash's defence against chosen keys buys nothing,
+/// and it cost about 100 instructions a lookup, several lookups a request.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A hash map keyed by message id.
+pub type IdMap<V> = std::collections::HashMap<u16, V, BuildHasherDefault<IdHasher>>;
 
 pub struct Ids {
     held: Box<[u64; WORDS]>,

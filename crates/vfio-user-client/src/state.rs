@@ -1,7 +1,7 @@
 //! Everything shared between callers and the I/O thread, always used under one mutex:
 //! the outgoing queue, the pending table, ids, deadlines and the connection state.
 
-use crate::ids::Ids;
+use crate::ids::{IdMap, Ids};
 use crate::outgoing::{Outgoing, Queue};
 use crate::pending::{Pending, Reply, Waiter};
 use crate::rx::{Disposition, Message, DIRECT_BODY};
@@ -10,7 +10,7 @@ use crate::target::ReadTarget;
 use crate::Error;
 use nix::errno::Errno;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -144,7 +144,7 @@ pub struct State {
     /// Largest server request body we store (DMA_WRITE data plus its 16-byte header).
     pub max_request_payload: usize,
     pub outgoing: Queue,
-    pub pending: HashMap<u16, Pending>,
+    pub pending: IdMap<Pending>,
     ids: Ids,
     deadlines: BinaryHeap<Reverse<(Instant, u64, u16)>>,
     next_seq: u64,
