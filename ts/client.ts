@@ -172,6 +172,21 @@ const SPECIAL = 0xffff_ffff
 /** The payload of every empty plain reply: zero bytes, so sharing it is safe. */
 const EMPTY = Buffer.alloc(0)
 
+/**
+ * `length` bytes of `from` at `at`, in a pooled Buffer of their own. Up to SMALL_PAYLOAD bytes
+ * are copied in a loop: `Buffer#copy` would make a view of the source first, which costs
+ * more than copying a few bytes.
+ */
+function copyOut(from: Uint8Array, at: number, length: number): Buffer {
+  const out = Buffer.allocUnsafe(length)
+  if (length > SMALL_PAYLOAD) {
+    out.set(from.subarray(at, at + length))
+    return out
+  }
+  for (let i = 0; i < length; i++) out[i] = from[at + i]
+  return out
+}
+
 /** Words of the scratch array `sendSync` fills: id, command, flags, fd count, 16 fds. */
 const SCRATCH_WORDS = 20
 /** Reply payloads up to this size come back from `sendSync` through a reused array. */
@@ -452,8 +467,7 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
     }
     let body: Buffer
     if (typeof r === 'number') {
-      body = Buffer.allocUnsafe(r)
-      this.#data.copy(body, 0, 0, r)
+      body = copyOut(this.#data, 0, r)
     } else {
       body = r
     }
@@ -901,12 +915,9 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
             this.#settle(w[k], w[k + 1], (values as NonNullable<NativeBatch>)[v++] as Buffer | NativeEvent | null)
             continue
           }
-          let payload = EMPTY
+          let payload: Buffer = EMPTY
           if (length > 0 && bytes) payload = Buffer.from(bytes.buffer, bytes.byteOffset + at, length)
-          else if (length > 0) {
-            payload = Buffer.allocUnsafe(length)
-            for (let i = 0; i < length; i++) payload[i] = data[at + i]
-          }
+          else if (length > 0) payload = copyOut(data, at, length)
           at += length
           this.#settlePlain(w[k], w[k + 1], payload)
         }
