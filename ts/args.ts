@@ -51,6 +51,8 @@ function describe(value: unknown): string {
 }
 
 const TWO_POW_32 = 0x1_0000_0000
+/** 2^64, made once: a BigInt shift allocates each time it runs. */
+export const TWO_POW_64 = 1n << 64n
 
 /** An offset within a region: a safe non-negative integer or a bigint below 2^64, as two u32 halves. */
 export function checkOffset(name: string, value: unknown): { hi: number; lo: number; value: bigint } {
@@ -61,7 +63,7 @@ export function checkOffset(name: string, value: unknown): { hi: number; lo: num
     return { hi: Math.floor(value / TWO_POW_32), lo: value % TWO_POW_32, value: BigInt(value) }
   }
   if (typeof value === 'bigint') {
-    if (value < 0n || value >= 1n << 64n) throw outOfRange(`${name} must be from 0 to 2^64 - 1, got ${value}`)
+    if (value < 0n || value >= TWO_POW_64) throw outOfRange(`${name} must be from 0 to 2^64 - 1, got ${value}`)
     return { hi: Number(value >> 32n), lo: Number(value & 0xffff_ffffn), value }
   }
   throw invalidArg(`${name} must be a number or a bigint, got ${describe(value)}`)

@@ -1,7 +1,7 @@
 // DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
 // checks against the server's page size and map count, the DMA table and the serving of the
 // server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
-import { checkInteger, checkOffset, checkSize, checkTimeout, invalidArg, outOfRange } from './args'
+import { checkInteger, checkOffset, checkSize, checkTimeout, invalidArg, outOfRange, TWO_POW_64 } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative } from './errors'
@@ -194,7 +194,7 @@ function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
   if (offset + size > BigInt(available)) {
     throw outOfRange(`${size} bytes at offset ${offset} pass the end of the ${available}-byte DMA memory`)
   }
-  if (iova + size > 1n << 64n) throw outOfRange(`${size} bytes at iova ${iova} pass 2^64`)
+  if (iova + size > TWO_POW_64) throw outOfRange(`${size} bytes at iova ${iova} pass 2^64`)
   return {
     memory,
     args: {

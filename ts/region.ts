@@ -12,6 +12,7 @@ import {
   isDetached,
   outOfRange,
   rejecting,
+  TWO_POW_64,
 } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
@@ -167,7 +168,7 @@ function checkAccess(index: number, offset: unknown, size: unknown) {
   checkInteger('index', index, 0, 0xffff_ffff)
   const at = checkOffset('offset', offset)
   const length = checkSize('length', size, 1, 0xffff_ffff)
-  if (at.value + BigInt(length) > 1n << 64n) throw outOfRange(`${length} bytes at offset ${at.value} pass 2^64`)
+  if (at.value + BigInt(length) > TWO_POW_64) throw outOfRange(`${length} bytes at offset ${at.value} pass 2^64`)
   return { ...at, length }
 }
 
@@ -661,7 +662,7 @@ function encode(value: number, bits: 8 | 16 | 32): Buffer {
 function encode64(value: number | bigint): Buffer {
   const v = typeof value === 'number' ? BigInt(checkInteger('value', value, 0, Number.MAX_SAFE_INTEGER)) : value
   if (typeof v !== 'bigint') throw invalidArg(`value must be a number or a bigint, got ${typeof value}`)
-  if (v < 0n || v >= 1n << 64n) throw outOfRange(`value must be from 0 to 2^64 - 1, got ${v}`)
+  if (v < 0n || v >= TWO_POW_64) throw outOfRange(`value must be from 0 to 2^64 - 1, got ${v}`)
   const b = Buffer.alloc(8)
   b.writeBigUInt64LE(v)
   return b
