@@ -31,7 +31,7 @@ if (process.env.BENCH_PIN && !process.env.BENCH_PINNED) {
   process.exit(r.status ?? 1)
 }
 const COUNT = Number(process.env.BENCH_COUNT ?? 20000)
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 5)
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 7)
 const DEPTH = 64
 /** The floor's loop with sendmsg/recvmsg: what the calls that can pass fds cost by themselves. */
 const MSG_FLOOR = 'floor, sendmsg/recvmsg'
