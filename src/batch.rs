@@ -90,15 +90,24 @@ const PLAIN_REPLY: u32 = 1;
 /// `env` must be live and the call made on its thread.
 unsafe fn payload_or_null(env: sys::napi_env, p: Payload) -> napi::Result<sys::napi_value> {
     if p.buf.len() <= p.start {
-        let mut null = std::ptr::null_mut();
         // SAFETY: per this function's contract.
-        if unsafe { sys::napi_get_null(env, &mut null) } != sys::Status::napi_ok {
-            return Err(fail());
-        }
-        return Ok(null);
+        return unsafe { null(env) };
     }
     // SAFETY: per this function's contract.
     unsafe { Payload::to_napi_value(env, p) }
+}
+
+/// JavaScript's null.
+///
+/// # Safety
+/// `env` must be live and the call made on its thread.
+unsafe fn null(env: sys::napi_env) -> napi::Result<sys::napi_value> {
+    let mut null = std::ptr::null_mut();
+    // SAFETY: per this function's contract.
+    if unsafe { sys::napi_get_null(env, &mut null) } != sys::Status::napi_ok {
+        return Err(fail());
+    }
+    Ok(null)
 }
 
 fn fail() -> napi::Error {
@@ -222,12 +231,8 @@ impl ToNapiValue for Batch {
             head.copy_from_slice(&[entries as u32, used as u32]);
         }
         if values.array.is_null() {
-            let mut null = std::ptr::null_mut();
             // SAFETY: as above.
-            if unsafe { sys::napi_get_null(env, &mut null) } != sys::Status::napi_ok {
-                return Err(fail());
-            }
-            return Ok(null);
+            return unsafe { null(env) };
         }
         Ok(values.array)
     }

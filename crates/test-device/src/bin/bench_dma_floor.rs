@@ -9,8 +9,11 @@
 //! CPU of this process per map (getrusage), for the timed part only.
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::resource::{getrusage, UsageWho};
+#[path = "../rusage.rs"]
+mod rusage;
+
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use rusage::cpu_us;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -47,14 +50,6 @@ fn replies(s: &mut UnixStream, n: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn cpu_us() -> (f64, f64) {
-    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
-    match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(r) => (us(r.user_time()), us(r.system_time())),
-        Err(_) => (0.0, 0.0),
-    }
 }
 
 fn main() -> std::io::Result<()> {

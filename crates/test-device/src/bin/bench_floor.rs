@@ -18,7 +18,10 @@
 //! Prints `{"roundTrips":N,"seconds":S,"userUs":U,"sysUs":Y}` (CPU of this process per round
 //! trip, from getrusage).
 
-use nix::sys::resource::{getrusage, UsageWho};
+#[path = "../rusage.rs"]
+mod rusage;
+
+use rusage::cpu_us;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
@@ -115,14 +118,6 @@ fn pipelined(
         }
     }
     Ok(())
-}
-
-fn cpu_us() -> (f64, f64) {
-    let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
-    match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(r) => (us(r.user_time()), us(r.system_time())),
-        Err(_) => (0.0, 0.0),
-    }
 }
 
 /// Runs `body` and prints its round trips, time and CPU per round trip.
