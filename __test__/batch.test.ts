@@ -42,9 +42,9 @@ async function burst(lengths: number[]) {
 
 describe('replies delivered many at a time', () => {
   it('1500 small replies in one read: shared entries, shared bytes running out, then the rest', async () => {
-    // 20 bytes each: the shared bytes (16 KiB) hold 819 payloads, the shared words 1024
+    // 40 bytes each: the shared bytes (8 KiB) hold 204 payloads, the shared words 256
     // entries; past those, payloads come as values and then whole events do.
-    const replies = await burst(Array.from({ length: 1500 }, () => 20))
+    const replies = await burst(Array.from({ length: 1500 }, () => 40))
     expect(new Set(replies.map((r) => r.id)).size).toBe(1500)
   })
 

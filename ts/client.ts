@@ -160,10 +160,14 @@ export const CHANNEL: unique symbol = Symbol('vfio-user channel')
  */
 type NativeBatch = Array<number | Buffer | NativeEvent | null> | null
 
-/** Entries of a batch the shared words hold at most: 3 words each after 2 of head. */
-const BATCH_ENTRIES = 1024
+/**
+ * Entries of a batch the shared words hold at most: 3 words each after 2 of head. 64 in
+ * flight make batches of up to 64; more come after them as values. Small, since every client
+ * has its own and V8 counts them when it decides to collect.
+ */
+const BATCH_ENTRIES = 256
 /** Bytes of small reply payloads a batch shares (each at most 2 KiB; see `src/batch.rs`). */
-const BATCH_DATA_BYTES = 16 * 1024
+const BATCH_DATA_BYTES = 8 * 1024
 /** A lone payload up to this size is copied out in a loop: no view of the shared bytes made. */
 const SMALL_PAYLOAD = 64
 /** An entry's length that says its value is the next one of the batch's array. */
