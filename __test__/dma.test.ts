@@ -118,6 +118,15 @@ describe('DMA against the test device', () => {
     expect(mapped()).toBe(base + 2)
     await reading
     expect(mapped()).toBe(base + 1)
+    // A read refused before it is sent (an aborted signal) holds nothing: close() unmaps now.
+    const idle = allocateDmaMemory(PAGE)
+    const ac = new AbortController()
+    ac.abort()
+    const refused = c.regionRead(2, 0, PAGE, { into: idle.buffer, signal: ac.signal })
+    await expect(refused).rejects.toMatchObject({ code: 'ABORT_ERR' })
+    expect(mapped()).toBe(base + 2)
+    idle.close()
+    expect(mapped()).toBe(base + 1)
     memory.close()
     expect(mapped()).toBe(base)
   })

@@ -73,6 +73,22 @@ describe('interrupts against the test device', () => {
     await irqs.disable()
   })
 
+  it('a disable() refused before sending (an aborted signal) leaves the group wired; the next one ends it', async () => {
+    const before = openFds()
+    const irqs = await session.client.enableIrqs(1, { start: 0, count: 2 })
+    const ac = new AbortController()
+    ac.abort()
+    await expect(irqs.disable({ signal: ac.signal })).rejects.toMatchObject({ code: 'ABORT_ERR' })
+    expect(irqs.ended).toBe(false)
+    expect(openFds()).toBe(before + 2)
+    const fired = once(irqs, 'irq')
+    await ring(1)
+    expect((await fired)[0]).toEqual({ index: 1, vector: 1, count: 1 })
+    await irqs.disable()
+    expect(irqs.ended).toBe(true)
+    expect(openFds()).toBe(before)
+  })
+
   it('an async iterator yields the events until disable', async () => {
     const irqs = await session.client.enableIrqs(1, { start: 1, count: 1 })
     const got: IrqEvent[] = []

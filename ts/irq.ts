@@ -272,10 +272,13 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
   #disable(options: CallOptions): Promise<void> {
     if (this.#ended) return Promise.resolve()
     const timeoutMs = checkTimeout('timeoutMs', options.timeoutMs)
-    this.#end()
-    return this.#ch
-      .call(Command.DEVICE_SET_IRQS, (token) => this.#ch.native.disableIrqs(token, this.#group, timeoutMs), options)
-      .then(() => {})
+    // Ended only once the request is being sent: a call refused before that (an aborted or
+    // bad signal) leaves the group as it was, for a later disable() to end.
+    const start = (token: number) => {
+      this.#end()
+      return this.#ch.native.disableIrqs(token, this.#group, timeoutMs)
+    }
+    return this.#ch.call(Command.DEVICE_SET_IRQS, start, options).then(() => {})
   }
 
   /** The `'irq'` events from now until the end (and those kept until now, first). */

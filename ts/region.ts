@@ -19,7 +19,7 @@ import { Command } from './command'
 import { dmaMemoryOf } from './dma'
 import { VfioUserError } from './errors'
 import { closeAll } from './fds'
-import { type NativeRegionMapping, native } from './native'
+import { type NativeError, type NativeRegionMapping, native } from './native'
 
 /** The most bytes of region info (fixed part and capabilities) a server may ask us to accept. */
 const MAX_REGION_INFO = 64 * 1024
@@ -254,10 +254,17 @@ export function regionRead(
   const refused = outOfBounds(ch, index, at.value, length)
   if (refused) return Promise.reject(refused)
   if (target) {
-    // Memory of a DmaMemory is not unmapped by its close() while this read writes into it.
-    const release = options.into ? dmaMemoryOf(target)?.retain() : undefined
     const start = (token: number) => {
-      const refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
+      // Memory of a DmaMemory is not unmapped by its close() while this read writes into
+      // it: held from here (a call refused before, an aborted signal say, holds nothing).
+      const release = options.into ? dmaMemoryOf(target)?.retain() : undefined
+      let refused: NativeError | null
+      try {
+        refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
+      } catch (e) {
+        release?.()
+        throw e
+      }
       // The native side writes it until the read's event arrives, whatever the promise does.
       if (!refused) ch.hold(token, target, release)
       else release?.()
