@@ -2,7 +2,7 @@
 // leaves nothing behind for the next: no map, reset or mapping carries over), and the fd
 // count the files compare against.
 import { readdirSync } from 'node:fs'
-import { afterEach, beforeEach } from 'vitest'
+import { afterEach, beforeEach, expect } from 'vitest'
 import { connect, type VfioUserClient } from '../ts/index'
 import { startTestDevice, type TestDevice } from '../ts/testing'
 import { startTap, type TapProcess, throughTap } from './through-tap'
@@ -20,11 +20,17 @@ export function deviceSession(): { readonly device: TestDevice; readonly client:
   })
   afterEach(async () => {
     await client?.close()
-    await relay?.close()
+    // Through a tap, the tap itself is checked too: it ended cleanly and decoded everything.
+    const tapped = relay
+    const tapExit = await tapped?.close()
     await device?.close()
     client = undefined
     relay = undefined
     device = undefined
+    if (tapped) {
+      expect(tapExit).toBe(0)
+      expect(tapped.output()).not.toContain('undecodable')
+    }
   })
   return {
     get device() {

@@ -114,6 +114,8 @@ describe('vfio-user tap', () => {
       while (!relay.output().includes('summary:') && Date.now() < deadline) {
         await new Promise((resolve) => setTimeout(resolve, 10))
       }
+      // Printed because the last client left: close() below would print one too.
+      expect(relay.output()).toContain('summary:')
     } finally {
       await relay.close()
     }
@@ -187,7 +189,9 @@ describe('tap()', () => {
     // JavaScript takes no lines while this loop runs. Every read of the flood holds thousands
     // of messages, so the queue reaches its bound; past it a relay thread must wait for room
     // (stalled), not queue more. Without the bound the loop ends on queued > the bound.
-    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0) {}
+    // Bounded by wall time: a relay that neither stalls nor ends must fail, not hang.
+    const spinUntil = Date.now() + 30_000
+    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0 && Date.now() < spinUntil) {}
     expect({ stalled: nt.stalled > 0, queued: nt.queued }).toEqual({ stalled: true, queued: max })
     // Once JavaScript takes them the relay goes on: more lines come after the first batch.
     await batch()
@@ -216,7 +220,9 @@ describe('tap()', () => {
     const c = await connect(listen)
     await c.validateVersion()
     const max = native.TAP_MAX_QUEUED_LINES
-    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0) {}
+    // Bounded by wall time: a relay that neither stalls nor ends must fail, not hang.
+    const spinUntil = Date.now() + 30_000
+    while (nt.stalled === 0 && nt.queued <= max && nt.sessions > 0 && Date.now() < spinUntil) {}
     expect(nt.stalled).toBeGreaterThan(0)
     // close() joins the relay threads on this thread, which cannot take lines meanwhile:
     // without releasing the waiting ones first it would never return.
@@ -233,7 +239,8 @@ describe('tap()', () => {
   })
 
   it('100 sessions opened and ended every way: fds and threads back where they were', async () => {
-    await using peer = await startScriptedPeer('serve')
+    // `echo` answers like `serve`, and a REGION_READ after sleeping its region field in ms.
+    await using peer = await startScriptedPeer('echo')
     const fds = openFds()
     const threads = threadCount()
     const t = await tap({ listen: socketPath(), connect: peer.socketPath })
@@ -255,9 +262,13 @@ describe('tap()', () => {
         s.write(Buffer.alloc(7))
         s.destroy()
       } else if (way === 2) {
-        // A client whose request times out, then closes.
+        // A client whose request times out (answered 200 ms late), then closes.
         const c = await connect(t.listen, { timeoutMs: 50 })
-        expect((await rejection(c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))).code).toBe('ENOTCONN')
+        await c.validateVersion()
+        const late = Buffer.alloc(16)
+        late.writeUInt32LE(200, 8)
+        late.writeUInt32LE(4, 12)
+        expect((await rejection(c.sendWait(Command.REGION_READ, late))).code).toBe('ETIMEDOUT')
         await c.close()
       } else {
         // Still open when the tap closes.
