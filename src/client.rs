@@ -161,7 +161,7 @@ impl NativeClient {
         client.on_close(move |e| on_close.push_end(Event::Closed(e.clone())));
         let on_irq = events.clone();
         client.on_irq(Box::new(move |group, vector, count| {
-            on_irq.push(Event::Irq(group, vector, count));
+            on_irq.push_irq(group, vector, count);
         }));
         NativeClient {
             path: client.path().to_string(),

@@ -90,6 +90,24 @@ impl EventQueue {
         }
     }
 
+    /// Queues that `vector` of interrupt group `group` fired `count` times, adding to a report
+    /// of the same vector still waiting for JS if there is one: a device signalling in a
+    /// loop while JS is busy (a long synchronous call) grows no queue, and JS gets the sum.
+    pub fn push_irq(&self, group: u32, vector: u32, count: u64) {
+        {
+            let mut g = self.lock();
+            let waiting = g.events.iter_mut().rev().find_map(|e| match e {
+                Event::Irq(gr, v, c) if *gr == group && *v == vector => Some(c),
+                _ => None,
+            });
+            if let Some(c) = waiting {
+                *c = c.saturating_add(count);
+                return;
+            }
+        }
+        self.push(Event::Irq(group, vector, count));
+    }
+
     /// The connection begins to end: hold everything back until [`EventQueue::push_end`].
     pub fn hold_for_end(&self) {
         self.lock().ending = true;
