@@ -47,9 +47,12 @@ pub struct BatchArea {
 unsafe impl Send for BatchArea {}
 
 impl BatchArea {
-    /// The area over `words` and `data`, which must stay allocated, unmoved and used by no
-    /// one else but the client's delivery code for as long as the area is held.
-    pub fn new(words: &mut [u32], data: &mut [u8]) -> BatchArea {
+    /// The area over `words` and `data`.
+    ///
+    /// # Safety
+    /// Both must stay allocated and unmoved, must not overlap, and must be used by nothing
+    /// but the client's delivery code for as long as the area is held.
+    pub unsafe fn new(words: &mut [u32], data: &mut [u8]) -> BatchArea {
         BatchArea {
             words: words.as_mut_ptr(),
             words_len: words.len(),

@@ -207,6 +207,12 @@ impl NativeClient {
         scratch: Uint32Array,
         data: Uint8Array,
     ) -> Result<()> {
+        if self.batch_arrays.borrow().is_some() {
+            return Err(napi::Error::new(
+                Status::GenericFailure,
+                "start() was already called",
+            ));
+        }
         if scratch.len() < SCRATCH_WORDS {
             return Err(napi::Error::new(
                 Status::InvalidArg,
@@ -216,8 +222,9 @@ impl NativeClient {
         *self.scratch.borrow_mut() = Some(scratch);
         *self.data.borrow_mut() = Some(data);
         // SAFETY: on the JS thread during a napi call; the arrays are referenced by this
-        // object until `release`, which makes the queue forget the area first, and their
-        // buffers are big enough to live outside V8's heap, so they never move.
+        // object until `release`, which makes the queue forget the area first; taking their
+        // data (napi_get_typedarray_info) moved it out of V8's heap for good, so it does not
+        // move; ts/client.ts gives two arrays of their own, used for nothing else.
         let area = unsafe { BatchArea::new(batch_words.as_mut(), batch_data.as_mut()) };
         *self.batch_arrays.borrow_mut() = Some((batch_words, batch_data));
         let callback = JsCallback::new(env.raw(), on_events.value().value)?;

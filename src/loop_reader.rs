@@ -2,8 +2,7 @@
 //! promise without a hop through the client's I/O thread. The I/O thread still backs it up
 //! when the loop is busy (see `vfio_user_client::ExternalReader`).
 //!
-//! libuv is reached through the symbols Node exports to addons; this is the N-API boundary,
-//! and the only `unsafe` in the binding besides borrowing fds.
+//! libuv is reached through the symbols Node exports to addons: this is the N-API boundary.
 
 use crate::events::EventQueue;
 use crate::js_callback::JsCallback;

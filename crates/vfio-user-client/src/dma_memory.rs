@@ -8,7 +8,7 @@ use nix::errno::Errno;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -89,10 +89,12 @@ impl DmaMemory {
         }
         let n = std::os::fd::AsRawFd::as_raw_fd(&fd);
         let fail = |e: Errno, what: &str| Error::new(e, format!("fd {n}: {what}: {}", e.desc()));
-        let dup = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))
-            .map_err(|e| fail(e, "cannot be duplicated"))?;
-        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
-        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        let owned = fd.try_clone_to_owned().map_err(|e| {
+            fail(
+                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                "cannot be duplicated",
+            )
+        })?;
         // A mapping past the end of the file maps, and the first touch there (ours, or the
         // device's DMA served from it) is SIGBUS: refuse it here.
         let size = nix::sys::stat::fstat(&owned)

@@ -76,10 +76,10 @@ pub fn adopt_unix_stream(fd: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, Err
     }
     socket::getpeername::<socket::SockaddrStorage>(n)
         .map_err(|e| fail(e, &format!("is not connected: {}", e.desc())))?;
-    let dup = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))
-        .map_err(|e| fail(e, &format!("cannot be duplicated: {}", e.desc())))?;
-    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+    let owned = fd.try_clone_to_owned().map_err(|e| {
+        let e = Errno::from_raw(e.raw_os_error().unwrap_or(0));
+        fail(e, &format!("cannot be duplicated: {}", e.desc()))
+    })?;
     let _ = socket::setsockopt(&owned, socket::sockopt::SndBuf, &SEND_BUFFER);
     Ok(owned)
 }

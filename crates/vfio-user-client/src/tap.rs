@@ -11,6 +11,7 @@
 //! shutdown of the other side's writing; the session ends once both directions have ended,
 //! or at once when either side fails. No fd outlives its session.
 
+use crate::ids::IdMap;
 use crate::socket::{cmsg_buffer, connect_unix, recv_chunk};
 use crate::Error;
 use nix::errno::Errno;
@@ -357,8 +358,8 @@ fn blocking(fd: OwnedFd) -> Result<OwnedFd, Error> {
 /// Requests in flight one way, by id, and when they passed: a reply's latency.
 #[derive(Default)]
 struct Pending {
-    from_client: HashMap<u16, Instant>,
-    from_server: HashMap<u16, Instant>,
+    from_client: IdMap<Instant>,
+    from_server: IdMap<Instant>,
 }
 
 /// Relays `from` to `to` until EOF (passed on as a shutdown of `to`'s writing) or a failure

@@ -5,7 +5,21 @@
 //! (region, DMA and migration data) is shown as its size and first bytes.
 
 use crate::bytes::{u16_at, u32_at, u64_at};
-use crate::feature::{MigState, FEATURE_GET, FEATURE_PROBE, FEATURE_SET};
+use crate::dma::{
+    DMA_ACCESS_SIZE, DMA_FLAG_READ, DMA_FLAG_WRITE, DMA_MAP_SIZE, DMA_UNMAP_FLAG_ALL,
+    DMA_UNMAP_SIZE,
+};
+use crate::feature::{
+    MigState, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP,
+    FEATURE_GET, FEATURE_HEADER, FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE,
+    FEATURE_SET, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
+};
+use crate::irq::{
+    IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE, SET_IRQS_SIZE,
+};
+use crate::migration::MIG_DATA_HEADER;
+use crate::region::ACCESS_HEADER_SIZE;
 use crate::{command_name, Command, Header, HEADER_SIZE};
 use serde_json::{json, Map, Value};
 
@@ -147,6 +161,10 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
                         Ok(v) => {
                             f.insert("json".into(), v);
                         }
+                        // Cut off by the prefix kept, not broken: say so, as for REGION_INFO.
+                        Err(_) if payload.len() < total => {
+                            f.insert("jsonBytes".into(), json!(total.saturating_sub(4)));
+                        }
                         Err(e) => problem = Some(format!("its JSON does not parse: {e}")),
                     }
                 }
@@ -154,23 +172,23 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
             _ => problem = short("VERSION payload", 4),
         },
         (Some(Command::DmaMap), false) => {
-            problem = short("DMA_MAP request", 32);
+            problem = short("DMA_MAP request", DMA_MAP_SIZE);
             if problem.is_none() {
                 let flags = u32f(4).unwrap_or(0);
                 f.insert("flags".into(), json!(flags));
-                f.insert("read".into(), json!(flags & 1 != 0));
-                f.insert("write".into(), json!(flags & 2 != 0));
+                f.insert("read".into(), json!(flags & DMA_FLAG_READ != 0));
+                f.insert("write".into(), json!(flags & DMA_FLAG_WRITE != 0));
                 f.insert("offset".into(), hex(u64f(8).unwrap_or(0)));
                 f.insert("iova".into(), hex(u64f(16).unwrap_or(0)));
                 f.insert("size".into(), hex(u64f(24).unwrap_or(0)));
             }
         }
         (Some(Command::DmaUnmap), _) if !(reply && payload.is_empty()) => {
-            problem = short("DMA_UNMAP payload", 24);
+            problem = short("DMA_UNMAP payload", DMA_UNMAP_SIZE);
             if problem.is_none() {
                 let flags = u32f(4).unwrap_or(0);
                 f.insert("flags".into(), json!(flags));
-                f.insert("all".into(), json!(flags & 2 != 0));
+                f.insert("all".into(), json!(flags & DMA_UNMAP_FLAG_ALL != 0));
                 f.insert("iova".into(), hex(u64f(8).unwrap_or(0)));
                 f.insert("size".into(), hex(u64f(16).unwrap_or(0)));
             }
@@ -233,19 +251,22 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
             }
         }
         (Some(Command::DeviceSetIrqs), false) => {
-            problem = short("DEVICE_SET_IRQS request", 20);
+            problem = short("DEVICE_SET_IRQS request", SET_IRQS_SIZE);
             if problem.is_none() {
                 let flags = u32f(4).unwrap_or(0);
-                let data = match flags & 0x7 {
-                    1 => "none",
-                    2 => "bool",
-                    4 => "eventfd",
-                    _ => "?",
-                };
-                let action = match flags & 0x38 {
-                    0x08 => "mask",
-                    0x10 => "unmask",
-                    0x20 => "trigger",
+                let data =
+                    match flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD) {
+                        IRQ_SET_DATA_NONE => "none",
+                        IRQ_SET_DATA_BOOL => "bool",
+                        IRQ_SET_DATA_EVENTFD => "eventfd",
+                        _ => "?",
+                    };
+                let action = match flags
+                    & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER)
+                {
+                    IRQ_SET_ACTION_MASK => "mask",
+                    IRQ_SET_ACTION_UNMASK => "unmask",
+                    IRQ_SET_ACTION_TRIGGER => "trigger",
                     _ => "?",
                 };
                 f.insert("index".into(), json!(u32f(8)));
@@ -257,7 +278,7 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
         }
         // A header-only reply (a count of 0) says nothing more.
         (Some(Command::RegionRead | Command::RegionWrite), _) if !(reply && payload.is_empty()) => {
-            problem = short("region access", 16);
+            problem = short("region access", ACCESS_HEADER_SIZE);
             if problem.is_none() {
                 f.insert("region".into(), json!(u32f(8)));
                 f.insert("offset".into(), hex(u64f(0).unwrap_or(0)));
@@ -265,21 +286,21 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
                 let carries = matches!((cmd, reply), (Some(Command::RegionRead), true))
                     || matches!((cmd, reply), (Some(Command::RegionWrite), false));
                 if carries {
-                    d.data_len = (total - 16) as u64;
-                    d.data_at = Some(16);
+                    d.data_len = total.saturating_sub(ACCESS_HEADER_SIZE) as u64;
+                    d.data_at = Some(ACCESS_HEADER_SIZE);
                 }
             }
         }
         (Some(Command::DmaRead | Command::DmaWrite), _) => {
-            problem = short("DMA access", 16);
+            problem = short("DMA access", DMA_ACCESS_SIZE);
             if problem.is_none() {
                 f.insert("address".into(), hex(u64f(0).unwrap_or(0)));
                 f.insert("count".into(), json!(u64f(8)));
                 let carries = matches!((cmd, reply), (Some(Command::DmaRead), true))
                     || matches!((cmd, reply), (Some(Command::DmaWrite), false));
                 if carries {
-                    d.data_len = (total - 16) as u64;
-                    d.data_at = Some(16);
+                    d.data_len = total.saturating_sub(DMA_ACCESS_SIZE) as u64;
+                    d.data_at = Some(DMA_ACCESS_SIZE);
                 }
             }
         }
@@ -303,16 +324,16 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
             }
         }
         (Some(Command::DeviceFeature), _) if !(reply && payload.is_empty()) => {
-            problem = short("DEVICE_FEATURE payload", 8);
+            problem = short("DEVICE_FEATURE payload", FEATURE_HEADER);
             if problem.is_none() {
                 let flags = u32f(4).unwrap_or(0);
                 let feature = (flags & 0xffff) as u16;
                 let name = match feature {
-                    1 => "MIGRATION".to_string(),
-                    2 => "MIG_DEVICE_STATE".to_string(),
-                    6 => "DMA_LOGGING_START".to_string(),
-                    7 => "DMA_LOGGING_STOP".to_string(),
-                    8 => "DMA_LOGGING_REPORT".to_string(),
+                    FEATURE_MIGRATION => "MIGRATION".to_string(),
+                    FEATURE_MIG_DEVICE_STATE => "MIG_DEVICE_STATE".to_string(),
+                    FEATURE_DMA_LOGGING_START => "DMA_LOGGING_START".to_string(),
+                    FEATURE_DMA_LOGGING_STOP => "DMA_LOGGING_STOP".to_string(),
+                    FEATURE_DMA_LOGGING_REPORT => "DMA_LOGGING_REPORT".to_string(),
                     n => format!("feature {n}"),
                 };
                 let ops: Vec<&str> = [
@@ -326,29 +347,33 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
                 .collect();
                 f.insert("feature".into(), json!(name));
                 f.insert("ops".into(), json!(ops));
-                let data = &payload[8..];
+                let data = &payload[FEATURE_HEADER..];
                 let probing = flags & FEATURE_PROBE != 0;
                 let set = flags & FEATURE_SET != 0;
                 // The state is in a SET request and in a GET reply.
                 let state_here = (set && !reply) || (!set && reply);
-                if feature == 2 && !probing && state_here {
+                if feature == FEATURE_MIG_DEVICE_STATE && !probing && state_here {
                     if let Some(s) = u32_at(data, 0) {
                         let state = MigState::from_u32(s)
                             .map_or(format!("state {s}"), |m| format!("{m:?}"));
                         f.insert("state".into(), json!(state));
                     }
                 }
-                if feature == 1 && reply && !probing {
+                if feature == FEATURE_MIGRATION && reply && !probing {
                     if let Some(bits) = u64_at(data, 0) {
-                        let names: Vec<&str> = [(1u64, "stopCopy"), (2, "p2p"), (4, "preCopy")]
-                            .into_iter()
-                            .filter(|(b, _)| bits & b != 0)
-                            .map(|(_, n)| n)
-                            .collect();
+                        let names: Vec<&str> = [
+                            (MIGRATION_STOP_COPY, "stopCopy"),
+                            (MIGRATION_P2P, "p2p"),
+                            (MIGRATION_PRE_COPY, "preCopy"),
+                        ]
+                        .into_iter()
+                        .filter(|(b, _)| bits & b != 0)
+                        .map(|(_, n)| n)
+                        .collect();
                         f.insert("migration".into(), json!(names));
                     }
                 }
-                if feature == 8 && !reply {
+                if feature == FEATURE_DMA_LOGGING_REPORT && !reply {
                     f.insert("iova".into(), hex(u64_at(data, 0).unwrap_or(0)));
                     f.insert("length".into(), hex(u64_at(data, 8).unwrap_or(0)));
                     f.insert("pageSize".into(), json!(u64_at(data, 16)));
@@ -358,7 +383,7 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
         (Some(Command::MigDataRead | Command::MigDataWrite), _)
             if !(reply && payload.is_empty()) =>
         {
-            problem = short("MIG_DATA payload", 8);
+            problem = short("MIG_DATA payload", MIG_DATA_HEADER);
             if problem.is_none() {
                 f.insert("argsz".into(), json!(u32f(0)));
                 f.insert("size".into(), json!(u32f(4)));
@@ -367,10 +392,11 @@ fn describe_payload(header: &Header, payload: &[u8]) -> Description {
                 if carries {
                     // The data is `size` bytes; a libvfio-user reply pads past it.
                     let size = u64::from(u32f(4).unwrap_or(0));
-                    d.data_len = size.min((total - 8) as u64);
-                    d.data_at = Some(8);
-                    if (total - 8) as u64 > size {
-                        f.insert("padding".into(), json!((total - 8) as u64 - size));
+                    let sent = total.saturating_sub(MIG_DATA_HEADER) as u64;
+                    d.data_len = size.min(sent);
+                    d.data_at = Some(MIG_DATA_HEADER);
+                    if sent > size {
+                        f.insert("padding".into(), json!(sent - size));
                     }
                 }
             }
@@ -408,6 +434,14 @@ mod tests {
         v.extend_from_slice(b"{\"capabilities\":{\"max_msg_fds\":8}}\0");
         let d = describe(&request(Command::Version, &v), &v);
         assert_eq!(d.fields["json"]["capabilities"]["max_msg_fds"], json!(8));
+        // Only the first bytes of a long VERSION kept (the tap's prefix): cut off, not broken.
+        let h = request(Command::Version, &v);
+        let d = describe(&h, &v[..12]);
+        assert_eq!(
+            (d.undecodable, d.fields["jsonBytes"].clone()),
+            (None, json!(v.len() - 4))
+        );
+        assert!(describe(&h, &v[..v.len() - 3]).undecodable.is_none());
         // A state change, a padded MIG_DATA_READ reply.
         let mut f = crate::feature::feature_request(
             2,
