@@ -182,18 +182,11 @@ impl Client {
             return Ok(());
         }
         let join = Join::new((), maps.len(), done);
-        for (i, map) in maps.iter().enumerate() {
+        Join::send_parts(&join, maps.len(), |k| {
             let j = join.clone();
             let part = Box::new(move |r: Result<Reply, Error>| Join::settle(&j, |_| r.map(drop)));
-            if let Err(e) = self.dma_map_callback(map, part) {
-                if i == 0 {
-                    return Err(e);
-                }
-                Join::abandon(&join, maps.len() - i, e);
-                return Ok(());
-            }
-        }
-        Ok(())
+            self.dma_map_callback(&maps[k], part)
+        })
     }
 
     /// Checks that [iova, iova + size) is exactly an earlier map; returns its generation.

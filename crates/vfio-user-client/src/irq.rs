@@ -183,7 +183,8 @@ impl Client {
                 done(r.and_then(|last| last.ok_or_else(|| Error::proto("no reply to SET_IRQS"))))
             }),
         );
-        for (k, (at, n)) in chunks.iter().enumerate() {
+        let sent = Join::send_parts(&join, chunks.len(), |k| {
+            let (at, n) = &chunks[k];
             let payload = set_irqs_request(
                 IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
                 index,
@@ -210,14 +211,12 @@ impl Client {
             let on_reply = Box::new(move |r: Result<Reply, Error>| {
                 Join::settle(&j, |last| r.map(|reply| *last = Some(reply)));
             });
-            if let Err(e) = self.send_callback(set_irqs(&payload, &fds, timeout), on_reply) {
-                if k == 0 {
-                    self.drop_irq_group(group);
-                    return Err(e);
-                }
-                Join::abandon(&join, chunks.len() - k, e);
-                break;
-            }
+            self.send_callback(set_irqs(&payload, &fds, timeout), on_reply)
+        });
+        if let Err(e) = sent {
+            // Nothing was sent: the group goes as if never enabled.
+            self.drop_irq_group(group);
+            return Err(e);
         }
         Ok(Enabled { group, fds: raw })
     }

@@ -63,6 +63,27 @@ impl<T: Default> Join<T> {
         }
     }
 
+    /// Sends the `parts` parts of `this` in order, `send(k)` sending part `k` (with a clone
+    /// of `this` in its completion). If the first cannot be sent, nothing was: its error is
+    /// returned and `done` is never called. If a later one cannot, none after it is sent, and
+    /// the parts that were settle the call with that error.
+    pub fn send_parts(
+        this: &Mutex<Self>,
+        parts: usize,
+        mut send: impl FnMut(usize) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        for k in 0..parts {
+            if let Err(e) = send(k) {
+                if k == 0 {
+                    return Err(e);
+                }
+                Self::abandon(this, parts - k, e);
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Option<(JoinDone<T>, Result<T, Error>)> {
         if self.left > 0 {
             return None;

@@ -239,8 +239,8 @@ impl Client {
             pieces.len(),
             Box::new(move |r: Result<Vec<u8>, Error>| done(r.map(ReadData::whole))),
         );
-        for (i, p) in pieces.iter().enumerate() {
-            let sent = build(*p).and_then(|piece| {
+        Join::send_parts(&join, pieces.len(), |k| {
+            build(pieces[k]).and_then(|piece| {
                 let PieceRequest {
                     payload,
                     timeout,
@@ -255,16 +255,8 @@ impl Client {
                 });
                 let request = self.request(command, &payload, timeout);
                 self.send_callback_into(request, target, on_reply)
-            });
-            if let Err(e) = sent {
-                if i == 0 {
-                    return Err(e);
-                }
-                Join::abandon(&join, pieces.len() - i, e);
-                return Ok(());
-            }
-        }
-        Ok(())
+            })
+        })
     }
 
     /// Reads `into.len()` bytes at `offset` of region `index` straight into `into`, blocking.
