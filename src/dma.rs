@@ -149,21 +149,37 @@ impl NativeClient {
         memory: &NativeDmaMemory,
         f: impl FnOnce(&vfio_user_client::Client, &DmaMap<'_>) -> std::result::Result<R, Error>,
     ) -> std::result::Result<R, Error> {
-        let offset = u64_of(&args.offset);
         let mem = &memory.mapping()?;
         mem.with_fd(|fd| {
-            let map = DmaMap {
-                iova: u64_of(&args.iova),
-                size: u64_of(&args.size),
-                read: args.read,
-                write: args.write,
-                // The fd's offset: where the memory starts in its file, plus the range's.
-                fd: Some((fd, mem.file_offset() + offset)),
-                local: Some(mem.from_offset(offset as usize)),
-                timeout: convert::timeout(args.timeout_ms),
-            };
+            let map = dma_map(
+                mem,
+                fd,
+                [u64_of(&args.iova), u64_of(&args.size), u64_of(&args.offset)],
+                (args.read, args.write),
+                args.timeout_ms,
+            );
             self.live(|c| f(c, &map))
         })?
+    }
+}
+
+/// The DMA_MAP of `[iova, size, offset]` of `mem` (whose fd is `fd`).
+fn dma_map<'a>(
+    mem: &Arc<DmaMemory>,
+    fd: std::os::fd::BorrowedFd<'a>,
+    [iova, size, offset]: [u64; 3],
+    (read, write): (bool, bool),
+    timeout_ms: Option<u32>,
+) -> DmaMap<'a> {
+    let (fd, local) = mem.range(fd, offset);
+    DmaMap {
+        iova,
+        size,
+        read,
+        write,
+        fd: Some(fd),
+        local: Some(local),
+        timeout: convert::timeout(timeout_ms),
     }
 }
 
@@ -210,15 +226,9 @@ impl NativeClient {
                 let maps: Vec<DmaMap<'_>> = ranges
                     .chunks_exact(3)
                     .zip(access.iter())
-                    .map(|(r, a)| DmaMap {
-                        iova: r[0],
-                        size: r[1],
-                        read: a & 1 != 0,
-                        write: a & 2 != 0,
-                        // The fd's offset: where the memory starts in its file, plus the range's.
-                        fd: Some((fd, mem.file_offset() + r[2])),
-                        local: Some(mem.from_offset(r[2] as usize)),
-                        timeout: convert::timeout(timeout_ms),
+                    .map(|(r, a)| {
+                        let access = (a & 1 != 0, a & 2 != 0);
+                        dma_map(&mem, fd, [r[0], r[1], r[2]], access, timeout_ms)
                     })
                     .collect();
                 self.live(|c| c.dma_map_many_callback(&maps, done))

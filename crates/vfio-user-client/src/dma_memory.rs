@@ -127,12 +127,6 @@ impl DmaMemory {
         })
     }
 
-    /// Where the mapping starts in the fd's file: a DMA_MAP of this memory at `o` sends the
-    /// fd with offset `file_offset() + o`.
-    pub fn file_offset(&self) -> u64 {
-        self.file_offset
-    }
-
     /// Runs `f` with the fd, or fails with EBADF once it has been closed.
     pub fn with_fd<R>(&self, f: impl FnOnce(BorrowedFd<'_>) -> R) -> Result<R, Error> {
         let fd = self.fd.lock().unwrap_or_else(|p| p.into_inner());
@@ -155,6 +149,18 @@ impl DmaMemory {
     }
 
     /// The memory from `offset` on, as DMA_READ/DMA_WRITE serving sees it.
+    /// Where the range at `offset` of this memory is, for a [`crate::DmaMap`] of it: `fd` (the
+    /// memory's, from [`DmaMemory::with_fd`]) at the range's offset in the file, for the
+    /// server, and the memory itself from `offset`, to serve its DMA requests from.
+    pub fn range<'a>(
+        self: &Arc<Self>,
+        fd: BorrowedFd<'a>,
+        offset: u64,
+    ) -> ((BorrowedFd<'a>, u64), Arc<dyn LocalMemory>) {
+        let local = self.from_offset(usize::try_from(offset).unwrap_or(usize::MAX));
+        ((fd, self.file_offset.saturating_add(offset)), local)
+    }
+
     pub fn from_offset(self: &Arc<Self>, offset: usize) -> Arc<dyn LocalMemory> {
         Arc::new(Slice {
             memory: self.clone(),
