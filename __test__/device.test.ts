@@ -18,7 +18,7 @@ import { constants, tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AbortError, Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
-import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
+import { startMigrationDevice, startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { refusedArg, rejection } from './rejection'
 import { openFds } from './session'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
@@ -437,5 +437,12 @@ describe('connect({ fd })', () => {
     expect((await rejection(connect({ fd: 999_999 }))).code).toBe('EBADF')
     await refusedArg(() => connect({ fd: -1 }), RangeError)
     await refusedArg(() => connect(null as unknown as string), TypeError)
+  })
+})
+
+describe('the testing helpers', () => {
+  it('reject, never throw, on bad arguments', async () => {
+    await refusedArg(() => startMigrationDevice({ stateMib: -1 }), RangeError, /stateMib/)
+    await refusedArg(() => startScriptedPeer(7 as unknown as string), TypeError, /scenario/)
   })
 })

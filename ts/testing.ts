@@ -3,7 +3,7 @@ import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
-import { invalidArg, outOfRange } from './args'
+import { invalidArg, outOfRange, rejecting } from './args'
 import { platformPackage } from './platform'
 
 /** A running server process: the test device (rust-vmm's vfio_user Server) or the scripted peer. */
@@ -87,7 +87,7 @@ export function testDeviceBinary(): string {
  * - DEVICE_RESET clears BAR0 and BAR2 and restores config space.
  */
 export function startTestDevice(options: TestDeviceOptions = {}): Promise<TestDevice> {
-  return startListening(options.binary ?? testDeviceBinary(), [], options.startTimeoutMs)
+  return rejecting(() => startListening(options.binary ?? testDeviceBinary(), [], options.startTimeoutMs))
 }
 
 /**
@@ -119,6 +119,10 @@ export interface MigrationDeviceOptions extends TestDeviceOptions {
  * `crates/test-device/src/bin/migration_device/regions.rs`.
  */
 export function startMigrationDevice(options: MigrationDeviceOptions = {}): Promise<TestDevice> {
+  return rejecting(() => startMigration(options))
+}
+
+function startMigration(options: MigrationDeviceOptions): Promise<TestDevice> {
   const { stateMib = 1, writeMultiple = true, padReads = false } = options
   if (!Number.isInteger(stateMib) || stateMib < 0 || stateMib > 4096)
     throw outOfRange(`stateMib must be an integer from 0 to 4096, got ${stateMib}`)
@@ -137,9 +141,11 @@ export function startMigrationDevice(options: MigrationDeviceOptions = {}): Prom
  * scenario to every client that connects, until closed. The scenarios are listed in `crates/test-device/src/bin/scripted_peer.rs`.
  */
 export function startScriptedPeer(scenario: string, options: TestDeviceOptions = {}): Promise<TestDevice> {
-  if (typeof scenario !== 'string') throw invalidArg('scenario must be a string')
-  const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER', false)
-  return startListening(binary, [scenario], options.startTimeoutMs)
+  return rejecting(() => {
+    if (typeof scenario !== 'string') throw invalidArg('scenario must be a string')
+    const binary = options.binary ?? findBinary('vfio-user-scripted-peer', 'VFIO_USER_SCRIPTED_PEER', false)
+    return startListening(binary, [scenario], options.startTimeoutMs)
+  })
 }
 
 /** How long `close()` waits after SIGTERM before SIGKILL. */
