@@ -58,7 +58,7 @@ pub use region_map::RegionMapping;
 pub use shared::DmaHook;
 pub use socket::{adopt_unix_stream, connect_unix, MAX_RECV_FDS};
 pub use state::Stats;
-pub use tap::{Sender, Tap, TapEvent, TapRecord, TapSink, RELAY_BUFFER};
+pub use tap::{Sender, Tap, TapEvent, TapRecord, TapSink, MAX_TAP_SESSIONS, RELAY_BUFFER};
 pub use target::{ReadCancel, ReadInto};
 pub use ticket::Ticket;
 pub use vfio_user_proto as proto;

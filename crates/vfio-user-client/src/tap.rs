@@ -21,7 +21,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -91,7 +91,12 @@ pub enum TapEvent {
     Record(Box<TapRecord>),
 }
 
-/// Where a tap's events go; called on the relay threads, so it must not block.
+/// Sessions a tap keeps open at once by default: two relay threads each.
+pub const MAX_TAP_SESSIONS: usize = 256;
+
+/// Where a tap's events go; called on the accept and relay threads. It may block to slow a
+/// flooding peer down (the binding's sink does, once JavaScript has thousands of lines to
+/// take): the session waits, nothing is dropped.
 pub type TapSink = Arc<dyn Fn(TapEvent) + Send + Sync>;
 
 /// A running tap. Dropping it (or [`Tap::close`]) ends every session and stops listening.
@@ -110,6 +115,8 @@ struct TapShared {
     observed: AtomicBool,
     closing: AtomicBool,
     next: AtomicU64,
+    /// Sessions open at most ([`MAX_TAP_SESSIONS`] unless [`Tap::set_max_sessions`]).
+    max_sessions: AtomicUsize,
     sessions: Mutex<HashMap<u64, Session>>,
     /// The threads of sessions that have ended, for `close` to join (so that no report can
     /// follow it); pruned of those already finished as sessions end.
@@ -143,6 +150,7 @@ impl Tap {
             observed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             next: AtomicU64::new(1),
+            max_sessions: AtomicUsize::new(MAX_TAP_SESSIONS),
             sessions: Mutex::new(HashMap::new()),
             finished: Mutex::new(Vec::new()),
         });
@@ -164,6 +172,12 @@ impl Tap {
     /// Describe messages to the sink (true) or only relay them (false, the default).
     pub fn observe(&self, on: bool) {
         self.shared.observed.store(on, Ordering::Relaxed);
+    }
+
+    /// Sessions open at most from now on; a client past them is closed (and reported
+    /// `Refused`) until one ends.
+    pub fn set_max_sessions(&self, n: usize) {
+        self.shared.max_sessions.store(n, Ordering::Relaxed);
     }
 
     /// Sessions open now.
@@ -234,6 +248,16 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<TapShared>) {
         };
         if shared.closing.load(Ordering::SeqCst) {
             return;
+        }
+        let open = lock(&shared.sessions).len();
+        let max = shared.max_sessions.load(Ordering::Relaxed);
+        if open >= max {
+            // Each session is two threads and their buffers: a client that keeps connecting
+            // must not exhaust them. It is closed, as when the server cannot be reached.
+            drop(client);
+            let reason = format!("{open} sessions are open, the most the tap takes");
+            (shared.sink)(TapEvent::Refused { reason });
+            continue;
         }
         start_session(shared, client);
     }

@@ -316,3 +316,40 @@ fn the_servers_eof_reaches_the_client_after_what_it_sent() {
     drop(c);
     assert_eq!(closed(&s), None);
 }
+
+#[test]
+fn clients_past_the_most_sessions_are_closed_until_one_ends() {
+    let _serial = serial();
+    let s = setup(16);
+    s.tap.set_max_sessions(2);
+    let (a, a_server) = session(&s);
+    let (_b, _b_server) = session(&s);
+    // The third is closed at once, reported refused; the server never sees it.
+    let mut c = UnixStream::connect(&s.listen).unwrap();
+    // Bounded: a client given a session would wait here for bytes that never come.
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(c.read(&mut buf).unwrap(), 0);
+    loop {
+        match s
+            .events
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a tap event")
+        {
+            TapEvent::Refused { reason } => {
+                assert!(reason.contains("2 sessions are open"), "{reason}");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(s.tap.sessions(), 2);
+    // Once one ends (both sides gone), a new client gets a session again.
+    drop((a, a_server));
+    assert_eq!(closed(&s), None);
+    let (mut d, mut d_server) = session(&s);
+    d.write_all(b"relayed").unwrap();
+    let mut got = [0u8; 7];
+    d_server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"relayed");
+}
