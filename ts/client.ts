@@ -973,7 +973,9 @@ export interface ConnectedSocket {
   /**
    * Its file descriptor: an AF_UNIX stream socket, connected (QEMU's `socket.fd=`, socket
    * activation, a socketpair you made). It stays yours: the client works on a duplicate, so
-   * close yours when you no longer need it.
+   * close yours when you no longer need it, and stop using it: the duplicate shares the
+   * socket (and its status flags), which the client makes blocking, and every byte read
+   * through yours is lost to the client.
    */
   fd: number
 }

@@ -47,7 +47,9 @@ export interface PciConfig {
 export interface PciBar {
   /** Its index (a 64-bit BAR also uses the register after it). */
   index: number
+  /** An I/O BAR, or memory decoded with 32 or 64 address bits. */
   kind: 'io' | 'memory32' | 'memory64'
+  /** Memory the device lets the CPU prefetch from (reads have no side effects). */
   prefetchable: boolean
   /** The address programmed in it (0 until the guest or firmware assigns one). */
   address: bigint
@@ -57,6 +59,7 @@ export interface PciBar {
 export interface PciMsi {
   /** Offset in config space. */
   offset: number
+  /** MSI is enabled. */
   enabled: boolean
   /** Vectors the function can request (1 to 32). */
   vectors: number
@@ -64,6 +67,7 @@ export interface PciMsi {
   enabledVectors: number
   /** 64-bit message addresses. */
   address64: boolean
+  /** Each vector can be masked on its own. */
   perVectorMasking: boolean
 }
 
@@ -71,15 +75,19 @@ export interface PciMsi {
 export interface PciMsix {
   /** Offset in config space. */
   offset: number
+  /** MSI-X is enabled. */
   enabled: boolean
+  /** Every vector is masked (the function mask bit). */
   functionMask: boolean
   /** Vectors in the table (1 to 2048). */
   tableSize: number
   /** The BAR (region index) holding the table. */
   tableBir: number
+  /** Where the table starts in that BAR. */
   tableOffset: number
   /** The BAR (region index) holding the pending-bit array. */
   pbaBir: number
+  /** Where the pending-bit array starts in that BAR. */
   pbaOffset: number
 }
 

@@ -60,13 +60,19 @@ export type TapRecord = TapMessage | TapSession | TapRefused
 
 /** The events of a {@link Tap} and their arguments. */
 export interface TapEvents {
+  /** A message passed, decoded (only while someone listens for these). */
   message: [message: TapMessage]
+  /** A client connected and the tap connected it to the server. */
   open: [event: TapSession]
+  /** A session ended (both sockets closed), with why when it failed. */
   close: [event: TapSession]
+  /** A client was closed without a session: the server could not be reached, or too many are open. */
   refused: [event: TapRefused]
   /** The tap was closed. */
   end: []
+  /** EventEmitter's own: a listener is being added. */
   newListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
+  /** EventEmitter's own: a listener was removed. */
   removeListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
 }
 
