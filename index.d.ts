@@ -129,13 +129,13 @@ export declare class NativeClient {
    * Reads `into.length` bytes of region `index` at offset (hi, lo) straight into `into`,
    * blocking. False on failure (see `take_error`).
    */
-  regionReadIntoSync(index: number, offsetHi: number, offsetLo: number, into: Buffer, timeoutMs?: number | undefined | null): boolean
+  regionReadIntoSync(index: number, offsetHi: number, offsetLo: number, into: Buffer, shrinkable: boolean, timeoutMs?: number | undefined | null): boolean
   /**
    * Reads like `region_read_into_sync`; an empty reply event with `token` follows once
    * nothing writes `into` any more (ts/ keeps it reachable until then). Returns an error if
    * nothing was sent (then no event follows).
    */
-  regionReadInto(token: number, index: number, offsetHi: number, offsetLo: number, into: Buffer, timeoutMs?: number | undefined | null): NativeError | null
+  regionReadInto(token: number, index: number, offsetHi: number, offsetLo: number, into: Buffer, shrinkable: boolean, timeoutMs?: number | undefined | null): NativeError | null
   /**
    * Stops the read into memory with `token` from writing into it (an abort): once this
    * returns nothing lands there again; its event still follows. A settled read: nothing.
@@ -165,39 +165,60 @@ export declare class NativeClient {
 
 /**
  * DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `array_buffer()`
- * gives JS its one view of the mapping. `close` detaches that view (every Buffer over it then
- * reads as empty) and lets go of the mapping, which is unmapped at once unless a DMA map
- * still uses it (then with the last such map). Without `close`, the mapping lives until this
- * object, its view and every map using it are gone.
+ * gives JS views of the mapping (windows, each at most one ArrayBuffer long). `close` lets go
+ * of the mapping once ts/ has detached every view (every Buffer over them then reads as
+ * empty): it is unmapped at once unless a DMA map still uses it (then with the last such
+ * map). Without `close`, the mapping lives until this object, its views and every map using
+ * it are gone.
  */
 export declare class NativeDmaMemory {
   /** The memfd while it is open (borrowed: close it with `close`), else null. */
   get fd(): number | null
+  /** Its size in bytes (0 once closed). */
+  get size(): number
   /**
-   * An ArrayBuffer over the mapping (external, detachable; no copy: reads and writes are
-   * the device's view). Call once: `close` detaches only the ArrayBuffer it is given.
+   * Whether its file may shrink under the mapping (a caller's fd mapped with
+   * `allowShrinkable`).
    */
-  arrayBuffer(): ArrayBuffer
+  get shrinkable(): boolean
   /**
-   * Detaches `view` (the ArrayBuffer from `array_buffer`), closes the fd and lets go of the
-   * mapping: unmapped now, or with the last DMA map that still uses it. Idempotent.
+   * An ArrayBuffer over `length` bytes of the mapping from `offset` (external, detachable;
+   * no copy: reads and writes are the device's view). ts/ checks the range and the length
+   * against `buffer.constants.MAX_LENGTH`, and detaches every view with `detach` before
+   * `close`.
    */
-  close(view: unknown): void
+  arrayBuffer(offset: number, length: number): ArrayBuffer
+  /**
+   * Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
+   * empty from now on.
+   */
+  detach(view: unknown): void
+  /**
+   * Closes the fd and lets go of the mapping: unmapped now, or with the last DMA map that
+   * still uses it. Every view must have been detached first. Idempotent.
+   */
+  close(): void
 }
 
 /**
- * A region's memory mapped from its fd. `array_buffer` gives JS its one view; `unmap`
- * detaches that view (every Buffer over it then reads as empty) before unmapping, so JS can
- * never reach unmapped memory.
+ * A region's memory mapped from its fd. `array_buffer` gives JS views of it (windows, each at
+ * most one ArrayBuffer long); `unmap` comes after ts/ has detached every view (every Buffer
+ * over them then reads as empty), so JS can never reach unmapped memory.
  */
 export declare class NativeRegionMapping {
   /**
-   * An ArrayBuffer over the mapping (external, detachable). Call once: `unmap` detaches
-   * only the ArrayBuffer it is given.
+   * An ArrayBuffer over `length` bytes of the mapping from `offset` (external, detachable).
+   * ts/ checks the range and the length against `buffer.constants.MAX_LENGTH`, and detaches
+   * every view with `detach` before `unmap`.
    */
-  arrayBuffer(): ArrayBuffer
-  /** Detaches `view` (the ArrayBuffer from `array_buffer`) and unmaps. Idempotent. */
-  unmap(view: unknown): void
+  arrayBuffer(offset: number, length: number): ArrayBuffer
+  /**
+   * Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
+   * empty from now on.
+   */
+  detach(view: unknown): void
+  /** Unmaps, once every view has been detached. Idempotent. */
+  unmap(): void
 }
 
 /** A running tap. */
@@ -271,8 +292,11 @@ export declare function deviceInfoRequest(): Buffer
 /** The MIG_DEVICE_STATE data for `state`. */
 export declare function deviceStateData(state: number): Buffer
 
-/** `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`). */
-export declare function dmaMemoryFromFd(fd: number, offset: bigint, size: number): NativeDmaMemory | NativeError
+/**
+ * `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`); a
+ * file that may shrink only with `allow_shrinkable`.
+ */
+export declare function dmaMemoryFromFd(fd: number, offset: bigint, size: number, allowShrinkable: boolean): NativeDmaMemory | NativeError
 
 /** The data of a DEVICE_FEATURE reply to a request with `flags`. */
 export declare function featureReplyData(payload: Buffer, flags: number): Buffer | NativeError
@@ -294,8 +318,11 @@ export declare function loggingStartData(pageSize: bigint, ranges: Array<bigint>
 /** The page size a DMA_LOGGING_START reply's data settled on. */
 export declare function loggingStartPageSize(data: Buffer): bigint | NativeError
 
-/** Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). */
-export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean): NativeRegionMapping | NativeError
+/**
+ * Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). A
+ * regular file must hold them, and be sealed against shrinking unless `allow_shrinkable`.
+ */
+export declare function mapRegion(fd: number, offset: bigint, size: bigint, writable: boolean, allowShrinkable: boolean): NativeRegionMapping | NativeError
 
 /**
  * Where the data of a MIG_DATA_READ reply to a request for `asked` bytes lies in its

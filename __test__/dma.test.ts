@@ -231,8 +231,13 @@ describe('DMA memory the VMM already has, and huge pages', () => {
     try {
       ftruncateSync(fd, 4 * PAGE)
       writeSync(fd, 'guest ram', PAGE)
+      // A plain file can be shrunk by the server it is given to: refused unless accepted.
+      expect(() => dmaMemoryFromFd(fd, { offset: PAGE, size: 2 * PAGE })).toThrow(
+        expect.objectContaining({ code: 'EPERM', errno: -1 }),
+      )
       // Pages 1 and 2 of the file: its byte 4096 is the memory's byte 0.
-      using memory = dmaMemoryFromFd(fd, { offset: PAGE, size: 2 * PAGE })
+      using memory = dmaMemoryFromFd(fd, { offset: PAGE, size: 2 * PAGE, allowShrinkable: true })
+      expect(memory.shrinkable).toBe(true)
       expect(memory.buffer.toString('utf8', 0, 9)).toBe('guest ram')
       memory.buffer.write('from js', 100)
       const back = Buffer.alloc(7)
@@ -248,12 +253,14 @@ describe('DMA memory the VMM already has, and huge pages', () => {
       expect(memory.buffer.toString('utf8', PAGE, PAGE + 9)).toBe('guest ram')
       await session.client.dmaUnmap({ iova: 0x40_0000n, size: 2 * PAGE })
       // Refused: an offset that is not page-aligned, a file opened read-only.
-      expect(() => dmaMemoryFromFd(fd, { offset: 100, size: PAGE })).toThrow(
+      expect(() => dmaMemoryFromFd(fd, { offset: 100, size: PAGE, allowShrinkable: true })).toThrow(
         expect.objectContaining({ code: 'EINVAL' }),
       )
       const readOnly = openSync(path, 'r')
       try {
-        expect(() => dmaMemoryFromFd(readOnly, { size: PAGE })).toThrow(expect.objectContaining({ code: 'EACCES' }))
+        expect(() => dmaMemoryFromFd(readOnly, { size: PAGE, allowShrinkable: true })).toThrow(
+          expect.objectContaining({ code: 'EACCES' }),
+        )
       } finally {
         closeSync(readOnly)
       }

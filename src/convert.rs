@@ -100,7 +100,10 @@ impl ToNapiValue for Payload {
             if status == sys::Status::napi_ok {
                 return Ok(out);
             }
-            // External buffers refused (some embedders forbid them): copy instead.
+            // External buffers refused (some embedders forbid them, which napi says before it
+            // takes the finalizer): copy instead. The other refusal, a length past
+            // buffer.constants.MAX_LENGTH, after which Node runs the finalizer itself, cannot
+            // happen: payloads are bounded by the negotiated message size, far below it.
             // SAFETY: napi did not take `owned`; it is ours again.
             let buf = unsafe { Box::from_raw(owned) };
             // SAFETY: as below.
@@ -224,26 +227,4 @@ pub struct NativeVersionResult {
 /// A timeout in ms from JS (checked there) as a Duration.
 pub fn timeout(ms: Option<u32>) -> Option<std::time::Duration> {
     ms.map(|ms| std::time::Duration::from_millis(u64::from(ms)))
-}
-
-/// Detaches `view`, an external ArrayBuffer over memory about to be unmapped, so that no
-/// Buffer over it can reach that memory again (every view then reads as empty). A view
-/// already detached is fine; `what` names the memory in the error for one that cannot be.
-pub fn detach_array_buffer(
-    env: napi::Env,
-    view: &napi::bindgen_prelude::Unknown,
-    what: &str,
-) -> napi::Result<()> {
-    use napi::JsValue;
-    // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
-    // allowed, and a detached one stays detached.
-    let status = unsafe { sys::napi_detach_arraybuffer(env.raw(), view.raw()) };
-    if status != sys::Status::napi_ok && status != sys::Status::napi_detachable_arraybuffer_expected
-    {
-        return Err(napi::Error::new(
-            napi::Status::GenericFailure,
-            format!("cannot detach {what}'s ArrayBuffer; it stays mapped"),
-        ));
-    }
-    Ok(())
 }

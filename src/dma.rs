@@ -4,19 +4,20 @@
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError, Payload};
 use crate::event::Event;
+use crate::view;
 use napi::bindgen_prelude::{BigInt, BigUint64ArraySlice, BufferSlice, Either, Uint8ArraySlice};
-use napi::{sys, Env, Result, Status};
+use napi::{Env, Result, Status};
 use napi_derive::napi;
 use nix::errno::Errno;
-use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use vfio_user_client::{DmaMap, DmaMemory, Error};
 
 /// DMA memory: a memfd mapped into this process. Its fd goes with DMA_MAP; `array_buffer()`
-/// gives JS its one view of the mapping. `close` detaches that view (every Buffer over it then
-/// reads as empty) and lets go of the mapping, which is unmapped at once unless a DMA map
-/// still uses it (then with the last such map). Without `close`, the mapping lives until this
-/// object, its view and every map using it are gone.
+/// gives JS views of the mapping (windows, each at most one ArrayBuffer long). `close` lets go
+/// of the mapping once ts/ has detached every view (every Buffer over them then reads as
+/// empty): it is unmapped at once unless a DMA map still uses it (then with the last such
+/// map). Without `close`, the mapping lives until this object, its views and every map using
+/// it are gone.
 #[napi]
 pub struct NativeDmaMemory {
     memory: Arc<Slot>,
@@ -31,17 +32,25 @@ pub fn allocate_dma_memory(size: f64, huge: bool) -> Either<NativeDmaMemory, Nat
     wrap_memory(DmaMemory::allocate_with(size as usize, huge))
 }
 
-/// `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`).
+/// `size` bytes of the caller's `fd` from `offset`, mapped shared (the caller keeps `fd`); a
+/// file that may shrink only with `allow_shrinkable`.
 #[napi]
 pub fn dma_memory_from_fd(
     fd: i32,
     offset: BigInt,
     size: f64,
+    allow_shrinkable: bool,
 ) -> Either<NativeDmaMemory, NativeError> {
     // SAFETY: ts/ checked it is a non-negative integer; it is only borrowed during this call
     // (duplicated), and a number that is not an open fd fails with EBADF.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    wrap_memory(DmaMemory::from_fd(borrowed, u64_of(&offset), size as usize))
+    let offset = u64_of(&offset);
+    wrap_memory(DmaMemory::from_fd(
+        borrowed,
+        offset,
+        size as usize,
+        allow_shrinkable,
+    ))
 }
 
 fn wrap_memory(m: std::result::Result<DmaMemory, Error>) -> Either<NativeDmaMemory, NativeError> {
@@ -51,13 +60,6 @@ fn wrap_memory(m: std::result::Result<DmaMemory, Error>) -> Either<NativeDmaMemo
         }),
         Err(e) => Either::B(convert::from_error(&e)),
     }
-}
-
-/// Lets go of the mapping behind a view once V8 has collected its ArrayBuffer.
-extern "C" fn drop_view(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
-    // SAFETY: `hint` is the Arc leaked in `array_buffer` for this ArrayBuffer alone; napi
-    // calls this finalizer exactly once.
-    drop(unsafe { Arc::from_raw(hint.cast::<Slot>()) });
 }
 
 impl NativeDmaMemory {
@@ -77,50 +79,69 @@ impl NativeDmaMemory {
         self.mapping().ok().and_then(|m| m.raw_fd())
     }
 
-    /// An ArrayBuffer over the mapping (external, detachable; no copy: reads and writes are
-    /// the device's view). Call once: `close` detaches only the ArrayBuffer it is given.
+    /// Its size in bytes (0 once closed).
+    #[napi(getter)]
+    pub fn size(&self) -> f64 {
+        self.mapping().map(|m| m.len() as f64).unwrap_or(0.0)
+    }
+
+    /// Whether its file may shrink under the mapping (a caller's fd mapped with
+    /// `allowShrinkable`).
+    #[napi(getter)]
+    pub fn shrinkable(&self) -> bool {
+        self.mapping().is_ok_and(|m| m.shrinkable())
+    }
+
+    /// An ArrayBuffer over `length` bytes of the mapping from `offset` (external, detachable;
+    /// no copy: reads and writes are the device's view). ts/ checks the range and the length
+    /// against `buffer.constants.MAX_LENGTH`, and detaches every view with `detach` before
+    /// `close`.
     #[napi(ts_return_type = "ArrayBuffer")]
-    pub fn array_buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+    pub fn array_buffer(
+        &self,
+        env: Env,
+        offset: f64,
+        length: f64,
+    ) -> Result<napi::bindgen_prelude::Unknown<'_>> {
         let m = self
             .mapping()
             .map_err(|e| napi::Error::new(Status::GenericFailure, e.message))?;
-        let hold = Arc::into_raw(self.memory.clone());
-        let mut out = std::ptr::null_mut();
-        // SAFETY: the mapping is `len` bytes and stays mapped until `close` detaches this
-        // ArrayBuffer first (or, without `close`, while the slot the leaked `hold` keeps holds
-        // it); the finalizer releases `hold`. `env` is live, on its thread.
-        let status = unsafe {
-            sys::napi_create_external_arraybuffer(
-                env.raw(),
-                m.as_ptr().cast(),
-                m.len(),
-                Some(drop_view),
-                hold.cast_mut().cast(),
-                &mut out,
-            )
-        };
-        if status != sys::Status::napi_ok {
-            // SAFETY: napi did not take `hold`; it is ours again.
-            drop(unsafe { Arc::from_raw(hold) });
+        let (offset, length) = (offset as usize, length as usize);
+        if offset.checked_add(length).is_none_or(|end| end > m.len()) {
             return Err(napi::Error::new(
-                Status::GenericFailure,
-                "cannot create an ArrayBuffer over DMA memory (external buffers refused)",
+                Status::InvalidArg,
+                format!("{length} bytes at {offset} pass the end of the DMA memory"),
             ));
         }
-        // SAFETY: `out` is a live value of this env.
-        Ok(unsafe { napi::bindgen_prelude::Unknown::from_raw_unchecked(env.raw(), out) })
+        // SAFETY: the range lies inside the mapping (checked above), which stays mapped until
+        // `close`, which comes after ts/ detached this view, or, without `close`, while the
+        // slot the view holds keeps it.
+        unsafe {
+            view::external(
+                env,
+                m.as_ptr().wrapping_add(offset),
+                length,
+                self.memory.clone(),
+                "DMA memory",
+            )
+        }
     }
 
-    /// Detaches `view` (the ArrayBuffer from `array_buffer`), closes the fd and lets go of the
-    /// mapping: unmapped now, or with the last DMA map that still uses it. Idempotent.
+    /// Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
+    /// empty from now on.
     #[napi]
-    pub fn close(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        convert::detach_array_buffer(env, &view, "the DMA memory")?;
+    pub fn detach(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
+        view::detach(env, &view, "the DMA memory")
+    }
+
+    /// Closes the fd and lets go of the mapping: unmapped now, or with the last DMA map that
+    /// still uses it. Every view must have been detached first. Idempotent.
+    #[napi]
+    pub fn close(&self) {
         let m = self.memory.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(m) = m {
             m.close_fd();
         }
-        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ mod migration;
 mod pci;
 mod region;
 mod tap;
+mod view;
 
 use convert::{NativeCapabilitiesResult, NativeError};
 use napi_derive::napi;

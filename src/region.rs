@@ -5,10 +5,10 @@
 use crate::client::NativeClient;
 use crate::convert::{self, NativeError, Payload};
 use crate::event::Event;
+use crate::view;
 use napi::bindgen_prelude::{BigInt, Buffer, BufferSlice, Either};
-use napi::{sys, Env, Result, Status};
+use napi::{Env, Result, Status};
 use napi_derive::napi;
-use std::ffi::c_void;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use vfio_user_client::proto::{region, region_io_fds, Command};
@@ -33,12 +33,13 @@ fn settle(token: u32, r: std::result::Result<ReadData, Error>) -> Event {
     }
 }
 
-/// A Buffer's memory as the client crate's read target.
-fn read_into(mut into: BufferSlice) -> ReadInto {
+/// A Buffer's memory as the client crate's read target; `shrinkable` when it is a view of DMA
+/// memory whose file may shrink (then written only through the kernel).
+fn read_into(mut into: BufferSlice, shrinkable: bool) -> ReadInto {
     // SAFETY: an ArrayBuffer's backing store never moves; ts/ keeps the Buffer reachable
     // until the read's event is delivered (or, for a sync read, this call returns), and the
     // client crate writes it only until the read settles, which comes before either.
-    unsafe { ReadInto::new(into.as_mut_ptr(), into.len()) }
+    unsafe { ReadInto::new(into.as_mut_ptr(), into.len()) }.shrinkable(shrinkable)
 }
 
 #[napi]
@@ -75,10 +76,11 @@ impl NativeClient {
         offset_hi: u32,
         offset_lo: u32,
         into: BufferSlice,
+        shrinkable: bool,
         timeout_ms: Option<u32>,
     ) -> bool {
         let at = offset(offset_hi, offset_lo);
-        let target = read_into(into);
+        let target = read_into(into, shrinkable);
         self.keep_error(
             self.live(|c| c.region_read_into(index, at, target, convert::timeout(timeout_ms))),
         )
@@ -87,6 +89,8 @@ impl NativeClient {
     /// Reads like `region_read_into_sync`; an empty reply event with `token` follows once
     /// nothing writes `into` any more (ts/ keeps it reachable until then). Returns an error if
     /// nothing was sent (then no event follows).
+    // One argument per value napi converts; bundling them would allocate an object per read.
+    #[allow(clippy::too_many_arguments)]
     #[napi]
     pub fn region_read_into(
         &self,
@@ -95,11 +99,12 @@ impl NativeClient {
         offset_hi: u32,
         offset_lo: u32,
         into: BufferSlice,
+        shrinkable: bool,
         timeout_ms: Option<u32>,
     ) -> Option<NativeError> {
         let events = self.events.clone();
         let at = offset(offset_hi, offset_lo);
-        let target = read_into(into);
+        let target = read_into(into, shrinkable);
         // Registered before the read starts, so its completion (on any thread) always finds
         // its entry to remove.
         let cancel = ReadCancel::default();
@@ -263,26 +268,29 @@ pub fn decode_region_info(
     }
 }
 
-/// A region's memory mapped from its fd. `array_buffer` gives JS its one view; `unmap`
-/// detaches that view (every Buffer over it then reads as empty) before unmapping, so JS can
-/// never reach unmapped memory.
+/// A region's memory mapped from its fd. `array_buffer` gives JS views of it (windows, each at
+/// most one ArrayBuffer long); `unmap` comes after ts/ has detached every view (every Buffer
+/// over them then reads as empty), so JS can never reach unmapped memory.
 #[napi]
 pub struct NativeRegionMapping {
     mapping: Arc<Mutex<Option<RegionMapping>>>,
 }
 
-/// Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it).
+/// Maps `size` bytes of the region fd `fd` at `offset` (borrowed: the caller keeps it). A
+/// regular file must hold them, and be sealed against shrinking unless `allow_shrinkable`.
 #[napi]
 pub fn map_region(
     fd: i32,
     offset: BigInt,
     size: BigInt,
     writable: bool,
+    allow_shrinkable: bool,
 ) -> Either<NativeRegionMapping, NativeError> {
     // SAFETY: ts/ passes the fd a RegionInfo owns, open for the duration of this call; mmap
     // only reads it (a closed number fails with EBADF).
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    match RegionMapping::map(fd, offset.get_u64().1, size.get_u64().1, writable) {
+    let (offset, size) = (offset.get_u64().1, size.get_u64().1);
+    match RegionMapping::map(fd, offset, size, writable, allow_shrinkable) {
         Ok(m) => Either::A(NativeRegionMapping {
             mapping: Arc::new(Mutex::new(Some(m))),
         }),
@@ -290,62 +298,51 @@ pub fn map_region(
     }
 }
 
-/// Lets go of a mapping's view once V8 has collected its ArrayBuffer.
-extern "C" fn drop_mapping_view(_env: sys::napi_env, _data: *mut c_void, hint: *mut c_void) {
-    // SAFETY: `hint` is the Arc leaked in `array_buffer` for this ArrayBuffer alone; napi calls
-    // this finalizer exactly once.
-    drop(unsafe { Arc::from_raw(hint.cast::<Mutex<Option<RegionMapping>>>()) });
-}
-
 #[napi]
 impl NativeRegionMapping {
-    /// An ArrayBuffer over the mapping (external, detachable). Call once: `unmap` detaches
-    /// only the ArrayBuffer it is given.
+    /// An ArrayBuffer over `length` bytes of the mapping from `offset` (external, detachable).
+    /// ts/ checks the range and the length against `buffer.constants.MAX_LENGTH`, and detaches
+    /// every view with `detach` before `unmap`.
     #[napi(ts_return_type = "ArrayBuffer")]
-    pub fn array_buffer(&self, env: Env) -> Result<napi::bindgen_prelude::Unknown<'_>> {
-        let guard = self.mapping.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn array_buffer(
+        &self,
+        env: Env,
+        offset: f64,
+        length: f64,
+    ) -> Result<napi::bindgen_prelude::Unknown<'_>> {
+        let guard = lock(&self.mapping);
         let Some(m) = guard.as_ref() else {
             return Err(napi::Error::new(
                 Status::GenericFailure,
                 "the region is unmapped",
             ));
         };
-        let hold = Arc::into_raw(self.mapping.clone());
-        let mut out = std::ptr::null_mut();
-        // SAFETY: the mapping is `len` bytes and stays mapped until `unmap` detaches this
-        // ArrayBuffer first; the finalizer releases `hold`. `env` is live, on its thread.
-        let status = unsafe {
-            sys::napi_create_external_arraybuffer(
-                env.raw(),
-                m.as_ptr().cast(),
-                m.len(),
-                Some(drop_mapping_view),
-                hold.cast_mut().cast(),
-                &mut out,
-            )
-        };
-        drop(guard);
-        if status != sys::Status::napi_ok {
-            // SAFETY: napi did not take `hold`; it is ours again.
-            drop(unsafe { Arc::from_raw(hold) });
+        let (offset, length) = (offset as usize, length as usize);
+        if offset.checked_add(length).is_none_or(|end| end > m.len()) {
             return Err(napi::Error::new(
-                Status::GenericFailure,
-                "cannot create an ArrayBuffer over the region (external buffers refused)",
+                Status::InvalidArg,
+                format!("{length} bytes at {offset} pass the end of the mapped area"),
             ));
         }
-        // SAFETY: `out` is a live value of this env.
-        Ok(unsafe { napi::bindgen_prelude::Unknown::from_raw_unchecked(env.raw(), out) })
+        let ptr = m.as_ptr().wrapping_add(offset);
+        drop(guard);
+        // SAFETY: the range lies inside the mapping (checked above), which stays mapped until
+        // `unmap`, which comes after ts/ detached this view, or, without it, while the slot
+        // the view holds keeps it.
+        unsafe { view::external(env, ptr, length, self.mapping.clone(), "the region") }
     }
 
-    /// Detaches `view` (the ArrayBuffer from `array_buffer`) and unmaps. Idempotent.
+    /// Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
+    /// empty from now on.
     #[napi]
-    pub fn unmap(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        convert::detach_array_buffer(env, &view, "the region")?;
-        self.mapping
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        Ok(())
+    pub fn detach(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
+        view::detach(env, &view, "the region")
+    }
+
+    /// Unmaps, once every view has been detached. Idempotent.
+    #[napi]
+    pub fn unmap(&self) {
+        lock(&self.mapping).take();
     }
 }
 

@@ -49,6 +49,7 @@ import {
   native,
 } from './native'
 import {
+  type MapRegionOptions,
   mapRegion,
   type RegionInfo,
   type RegionIoFds,
@@ -659,9 +660,12 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
    * areas (or the whole region) as Buffers over device memory, so reads and writes through
    * them send no message. Unmapped by `unmap()`, `using`, or `close()`; the Buffers then read
    * as empty. While a region is mapped, posted writes are refused (QEMU's ordering rule).
-   * @throws {VfioUserError} (rejection) `'ENODEV'` when the region cannot be mmapped or no fd came.
+   * An fd that is a regular file must hold every area (else `'EINVAL'`: touching the rest
+   * would be SIGBUS), and be sealed against shrinking unless `allowShrinkable` (else `'EPERM'`).
+   * @throws {VfioUserError} (rejection) `'ENODEV'` when the region cannot be mmapped or no fd
+   *   came, `'EINVAL'`, `'EPERM'` as above.
    */
-  mapRegion(index: number, options: CallOptions = {}): Promise<RegionMap> {
+  mapRegion(index: number, options: MapRegionOptions = {}): Promise<RegionMap> {
     return rejecting(() => mapRegion(this[CHANNEL], index, options))
   }
 

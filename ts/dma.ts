@@ -4,27 +4,24 @@
 import { checkInteger, checkOffset, checkSize, checkTimeout, invalidArg, outOfRange, TWO_POW_64 } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
-import { fromNative } from './errors'
+import { fromNative, VfioUserError } from './errors'
 import { type NativeDmaMemory, native } from './native'
 import type { Reply } from './reply'
+import { MAX_WINDOW, tooLarge, Windows } from './view'
 
 /**
- * Memory to offer a device for DMA: a memfd mapped into this process. `buffer` is a view of
- * the very pages the server maps (its fd goes with DMA_MAP), so what the device writes shows
- * there and what you write the device reads. `close()` closes the fd; the memory stays valid
- * while `buffer` or a map uses it.
+ * Memory to offer a device for DMA: a memfd mapped into this process, sealed so that the
+ * server it is given to cannot shrink it. `buffer` is a view of the very pages the server maps
+ * (its fd goes with DMA_MAP), so what the device writes shows there and what you write the
+ * device reads. `close()` closes the fd; the memory stays valid while a map uses it.
  */
 export class DmaMemory {
-  /**
-   * The memory, as a Buffer over the mapping (no copy). Valid until {@link DmaMemory.close}:
-   * from then on it, and every view made of it, reads as empty (its ArrayBuffer is detached).
-   */
-  readonly buffer: Buffer
   /** Its size in bytes. */
   readonly size: number
   /** @internal */
   readonly native: NativeDmaMemory
-  readonly #view: ArrayBuffer
+  readonly #windows: Windows
+  readonly #buffer: Buffer | undefined
 
   /** Reads into its memory in flight: `close()` waits for them (native code writes there). */
   #uses = 0
@@ -33,10 +30,43 @@ export class DmaMemory {
   /** @internal Use {@link allocateDmaMemory}. */
   constructor(memory: NativeDmaMemory) {
     this.native = memory
-    this.#view = memory.arrayBuffer()
-    this.size = this.#view.byteLength
-    this.buffer = Buffer.from(this.#view)
-    owners.set(this.#view, this)
+    this.size = memory.size
+    this.#windows = new Windows(memory, this.size, 'DMA memory')
+    if (this.size <= MAX_WINDOW) this.#buffer = this.window(0, this.size)
+  }
+
+  /**
+   * The memory, as a Buffer over the mapping (no copy). Valid until {@link DmaMemory.close}:
+   * from then on it, and every view made of it, reads as empty (its ArrayBuffer is detached).
+   * @throws {RangeError} `ERR_BUFFER_TOO_LARGE` for memory larger than one Buffer holds
+   *   (`buffer.constants.MAX_LENGTH`, 4 GiB on Node 20): see it through {@link DmaMemory.window}.
+   */
+  get buffer(): Buffer {
+    if (this.#buffer === undefined) throw tooLarge('this DMA memory', this.size)
+    return this.#buffer
+  }
+
+  /**
+   * A Buffer over `length` bytes of the memory from `offset` (no copy), for memory of any
+   * size: a window is at most `buffer.constants.MAX_LENGTH` bytes. It can be mapped, or read
+   * into, as the memory itself, and reads as empty once the memory is closed.
+   * @throws {RangeError} `ERR_OUT_OF_RANGE` past the end, `ERR_BUFFER_TOO_LARGE` past one Buffer.
+   * @throws {VfioUserError} `'EBADF'` once closed.
+   */
+  window(offset: number | bigint, length: number | bigint): Buffer {
+    if (this.#closing) throw new VfioUserError('EBADF', 9, 'the DMA memory was closed')
+    const { view, offset: base } = this.#windows.make(offset, length)
+    owners.set(view, { memory: this, base })
+    return Buffer.from(view)
+  }
+
+  /**
+   * True for memory over a caller's fd that the server could shrink (mapped with
+   * `allowShrinkable`): native code copies it only through the kernel, but your own touches of
+   * pages the server cut off are SIGBUS.
+   */
+  get shrinkable(): boolean {
+    return this.native.shrinkable
   }
 
   /** @internal Native code writes into this memory until the returned function is called. */
@@ -46,7 +76,7 @@ export class DmaMemory {
     return () => {
       if (!held) return
       held = false
-      if (--this.#uses === 0 && this.#closing) this.native.close(this.#view)
+      if (--this.#uses === 0 && this.#closing) this.#release()
     }
   }
 
@@ -56,18 +86,23 @@ export class DmaMemory {
   }
 
   /**
-   * Releases the memory now, not at garbage collection: detaches {@link DmaMemory.buffer}
-   * (it reads as empty from here on), closes the fd, and unmaps the pages from this process
-   * at once, or, when a DMA map still uses them, once the last such map is unmapped (or its
-   * connection ends): until then the device may still reach them. A `regionRead` into it
-   * still in flight delays all of this until it settles. New maps of it fail with `'EBADF'`.
-   * Idempotent.
+   * Releases the memory now, not at garbage collection: detaches {@link DmaMemory.buffer} and
+   * every window (they read as empty from here on), closes the fd, and unmaps the pages from
+   * this process at once, or, when a DMA map still uses them, once the last such map is
+   * unmapped (or its connection ends): until then the device may still reach them. A
+   * `regionRead` into it still in flight delays all of this until it settles. New maps of it
+   * fail with `'EBADF'`. Idempotent.
    */
   close(): void {
     // A read into this memory still in flight is written by native code: the release waits
     // for it to settle.
     this.#closing = true
-    if (this.#uses === 0) this.native.close(this.#view)
+    if (this.#uses === 0) this.#release()
+  }
+
+  #release(): void {
+    this.#windows.detachAll()
+    this.native.close()
   }
 
   /** Same as {@link DmaMemory.close}, for `using`. */
@@ -76,11 +111,11 @@ export class DmaMemory {
   }
 }
 
-/** Each DmaMemory's ArrayBuffer, to recognise a Buffer view of one. */
-const owners = new WeakMap<ArrayBufferLike, DmaMemory>()
+/** Each DmaMemory window's ArrayBuffer, and where it starts in the memory, to recognise a view of one. */
+const owners = new WeakMap<ArrayBufferLike, { memory: DmaMemory; base: number }>()
 
-/** @internal The DmaMemory whose memory `view` is a view of, if any. */
-export function dmaMemoryOf(view: Uint8Array): DmaMemory | undefined {
+/** @internal The DmaMemory `view` is a view of, and where its ArrayBuffer starts in it. */
+export function dmaMemoryOf(view: Uint8Array): { memory: DmaMemory; base: number } | undefined {
   return owners.get(view.buffer)
 }
 
@@ -117,6 +152,15 @@ export interface DmaMemoryFromFdOptions {
   size: number | bigint
   /** Where they start in the file (page-aligned; default 0). */
   offset?: number | bigint
+  /**
+   * Map a file the server could shrink (no `F_SEAL_SHRINK`: a hugetlbfs or tmpfs file, an
+   * unsealed memfd), which is otherwise refused with `'EPERM'`. The server gets the fd with
+   * every DMA map; if it truncates the file, native code serving its DMA or reading into the
+   * memory gets EFAULT (it copies through the kernel, and the request or read fails), but
+   * your own reads and writes of the lost pages through `buffer` kill this process with
+   * SIGBUS. Only for a server you trust with that. Default false.
+   */
+  allowShrinkable?: boolean
 }
 
 /**
@@ -125,15 +169,18 @@ export interface DmaMemoryFromFdOptions {
  * sends that fd, with the offset of the range in the file. `fd` stays yours (this works on a
  * duplicate, closed by `close()`).
  * @throws {TypeError|RangeError} for bad arguments.
- * @throws {VfioUserError} `'EBADF'`, `'EINVAL'` (an offset that is not page-aligned), `'EACCES'`
- *   (not opened read-write), naming the fd.
+ * @throws {VfioUserError} `'EBADF'`, `'EINVAL'` (an offset that is not page-aligned, or a
+ *   range past the end of the file), `'EACCES'` (not opened read-write), `'EPERM'` (a file the
+ *   server could shrink, without `allowShrinkable`), naming the fd.
  */
 export function dmaMemoryFromFd(fd: number, options: DmaMemoryFromFdOptions): DmaMemory {
   checkInteger('fd', fd, 0, 0x7fff_ffff)
   if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
   const bytes = checkSize('size', options.size, 1, Number.MAX_SAFE_INTEGER)
   const offset = checkOffset('offset', options.offset ?? 0).value
-  const m = native.dmaMemoryFromFd(fd, offset, bytes)
+  const allow = options.allowShrinkable ?? false
+  if (typeof allow !== 'boolean') throw invalidArg('allowShrinkable must be a boolean')
+  const m = native.dmaMemoryFromFd(fd, offset, bytes, allow)
   if ('errno' in m) throw fromNative(m)
   return new DmaMemory(m)
 }
@@ -186,9 +233,9 @@ function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
     if (offset + size > BigInt(m.memory.byteLength)) {
       throw outOfRange(`${size} bytes at offset ${offset} pass the end of the ${m.memory.byteLength}-byte view`)
     }
-    offset += BigInt(m.memory.byteOffset)
+    offset += BigInt(owner.base + m.memory.byteOffset)
   }
-  const memory: DmaMemory | Uint8Array = owner ?? m.memory
+  const memory: DmaMemory | Uint8Array = owner?.memory ?? m.memory
   if (size === 0n) throw outOfRange('size must not be 0')
   const available = memory instanceof DmaMemory ? memory.size : memory.byteLength
   if (offset + size > BigInt(available)) {

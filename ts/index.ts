@@ -63,6 +63,7 @@ export {
 export {
   type IoFdRecord,
   type MappedArea,
+  type MapRegionOptions,
   RegionInfo,
   RegionIoFds,
   RegionMap,

@@ -20,6 +20,7 @@ import { dmaMemoryOf } from './dma'
 import { VfioUserError } from './errors'
 import { closeAll } from './fds'
 import { type NativeError, type NativeRegionMapping, native } from './native'
+import { MAX_WINDOW, tooLarge, Windows } from './view'
 
 /** The most bytes of region info (fixed part and capabilities) a server may ask us to accept. */
 const MAX_REGION_INFO = 64 * 1024
@@ -257,10 +258,11 @@ export function regionRead(
     const start = (token: number) => {
       // Memory of a DmaMemory is not unmapped by its close() while this read writes into
       // it: held from here (a call refused before, an aborted signal say, holds nothing).
-      const release = options.into ? dmaMemoryOf(target)?.retain() : undefined
+      const owner = options.into ? dmaMemoryOf(target)?.memory : undefined
+      const release = owner?.retain()
       let refused: NativeError | null
       try {
-        refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, timeoutMs)
+        refused = ch.native.regionReadInto(token, index, at.hi, at.lo, target, owner?.shrinkable ?? false, timeoutMs)
       } catch (e) {
         release?.()
         throw e
@@ -305,7 +307,8 @@ export function regionReadSync(
   return ch.traceSync(Command.REGION_READ, () => {
     if (target) {
       // A blocking read settles before it returns: nothing can close its memory meanwhile.
-      if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, timeoutMs)) throw failed()
+      const shrinkable = dmaMemoryOf(target)?.memory.shrinkable ?? false
+      if (!ch.native.regionReadIntoSync(index, at.hi, at.lo, target, shrinkable, timeoutMs)) throw failed()
       return target
     }
     const data = ch.native.regionReadSync(index, at.hi, at.lo, length, timeoutMs)
@@ -378,28 +381,63 @@ export function regionWriteSync(
 /** One mapped area: where it starts in the region, and the memory. */
 export interface MappedArea {
   /** Offset of the area within the region. */
+  readonly offset: bigint
+  /** Its size in bytes. */
+  readonly size: bigint
+  /**
+   * The device memory (reads as empty once unmapped).
+   * @throws {RangeError} `ERR_BUFFER_TOO_LARGE` for an area larger than one Buffer holds
+   *   (`buffer.constants.MAX_LENGTH`, 4 GiB on Node 20): see it through {@link RegionMap.window}.
+   */
+  readonly buffer: Buffer
+}
+
+/** Options of `VfioUserClient.mapRegion`. */
+export interface MapRegionOptions extends CallOptions {
+  /**
+   * Map a region whose fd is a file the server could still shrink (a regular file or memfd
+   * without `F_SEAL_SHRINK`, as libvfio-user's and SPDK's servers send), which is otherwise
+   * refused with `'EPERM'`. If the server truncates it, your next read or write of the lost
+   * pages through the area's Buffer kills this process with SIGBUS. Only for a server you
+   * trust with that. Default false.
+   */
+  allowShrinkable?: boolean
+}
+
+/** One area as mapped: its mapping, and the windows over it. */
+interface Part {
   offset: bigint
-  /** The device memory (reads as empty once unmapped). */
-  buffer: Buffer
+  size: number
+  mapping: NativeRegionMapping
+  windows: Windows
+  /** The whole area as one Buffer, when it fits one. */
+  buffer: Buffer | undefined
 }
 
 /** A region mapped into this process; see `VfioUserClient.mapRegion`. */
 export class RegionMap {
   readonly index: number
   readonly areas: readonly MappedArea[]
-  #parts: Array<{ mapping: NativeRegionMapping; view: ArrayBuffer }>
+  #parts: Part[]
   #ch: Channel
 
   /** @internal Built by {@link mapRegion}. */
-  constructor(
-    ch: Channel,
-    index: number,
-    parts: Array<{ offset: bigint; mapping: NativeRegionMapping; view: ArrayBuffer }>,
-  ) {
+  constructor(ch: Channel, index: number, parts: Part[]) {
     this.#ch = ch
     this.index = index
     this.#parts = parts
-    this.areas = Object.freeze(parts.map((p) => ({ offset: p.offset, buffer: Buffer.from(p.view) })))
+    this.areas = Object.freeze(
+      parts.map((p) =>
+        Object.freeze({
+          offset: p.offset,
+          size: BigInt(p.size),
+          get buffer(): Buffer {
+            if (p.buffer === undefined) throw tooLarge(`the area at ${p.offset} of region ${index}`, p.size)
+            return p.buffer
+          },
+        }),
+      ),
+    )
     ch.regionMaps.add(this)
   }
 
@@ -408,9 +446,24 @@ export class RegionMap {
     return this.#parts.length > 0
   }
 
+  /**
+   * A Buffer over `length` bytes of the region from `offset` (region offsets, inside one
+   * mapped area), for areas of any size: a window is at most `buffer.constants.MAX_LENGTH`
+   * bytes. It reads as empty once unmapped.
+   * @throws {RangeError} `ERR_OUT_OF_RANGE` outside every area, `ERR_BUFFER_TOO_LARGE` past one Buffer.
+   * @throws {VfioUserError} `'EBADF'` once unmapped.
+   */
+  window(offset: number | bigint, length: number | bigint): Buffer {
+    if (!this.mapped) throw new VfioUserError('EBADF', 9, `region ${this.index} is unmapped`)
+    const at = checkOffset('offset', offset).value
+    const part = this.#parts.find((p) => at >= p.offset && at < p.offset + BigInt(p.size))
+    if (!part) throw outOfRange(`offset ${at} is in no mapped area of region ${this.index}`)
+    return Buffer.from(part.windows.make(at - part.offset, length).view)
+  }
+
   /** Unmaps every area; the Buffers read as empty from then on. Idempotent. */
   unmap(): void {
-    for (const p of this.#parts) p.mapping.unmap(p.view)
+    for (const p of this.#parts) release(p)
     this.#parts = []
     this.#ch.regionMaps.delete(this)
   }
@@ -421,9 +474,18 @@ export class RegionMap {
   }
 }
 
+/** Detaches every view of an area, then unmaps it. */
+function release(p: Part): void {
+  p.windows.detachAll()
+  p.mapping.unmap()
+}
+
 /** Maps region `index`; see `VfioUserClient.mapRegion`. */
-export function mapRegion(ch: Channel, index: number, options: CallOptions = {}): Promise<RegionMap> {
+export function mapRegion(ch: Channel, index: number, options: MapRegionOptions = {}): Promise<RegionMap> {
   checkInteger('index', index, 0, 0xffff_ffff)
+  if (options === null || typeof options !== 'object') throw invalidArg('options must be an object')
+  const allow = options.allowShrinkable ?? false
+  if (typeof allow !== 'boolean') throw invalidArg('allowShrinkable must be a boolean')
   return askRegionInfo(ch, index, options).then((info) => {
     try {
       const fd = info.fd
@@ -436,15 +498,26 @@ export function mapRegion(ch: Channel, index: number, options: CallOptions = {})
         )
       }
       const areas = (info.sparse ?? [{ offset: 0n, size: info.size }]).filter((a) => a.size > 0n)
-      const parts: Array<{ offset: bigint; mapping: NativeRegionMapping; view: ArrayBuffer }> = []
+      const parts: Part[] = []
       try {
         for (const a of areas) {
-          const m = native.mapRegion(fd, info.offset + a.offset, a.size, info.write)
+          if (a.size > BigInt(Number.MAX_SAFE_INTEGER)) {
+            throw new VfioUserError(
+              'EFBIG',
+              27,
+              `region ${index}'s area at ${a.offset} is ${a.size} bytes: too large to map`,
+            )
+          }
+          const m = native.mapRegion(fd, info.offset + a.offset, a.size, info.write, allow)
           if ('errno' in m) throw ch.error(m)
-          parts.push({ offset: a.offset, mapping: m, view: m.arrayBuffer() })
+          const size = Number(a.size)
+          const windows = new Windows(m, size, `area at ${a.offset} of region ${index}`)
+          const part: Part = { offset: a.offset, size, mapping: m, windows, buffer: undefined }
+          parts.push(part)
+          if (size <= MAX_WINDOW) part.buffer = Buffer.from(windows.make(0, size).view)
         }
       } catch (e) {
-        for (const p of parts) p.mapping.unmap(p.view)
+        for (const p of parts) release(p)
         throw e
       }
       return new RegionMap(ch, index, parts)

@@ -334,7 +334,7 @@ fn main() {
     lifetime::die_with_parent(&path);
     let bar0_fd: OwnedFd = match nix::sys::memfd::memfd_create(
         c"vfio-user-test-bar0",
-        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC | nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
     ) {
         Ok(fd) => fd,
         Err(e) => {
@@ -345,6 +345,15 @@ fn main() {
     let bar0 = File::from(bar0_fd);
     if let Err(e) = bar0.set_len(BAR0_SIZE) {
         eprintln!("sizing BAR0: {e}");
+        std::process::exit(1);
+    }
+    // Sealed, as a careful server seals memory it shares: a client may map it without
+    // accepting that it could shrink under the mapping.
+    let seals = nix::fcntl::SealFlag::F_SEAL_SHRINK
+        | nix::fcntl::SealFlag::F_SEAL_GROW
+        | nix::fcntl::SealFlag::F_SEAL_SEAL;
+    if let Err(e) = nix::fcntl::fcntl(&bar0, nix::fcntl::FcntlArg::F_ADD_SEALS(seals)) {
+        eprintln!("sealing BAR0: {e}");
         std::process::exit(1);
     }
     let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;

@@ -1,10 +1,17 @@
 //! Memory for DMA: a memfd, sized and mapped shared into this process. Its fd goes with
 //! DMA_MAP so the server can mmap the same pages; the mapping here is what the caller (and
 //! DMA_READ/DMA_WRITE serving) reads and writes.
+//!
+//! The server gets the fd itself, so it could `ftruncate` the file, and every touch of the lost
+//! pages here would be SIGBUS. Memory made here is sealed against that (as QEMU's memfd
+//! backend seals guest RAM); memory over a caller's fd must be sealed too, unless the caller
+//! accepts the risk, and then native code only copies it through the kernel
+//! ([`crate::fault_safe`]).
 
 use crate::dma_table::LocalMemory;
 use crate::Error;
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
@@ -21,6 +28,8 @@ pub struct DmaMemory {
     len: usize,
     /// Where the mapping starts in the fd's file (0 for memory allocated here).
     file_offset: u64,
+    /// The file may shrink under the mapping (no F_SEAL_SHRINK): copy only through the kernel.
+    shrinkable: bool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this object; nothing in it is tied to a
@@ -31,7 +40,8 @@ unsafe impl Send for DmaMemory {}
 unsafe impl Sync for DmaMemory {}
 
 impl DmaMemory {
-    /// A zero-filled memfd of `len` bytes (at least 1), mapped read-write and shared.
+    /// A zero-filled memfd of `len` bytes (at least 1), mapped read-write and shared, sealed
+    /// so that nobody it is given to can shrink or grow it (nor seal it further).
     pub fn allocate(len: usize) -> Result<DmaMemory, Error> {
         DmaMemory::allocate_with(len, false)
     }
@@ -44,7 +54,7 @@ impl DmaMemory {
             return Err(Error::new(Errno::EINVAL, "DMA memory must not be empty"));
         }
         let fail = |e: Errno, what: &str| Error::new(e, format!("{what}: {}", e.desc()));
-        let mut flags = MFdFlags::MFD_CLOEXEC;
+        let mut flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
         if huge {
             let page = huge_page_size().ok_or_else(|| {
                 Error::new(
@@ -62,6 +72,10 @@ impl DmaMemory {
         }
         let fd = memfd_create(c"vfio-user-dma", flags).map_err(|e| fail(e, "memfd_create"))?;
         nix::unistd::ftruncate(&fd, len as i64).map_err(|e| fail(e, "sizing DMA memory"))?;
+        // A server given this fd could otherwise truncate it, and the next touch of the memory
+        // here (ours, or serving its DMA) would kill the process with SIGBUS.
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).map_err(|e| fail(e, "sealing DMA memory"))?;
         let ptr = map_shared(&fd, len, 0).map_err(|e| {
             if huge && e == Errno::ENOMEM {
                 Error::new(
@@ -77,13 +91,24 @@ impl DmaMemory {
             ptr,
             len,
             file_offset: 0,
+            shrinkable: false,
         })
     }
 
     /// `len` bytes of memory the caller already has behind `fd` (guest RAM in a memfd, a
     /// hugetlbfs file), from `offset` (page-aligned), mapped read-write and shared. The
     /// caller keeps `fd`: this works on a duplicate, which goes with each DMA_MAP.
-    pub fn from_fd(fd: BorrowedFd<'_>, offset: u64, len: usize) -> Result<DmaMemory, Error> {
+    ///
+    /// A file the server could shrink (no F_SEAL_SHRINK: an unsealed memfd, a hugetlbfs or
+    /// tmpfs file) is refused with EPERM unless `allow_shrinkable`; then native code copies
+    /// the memory only through the kernel, and the risk of touching it directly is the
+    /// caller's.
+    pub fn from_fd(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        allow_shrinkable: bool,
+    ) -> Result<DmaMemory, Error> {
         if len == 0 {
             return Err(Error::new(Errno::EINVAL, "DMA memory must not be empty"));
         }
@@ -95,6 +120,18 @@ impl DmaMemory {
                 "cannot be duplicated",
             )
         })?;
+        let shrinkable = !seals_of(&owned).contains(SealFlag::F_SEAL_SHRINK);
+        if shrinkable && !allow_shrinkable {
+            return Err(Error::new(
+                Errno::EPERM,
+                format!(
+                    "fd {n} can be shrunk by the server it is mapped to (no F_SEAL_SHRINK), and \
+                     touching the lost pages would kill this process: seal it (a memfd made with \
+                     MFD_ALLOW_SEALING, then F_ADD_SEALS F_SEAL_SHRINK), or accept the risk \
+                     (allowShrinkable)"
+                ),
+            ));
+        }
         // A mapping past the end of the file maps, and the first touch there (ours, or the
         // device's DMA served from it) is SIGBUS: refuse it here.
         let size = nix::sys::stat::fstat(&owned)
@@ -124,6 +161,7 @@ impl DmaMemory {
             ptr,
             len,
             file_offset: offset,
+            shrinkable,
         })
     }
 
@@ -148,7 +186,6 @@ impl DmaMemory {
         self.fd.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
-    /// The memory from `offset` on, as DMA_READ/DMA_WRITE serving sees it.
     /// Where the range at `offset` of this memory is, for a [`crate::DmaMap`] of it: `fd` (the
     /// memory's, from [`DmaMemory::with_fd`]) at the range's offset in the file, for the
     /// server, and the memory itself from `offset`, to serve its DMA requests from.
@@ -161,6 +198,7 @@ impl DmaMemory {
         ((fd, self.file_offset.saturating_add(offset)), local)
     }
 
+    /// The memory from `offset` on, as DMA_READ/DMA_WRITE serving sees it.
     pub fn from_offset(self: &Arc<Self>, offset: usize) -> Arc<dyn LocalMemory> {
         Arc::new(Slice {
             memory: self.clone(),
@@ -174,6 +212,11 @@ impl DmaMemory {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the file behind it may shrink under the mapping (see [`DmaMemory::from_fd`]).
+    pub fn shrinkable(&self) -> bool {
+        self.shrinkable
     }
 
     /// The start of the mapping.
@@ -199,6 +242,14 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: i64) -> nix::Result<NonNull<std:
     }
 }
 
+/// The seals of `fd`'s file: none for a file that cannot be sealed (EINVAL: not shmem or
+/// hugetlbfs).
+pub(crate) fn seals_of(fd: &impl AsFd) -> SealFlag {
+    fcntl(fd, FcntlArg::F_GET_SEALS)
+        .map(SealFlag::from_bits_truncate)
+        .unwrap_or(SealFlag::empty())
+}
+
 /// The system's default huge page size (`Hugepagesize:` of /proc/meminfo), if it has one.
 fn huge_page_size() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -210,6 +261,10 @@ fn huge_page_size() -> Option<usize> {
 impl LocalMemory for DmaMemory {
     fn as_ptr_len(&self) -> (*mut u8, usize) {
         (self.as_ptr(), self.len)
+    }
+
+    fn shrinkable(&self) -> bool {
+        self.shrinkable
     }
 }
 
@@ -225,6 +280,10 @@ impl LocalMemory for Slice {
         // (or one past the end of) the mapping.
         let ptr = unsafe { self.memory.as_ptr().add(self.offset) };
         (ptr, self.memory.len - self.offset)
+    }
+
+    fn shrinkable(&self) -> bool {
+        self.memory.shrinkable
     }
 }
 

@@ -2,6 +2,7 @@
 //! DMA_WRITE requests from the memory behind them (protocol.md 3.11): bounds and overflow
 //! checked, EFAULT for an address nobody mapped, the spec's reply layout.
 
+use crate::fault_safe;
 use nix::errno::Errno;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,6 +13,13 @@ pub trait LocalMemory: Send + Sync {
     /// Its start and length. It must stay mapped and writable for as long as this object
     /// lives.
     fn as_ptr_len(&self) -> (*mut u8, usize);
+
+    /// True when the file behind it may shrink under the mapping (another process holds its
+    /// fd and nothing seals it): then it is copied only through the kernel, which fails with
+    /// EFAULT where a plain copy would be SIGBUS.
+    fn shrinkable(&self) -> bool {
+        false
+    }
 }
 
 /// One mapped range.
@@ -103,25 +111,27 @@ impl DmaTable {
             return Err(Errno::EFAULT);
         }
         let mut reply = dma_reply_head(access.address, access.count).to_vec();
+        let guarded = local.shrinkable();
         if write {
-            // SAFETY: [offset, offset + count) lies inside the memory, which stays mapped
-            // while its entry is in this table (the caller holds the table's lock), and
-            // `access.data` is exactly `count` bytes of another buffer.
+            // SAFETY: [offset, offset + count) lies inside the memory, which stays mapped while
+            // its entry is in this table (the caller holds the table's lock); `access.data` is
+            // exactly `count` bytes of another buffer. Memory whose file may shrink is copied
+            // through the kernel: a server that truncated it gets EFAULT, not us SIGBUS.
             unsafe {
-                std::ptr::copy_nonoverlapping(access.data.as_ptr(), ptr.add(offset), count);
-            }
+                fault_safe::copy_if(
+                    guarded,
+                    ptr.wrapping_add(offset),
+                    access.data.as_ptr(),
+                    count,
+                )?
+            };
         } else {
             reply.reserve_exact(count);
-            // SAFETY: as above; the reply has room for `count` more bytes, which the copy
-            // initialises before the length covers them.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    ptr.add(offset),
-                    reply.as_mut_ptr().add(reply.len()),
-                    count,
-                );
-                reply.set_len(reply.len() + count);
-            }
+            let room = reply.as_mut_ptr().wrapping_add(reply.len());
+            // SAFETY: as above, into the reply's reserved room for `count` more bytes.
+            unsafe { fault_safe::copy_if(guarded, room, ptr.wrapping_add(offset), count)? };
+            // SAFETY: the copy initialised those `count` bytes.
+            unsafe { reply.set_len(reply.len() + count) };
         }
         Ok(reply)
     }

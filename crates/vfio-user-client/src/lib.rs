@@ -18,6 +18,7 @@ mod dma;
 mod dma_memory;
 mod dma_table;
 mod error;
+mod fault_safe;
 mod ids;
 mod io_thread;
 mod irq;

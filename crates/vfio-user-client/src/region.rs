@@ -4,7 +4,7 @@
 
 use crate::join::Join;
 use crate::pending::Reply;
-use crate::target::{ReadCancel, ReadInto, ReadTarget};
+use crate::target::{ReadCancel, ReadInto, ReadTarget, Unfilled};
 use crate::{Client, Error};
 use nix::errno::Errno;
 use std::sync::Arc;
@@ -441,10 +441,13 @@ fn piece_target(into: &ReadInto, p: &Piece) -> Result<Arc<ReadTarget>, Error> {
 /// beside its header to the front of the target.
 fn finish_into(reply: &Reply, target: &ReadTarget, index: u32, p: Piece) -> Result<(), ProtoError> {
     let head = region_read_head(&reply.payload, target.direct(), index, p.offset, p.count)?;
-    if !target.fill_front(head) {
-        return Err(ProtoError::new(
+    match target.fill_front(head) {
+        Ok(()) => Ok(()),
+        Err(Unfilled::Revoked) => Err(ProtoError::new(
             "REGION_READ reply settled after its request".to_string(),
-        ));
+        )),
+        Err(Unfilled::Fault) => Err(ProtoError::new(
+            "the memory read into is gone (its file was shrunk): EFAULT".to_string(),
+        )),
     }
-    Ok(())
 }

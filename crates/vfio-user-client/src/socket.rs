@@ -3,10 +3,9 @@
 use crate::Error;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, recvmsg, sendmsg, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
+    self, sendmsg, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -119,34 +118,8 @@ pub fn recv_chunk(
     cmsg: &mut [u8],
     block: bool,
 ) -> nix::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let flags = if block {
-        MsgFlags::MSG_CMSG_CLOEXEC
-    } else {
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT
-    };
-    loop {
-        let msg = match recvmsg::<()>(sock, &mut iov, Some(cmsg), flags) {
-            Err(Errno::EINTR) if !block => continue,
-            other => other?,
-        };
-        let mut fds = Vec::new();
-        // cmsgs() refuses to iterate a truncated buffer. Ours holds SCM_MAX_FD, so truncation
-        // means something other than fds arrived; fail the stream rather than guess.
-        for c in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for r in raw {
-                    // SAFETY: the kernel just installed `r` in our fd table for us (SCM_RIGHTS);
-                    // nothing else refers to it, so this OwnedFd is its only owner.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-                }
-            }
-        }
-        return Ok(Received {
-            bytes: msg.bytes,
-            fds,
-        });
-    }
+    // SAFETY: `buf` is `buf.len()` writable bytes, borrowed mutably for the whole call.
+    unsafe { recv_raw(sock, buf.as_mut_ptr(), buf.len(), cmsg, block) }
 }
 
 /// One recvmsg appending at most `max` bytes to `body`, straight into its spare capacity
@@ -237,7 +210,9 @@ pub unsafe fn recv_raw_then(
 }
 
 /// The fds an SCM_RIGHTS control message of `msg` carried, now owned. A truncated control
-/// buffer means something other than fds came (ours holds SCM_MAX_FD): fail the stream.
+/// buffer means something other than fds came, or the kernel could not install them all (the
+/// process's fd limit): fail the stream, after taking (and so closing) every fd that did
+/// arrive.
 fn take_rights(msg: &nix::libc::msghdr) -> nix::Result<Vec<OwnedFd>> {
     use nix::libc;
     let mut fds = Vec::new();

@@ -7,6 +7,7 @@
 //! failure, the connection's end) first revokes its target, under the lock each write into the
 //! memory holds, so no byte lands there once the caller has been told.
 
+use crate::fault_safe;
 use crate::socket::Received;
 use nix::errno::Errno;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub struct ReadInto {
     ptr: *mut u8,
     len: usize,
+    /// The memory's file may shrink under it (see [`ReadInto::shrinkable`]).
+    guarded: bool,
 }
 
 // SAFETY: a ReadInto is an address and a length; the memory behind it is only written under a
@@ -28,7 +31,21 @@ impl ReadInto {
     /// given to has settled: its completion has been called (or, for a blocking read, the call
     /// has returned). Nothing else may free or move the memory before that.
     pub unsafe fn new(ptr: *mut u8, len: usize) -> ReadInto {
-        ReadInto { ptr, len }
+        ReadInto {
+            ptr,
+            len,
+            guarded: false,
+        }
+    }
+
+    /// The same memory, marked as a mapping of a file another process may shrink: it is then
+    /// written only through the kernel (a read into it fails with EFAULT where a plain copy
+    /// would kill the process with SIGBUS).
+    pub fn shrinkable(self, shrinkable: bool) -> ReadInto {
+        ReadInto {
+            guarded: shrinkable,
+            ..self
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -46,6 +63,7 @@ impl ReadInto {
             // `at` is within the caller's allocation (checked just above).
             ptr: self.ptr.wrapping_add(at),
             len,
+            guarded: self.guarded,
         })
     }
 }
@@ -132,17 +150,26 @@ impl ReadTarget {
     }
 
     /// Copies the data bytes that arrived in the reply's own buffer to the front of the
-    /// memory. False when revoked (nothing copied).
-    pub(crate) fn fill_front(&self, data: &[u8]) -> bool {
+    /// memory: Revoked when the request settled another way (nothing copied), Fault when the
+    /// memory's file shrank under it.
+    pub(crate) fn fill_front(&self, data: &[u8]) -> Result<(), Unfilled> {
         let st = self.lock();
         if !st.live || data.len() > self.into.len {
-            return false;
+            return Err(Unfilled::Revoked);
         }
         // SAFETY: live, so the memory is valid (ReadInto::new's contract); `data` fits it
-        // (checked above) and is our own buffer, so the two cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.into.ptr, data.len()) };
-        true
+        // (checked above) and is our own buffer, so the two cannot overlap; memory that may
+        // shrink is copied through the kernel.
+        unsafe { fault_safe::copy_if(self.into.guarded, self.into.ptr, data.as_ptr(), data.len()) }
+            .map_err(|_| Unfilled::Fault)
     }
+}
+
+/// Why [`ReadTarget::fill_front`] copied nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Unfilled {
+    Revoked,
+    Fault,
 }
 
 /// Stops a read into memory before it settles (an abort): once [`ReadCancel::cancel`] returns,
