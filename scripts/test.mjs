@@ -61,6 +61,7 @@ run('npm', ['run', '--silent', 'build'])
 for (const [env, name] of [
   ['VFIO_USER_TEST_DEVICE', 'vfio-user-test-device'],
   ['VFIO_USER_SCRIPTED_PEER', 'vfio-user-scripted-peer'],
+  ['VFIO_USER_HOSTILE_PEER', 'vfio-user-hostile-peer'],
   ['VFIO_USER_MIGRATION_DEVICE', 'vfio-user-migration-device'],
 ]) {
   process.env[env] ??= join(root, 'target', 'release', name)
