@@ -131,6 +131,14 @@ pub fn start_tap(
 
 #[napi]
 impl NativeTap {
+    /// How long a session stays open once one of its sides has hung up, in ms (for sessions
+    /// that start from now on).
+    #[napi]
+    pub fn set_linger(&self, ms: u32) {
+        self.tap
+            .set_linger(std::time::Duration::from_millis(u64::from(ms)));
+    }
+
     /// Describe each message (true), or only relay (false, the default).
     #[napi]
     pub fn observe(&self, on: bool) {
@@ -183,7 +191,9 @@ fn to_json(e: &TapEvent) -> Value {
         TapEvent::Closed { session, reason } => {
             json!({ "type": "close", "session": session, "reason": reason })
         }
-        TapEvent::Refused { reason } => json!({ "type": "refused", "reason": reason }),
+        TapEvent::Refused { reason, full } => {
+            json!({ "type": "refused", "reason": reason, "full": full })
+        }
         TapEvent::Record(r) => record(r),
     }
 }

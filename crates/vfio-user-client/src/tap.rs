@@ -9,16 +9,19 @@
 //! holds at most 2 x [`RELAY_BUFFER`] of relayed bytes (plus the kernel's socket buffers)
 //! and 2 x (16 + `VERSION_PREFIX`) bytes of message prefix. A peer's EOF is passed on as a
 //! shutdown of the other side's writing; the session ends once both directions have ended,
-//! or at once when either side fails. No fd outlives its session.
+//! at once when either side fails, or once a side has hung up and the other has kept the
+//! session open past the tap's linger ([`tap_io`](crate::tap_io)). No fd outlives its
+//! session, and the tap removes only the socket it bound itself.
 
 use crate::ids::IdMap;
-use crate::socket::{cmsg_buffer, connect_unix, recv_chunk};
+use crate::socket::{cmsg_buffer, connect_unix};
+use crate::tap_io::{self, Linger, Waited, TAP_LINGER};
 use crate::Error;
 use nix::errno::Errno;
-use nix::sys::socket::{shutdown, ControlMessage, MsgFlags, Shutdown};
+use nix::sys::socket::{shutdown, Shutdown};
 use std::collections::HashMap;
-use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -84,9 +87,11 @@ pub enum TapEvent {
         session: u64,
         reason: Option<String>,
     },
-    /// A client connected but the server could not be reached: the client was closed.
+    /// A client connected but was closed at once: the server could not be reached, or
+    /// (`full`) the tap already has as many sessions open as it takes.
     Refused {
         reason: String,
+        full: bool,
     },
     Record(Box<TapRecord>),
 }
@@ -104,6 +109,9 @@ pub struct Tap {
     /// Taken (closed) by `close`, once the accept thread has let go of its clone.
     listener: Mutex<Option<Arc<UnixListener>>>,
     path: PathBuf,
+    /// The device and inode of the socket bound at `path`: `close` removes the file there
+    /// only if it is still that socket, never one somebody else put in its place.
+    bound: Option<(u64, u64)>,
     accept: Mutex<Option<JoinHandle<()>>>,
     shared: Arc<TapShared>,
 }
@@ -117,6 +125,9 @@ struct TapShared {
     next: AtomicU64,
     /// Sessions open at most ([`MAX_TAP_SESSIONS`] unless [`Tap::set_max_sessions`]).
     max_sessions: AtomicUsize,
+    /// Milliseconds a session stays open once a side has hung up ([`TAP_LINGER`] unless
+    /// [`Tap::set_linger`]); read as each session starts.
+    linger_ms: AtomicU64,
     sessions: Mutex<HashMap<u64, Session>>,
     /// The threads of sessions that have ended, for `close` to join (so that no report can
     /// follow it); pruned of those already finished as sessions end.
@@ -132,16 +143,42 @@ struct Session {
 impl Tap {
     /// Listens on `listen` (which must not exist) and relays each client to `upstream`,
     /// showing `head` bytes of each message's data to `sink` while [`Tap::observe`] is on.
+    /// Refuses a path longer than `sun_path` holds (ENAMETOOLONG), and an `upstream` that is
+    /// the socket it would listen on (EINVAL: the tap would connect to itself).
     pub fn listen(
         listen: &Path,
         upstream: &Path,
         head: usize,
         sink: TapSink,
     ) -> Result<Tap, Error> {
+        let shown = listen.display();
+        // sun_path holds 108 bytes with the NUL; std says only "invalid argument".
+        if listen.as_os_str().len() >= SUN_PATH {
+            return Err(Error::new(
+                Errno::ENAMETOOLONG,
+                format!(
+                    "cannot listen on {shown}: the path is {} bytes, longer than a UNIX socket address holds ({} bytes)",
+                    listen.as_os_str().len(),
+                    SUN_PATH - 1
+                ),
+            ));
+        }
         let listener = UnixListener::bind(listen).map_err(|e| {
-            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(0));
-            Error::new(errno, format!("cannot listen on {}: {e}", listen.display()))
+            let errno = Errno::from_raw(e.raw_os_error().unwrap_or(Errno::EINVAL as i32));
+            Error::new(errno, format!("cannot listen on {shown}: {e}"))
         })?;
+        let bound = identity(listen);
+        if bound.is_some() && identity(upstream) == bound {
+            drop(listener);
+            let _ = std::fs::remove_file(listen);
+            return Err(Error::new(
+                Errno::EINVAL,
+                format!(
+                    "{shown} and {} are the same socket: the tap would connect to itself",
+                    upstream.display()
+                ),
+            ));
+        }
         let listener = Arc::new(listener);
         let shared = Arc::new(TapShared {
             upstream: upstream.to_path_buf(),
@@ -151,6 +188,7 @@ impl Tap {
             closing: AtomicBool::new(false),
             next: AtomicU64::new(1),
             max_sessions: AtomicUsize::new(MAX_TAP_SESSIONS),
+            linger_ms: AtomicU64::new(TAP_LINGER.as_millis() as u64),
             sessions: Mutex::new(HashMap::new()),
             finished: Mutex::new(Vec::new()),
         });
@@ -164,6 +202,7 @@ impl Tap {
         Ok(Tap {
             listener: Mutex::new(Some(listener)),
             path: listen.to_path_buf(),
+            bound,
             accept: Mutex::new(Some(accept)),
             shared,
         })
@@ -178,6 +217,15 @@ impl Tap {
     /// `Refused`) until one ends.
     pub fn set_max_sessions(&self, n: usize) {
         self.shared.max_sessions.store(n, Ordering::Relaxed);
+    }
+
+    /// How long a session stays open once one of its sides has hung up (its EOF, or its
+    /// socket closed) while the other neither closes nor moves data: a server that never
+    /// reads, or keeps its socket after EOF, holds a session (two threads, two fds) no
+    /// longer than this. For sessions that start from now on.
+    pub fn set_linger(&self, linger: Duration) {
+        let ms = u64::try_from(linger.as_millis()).unwrap_or(u64::MAX);
+        self.shared.linger_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Sessions open now.
@@ -218,8 +266,20 @@ impl Tap {
         for t in finished {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Only the socket this tap bound: the path may since name another file (replaced
+        // while it ran, or another tap's socket after this one's was removed).
+        if self.bound.is_some() && identity(&self.path) == self.bound {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+/// The longest socket path plus its NUL (`sizeof(sun_path)` on Linux).
+const SUN_PATH: usize = 108;
+
+/// The device and inode of the file at `path`, if there is one.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Drop for Tap {
@@ -256,7 +316,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<TapShared>) {
             // must not exhaust them. It is closed, as when the server cannot be reached.
             drop(client);
             let reason = format!("{open} sessions are open, the most the tap takes");
-            (shared.sink)(TapEvent::Refused { reason });
+            (shared.sink)(TapEvent::Refused { reason, full: true });
             continue;
         }
         start_session(shared, client);
@@ -265,10 +325,13 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<TapShared>) {
 
 /// Connects `client` to the server and starts its two relay threads.
 fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
-    let server = match connect_unix(&shared.upstream, Duration::from_secs(5)).and_then(blocking) {
+    let server = match connect_unix(&shared.upstream, Duration::from_secs(5)) {
         Ok(s) => s,
         Err(e) => {
-            (shared.sink)(TapEvent::Refused { reason: e.message });
+            (shared.sink)(TapEvent::Refused {
+                reason: e.message,
+                full: false,
+            });
             return;
         }
     };
@@ -283,6 +346,8 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
     let client = Arc::new(client);
     let server = Arc::new(server);
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let linger = Duration::from_millis(shared.linger_ms.load(Ordering::Relaxed));
+    let linger = Arc::new(Linger::new(linger));
     (shared.sink)(TapEvent::Opened { session: id });
     let mut sessions = lock(&shared.sessions);
     let mut threads = Vec::new();
@@ -292,11 +357,16 @@ fn start_session(shared: &Arc<TapShared>, client: UnixStream) {
         (Sender::Client, client.clone(), server.clone()),
         (Sender::Server, server.clone(), client.clone()),
     ] {
-        let (s, p, e) = (shared.clone(), pending.clone(), ended.clone());
+        let (s, p, e, l) = (
+            shared.clone(),
+            pending.clone(),
+            ended.clone(),
+            linger.clone(),
+        );
         let t = std::thread::Builder::new()
             .name("vfio-user-tap".into())
             .spawn(move || {
-                let result = relay(&s, id, sender, &from, &to, &p);
+                let result = relay(&s, id, sender, (&from, &to), &p, &l);
                 // Let go of the sockets first: the last direction to end then closes them
                 // (with the session's own handles) before the end is reported.
                 drop((from, to));
@@ -365,20 +435,6 @@ fn finish(shared: &Arc<TapShared>, id: u64, ended: &Mutex<Ended>, result: Result
     });
 }
 
-/// The socket `fd`, switched to blocking: each relay thread sleeps in its own recvmsg or
-/// sendmsg, which is what stops a fast side when the other stops reading.
-fn blocking(fd: OwnedFd) -> Result<OwnedFd, Error> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(&fd, FcntlArg::F_GETFL)
-        .map_err(|e| Error::new(e, "cannot configure the server socket"))?;
-    fcntl(
-        &fd,
-        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK),
-    )
-    .map_err(|e| Error::new(e, "cannot configure the server socket"))?;
-    Ok(fd)
-}
-
 /// Requests in flight one way, by id, and when they passed: a reply's latency.
 #[derive(Default)]
 struct Pending {
@@ -386,28 +442,33 @@ struct Pending {
     from_server: IdMap<Instant>,
 }
 
-/// Relays `from` to `to` until EOF (passed on as a shutdown of `to`'s writing) or a failure
-/// (both sockets shut down), describing messages on the way.
+/// Relays `from` to `to` until EOF (passed on as a shutdown of `to`'s writing, and the start
+/// of the session's linger), a failure or the linger's end (both sockets shut down),
+/// describing messages on the way.
 fn relay(
     shared: &TapShared,
     session: u64,
     sender: Sender,
-    from: &OwnedFd,
-    to: &OwnedFd,
+    (from, to): (&OwnedFd, &OwnedFd),
     pending: &Mutex<Pending>,
+    linger: &Linger,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut cmsg = cmsg_buffer();
     let mut framer = TapFramer::new(shared.head);
+    let failed = |w: Waited, doing: String| match w {
+        Waited::Lingered(why) => why,
+        Waited::Failed(e) => format!("{doing}: {}", e.desc()),
+    };
     let result = loop {
-        let got = match recv_chunk(from.as_raw_fd(), &mut buf, &mut cmsg, true) {
+        let got = match tap_io::recv(from, to, &mut buf, &mut cmsg, linger) {
             Ok(g) => g,
-            Err(Errno::EINTR) => continue,
-            Err(e) => break Err(format!("reading from the {}: {}", sender.name(), e.desc())),
+            Err(w) => break Err(failed(w, format!("reading from the {}", sender.name()))),
         };
         if got.bytes == 0 {
-            // EOF: passed on, and this direction is done.
+            // EOF: passed on, and this direction is done; the other has the linger left.
             let _ = shutdown(to.as_raw_fd(), Shutdown::Write);
+            linger.start();
             break Ok(());
         }
         let raw: Vec<RawFd> = got.fds.iter().map(AsRawFd::as_raw_fd).collect();
@@ -426,14 +487,11 @@ fn relay(
         } else {
             walked.last_start.unwrap_or(0)
         };
-        let sent = send_all(to.as_raw_fd(), &chunk[..split], &[])
-            .and_then(|()| send_all(to.as_raw_fd(), &chunk[split..], &raw));
-        if let Err(e) = sent {
-            break Err(format!(
-                "writing to the {}: {}",
-                sender.other().name(),
-                e.desc()
-            ));
+        let sent = tap_io::send_all(to, from, &chunk[..split], &[], linger)
+            .and_then(|()| tap_io::send_all(to, from, &chunk[split..], &raw, linger));
+        if let Err(w) = sent {
+            let doing = format!("writing to the {}", sender.other().name());
+            break Err(failed(w, doing));
         }
         // `got.fds` drops here: forwarded, so closed on our side.
     };
@@ -442,31 +500,6 @@ fn relay(
         let _ = shutdown(to.as_raw_fd(), Shutdown::Both);
     }
     result
-}
-
-/// Writes all of `bytes`, blocking, `fds` with the first sendmsg (so they stay with the bytes
-/// they came with). MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
-fn send_all(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> nix::Result<()> {
-    let mut at = 0;
-    let mut first = true;
-    while at < bytes.len() {
-        let rights = [ControlMessage::ScmRights(fds)];
-        let cmsgs: &[ControlMessage] = if first && !fds.is_empty() {
-            &rights
-        } else {
-            &[]
-        };
-        let iov = [IoSlice::new(&bytes[at..])];
-        match nix::sys::socket::sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-            Ok(n) => {
-                at += n;
-                first = false;
-            }
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// A message the framer has seen whole: its header, its first payload bytes, its fds.

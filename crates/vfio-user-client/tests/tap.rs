@@ -291,7 +291,10 @@ fn a_server_that_cannot_be_reached_closes_the_client() {
     let mut buf = [0u8; 1];
     assert_eq!(c.read(&mut buf).unwrap(), 0);
     match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
-        TapEvent::Refused { reason } => assert!(reason.contains("nobody.sock"), "{reason}"),
+        TapEvent::Refused { reason, full } => {
+            assert!(reason.contains("nobody.sock"), "{reason}");
+            assert!(!full);
+        }
         other => panic!("{other:?}"),
     }
     drop(tap);
@@ -336,8 +339,9 @@ fn clients_past_the_most_sessions_are_closed_until_one_ends() {
             .recv_timeout(Duration::from_secs(10))
             .expect("a tap event")
         {
-            TapEvent::Refused { reason } => {
+            TapEvent::Refused { reason, full } => {
                 assert!(reason.contains("2 sessions are open"), "{reason}");
+                assert!(full);
                 break;
             }
             _ => continue,
@@ -352,4 +356,82 @@ fn clients_past_the_most_sessions_are_closed_until_one_ends() {
     let mut got = [0u8; 7];
     d_server.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"relayed");
+}
+
+#[test]
+fn a_server_that_never_reads_nor_closes_holds_a_session_no_longer_than_the_linger() {
+    let _serial = serial();
+    let s = setup(16);
+    s.tap.set_linger(Duration::from_millis(200));
+    let (mut client, server) = session(&s);
+    // Until the sockets and the relay's buffer are full (a write waits a second in vain):
+    // the relay is then stuck writing to a server that never reads when the client hangs
+    // up. (Should the relay merely be slow, it reads the client's EOF later instead, and the
+    // session must end by the linger all the same.)
+    client
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let chunk = vec![0x5au8; 64 << 10];
+    while client.write(&chunk).is_ok() {}
+    drop(client);
+    let reason = closed(&s).expect("a reason");
+    assert!(reason.contains("linger (200 ms)"), "{reason}");
+    assert_eq!(s.tap.sessions(), 0);
+    drop(server);
+}
+
+#[test]
+fn a_server_that_keeps_its_socket_after_eof_holds_a_session_no_longer_than_the_linger() {
+    let _serial = serial();
+    let s = setup(16);
+    s.tap.set_linger(Duration::from_millis(200));
+    let (client, mut server) = session(&s);
+    drop(client);
+    // The server sees the client's EOF, and keeps its socket open.
+    let mut buf = [0u8; 1];
+    assert_eq!(server.read(&mut buf).unwrap(), 0);
+    let reason = closed(&s).expect("a reason");
+    assert!(reason.contains("linger"), "{reason}");
+    assert_eq!(s.tap.sessions(), 0);
+}
+
+#[test]
+fn close_removes_only_the_socket_the_tap_bound() {
+    let _serial = serial();
+    // Replaced by a regular file while the tap runs: the file stays.
+    let s = setup(16);
+    std::fs::remove_file(&s.listen).unwrap();
+    std::fs::write(&s.listen, b"not the tap's").unwrap();
+    s.tap.close();
+    assert_eq!(std::fs::read(&s.listen).unwrap(), b"not the tap's");
+    // Another tap's socket at the path after this one's was removed: it stays.
+    let t = setup(16);
+    std::fs::remove_file(&t.listen).unwrap();
+    let other = UnixListener::bind(&t.listen).unwrap();
+    t.tap.close();
+    assert!(UnixStream::connect(&t.listen).is_ok());
+    drop(other);
+    // Its own socket: removed.
+    let u = setup(16);
+    u.tap.close();
+    assert!(!u.listen.exists());
+}
+
+#[test]
+fn a_listen_path_that_is_the_server_or_too_long_is_refused() {
+    let _serial = serial();
+    let s = setup(16);
+    let sink: vfio_user_client::TapSink = Arc::new(|_| {});
+    let dir = s.listen.parent().unwrap().to_path_buf();
+    let path = dir.join("self.sock");
+    let e = Tap::listen(&path, &path, 16, sink.clone())
+        .err()
+        .expect("refused");
+    assert_eq!(e.errno, nix::errno::Errno::EINVAL, "{}", e.message);
+    assert!(e.message.contains("same socket"), "{}", e.message);
+    assert!(!path.exists());
+    let long = dir.join("x".repeat(200));
+    let e = Tap::listen(&long, &path, 16, sink).err().expect("refused");
+    assert_eq!(e.errno, nix::errno::Errno::ENAMETOOLONG, "{}", e.message);
+    assert!(e.message.contains("107 bytes"), "{}", e.message);
 }
