@@ -1,19 +1,10 @@
-import {
-  closeSync,
-  ftruncateSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  readSync,
-  rmSync,
-  writeFileSync,
-  writeSync,
-} from 'node:fs'
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { allocateDmaMemory, connect, dmaMemoryFromFd, type VfioUserClient } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
+import { reserveHugePages } from './hugepages'
 import { rejection } from './rejection'
 import { deviceSession, openFds } from './session'
 
@@ -273,9 +264,8 @@ describe('DMA memory the VMM already has, and huge pages', () => {
 
   it('allocateDmaMemory({ hugePages }) is backed by huge pages the device maps too', async () => {
     const HUGE = 2 << 20
-    // Reserved for this test if none are (root only), and given back after.
-    const reserved = Number(readFileSync('/proc/sys/vm/nr_hugepages', 'utf8'))
-    if (reserved < 2) writeFileSync('/proc/sys/vm/nr_hugepages', '2')
+    // Reserved for this test (root only), and given back after.
+    const giveBack = reserveHugePages(1)
     try {
       using memory = allocateDmaMemory(HUGE, { hugePages: true })
       const maps = readFileSync('/proc/self/smaps', 'utf8').split(/\n(?=[0-9a-f]+-)/)
@@ -288,7 +278,7 @@ describe('DMA memory the VMM already has, and huge pages', () => {
       await session.client.dmaUnmap({ iova: 0x80_0000n, size: HUGE })
       expect(() => allocateDmaMemory(PAGE, { hugePages: true })).toThrow(expect.objectContaining({ code: 'EINVAL' }))
     } finally {
-      if (reserved < 2) writeFileSync('/proc/sys/vm/nr_hugepages', String(reserved))
+      giveBack()
     }
   })
 })

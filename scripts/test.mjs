@@ -44,6 +44,22 @@ if (!process.env.VFIO_USER_LIBVFIO_SAMPLES && existsSync(peers)) {
   }
 }
 
+// SPDK's nvmf_tgt (the production vfio-user server) the same way: 10-15 minutes the first
+// time, cached after; its suite fails, never skips, without it.
+const spdkScript = resolve(root, '../shared/peers/build-spdk')
+if (!process.env.VFIO_USER_SPDK && existsSync(spdkScript)) {
+  console.log(`building SPDK's nvmf_tgt (${spdkScript}; 10-15 minutes the first time)`)
+  const r = spawnSync(spdkScript, [], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
+  const dir = (r.stdout ?? '').trim().split('\n').pop() ?? ''
+  if (r.status === 0 && existsSync(join(dir, 'build/bin/nvmf_tgt'))) {
+    process.env.VFIO_USER_SPDK = dir
+    console.log(`SPDK: ${dir}`)
+  } else {
+    console.log(`building SPDK failed (exit ${r.status}): the SPDK tests will fail`)
+    broken = true
+  }
+}
+
 // cargo test: one "test result: ok. N passed; M failed; K ignored; ..." line per test binary.
 // --no-fail-fast: a failing binary must not hide the ones after it.
 const cargo = run('cargo', ['test', '--workspace', '--no-fail-fast', '--color', 'never'])
