@@ -223,6 +223,11 @@ export declare class NativeRegionMapping {
 
 /** A running tap. */
 export declare class NativeTap {
+  /**
+   * How long a session stays open once one of its sides has hung up, in ms (for sessions
+   * that start from now on).
+   */
+  setLinger(ms: number): void
   /** Describe each message (true), or only relay (false, the default). */
   observe(on: boolean): void
   /** Lines waiting for JavaScript to take them (at most `MAX_QUEUED_LINES`). */

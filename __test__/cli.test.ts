@@ -1,11 +1,16 @@
 // `vfio-user probe` as a user runs it (the compiled bin that `npm install` builds).
 import { spawn, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { readFileSync } from 'node:fs'
+import { once } from 'node:events'
+import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, watch } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { describe, expect, it } from 'vitest'
-import { connect } from '../ts/index'
-import { startMigrationDevice, startTestDevice } from '../ts/testing'
+import { describe, expect, it, onTestFinished } from 'vitest'
+import { Command, connect } from '../ts/index'
+import { startMigrationDevice, startScriptedPeer, startTestDevice } from '../ts/testing'
+import { connectRetrying } from './peers'
+import { rejection } from './rejection'
+import { getInfoPayload } from './wire'
 
 const cli = join(__dirname, '..', 'dist', 'cli.js')
 
@@ -221,6 +226,142 @@ describe('vfio-user migrate', () => {
     await c.validateVersion()
     expect(await c.migrationState()).toBe('running')
   })
+})
+
+describe('vfio-user tap: its output fails', () => {
+  /** A folder of its own for one test, removed after. */
+  async function inFolder(test: (dir: string) => Promise<void>): Promise<void> {
+    const dir = mkdtempSync(join(tmpdir(), 'vfio-user-cli-tap-'))
+    try {
+      await test(dir)
+    } finally {
+      rmSync(dir, { recursive: true, force: true })
+    }
+  }
+
+  it.each([
+    [
+      'in a folder that does not exist',
+      (dir: string) => join(dir, 'missing', 'out.ndjson'),
+      'ENOENT: no such file or directory',
+    ],
+    ['that is a folder', (dir: string) => dir, 'EISDIR: illegal operation on a directory'],
+  ])('an --out path %s: one line naming it and why, exit 2, no LISTEN left behind', (_, outPath, why) =>
+    inFolder(async (dir) => {
+      const listen = join(dir, 'tap.sock')
+      const out = outPath(dir)
+      const r = await run('tap', listen, join(dir, 'server.sock'), '--out', out)
+      expect(r).toEqual({ status: 2, stdout: '', stderr: `vfio-user: --out ${out}: ${why}\n` })
+      expect(existsSync(listen)).toBe(false)
+    }),
+  )
+
+  it('`tap --json | head -3`: once head has gone the tap ends quietly with 141, as SIGPIPE ends a command, its session closed and LISTEN removed', () =>
+    inFolder(async (dir) => {
+      await using server = await startScriptedPeer('serve')
+      const listen = join(dir, 'tap.sock')
+      const head = spawn('head', ['-3'], { stdio: ['pipe', 'pipe', 'ignore'] })
+      let lines = ''
+      head.stdout.setEncoding('utf8').on('data', (d: string) => {
+        lines += d
+      })
+      const headDone = once(head, 'close')
+      // The socket appears once the tap listens (head holds the first line until it exits).
+      const watcher = watch(dir)
+      const listening = new Promise<void>((resolve) => {
+        watcher.on('change', () => {
+          if (existsSync(listen)) resolve()
+        })
+      })
+      const child = spawn(process.execPath, [cli, 'tap', listen, server.socketPath, '--json'], {
+        stdio: ['ignore', head.stdin, 'pipe'],
+      })
+      // However the test ends (a timeout included), neither outlives it.
+      onTestFinished(() => {
+        child.kill('SIGKILL')
+        head.kill('SIGKILL')
+      })
+      // Only the tap writes into head's stdin now: head's leaving is the tap's EPIPE.
+      head.stdin.destroy()
+      let stderr = ''
+      child.stderr.setEncoding('utf8').on('data', (d: string) => {
+        stderr += d
+      })
+      const exited = new Promise<[number | null, NodeJS.Signals | null]>((resolve) =>
+        child.once('close', (status, signal) => resolve([status, signal])),
+      )
+      try {
+        await listening
+      } finally {
+        watcher.close()
+      }
+      // The file exists from bind(), a moment before listen().
+      const c = await connectRetrying(listen)
+      await c.validateVersion()
+      // Requests go on through the tap, a line each, until it finds head gone and ends,
+      // closing the session.
+      const gone = await rejection(
+        (async () => {
+          for (;;) await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+        })(),
+      )
+      expect(gone.code).toBe('ECONNRESET')
+      await c.close()
+      const [status, signal] = await exited
+      expect({ status, signal, stderr }).toEqual({ status: 141, signal: null, stderr: '' })
+      expect(existsSync(listen)).toBe(false)
+      await headDone
+      expect(
+        lines
+          .trim()
+          .split('\n')
+          .map(
+            (l) =>
+              (JSON.parse(l) as { type: string; command?: string }).command ?? (JSON.parse(l) as { type: string }).type,
+          ),
+      ).toEqual(['listening', 'open', 'VERSION'])
+    }))
+
+  it("the --out file's reader leaves mid-run (a FIFO): one line naming it and why, exit 1, its session closed and LISTEN removed", () =>
+    inFolder(async (dir) => {
+      await using server = await startScriptedPeer('serve')
+      const listen = join(dir, 'tap.sock')
+      const fifo = join(dir, 'out.fifo')
+      expect(spawnSync('mkfifo', [fifo]).status).toBe(0)
+      // Opened first: the tap opens its --out before it listens. It reads once, then leaves.
+      const reader = createReadStream(fifo)
+      reader.once('data', () => reader.destroy())
+      const child = spawn(process.execPath, [cli, 'tap', listen, server.socketPath, '--out', fifo], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      })
+      onTestFinished(() => {
+        child.kill('SIGKILL')
+      })
+      let stderr = ''
+      child.stderr.setEncoding('utf8').on('data', (d: string) => {
+        stderr += d
+      })
+      const exited = new Promise<number | null>((resolve) => child.once('close', (status) => resolve(status)))
+      await new Promise<void>((resolve) => {
+        child.stdout.setEncoding('utf8').on('data', (d: string) => {
+          if (d.includes('listening')) resolve()
+        })
+      })
+      const c = await connect(listen)
+      await c.validateVersion()
+      const gone = await rejection(
+        (async () => {
+          for (;;) await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+        })(),
+      )
+      expect(gone.code).toBe('ECONNRESET')
+      await c.close()
+      expect({ status: await exited, stderr }).toEqual({
+        status: 1,
+        stderr: `vfio-user: --out ${fifo}: EPIPE: broken pipe\n`,
+      })
+      expect(existsSync(listen)).toBe(false)
+    }))
 })
 
 describe('the vfio-user command line', () => {

@@ -1,9 +1,10 @@
 // The smaller defects found under attack (issue 5), each as a user meets it: bad fds arrays,
 // every id held by late replies, one AbortSignal shared by many requests, error messages
-// that name the socket once, transfers larger than the server accepts.
-import { getEventListeners } from 'node:events'
+// that name the socket once, transfers larger than the server accepts, bytes in a buffer
+// that was transferred away.
+import { getEventListeners, once } from 'node:events'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { Command, connect, type VfioUserClient, type VfioUserError } from '../ts/index'
+import { Command, connect, tap, type VfioUserClient, type VfioUserError } from '../ts/index'
 import { startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
 import { refusedArg, rejection } from './rejection'
 import { getInfoPayload, regionAccess } from './wire'
@@ -200,6 +201,71 @@ describe('replies of every size', () => {
           expect(data[at]).toBe(Number((offset + BigInt(at)) & 0xffn))
         }
       }
+    },
+  )
+})
+
+describe('bytes in an ArrayBuffer that was transferred away (detached)', () => {
+  /** A view over a buffer detached once the view is made, of each kind a caller may hold. */
+  const views: Array<[string, () => Uint8Array]> = [
+    ['a Uint8Array', () => detach((ab) => new Uint8Array(ab))],
+    ['a Buffer', () => detach((ab) => Buffer.from(ab))],
+    ['a view of part of it', () => detach((ab) => new Uint8Array(ab, 4, 8))],
+  ]
+  function detach(view: (ab: ArrayBuffer) => Uint8Array): Uint8Array {
+    const ab = new ArrayBuffer(4096)
+    const v = view(ab)
+    structuredClone(ab, { transfer: [ab] })
+    return v
+  }
+  /** What `call` throws, which it must. */
+  function thrown(call: () => unknown): unknown {
+    try {
+      call()
+    } catch (e) {
+      return e
+    }
+    throw new Error('nothing was thrown')
+  }
+
+  it.each(views)(
+    '%s: every call that takes bytes refuses it, TypeError ERR_INVALID_ARG_TYPE, and sends nothing',
+    async (kind, view) => {
+      // Through a tap, to see what the client sends.
+      await using t = await tap({
+        listen: `${serve.socketPath}.${kind.replaceAll(' ', '-')}`,
+        connect: serve.socketPath,
+      })
+      const sent: string[] = []
+      t.on('message', (m) => {
+        if (m.from === 'client') sent.push(m.command)
+      })
+      await using c = await connect(t.listen)
+      await c.validateVersion()
+      const why = /is a view of a detached ArrayBuffer/
+      await refusedArg(() => c.sendWait(Command.DEVICE_GET_INFO, view()), TypeError, why)
+      await refusedArg(() => c.regionWrite(0, 0, view()), TypeError, why)
+      await refusedArg(() => c.regionWrite(0, 0, view(), { posted: true }), TypeError, why)
+      await refusedArg(() => c.regionRead(0, 0, 4, { into: view() }), TypeError, why)
+      await refusedArg(() => c.dmaMap({ iova: 0, size: 4096, memory: view() }), TypeError, why)
+      await refusedArg(() => c.dmaMapMany([{ iova: 0, size: 4096, memory: view() }]), TypeError, why)
+      for (const call of [
+        () => c.sendWaitSync(Command.DEVICE_GET_INFO, view()),
+        () => c.post(Command.DEVICE_RESET, view()),
+        () => c.regionWriteSync(0, 0, view()),
+        () => c.regionReadSync(0, 0, 4, { into: view() }),
+        () => c.dmaMapSync({ iova: 0, size: 4096, memory: view() }),
+      ]) {
+        const e = thrown(call)
+        expect(e).toBeInstanceOf(TypeError)
+        expect(e).toMatchObject({ code: 'ERR_INVALID_ARG_TYPE', message: expect.stringMatching(why) })
+      }
+      // Nothing went out: after VERSION, the next request is the first.
+      await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+      const ended = once(t, 'close')
+      await c.close()
+      await ended
+      expect(sent).toEqual(['VERSION', 'DEVICE_GET_INFO'])
     },
   )
 })

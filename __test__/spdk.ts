@@ -73,7 +73,8 @@ export async function startTarget(options: TargetOptions): Promise<Target> {
   const args = ['-m', '0x1', '--no-huge', '-s', '512', '--disable-cpumask-locks', '-r', rpcSock]
   if (options.interrupt) args.push('--interrupt-mode')
   let log = ''
-  const child = spawn(join(root, 'build/bin/nvmf_tgt'), args, { stdio: ['ignore', 'pipe', 'pipe'] })
+  // Its own folder as cwd: a core it might dump goes with the folder, not into the checkout.
+  const child = spawn(join(root, 'build/bin/nvmf_tgt'), args, { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] })
   child.stdout?.on('data', (d: Buffer) => {
     log += d.toString()
   })

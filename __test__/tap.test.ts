@@ -1,20 +1,20 @@
 // `vfio-user tap` and tap(): a real client and a real server that are not ours (libvfio-user's
 // `client` and `server` samples) through the tap, the API's records, and sessions ended every
 // way with fds and threads back where they were.
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { once } from 'node:events'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { createReadStream, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { createConnection } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest'
 import { Command, connect, type TapMessage, type TapRecord, tap } from '../ts/index'
 import { native } from '../ts/native'
 import { startScriptedPeer } from '../ts/testing'
 import { librarySamples, startSample, threadCount, warmUp } from './peers'
 import { rejection } from './rejection'
 import { openFds } from './session'
-import { startTap } from './through-tap'
+import { cli, startTap } from './through-tap'
 import { getInfoPayload } from './wire'
 
 let dir: string
@@ -127,6 +127,128 @@ describe('vfio-user tap', () => {
       /summary: 1 session\(s\), 4 message\(s\)\n {2}command +requests +errors +p50 µs +p99 µs\n {2}DEVICE_GET_INFO +1 +0/,
     )
   })
+})
+
+/** A process's resident memory in MiB, from /proc. */
+function rssMiB(pid: number): number {
+  const kib = /^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]
+  return Number(kib) / 1024
+}
+
+describe('vfio-user tap: an output that cannot keep up', () => {
+  // Requests a client keeps going through the tap, 256 at a time: 2 records each. Without
+  // back-pressure they all went through while the output was paused, held for it (80,000 of
+  // them: RSS +104 MiB with stdout, +153 MiB with --out).
+  const requests = 60_000
+  // What the tap may grow by while its output is paused: its bounded queues (4096 lines in
+  // the binding, 4096 + one batch of records in each thread, the output's buffer) and the
+  // garbage of getting there. Measured: +11 MiB (stdout), +19 MiB (--out).
+  const boundMiB = 40
+
+  it.each([
+    ['stdout (--json into a pipe nobody reads)', false],
+    ['--out FILE (a FIFO nobody reads)', true],
+  ])(
+    '%s: the relay waits for it, memory stays bounded, and once it reads again nothing is lost',
+    async (_, viaFile) => {
+      await using peer = await startScriptedPeer('serve')
+      const listen = socketPath()
+      const fifo = join(dir, `out-${n}.fifo`)
+      if (viaFile) expect(spawnSync('mkfifo', [fifo]).status).toBe(0)
+      const args = viaFile ? ['--out', fifo] : ['--json']
+      const child = spawn(process.execPath, [cli, 'tap', listen, peer.socketPath, ...args], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      })
+      const exited = new Promise<number | null>((resolve) => child.once('close', (code) => resolve(code)))
+      // However the test ends (a timeout included), the tap does not outlive it.
+      onTestFinished(() => {
+        child.kill('SIGKILL')
+      })
+      let stderr = ''
+      const behind = new Promise<'behind'>((resolve) => {
+        child.stderr.setEncoding('utf8').on('data', (d: string) => {
+          stderr += d
+          if (stderr.includes('not keeping up')) resolve('behind')
+        })
+      })
+      // The FIFO is opened for reading first: the tap opens its --out before it listens.
+      const slow = viaFile ? createReadStream(fifo, { encoding: 'utf8' }).pause() : child.stdout
+      // The terminal's lines are read as they come (with --json they are the slow output, and
+      // are not read past the listening line until resumed).
+      child.stdout.setEncoding('utf8')
+      await new Promise<void>((ready) => {
+        let first = ''
+        const onData = (d: string) => {
+          first += d
+          if (!first.includes('listening')) return
+          child.stdout.off('data', onData)
+          if (viaFile) child.stdout.resume()
+          else child.stdout.pause()
+          ready()
+        }
+        child.stdout.on('data', onData)
+      })
+      let text = ''
+      let summarised = false
+      const startMiB = rssMiB(child.pid as number)
+      let maxMiB = startMiB
+
+      const c = await connect(listen, { timeoutMs: 120_000 })
+      await c.validateVersion()
+      let sent = 0
+      let done = 0
+      let paused = true
+      const one = async () => {
+        while (sent < requests) {
+          sent++
+          await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+          done++
+          if (paused && done % 64 === 0) maxMiB = Math.max(maxMiB, rssMiB(child.pid as number))
+        }
+      }
+      const all = Promise.all(Array.from({ length: 256 }, one))
+      // Without back-pressure the tap takes every record and holds it for the output: all the
+      // requests go through. With it, the relay waits for the output, and the tap says so.
+      const first = await Promise.race([all.then(() => 'every request went through' as const), behind])
+      maxMiB = Math.max(maxMiB, rssMiB(child.pid as number))
+      expect(maxMiB - startMiB).toBeLessThan(boundMiB)
+      expect({ first, held: done < requests }).toEqual({ first: 'behind', held: true })
+
+      // The output reads again: the relay goes on, and every message is there, in order.
+      paused = false
+      slow.on('data', (d: string) => {
+        text += d
+        summarised ||= text.includes('"type":"summary"', Math.max(0, text.length - d.length - 32))
+      })
+      slow.resume()
+      await all
+      expect(done).toBe(requests)
+      await c.close()
+      // The session's end prints a summary: then every record is out.
+      while (!summarised) await once(slow, 'data')
+      child.kill('SIGINT')
+      expect(await exited).toBe(0)
+      if (viaFile && !slow.readableEnded) await once(slow, 'end')
+      const records = text
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as TapRecord | { type: 'listening' | 'summary' })
+      const messages = records.filter((r): r is TapMessage => r.type === 'message')
+      expect(messages.length).toBe(2 * requests + 2)
+      expect(pairUp(messages)).toEqual([])
+      const infos = messages.filter((m) => m.command === 'DEVICE_GET_INFO')
+      expect(infos.filter((m) => m.kind === 'request').length).toBe(requests)
+      expect(infos.filter((m) => m.kind === 'reply').length).toBe(requests)
+      // In the order they passed: this client numbers its requests one after another (ids
+      // wrap at 2^16), and each reply comes after its request (pairUp).
+      const ids = messages.filter((m) => m.from === 'client').map((m) => m.id)
+      expect(ids.filter((id, i) => i > 0 && id !== (((ids[i - 1] as number) + 1) & 0xffff))).toEqual([])
+      expect(stderr.trim().split('\n')).toEqual([
+        'vfio-user: tap: the output is not keeping up; the relay waits for it, which slows the VMM and its device',
+      ])
+    },
+    120_000,
+  )
 })
 
 describe('tap()', () => {

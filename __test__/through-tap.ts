@@ -7,7 +7,8 @@ import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-const cli = join(__dirname, '..', 'dist', 'cli.js')
+/** The compiled `vfio-user` command. */
+export const cli = join(__dirname, '..', 'dist', 'cli.js')
 
 /** Whether this run goes through a tap. */
 export const throughTap = process.env.VFIO_USER_THROUGH_TAP === '1'

@@ -9,10 +9,19 @@ export function checkInteger(name: string, value: unknown, min: number, max: num
   return value
 }
 
-/** Accepts any Uint8Array (Buffer included) and views it as a Buffer without copying. */
-export function checkPayload(value: unknown): Buffer {
+/**
+ * Accepts any Uint8Array (Buffer included) that is not a view of a detached ArrayBuffer, and
+ * views it as a Buffer without copying. `name` is the argument's, for the message.
+ */
+export function checkPayload(value: unknown, name = 'payload'): Buffer {
   if (!(value instanceof Uint8Array)) {
-    throw invalidArg(`payload must be a Buffer or Uint8Array, got ${describe(value)}`)
+    throw invalidArg(`${name} must be a Buffer or Uint8Array, got ${describe(value)}`)
+  }
+  // A view of a detached (transferred) buffer reads as empty: a Buffer would go out as an
+  // empty payload, any other view would make Buffer.from throw a TypeError without a code.
+  // Only an empty view can be one, so the check costs nothing on the way of real data.
+  if (value.byteLength === 0 && isDetached(value.buffer)) {
+    throw invalidArg(`${name} is a view of a detached ArrayBuffer`)
   }
   if (value.byteLength > 0xffff_ffff - 16) {
     throw outOfRange(`payload of ${value.byteLength} bytes does not fit a vfio-user message`)
@@ -71,13 +80,7 @@ export function checkOffset(name: string, value: unknown): { hi: number; lo: num
 
 /** Data to write: a Uint8Array (Buffer included) that is not detached, as a Buffer view. */
 export function checkData(value: unknown): Buffer {
-  if (value instanceof Uint8Array && value.byteLength === 0 && value.buffer.byteLength === 0) {
-    // A view of a detached (transferred) buffer reads as empty; refuse rather than write
-    // nothing. Node 20 has no `ArrayBuffer.prototype.detached`: a new view of a detached
-    // buffer throws, of an empty one does not.
-    if (isDetached(value.buffer)) throw invalidArg('data is a view of a detached ArrayBuffer')
-  }
-  const data = checkPayload(value)
+  const data = checkPayload(value, 'data')
   if (data.byteLength === 0) throw outOfRange('data must not be empty')
   return data
 }
@@ -108,7 +111,11 @@ export function rejecting<T>(start: () => Promise<T>): Promise<T> {
   }
 }
 
-/** Whether `buffer` was detached (transferred): its length reads 0 and no view of it can be made. */
+/**
+ * Whether `buffer` was detached (transferred): its length reads 0 and no view of it can be
+ * made. Node 20 has no `ArrayBuffer.prototype.detached`: a new view of a detached buffer
+ * throws, of an empty one does not.
+ */
 export function isDetached(buffer: ArrayBufferLike): boolean {
   const known = (buffer as ArrayBuffer & { detached?: boolean }).detached
   if (known !== undefined) return known

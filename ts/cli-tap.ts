@@ -2,10 +2,13 @@
 // between a VMM and its device (tap.ts) printing every message that passes, decoded, one line
 // each (or NDJSON with --json; --out FILE writes the NDJSON to a file while the terminal gets
 // the lines), and a summary (count per command, errors per errno, p50/p99 latency per
-// command) each time the last client leaves, and on Ctrl-C, which then ends it.
-import { createWriteStream, type WriteStream } from 'node:fs'
+// command) each time the last client leaves, and on Ctrl-C, which then ends it. The tap runs
+// on a thread of its own (cli-tap-thread.ts) that takes no more records while an output is
+// behind, so a slow output slows the relay instead of growing memory.
+import { Output, openOut, reason } from './cli-output'
+import { TapThread } from './cli-tap-thread'
 import { UsageError, wholeNumber } from './cli-usage'
-import { type TapMessage, type TapRecord, tap } from './tap'
+import type { TapMessage, TapRecord } from './tap'
 
 /** How `vfio-user tap` is called. */
 export const tapUsage = 'usage: vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N]'
@@ -145,20 +148,92 @@ class Summary {
   }
 }
 
-/** Runs `vfio-user tap` with its arguments; resolves with the exit code once ended (Ctrl-C). */
+/**
+ * Runs `vfio-user tap` with its arguments; resolves with the exit code once ended: 0 on Ctrl-C
+ * (SIGINT) or SIGTERM, 141 (128 + SIGPIPE, as a shell reports a command SIGPIPE ended) once
+ * stdout's reader has gone (`| head`), 1 when writing the --out file failed. However it ends,
+ * the tap is closed first: its sessions end and LISTEN is removed.
+ * @throws {UsageError} for a bad command line, or an --out file that cannot be opened.
+ * @throws {VfioUserError} when LISTEN cannot be bound (`'EADDRINUSE'` if it exists).
+ */
 export async function tapCommand(args: string[]): Promise<number> {
   const o = parse(args)
   if (!o) {
     process.stdout.write(`${tapUsage}\n`)
     return 0
   }
-  const t = await tap({ listen: o.listen, connect: o.server, bytes: o.bytes })
-  const file: WriteStream | undefined = o.out ? createWriteStream(o.out, { flags: 'w' }) : undefined
+  const fileStream = o.out === undefined ? undefined : await openOut(o.out)
   const summary = new Summary()
-  // Sessions open, as the events said (the native count may already include one that
-  // opened since): the summary comes when the last one ends.
+  // Sessions open, as the records said: the summary comes when the last one ends.
   let open = 0
-  const show = (line: string) => process.stdout.write(`${line}\n`)
+  const take = (r: TapRecord) => {
+    switch (r.type) {
+      case 'message':
+        summary.add(r)
+        if (record(r)) show(messageLine(r))
+        break
+      case 'open':
+        open++
+        summary.sessions++
+        if (record(r)) show(`session #${r.session} opened`)
+        break
+      case 'close':
+        if (record(r)) show(`session #${r.session} closed${r.reason ? `: ${r.reason}` : ''}`)
+        if (--open === 0) printSummary()
+        break
+      case 'refused':
+        if (record(r)) show(`a client came but the server could not be reached: ${r.reason}`)
+        break
+    }
+  }
+  // The tap takes no more records until every output has taken these: a slow output slows
+  // the relay, as a pipe would, instead of growing memory.
+  const release = () => {
+    if (!outputs.some((out) => out.waiting)) tap.release()
+  }
+  const tap = new TapThread(
+    { listen: o.listen, connect: o.server, bytes: o.bytes },
+    {
+      records(records) {
+        for (const r of records) take(r)
+        release()
+      },
+      behind() {
+        process.stderr.write(
+          'vfio-user: tap: the output is not keeping up; the relay waits for it, which slows the VMM and its device\n',
+        )
+      },
+    },
+  )
+
+  // From here every way of ending closes the tap first, so no LISTEN is left behind.
+  let code: number | undefined
+  const stop = (exitCode: number) => {
+    // The first reason to end gives the exit code, unless output is lost after it: then 1.
+    if (code === undefined || exitCode === 1) code = exitCode
+    tap.stop()
+  }
+  const signalled = () => stop(0)
+  process.on('SIGINT', signalled)
+  process.on('SIGTERM', signalled)
+  const stdout = new Output('stdout', process.stdout, release, (e) => {
+    // `| head` has read what it wanted: end as SIGPIPE would end us, quietly (but with the tap
+    // closed). Any other failure is said, once.
+    if (e.code === 'EPIPE') return stop(141)
+    process.stderr.write(`vfio-user: stdout: ${reason(e)}\n`)
+    stop(1)
+  })
+  const outputs = [stdout]
+  let file: Output | undefined
+  if (fileStream) {
+    const name = `--out ${o.out}`
+    file = new Output(name, fileStream, release, (e) => {
+      process.stderr.write(`vfio-user: ${name}: ${reason(e)}\n`)
+      stop(1)
+    })
+    outputs.push(file)
+  }
+  const show = (line: string) => stdout.write(`${line}\n`)
   const record = (r: TapRecord) => {
     const ndjson = JSON.stringify(r)
     file?.write(`${ndjson}\n`)
@@ -170,35 +245,19 @@ export async function tapCommand(args: string[]): Promise<number> {
     else show(summary.toText())
     file?.write(`${JSON.stringify(summary.toJson())}\n`)
   }
-  t.on('message', (m) => {
-    summary.add(m)
-    if (record(m)) show(messageLine(m))
-  })
-  t.on('open', (e) => {
-    open++
-    summary.sessions++
-    if (record(e)) show(`session #${e.session} opened`)
-  })
-  t.on('close', (e) => {
-    if (record(e)) show(`session #${e.session} closed${e.reason ? `: ${e.reason}` : ''}`)
-    if (--open === 0) printSummary()
-  })
-  t.on('refused', (e) => {
-    if (record(e)) show(`a client came but the server could not be reached: ${e.reason}`)
-  })
-  if (o.json) show(JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server }))
-  else show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
-  await new Promise<void>((resolve) => {
-    const stop = () => {
-      process.off('SIGINT', stop)
-      process.off('SIGTERM', stop)
-      resolve()
-    }
-    process.on('SIGINT', stop)
-    process.on('SIGTERM', stop)
-  })
-  await t.close()
-  printSummary()
-  if (file) await new Promise<void>((resolve) => file.end(() => resolve()))
-  return 0
+
+  try {
+    await tap.listening
+    if (o.json) show(JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server }))
+    else show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
+    await tap.ended
+    printSummary()
+  } finally {
+    await tap.exited
+    // The tap is closed: a second Ctrl-C may now end a process still waiting for its output.
+    process.off('SIGINT', signalled)
+    process.off('SIGTERM', signalled)
+    await file?.end()
+  }
+  return code ?? 0
 }

@@ -4,13 +4,17 @@
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 
-/** A command line that cannot be run: printed with the usage, exit code 2. */
+/**
+ * A command line that cannot be run: printed with the usage, exit code 2. Without a usage
+ * (an argument that is well formed but names what cannot be used, such as an --out path in
+ * a missing folder) only the message is printed: one line.
+ */
 export class UsageError extends Error {
-  /** What to print after the message. */
+  /** What to print after the message (empty: nothing). */
   readonly usage: string
 
   /** `message` says what was wrong; `usage` how the command is called. */
-  constructor(message: string, usage: string) {
+  constructor(message: string, usage = '') {
     super(message)
     this.name = 'UsageError'
     this.usage = usage

@@ -1,8 +1,10 @@
 #!/usr/bin/env node
 // The `vfio-user` command: `probe` (cli-probe.ts), `migrate` (cli-migrate.ts) and `tap` (cli-tap.ts). `--help`
 // prints the usage (exit 0), `--version` the package's version. A command line that cannot
-// run prints what was wrong and the usage, exit code 2; a failure while running prints
-// `vfio-user: CODE: message`, exit code 1.
+// run prints what was wrong and the usage, exit code 2 (an argument naming what cannot be
+// used, such as an --out file in a missing folder, prints one line); a failure while running
+// prints `vfio-user: CODE: message`, exit code 1. `tap` whose stdout's reader has gone
+// (`| head`) ends quietly with 141, as a command SIGPIPE ended.
 import { migrateCommand, migrateUsage } from './cli-migrate'
 import { probe, probeUsage } from './cli-probe'
 import { tapCommand, tapUsage } from './cli-tap'
@@ -33,7 +35,7 @@ main(process.argv.slice(2)).then(
   },
   (e: unknown) => {
     if (e instanceof UsageError) {
-      process.stderr.write(`vfio-user: ${e.message}\n${e.usage}\n`)
+      process.stderr.write(`vfio-user: ${e.message}\n${e.usage ? `${e.usage}\n` : ''}`)
       process.exitCode = 2
       return
     }

@@ -1,7 +1,16 @@
 // DMA_MAP and DMA_UNMAP as typed calls, and DMA memory (protocol.md 3.1, 3.2, 3.11). The
 // checks against the server's page size and map count, the DMA table and the serving of the
 // server's DMA_READ/DMA_WRITE live in the client crate's dma.rs; this shapes the API.
-import { checkInteger, checkOffset, checkSize, checkTimeout, invalidArg, outOfRange, TWO_POW_64 } from './args'
+import {
+  checkInteger,
+  checkOffset,
+  checkSize,
+  checkTimeout,
+  invalidArg,
+  isDetached,
+  outOfRange,
+  TWO_POW_64,
+} from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
 import { fromNative, VfioUserError } from './errors'
@@ -222,6 +231,10 @@ function mapArgs(m: DmaMapping, options: Omit<CallOptions, 'signal'>) {
   if (m === null || typeof m !== 'object') throw invalidArg('a DMA mapping must be an object')
   if (!(m.memory instanceof DmaMemory) && !(m.memory instanceof Uint8Array)) {
     throw invalidArg('memory must be a DmaMemory (see allocateDmaMemory) or a Buffer')
+  }
+  // Else it would read as 0 bytes of memory, refused as a range it does not hold.
+  if (m.memory instanceof Uint8Array && m.memory.byteLength === 0 && isDetached(m.memory.buffer)) {
+    throw invalidArg('memory is a view of a detached ArrayBuffer')
   }
   const iova = checkOffset('iova', m.iova).value
   const size = checkOffset('size', m.size).value
