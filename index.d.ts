@@ -230,6 +230,13 @@ export declare class NativeTap {
   setLinger(ms: number): void
   /** Describe each message (true), or only relay (false, the default). */
   observe(on: boolean): void
+  /**
+   * Stops handing lines to JavaScript (true) until called with false: they wait here, and
+   * past `MAX_QUEUED_LINES` the relay threads wait for room, so a consumer that is behind
+   * slows the peers instead of growing memory; nothing is dropped. The close delivers
+   * everything whatever the hold.
+   */
+  hold(on: boolean): void
   /** Lines waiting for JavaScript to take them (at most `MAX_QUEUED_LINES`). */
   get queued(): number
   /**

@@ -252,6 +252,77 @@ describe('vfio-user tap: an output that cannot keep up', () => {
 })
 
 describe('tap()', () => {
+  it('a for await that falls behind pauses the tap: the relay waits, and once it takes again nothing is lost, in order', async () => {
+    await using peer = await startScriptedPeer('serve')
+    await using t = await tap({ listen: socketPath(), connect: peer.socketPath })
+    const records = t[Symbol.asyncIterator]()
+    // Its first next() starts it: from then on it takes every record.
+    const first = records.next()
+    await using c = await connect(t.listen, { timeoutMs: 120_000 })
+    await c.validateVersion()
+    // A client keeps 256 requests in flight; the loop takes one record and then none.
+    const requests = 40_000
+    let sent = 0
+    let done = 0
+    const one = async () => {
+      while (sent < requests) {
+        sent++
+        await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+        done++
+      }
+    }
+    const all = Promise.all(Array.from({ length: 256 }, one))
+    expect((await first).value).toMatchObject({ type: 'open' })
+    // Without the pause every record is taken into the loop's queue and every request goes
+    // through; with it the relay waits. (Bounded: a hang fails at the test's timeout.)
+    const stalled = new Promise<'stalled'>((resolve) => {
+      const look = () => (t.stalled > 0 ? resolve('stalled') : setImmediate(look))
+      look()
+    })
+    expect(await Promise.race([all.then(() => 'every request went through'), stalled])).toBe('stalled')
+    expect(done).toBeLessThan(requests)
+    // The loop takes again: every request completes, and every record comes, in order.
+    const messages: TapMessage[] = []
+    const taking = (async () => {
+      for (;;) {
+        const r = await records.next()
+        if (r.done) return
+        if (r.value.type === 'message') messages.push(r.value)
+        if (messages.length === 2 * requests + 2) return
+      }
+    })()
+    await all
+    await taking
+    expect(pairUp(messages)).toEqual([])
+    const ids = messages.filter((m) => m.from === 'client').map((m) => m.id)
+    expect(ids.filter((id, i) => i > 0 && id !== (((ids[i - 1] as number) + 1) & 0xffff))).toEqual([])
+    await records.return(undefined)
+    expect(t.stalled).toBe(0)
+  }, 120_000)
+
+  it('lingerMs: a server that never reads nor closes holds a session no longer than that once the client has gone', async () => {
+    // A server that accepts, keeps its end open after EOF, and never reads or writes.
+    const { createServer } = await import('node:net')
+    const kept: import('node:net').Socket[] = []
+    const server = createServer({ allowHalfOpen: true }, (s) => kept.push(s.pause()))
+    const upstream = socketPath()
+    await new Promise<void>((resolve) => server.listen(upstream, resolve))
+    try {
+      await using t = await tap({ listen: socketPath(), connect: upstream, lingerMs: 100 })
+      const closed = once(t, 'close')
+      const client = createConnection(t.listen)
+      await once(client, 'connect')
+      client.end()
+      const [event] = await closed
+      expect(event.reason).toBe("a side hung up and the other kept the session open past the tap's linger (100 ms)")
+      expect(t.sessions).toBe(0)
+      client.destroy()
+    } finally {
+      for (const s of kept) s.destroy()
+      await new Promise((resolve) => server.close(resolve))
+    }
+  })
+
   it('emits decoded records while someone listens; garbage from the server is relayed and said undecodable', async () => {
     await using peer = await startScriptedPeer('serve')
     await using t = await tap({ listen: socketPath(), connect: peer.socketPath, bytes: 4 })

@@ -33,6 +33,9 @@ struct Queue {
     closing: bool,
     /// Relay threads waiting for room now.
     waiting: u32,
+    /// JavaScript takes no lines (`hold(true)`, a consumer behind): they queue, and past
+    /// `MAX_QUEUED_LINES` the relay waits, until `hold(false)` or the close.
+    held: bool,
 }
 
 /// The queue and the room it signals when JavaScript takes its lines.
@@ -90,7 +93,12 @@ pub fn start_tap(
             Ok(weak
                 .upgrade()
                 .map(|ev| {
-                    let lines = std::mem::take(&mut ev.lock().lines);
+                    let mut q = ev.lock();
+                    if q.held && !q.closing {
+                        return Vec::new();
+                    }
+                    let lines = std::mem::take(&mut q.lines);
+                    drop(q);
                     ev.room.notify_all();
                     lines
                 })
@@ -111,7 +119,7 @@ pub fn start_tap(
                 g.waiting -= 1;
             }
             g.lines.push(line);
-            if g.lines.len() == 1 {
+            if g.lines.len() == 1 && !g.held {
                 g.sink.clone()
             } else {
                 None
@@ -143,6 +151,25 @@ impl NativeTap {
     #[napi]
     pub fn observe(&self, on: bool) {
         self.tap.observe(on);
+    }
+
+    /// Stops handing lines to JavaScript (true) until called with false: they wait here, and
+    /// past `MAX_QUEUED_LINES` the relay threads wait for room, so a consumer that is behind
+    /// slows the peers instead of growing memory; nothing is dropped. The close delivers
+    /// everything whatever the hold.
+    #[napi]
+    pub fn hold(&self, on: bool) {
+        let sink = {
+            let mut q = self.events.lock();
+            q.held = on;
+            if on || q.lines.is_empty() {
+                return;
+            }
+            q.sink.clone()
+        };
+        if let Some(s) = sink {
+            s.call((), ThreadsafeFunctionCallMode::NonBlocking);
+        }
     }
 
     /// Lines waiting for JavaScript to take them (at most `MAX_QUEUED_LINES`).

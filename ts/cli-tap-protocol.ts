@@ -7,6 +7,8 @@ export interface TapWorkerData {
   listen: string
   connect: string
   bytes: number
+  /** How long a session lingers once a side has hung up (the tap's default when undefined). */
+  lingerMs: number | undefined
   /**
    * Shared counters, indexed by {@link HELD} and {@link STOP}: the main thread's side of the
    * back-pressure, read by the tap's thread without a message (it may be blocked on them).

@@ -31,7 +31,10 @@ export class TapThread {
   #stopping = false
 
   /** Starts the tap of `vfio-user tap LISTEN SERVER --bytes N`. */
-  constructor(options: { listen: string; connect: string; bytes: number }, on: TapThreadHandlers) {
+  constructor(
+    options: { listen: string; connect: string; bytes: number; lingerMs: number | undefined },
+    on: TapThreadHandlers,
+  ) {
     this.#worker = new Worker(join(__dirname, 'cli-tap-worker.js'), {
       workerData: { ...options, shared: this.#shared } satisfies TapWorkerData,
     })

@@ -11,7 +11,7 @@ import { type Tap, type TapRecord, tap } from './tap'
 
 const port = parentPort
 if (!port) throw new Error('cli-tap-worker runs as a worker thread of vfio-user tap')
-const { listen, connect, bytes, shared } = workerData as TapWorkerData
+const { listen, connect, bytes, lingerMs, shared } = workerData as TapWorkerData
 const post = (m: FromTapWorker) => port.postMessage(m)
 
 let batch: TapRecord[] = []
@@ -65,7 +65,7 @@ port.on('message', (m: ToTapWorker) => {
   if (running) void stop(running)
 })
 
-tap({ listen, connect, bytes }).then(
+tap({ listen, connect, bytes, lingerMs }).then(
   (t) => {
     running = t
     t.on('message', take)

@@ -11,12 +11,13 @@ import { UsageError, wholeNumber } from './cli-usage'
 import type { TapMessage, TapRecord } from './tap'
 
 /** How `vfio-user tap` is called. */
-export const tapUsage = 'usage: vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N]'
+export const tapUsage = 'usage: vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N] [--linger MS]'
 
 function parse(args: string[]) {
   let json = false
   let out: string | undefined
   let bytes = 16
+  let lingerMs: number | undefined
   const positional: string[] = []
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
@@ -26,6 +27,7 @@ function parse(args: string[]) {
       out = args[++i]
       if (out === undefined || out === '') throw new UsageError('--out needs a file', tapUsage)
     } else if (a === '--bytes') bytes = Math.min(wholeNumber(a, args[++i], 'bytes', tapUsage), 4096)
+    else if (a === '--linger') lingerMs = wholeNumber(a, args[++i], 'milliseconds', tapUsage)
     else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, tapUsage)
     else positional.push(a)
   }
@@ -33,7 +35,7 @@ function parse(args: string[]) {
   if (positional.length !== 2 || listen === undefined || server === undefined) {
     throw new UsageError(`LISTEN and SERVER are needed, got ${positional.length} path(s)`, tapUsage)
   }
-  return { json, out, bytes, listen, server }
+  return { json, out, bytes, lingerMs, listen, server }
 }
 
 const pad2 = (n: number) => String(n).padStart(2, '0')
@@ -182,7 +184,11 @@ export async function tapCommand(args: string[]): Promise<number> {
         if (--open === 0) printSummary()
         break
       case 'refused':
-        if (record(r)) show(`a client came but the server could not be reached: ${r.reason}`)
+        if (record(r)) {
+          show(
+            `a client came and was closed: ${r.full ? 'the tap is full' : 'the server could not be reached'}: ${r.reason}`,
+          )
+        }
         break
     }
   }
@@ -192,7 +198,7 @@ export async function tapCommand(args: string[]): Promise<number> {
     if (!outputs.some((out) => out.waiting)) tap.release()
   }
   const tap = new TapThread(
-    { listen: o.listen, connect: o.server, bytes: o.bytes },
+    { listen: o.listen, connect: o.server, bytes: o.bytes, lingerMs: o.lingerMs },
     {
       records(records) {
         for (const r of records) take(r)

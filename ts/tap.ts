@@ -49,10 +49,12 @@ export interface TapSession {
   reason?: string | null
 }
 
-/** A client connected but the server could not be reached: the client was closed. */
+/** A client connected and was closed at once: the server could not be reached, or the tap was full. */
 export interface TapRefused {
   type: 'refused'
   reason: string
+  /** The tap already had as many sessions open as it takes (256); else the server could not be reached. */
+  full: boolean
 }
 
 /** Anything a tap reports, as its iterator yields it. */
@@ -76,6 +78,9 @@ export interface TapEvents {
   removeListener: [eventName: string | symbol, listener: (...args: unknown[]) => void]
 }
 
+/** Records a `for await` over a tap may have waiting before the tap pauses for it. */
+const ITERATOR_HIGH_WATER = 1024
+
 /** Options of {@link tap}. */
 export interface TapOptions {
   /** The socket path to listen on (it must not exist). */
@@ -84,6 +89,13 @@ export interface TapOptions {
   connect: string
   /** Data bytes shown per message (default 16, at most 4096). */
   bytes?: number
+  /**
+   * How long a session stays open once one of its sides has hung up (its EOF, or its socket
+   * closed) while the other neither closes nor moves data, in ms (default 5000): a server that
+   * never reads, or keeps its socket after EOF, holds a session (two threads, two fds) no
+   * longer than this.
+   */
+  lingerMs?: number
 }
 
 /**
@@ -99,6 +111,8 @@ export class Tap extends EventEmitter<TapEvents> {
   readonly connect: string
   readonly #native: NativeTap
   #iterators = 0
+  /** Pauses in force ({@link Tap.pause} and iterators that are behind): records are held natively while any is. */
+  #pauses = 0
   #ended = false
   readonly #loop = new LoopRef()
   #closed?: Promise<void>
@@ -150,6 +164,27 @@ export class Tap extends EventEmitter<TapEvents> {
     }
   }
 
+  /**
+   * Stops delivering records until {@link Tap.resume}: they wait natively, and once 4096 do,
+   * the relay waits for room, which slows the VMM and its device (as a pipe would) instead of
+   * growing memory; nothing is dropped. For a consumer that cannot keep up (`for await` pauses
+   * by itself once 1024 records wait for its loop). Pauses count: each needs its resume.
+   */
+  pause(): void {
+    if (this.#pauses++ === 0 && !this.#ended) this.#native.hold(true)
+  }
+
+  /** Ends one {@link Tap.pause}: records flow again once none is left. */
+  resume(): void {
+    if (this.#pauses === 0) return
+    if (--this.#pauses === 0 && !this.#ended) this.#native.hold(false)
+  }
+
+  /** Relay directions waiting now for records to be taken (the consumer is behind). */
+  get stalled(): number {
+    return this.#ended ? 0 : this.#native.stalled
+  }
+
   /** Sessions open now. */
   get sessions(): number {
     return this.#ended ? 0 : this.#native.sessions
@@ -197,6 +232,7 @@ export class Tap extends EventEmitter<TapEvents> {
         ['message', 'open', 'close', 'refused'],
         () => this.#ended,
         false,
+        { high: ITERATOR_HIGH_WATER, pause: () => this.pause(), resume: () => this.resume() },
       )
     } finally {
       this.#iterators--
@@ -221,10 +257,13 @@ export function tap(options: TapOptions): Promise<Tap> {
     }
     if (options.listen.length === 0 || options.connect.length === 0) throw outOfRange('socket paths must not be empty')
     const bytes = checkInteger('bytes', options.bytes ?? 16, 0, 4096)
+    const lingerMs =
+      options.lingerMs === undefined ? undefined : checkInteger('lingerMs', options.lingerMs, 0, 0xffff_ffff)
     // The callback runs on the event loop, so never before the Tap below is made.
     let deliver: (lines: string[]) => void = () => {}
     const t = native.startTap(options.listen, options.connect, bytes, (lines) => deliver(lines))
     if ('errno' in t) throw fromNative(t, options.listen)
+    if (lingerMs !== undefined) t.setLinger(lingerMs)
     return new Tap(t, options.listen, options.connect, (d) => {
       deliver = d
     })
