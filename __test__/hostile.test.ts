@@ -3,12 +3,16 @@
 // in a child process of its own by __test__/hostile-child.mjs against
 // vfio-user-hostile-peer, a real process on a real socket; the child must exit 0, and report
 // its fds back where they were.
-import { spawnSync } from 'node:child_process'
-import { mkdtempSync, rmSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
+import { Command, connect } from '../ts/index'
 import { startScriptedPeer, type TestDevice } from '../ts/testing'
+import { rejection } from './rejection'
+import { getInfoPayload } from './wire'
 
 const root = resolve(__dirname, '..')
 const child = join(__dirname, 'hostile-child.mjs')
@@ -99,5 +103,44 @@ describe('a server that sends more fds than the client may hold', () => {
   it('253 fds to a client limited to 80: the connection ends ECONNRESET and every fd that came is closed', async () => {
     const seen = await withPeer('fds:253', (peer) => play(['fds', peer.socketPath], ['prlimit', '--nofile=80']))
     expect(seen).toMatchObject({ call: 'ECONNRESET', close: 'ECONNRESET' })
+  })
+})
+
+describe('a server that sends more fds than the tap may hold', () => {
+  it('vfio-user tap limited to 64 fds relays a reply with 253: the session ends, and every fd that came is closed', async () => {
+    await using peer = await startScriptedPeer('fds:253', { binary: hostileBinary() })
+    const listen = join(scratch, 'tap.sock')
+    const cli = join(root, 'dist', 'cli.js')
+    const tapProcess = spawn(
+      'prlimit',
+      ['--nofile=64', process.execPath, cli, 'tap', listen, peer.socketPath, '--json'],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    )
+    const exited = once(tapProcess, 'close')
+    try {
+      let out = ''
+      const seen = (what: string) =>
+        new Promise<void>((resolve) => {
+          const look = () => (out.includes(what) ? resolve() : tapProcess.stdout.once('data', look))
+          look()
+        })
+      tapProcess.stdout.setEncoding('utf8').on('data', (d: string) => {
+        out += d
+      })
+      await seen('"type":"listening"')
+      const fds = () => readdirSync(`/proc/${tapProcess.pid}/fd`).length
+      const before = fds()
+      await using client = await connect(listen)
+      await client.validateVersion()
+      expect((await rejection(client.sendWait(Command.DEVICE_GET_INFO, getInfoPayload()))).code).toBe('ECONNRESET')
+      await seen('"type":"close"')
+      expect(out).toMatch(/"reason":"reading from the server: No buffer space available"/)
+      expect(fds()).toBe(before)
+    } finally {
+      tapProcess.kill('SIGINT')
+      await exited
+    }
   })
 })

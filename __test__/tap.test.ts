@@ -431,6 +431,53 @@ describe('tap()', () => {
     await c.close()
   })
 
+  it('256 clients that send and close to a server that never reads nor closes: every session ends by the linger, threads and fds back, and the tap takes clients again', async () => {
+    const { createServer } = await import('node:net')
+    const kept: import('node:net').Socket[] = []
+    const server = createServer({ allowHalfOpen: true }, (s) => kept.push(s.pause()))
+    const upstream = socketPath()
+    await new Promise<void>((resolve) => server.listen(upstream, resolve))
+    try {
+      const fds = openFds()
+      const threads = threadCount()
+      const t = await tap({ listen: socketPath(), connect: upstream, lingerMs: 50 })
+      let ended = 0
+      const allEnded = new Promise<void>((resolve) =>
+        t.on('close', () => {
+          if (++ended === 256) resolve()
+        }),
+      )
+      const clients = []
+      for (let i = 0; i < 256; i++) {
+        const s = createConnection(t.listen)
+        await once(s, 'connect')
+        s.end(Buffer.alloc(64, i))
+        clients.push(s)
+      }
+      await allEnded
+      for (const c of clients) c.destroy()
+      expect(t.sessions).toBe(0)
+      // The tap takes a client again (none refused as full).
+      const refused: unknown[] = []
+      t.on('refused', (r) => refused.push(r))
+      const again = createConnection(t.listen)
+      await once(again, 'connect')
+      await once(t, 'open')
+      again.destroy()
+      expect(refused).toEqual([])
+      await t.close()
+      for (const s of kept) s.destroy()
+      const deadline = Date.now() + 10_000
+      while ((openFds() !== fds || threadCount() !== threads) && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 10))
+      }
+      expect({ fds: openFds(), threads: threadCount() }).toEqual({ fds, threads })
+    } finally {
+      for (const s of kept) s.destroy()
+      await new Promise((resolve) => server.close(resolve))
+    }
+  }, 60_000)
+
   it('100 sessions opened and ended every way: fds and threads back where they were', async () => {
     // `echo` answers like `serve`, and a REGION_READ after sleeping its region field in ms.
     await using peer = await startScriptedPeer('echo')
