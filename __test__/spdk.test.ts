@@ -20,9 +20,12 @@ import { openFds } from './session'
 import { spdk, startTarget, type Target } from './spdk'
 
 const root = join(__dirname, '..')
+// `VFIO_USER_SPDK=none` (a musl machine, where SPDK does not build) skips this suite; the
+// runner fails on that skip unless the machine also names it in $VFIO_USER_ALLOWED_SKIPS.
+const describeSpdk = process.env.VFIO_USER_SPDK === 'none' ? describe.skip : describe
 
 beforeAll(async () => {
-  spdk() // built (or found) once, before any test's clock starts
+  if (process.env.VFIO_USER_SPDK !== 'none') spdk() // built (or found) once, before any test's clock starts
   await warmUp()
 }, 1_200_000)
 
@@ -72,7 +75,7 @@ async function enabled(client: VfioUserClient, options: ConstructorParameters<ty
 
 for (const interrupt of [true, false]) {
   const mode = interrupt ? 'interrupt mode (-M)' : 'polling mode'
-  describe(`SPDK nvmf_tgt, ${mode}`, () => {
+  describeSpdk(`SPDK nvmf_tgt, ${mode}`, () => {
     it('version, capabilities, deviceInfo, every region and irq index', async () => {
       await withTarget(interrupt, async (_t, client) => {
         const v = await client.validateVersion()
@@ -137,6 +140,25 @@ for (const interrupt of [true, false]) {
           firmware: '26.05',
         })
         expect(await m.nvme.identifyNamespace(1)).toEqual({ blocks: 131072n, blockSize: 512 })
+      })
+    })
+
+    it('DMA memory of 4 KiB pages, half of it mapped, works too (the notes say SPDK needs 2 MiB-aligned memory)', async () => {
+      await withTarget(interrupt, async (_t, client) => {
+        using memory = allocateDmaMemory(MEMORY_SIZE)
+        await client.dmaMap({ iova: IOVA, size: MEMORY_SIZE / 2, memory })
+        const nvme = new Nvme(client, memory)
+        await nvme.enablePci()
+        await nvme.enable()
+        await nvme.identifyNamespace(1)
+        await nvme.createIoQueues()
+        nvme.data().fill('small pages ')
+        await nvme.write(0n, 8)
+        nvme.data().fill(0)
+        await nvme.read(0n, 8)
+        expect(nvme.data().toString('latin1', 0, 12)).toBe('small pages ')
+        await nvme.disable()
+        await client.dmaUnmap({ iova: IOVA, size: MEMORY_SIZE / 2 })
       })
     })
 

@@ -45,7 +45,8 @@ if (!process.env.VFIO_USER_LIBVFIO_SAMPLES && existsSync(peers)) {
 }
 
 // SPDK's nvmf_tgt (the production vfio-user server) the same way: 10-15 minutes the first
-// time, cached after; its suite fails, never skips, without it.
+// time, cached after; its suite fails, never skips, without it (`VFIO_USER_SPDK=none` skips it,
+// which fails the run unless $VFIO_USER_ALLOWED_SKIPS names it).
 const spdkScript = resolve(root, '../shared/peers/build-spdk')
 if (!process.env.VFIO_USER_SPDK && existsSync(spdkScript)) {
   console.log(`building SPDK's nvmf_tgt (${spdkScript}; 10-15 minutes the first time)`)
