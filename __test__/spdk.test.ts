@@ -36,9 +36,12 @@ beforeEach(() => {
   baseline = { fds: openFds(), threads: threadCount(), hugeFree: hugePages().free, giveBack }
 })
 afterEach(async () => {
-  await expectCountsBack(baseline.fds, baseline.threads)
-  expect(hugePages().free).toBe(baseline.hugeFree)
-  baseline.giveBack()
+  try {
+    await expectCountsBack(baseline.fds, baseline.threads)
+    expect(hugePages().free).toBe(baseline.hugeFree)
+  } finally {
+    baseline.giveBack()
+  }
 })
 
 /** A target in `mode`, and a client of it that negotiated; both ended after `f`, the log checked. */
@@ -104,6 +107,18 @@ for (const interrupt of [true, false]) {
         for (let i = 0; i < 5; i++) counts.push((await client.irqInfo(i)).count)
         expect(counts).toEqual([1, 0, 512, 1, 1])
       })
+    })
+
+    it('vfio-user probe shows an NVMe controller', async () => {
+      await using target = await startTarget({ interrupt })
+      const probe = spawnSync(process.execPath, [join(root, 'dist', 'cli.js'), 'probe', target.socketPath], {
+        encoding: 'utf8',
+      })
+      expect({ status: probe.status, stderr: probe.stderr }).toEqual({ status: 0, stderr: '' })
+      expect(probe.stdout).toMatch(/class 0x010802/)
+      expect(probe.stdout).toMatch(/MSI-X\s+512 vector\(s\), eventfd/)
+      expect(probe.stdout).toMatch(/MSI-X\s+disabled, 512 vectors, table BAR4\+0x0, PBA BAR5\+0x0/)
+      expect(target.errors().join('\n')).toBe('')
     })
 
     it('decodePciConfig: an NVMe controller with PM, PCI Express and MSI-X', async () => {
@@ -295,7 +310,7 @@ for (const interrupt of [true, false]) {
         expect(lines[4]).toMatch(
           extra.length
             ? /^shut down; completions awaited by polling/
-            : /^shut down; completions awaited on [1-9]\d* MSI-X/,
+            : /^shut down; completions awaited on [1-9]\d* MSI-X interrupts?$/,
         )
       }
       expect(target.errors().join('\n')).toBe('')

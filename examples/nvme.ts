@@ -45,7 +45,9 @@ try {
   if (!same) process.exitCode = 1
   await nvme.deleteIoQueues()
   await nvme.shutdown()
-  const waited = irqs ? `on ${nvme.interrupts} MSI-X interrupts` : 'by polling the completion queues'
+  const waited = irqs
+    ? `on ${nvme.interrupts} MSI-X interrupt${nvme.interrupts === 1 ? '' : 's'}`
+    : 'by polling the completion queues'
   console.log(`shut down; completions awaited ${waited}`)
 } finally {
   await irqs?.disable()
