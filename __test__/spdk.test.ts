@@ -6,18 +6,27 @@
 // target's log it did not provoke; fds, the library's threads and free huge pages are back to
 // where they were after each. examples/nvme-driver.ts is the NVMe driver the tests drive.
 
-import { spawnSync } from 'node:child_process'
-import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync } from 'node:fs'
+import { spawn, spawnSync } from 'node:child_process'
+import { once } from 'node:events'
+import { closeSync, existsSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest'
 import { IOVA, MEMORY_SIZE, Nvme } from '../examples/nvme-driver'
-import { allocateDmaMemory, connect, decodePciConfig, dmaMemoryFromFd, type VfioUserClient } from '../ts/index'
+import {
+  allocateDmaMemory,
+  connect,
+  decodePciConfig,
+  dmaMemoryFromFd,
+  type TapMessage,
+  tap,
+  type VfioUserClient,
+} from '../ts/index'
 import { startTestDevice } from '../ts/testing'
 import { hugePages, reserveHugePages } from './hugepages'
 import { expectCountsBack, threadCount, warmUp } from './peers'
 import { openFds } from './session'
-import { spdk, startTarget, type Target } from './spdk'
+import { NQN, spdk, startTarget, type Target } from './spdk'
 
 const root = join(__dirname, '..')
 // `VFIO_USER_SPDK=none` (a musl machine, where SPDK does not build) skips this suite; the
@@ -317,3 +326,82 @@ for (const interrupt of [true, false]) {
     })
   })
 }
+
+describeSpdk('SPDK nvmf_tgt through the tap', () => {
+  /** Runs `command` with `args` to its end; resolves with its exit code and output. */
+  async function run(command: string, args: string[]): Promise<{ code: number | null; out: string }> {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString()
+    })
+    child.stderr.on('data', (d: Buffer) => {
+      out += d.toString()
+    })
+    const [code] = (await once(child, 'close')) as [number | null]
+    return { code, out }
+  }
+
+  it("SPDK's own initiator (spdk_nvme_identify, spdk_nvme_perf) and examples/nvme.ts: every message decoded", async () => {
+    // SPDK's initiator maps BAR0 (a polling target) and wants hugetlbfs at /dev/hugepages.
+    const giveBack = reserveHugePages(256)
+    const mounted = !spawnSync('mountpoint', ['-q', '/dev/hugepages']).status
+    if (!mounted) {
+      if (!existsSync('/dev/hugepages')) mkdirSync('/dev/hugepages')
+      expect(spawnSync('mount', ['-t', 'hugetlbfs', 'nodev', '/dev/hugepages']).status).toBe(0)
+    }
+    try {
+      await using target = await startTarget({ interrupt: false })
+      const dir = mkdtempSync(join(tmpdir(), 'spdk-tap-'))
+      try {
+        await using t = await tap({ listen: join(dir, 'cntrl'), connect: target.socketPath })
+        const seen: TapMessage[] = []
+        t.on('message', (m) => seen.push(m))
+        const bin = (name: string) => join(spdk(), 'build/bin', name)
+        const trid = `trtype:VFIOUSER traddr:${dir} subnqn:${NQN}`
+        const identify = await run(bin('spdk_nvme_identify'), ['-r', trid])
+        expect(identify.code).toBe(0)
+        expect(identify.out).toMatch(/Model Number:\s+SPDK bdev Controller/)
+        const perf = await run(bin('spdk_nvme_perf'), [
+          '-r',
+          trid,
+          '-q',
+          '32',
+          '-o',
+          '4096',
+          '-w',
+          'randread',
+          '-t',
+          '1',
+          '-c',
+          '0x2',
+        ])
+        expect(perf.code).toBe(0)
+        expect(perf.out).toMatch(/NSID 1 from core\s+1:\s+[1-9]/)
+        const example = await run(process.execPath, ['scripts/example.mjs', 'nvme', t.listen, '--mmap'])
+        expect(example).toMatchObject({ code: 0 })
+        await t.close()
+        expect(seen.filter((m) => m.undecodable)).toEqual([])
+        const commands = new Set(seen.map((m) => m.command))
+        for (const c of [
+          'VERSION',
+          'DEVICE_GET_INFO',
+          'DEVICE_GET_REGION_INFO',
+          'DMA_MAP',
+          'DMA_UNMAP',
+          'REGION_READ',
+          'REGION_WRITE',
+        ]) {
+          expect(commands).toContain(c)
+        }
+        expect(seen.filter((m) => m.kind === 'error')).toEqual([])
+      } finally {
+        rmSync(dir, { recursive: true, force: true })
+      }
+      expect(target.errors().join('\n')).toBe('')
+    } finally {
+      if (!mounted) spawnSync('umount', ['/dev/hugepages'])
+      giveBack()
+    }
+  }, 120_000)
+})
