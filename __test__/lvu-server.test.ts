@@ -51,6 +51,8 @@ beforeAll(async () => {
   const p = await start()
   await p.client.close()
   await p.server.waitExit()
+  // Its tap (through-tap runs) ends with it: none outlives the run.
+  await p.relay?.close()
   peers = []
 })
 
