@@ -1,9 +1,10 @@
-// `npm run bench:nvme`: 4 KiB random reads from SPDK's NVMe controller (nvmf_tgt, polling, a
-// malloc bdev) through the example driver (examples/nvme-perf.ts on examples/nvme-driver.ts)
-// and through SPDK's own initiator (spdk_nvme_perf) on the same target, in one run, paired by
-// round: QD1 latency and QD32 IOPS; our doorbells through the mapped BAR0 and as posted
-// REGION_WRITEs; completions by MSI-X and by polling; CPU per read. The target polls on core
-// 0; every initiator runs on core 1. Needs root (huge pages, hugetlbfs at /dev/hugepages for
+// `npm run bench:nvme`: 4 KiB random reads from SPDK's NVMe controller (nvmf_tgt, a malloc
+// bdev) through the example driver (examples/nvme-perf.ts on examples/nvme-driver.ts) and
+// through SPDK's own initiator (spdk_nvme_perf), in one run, paired by round: QD1 latency and
+// QD32 IOPS; our doorbells through the mapped BAR0 (a polling target, as spdk_nvme_perf's)
+// and as posted REGION_WRITEs (an interrupt-mode target, `-M`, made for doorbells by message:
+// a polling target reads its socket only every millisecond or so); completions by MSI-X and
+// by polling; CPU per read. The target runs on core 0, every initiator on core 1. Needs root (huge pages, hugetlbfs at /dev/hugepages for
 // spdk_nvme_perf) and SPDK (`$VFIO_USER_SPDK`, or ../shared/peers/build-spdk). Run it alone.
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -36,18 +37,34 @@ if (!mounted) {
   execFileSync('mount', ['-t', 'hugetlbfs', 'nodev', '/dev/hugepages'])
 }
 
-const dir = mkdtempSync(join(tmpdir(), 'vfio-user-bench-nvme-'))
-const rpcSock = join(dir, 'rpc.sock')
-const target = spawn(
-  join(spdk, 'build/bin/nvmf_tgt'),
-  ['-m', '0x1', '--no-huge', '-s', '512', '--disable-cpumask-locks', '-r', rpcSock],
-  { cwd: dir, stdio: 'ignore' },
-)
-const rpc = (lines) =>
+/** Starts a target (polling, or interrupt mode with `-M`) with one controller. */
+function startTarget(interrupt) {
+  const dir = mkdtempSync(join(tmpdir(), 'vfio-user-bench-nvme-'))
+  const rpcSock = join(dir, 'rpc.sock')
+  const args = ['-m', '0x1', '--no-huge', '-s', '512', '--disable-cpumask-locks', '-r', rpcSock]
+  if (interrupt) args.push('--interrupt-mode')
+  const child = spawn(join(spdk, 'build/bin/nvmf_tgt'), args, { cwd: dir, stdio: 'ignore' })
+  const closed = new Promise((r) => child.once('close', r))
   execFileSync('/usr/bin/python3', [join(spdk, 'scripts/rpc.py'), '-r', '150', '-s', rpcSock], {
-    input: `${lines.join('\n')}\n`,
+    input: `${[
+      'framework_wait_init',
+      `nvmf_create_transport -t VFIOUSER${interrupt ? ' -M' : ''}`,
+      'bdev_malloc_create 64 512 -b Malloc0',
+      `nvmf_create_subsystem ${NQN} -a -s SPDK0`,
+      `nvmf_subsystem_add_ns ${NQN} Malloc0`,
+      `nvmf_subsystem_add_listener ${NQN} -t VFIOUSER -a ${dir} -s 0`,
+    ].join('\n')}\n`,
   })
-const socket = join(dir, 'cntrl')
+  return {
+    dir,
+    socket: join(dir, 'cntrl'),
+    async stop() {
+      child.kill('SIGTERM')
+      await closed
+      rmSync(dir, { recursive: true, force: true })
+    },
+  }
+}
 
 /** Runs `cmd` on core 1 under /usr/bin/time; its output and its CPU in µs. */
 function onCore1(cmd, args) {
@@ -61,8 +78,8 @@ function onCore1(cmd, args) {
 }
 
 /** spdk_nvme_perf at queue depth `qd`: IOPS, mean latency and CPU per read. */
-function perf(qd) {
-  const trid = `trtype:VFIOUSER traddr:${dir} subnqn:${NQN}`
+function perf(target, qd) {
+  const trid = `trtype:VFIOUSER traddr:${target.dir} subnqn:${NQN}`
   const r = onCore1(join(spdk, 'build/bin/spdk_nvme_perf'), [
     '-r',
     trid,
@@ -85,11 +102,11 @@ function perf(qd) {
 }
 
 /** The example driver at queue depth `qd`. */
-function ours(qd, flags) {
+function ours(target, qd, flags) {
   const r = onCore1(process.execPath, [
     'scripts/example.mjs',
     'nvme-perf',
-    socket,
+    target.socket,
     '--depth',
     String(qd),
     '--seconds',
@@ -104,24 +121,24 @@ const runs = new Map()
 const keep = (name, v) => runs.set(name, [...(runs.get(name) ?? []), v])
 
 try {
-  rpc([
-    'framework_wait_init',
-    'nvmf_create_transport -t VFIOUSER',
-    'bdev_malloc_create 64 512 -b Malloc0',
-    `nvmf_create_subsystem ${NQN} -a -s SPDK0`,
-    `nvmf_subsystem_add_ns ${NQN} Malloc0`,
-    `nvmf_subsystem_add_listener ${NQN} -t VFIOUSER -a ${dir} -s 0`,
-  ])
   const ourKinds = [
-    ['mmap doorbells, MSI-X', ['--mmap']],
-    ['mmap doorbells, polled', ['--mmap', '--poll']],
-    ['posted REGION_WRITE doorbells, MSI-X', []],
-    ['posted REGION_WRITE doorbells, polled', ['--poll']],
+    ['mmap doorbells, MSI-X', ['--mmap'], false],
+    ['mmap doorbells, polled', ['--mmap', '--poll'], false],
+    ['posted REGION_WRITE doorbells (-M target), MSI-X', [], true],
+    ['posted REGION_WRITE doorbells (-M target), polled', ['--poll'], true],
   ]
   for (let round = 0; round < rounds; round++) {
-    for (const qd of [1, 32]) {
-      keep(`spdk_nvme_perf QD${qd}`, perf(qd))
-      for (const [name, flags] of ourKinds) keep(`${name} QD${qd}`, ours(qd, flags))
+    for (const interrupt of [false, true]) {
+      const target = startTarget(interrupt)
+      try {
+        for (const qd of [1, 32]) {
+          if (!interrupt) keep(`spdk_nvme_perf QD${qd}`, perf(target, qd))
+          for (const [name, flags, wants] of ourKinds)
+            if (wants === interrupt) keep(`${name} QD${qd}`, ours(target, qd, flags))
+        }
+      } finally {
+        await target.stop()
+      }
     }
     console.error(`round ${round + 1} of ${rounds} done`)
   }
@@ -147,9 +164,6 @@ try {
     }
   }
 } finally {
-  target.kill('SIGTERM')
-  await new Promise((r) => target.once('close', r))
-  rmSync(dir, { recursive: true, force: true })
   if (!mounted) spawnSync('umount', ['/dev/hugepages'])
   writeFileSync(sysctl, String(pagesBefore))
 }

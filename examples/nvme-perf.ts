@@ -33,7 +33,7 @@ try {
   await nvme.createIoQueues()
   const blocksPer4k = 4096 / ns.blockSize
   const span = Math.min(Number(ns.blocks), (64 << 20) / ns.blockSize) / blocksPer4k
-  const lba = () => BigInt(Math.floor(Math.random() * span) * blocksPer4k)
+  const lba = () => Math.floor(Math.random() * span) * blocksPer4k
   // 4 KiB reads: the namespace's blocks are 512 bytes, so a read is 8 of them.
   const read = (total: number) => nvme.readMany(total, depth, lba, blocksPer4k)
   await read(2000) // warm up: the JIT, the target's queues
