@@ -140,9 +140,9 @@ describe('vfio-user tap: an output that cannot keep up', () => {
   // back-pressure they all went through while the output was paused, held for it (80,000 of
   // them: RSS +104 MiB with stdout, +153 MiB with --out).
   const requests = 60_000
-  // What the tap may grow by while its output is paused: its bounded queues (4096 lines in
-  // the binding, 4096 + one batch of records in each thread, the output's buffer) and the
-  // garbage of getting there. Measured: +11 MiB (stdout), +19 MiB (--out).
+  // What the tap may grow by while its output is paused: its bounded queue (4096 lines in the
+  // binding), one batch of records written to the output's buffer, and the garbage of getting
+  // there. Measured: +2 MiB (stdout), +11 MiB (--out).
   const boundMiB = 40
 
   it.each([

@@ -2,13 +2,12 @@
 // between a VMM and its device (tap.ts) printing every message that passes, decoded, one line
 // each (or NDJSON with --json; --out FILE writes the NDJSON to a file while the terminal gets
 // the lines), and a summary (count per command, errors per errno, p50/p99 latency per
-// command) each time the last client leaves, and on Ctrl-C, which then ends it. The tap runs
-// on a thread of its own (cli-tap-thread.ts) that takes no more records while an output is
-// behind, so a slow output slows the relay instead of growing memory.
+// command) each time the last client leaves, and on Ctrl-C, which then ends it. While an
+// output is behind, the tap is paused (tap.ts), so a slow output slows the relay instead of
+// growing memory.
 import { Output, openOut, reason } from './cli-output'
-import { TapThread } from './cli-tap-thread'
 import { UsageError, wholeNumber } from './cli-usage'
-import type { TapMessage, TapRecord } from './tap'
+import { type Tap, type TapMessage, type TapRecord, tap } from './tap'
 
 /** How `vfio-user tap` is called. */
 export const tapUsage = 'usage: vfio-user tap LISTEN SERVER [--json] [--out FILE] [--bytes N] [--linger MS]'
@@ -165,9 +164,44 @@ export async function tapCommand(args: string[]): Promise<number> {
     return 0
   }
   const fileStream = o.out === undefined ? undefined : await openOut(o.out)
+  let t: Tap
+  try {
+    t = await tap({ listen: o.listen, connect: o.server, bytes: o.bytes, lingerMs: o.lingerMs, everyMessage: true })
+  } catch (e) {
+    fileStream?.destroy()
+    throw e
+  }
   const summary = new Summary()
   // Sessions open, as the records said: the summary comes when the last one ends.
   let open = 0
+  // While an output is behind the tap is paused: records wait natively, and the relay waits
+  // once 4096 do, so a slow output slows the relay (as a pipe would) instead of growing memory.
+  let paused = false
+  let saidBehind = false
+  // Said once, when the relay really waits (not for an output that is merely slow to take a
+  // burst, or gone: its error ends the tap first): looked at a few times a second while paused.
+  let watching: NodeJS.Timeout | undefined
+  const watch = () => {
+    watching ??= setInterval(() => {
+      if (saidBehind || t.stalled === 0) return
+      saidBehind = true
+      clearInterval(watching)
+      process.stderr.write(
+        'vfio-user: tap: the output is not keeping up; the relay waits for it, which slows the VMM and its device\n',
+      )
+    }, 100).unref()
+  }
+  const behind = () => {
+    if (paused || !outputs.some((out) => out.waiting)) return
+    paused = true
+    t.pause()
+    if (!saidBehind) watch()
+  }
+  const caughtUp = () => {
+    if (!paused || outputs.some((out) => out.waiting)) return
+    paused = false
+    t.resume()
+  }
   const take = (r: TapRecord) => {
     switch (r.type) {
       case 'message':
@@ -191,38 +225,22 @@ export async function tapCommand(args: string[]): Promise<number> {
         }
         break
     }
+    behind()
   }
-  // The tap takes no more records until every output has taken these: a slow output slows
-  // the relay, as a pipe would, instead of growing memory.
-  const release = () => {
-    if (!outputs.some((out) => out.waiting)) tap.release()
-  }
-  const tap = new TapThread(
-    { listen: o.listen, connect: o.server, bytes: o.bytes, lingerMs: o.lingerMs },
-    {
-      records(records) {
-        for (const r of records) take(r)
-        release()
-      },
-      behind() {
-        process.stderr.write(
-          'vfio-user: tap: the output is not keeping up; the relay waits for it, which slows the VMM and its device\n',
-        )
-      },
-    },
-  )
 
   // From here every way of ending closes the tap first, so no LISTEN is left behind.
   let code: number | undefined
+  const ended = new Promise<void>((resolve) => t.once('end', () => resolve()))
   const stop = (exitCode: number) => {
     // The first reason to end gives the exit code, unless output is lost after it: then 1.
     if (code === undefined || exitCode === 1) code = exitCode
-    tap.stop()
+    clearInterval(watching)
+    void t.close()
   }
   const signalled = () => stop(0)
   process.on('SIGINT', signalled)
   process.on('SIGTERM', signalled)
-  const stdout = new Output('stdout', process.stdout, release, (e) => {
+  const stdout = new Output('stdout', process.stdout, caughtUp, (e) => {
     // `| head` has read what it wanted: end as SIGPIPE would end us, quietly (but with the tap
     // closed). Any other failure is said, once.
     if (e.code === 'EPIPE') return stop(141)
@@ -233,7 +251,7 @@ export async function tapCommand(args: string[]): Promise<number> {
   let file: Output | undefined
   if (fileStream) {
     const name = `--out ${o.out}`
-    file = new Output(name, fileStream, release, (e) => {
+    file = new Output(name, fileStream, caughtUp, (e) => {
       process.stderr.write(`vfio-user: ${name}: ${reason(e)}\n`)
       stop(1)
     })
@@ -253,13 +271,12 @@ export async function tapCommand(args: string[]): Promise<number> {
   }
 
   try {
-    await tap.listening
+    for (const name of ['message', 'open', 'close', 'refused'] as const) t.on(name, take)
     if (o.json) show(JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server }))
     else show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
-    await tap.ended
+    await ended
     printSummary()
   } finally {
-    await tap.exited
     // The tap is closed: a second Ctrl-C may now end a process still waiting for its output.
     process.off('SIGINT', signalled)
     process.off('SIGTERM', signalled)

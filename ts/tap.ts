@@ -96,6 +96,12 @@ export interface TapOptions {
    * longer than this.
    */
   lingerMs?: number
+  /**
+   * Describe every message from the first, even while no `'message'` listener or iterator is
+   * there (default: only while one is, so a listener added after `tap()` resolves misses what
+   * passed before it). `vfio-user tap` sets it.
+   */
+  everyMessage?: boolean
 }
 
 /**
@@ -111,6 +117,8 @@ export class Tap extends EventEmitter<TapEvents> {
   readonly connect: string
   readonly #native: NativeTap
   #iterators = 0
+  /** Describe every message, listened to or not (`everyMessage`). */
+  #everyMessage = false
   /** Pauses in force ({@link Tap.pause} and iterators that are behind): records are held natively while any is. */
   #pauses = 0
   #ended = false
@@ -120,9 +128,16 @@ export class Tap extends EventEmitter<TapEvents> {
   #onEnd?: () => void
 
   /** @internal Use {@link tap}. */
-  constructor(t: NativeTap, listen: string, connect: string, feed: (deliver: (lines: string[]) => void) => void) {
+  constructor(
+    t: NativeTap,
+    listen: string,
+    connect: string,
+    feed: (deliver: (lines: string[]) => void) => void,
+    everyMessage = false,
+  ) {
     super()
     this.#native = t
+    this.#everyMessage = everyMessage
     this.listen = listen
     this.connect = connect
     this.#loop.ref()
@@ -138,7 +153,8 @@ export class Tap extends EventEmitter<TapEvents> {
   }
 
   #observe(): void {
-    if (!this.#ended) this.#native.observe(this.listenerCount('message') > 0 || this.#iterators > 0)
+    const wanted = this.#everyMessage || this.listenerCount('message') > 0 || this.#iterators > 0
+    if (!this.#ended) this.#native.observe(wanted)
   }
 
   #deliver(lines: string[]): void {
@@ -256,6 +272,8 @@ export function tap(options: TapOptions): Promise<Tap> {
       throw invalidArg('listen and connect must be socket paths (strings)')
     }
     if (options.listen.length === 0 || options.connect.length === 0) throw outOfRange('socket paths must not be empty')
+    const everyMessage = options.everyMessage ?? false
+    if (typeof everyMessage !== 'boolean') throw invalidArg('everyMessage must be a boolean')
     const bytes = checkInteger('bytes', options.bytes ?? 16, 0, 4096)
     const lingerMs =
       options.lingerMs === undefined ? undefined : checkInteger('lingerMs', options.lingerMs, 0, 0xffff_ffff)
@@ -264,8 +282,16 @@ export function tap(options: TapOptions): Promise<Tap> {
     const t = native.startTap(options.listen, options.connect, bytes, (lines) => deliver(lines))
     if ('errno' in t) throw fromNative(t, options.listen)
     if (lingerMs !== undefined) t.setLinger(lingerMs)
-    return new Tap(t, options.listen, options.connect, (d) => {
-      deliver = d
-    })
+    // At once, in the call that bound LISTEN: no client has had time to send anything.
+    if (everyMessage) t.observe(true)
+    return new Tap(
+      t,
+      options.listen,
+      options.connect,
+      (d) => {
+        deliver = d
+      },
+      everyMessage,
+    )
   })
 }
