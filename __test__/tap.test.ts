@@ -251,6 +251,23 @@ describe('vfio-user tap: an output that cannot keep up', () => {
   )
 })
 
+/** A server that accepts, keeps its end open after EOF, and never reads or writes. */
+async function silentServer() {
+  const { createServer } = await import('node:net')
+  const kept: import('node:net').Socket[] = []
+  const server = createServer({ allowHalfOpen: true }, (s) => kept.push(s.pause()))
+  const upstream = socketPath()
+  await new Promise<void>((resolve) => server.listen(upstream, resolve))
+  return {
+    upstream,
+    kept,
+    async close() {
+      for (const s of kept) s.destroy()
+      await new Promise((resolve) => server.close(resolve))
+    },
+  }
+}
+
 describe('tap()', () => {
   it('a for await that falls behind pauses the tap: the relay waits, and once it takes again nothing is lost, in order', async () => {
     await using peer = await startScriptedPeer('serve')
@@ -301,12 +318,7 @@ describe('tap()', () => {
   }, 120_000)
 
   it('lingerMs: a server that never reads nor closes holds a session no longer than that once the client has gone', async () => {
-    // A server that accepts, keeps its end open after EOF, and never reads or writes.
-    const { createServer } = await import('node:net')
-    const kept: import('node:net').Socket[] = []
-    const server = createServer({ allowHalfOpen: true }, (s) => kept.push(s.pause()))
-    const upstream = socketPath()
-    await new Promise<void>((resolve) => server.listen(upstream, resolve))
+    const { upstream, close } = await silentServer()
     try {
       await using t = await tap({ listen: socketPath(), connect: upstream, lingerMs: 100 })
       const closed = once(t, 'close')
@@ -318,8 +330,7 @@ describe('tap()', () => {
       expect(t.sessions).toBe(0)
       client.destroy()
     } finally {
-      for (const s of kept) s.destroy()
-      await new Promise((resolve) => server.close(resolve))
+      await close()
     }
   })
 
@@ -432,11 +443,7 @@ describe('tap()', () => {
   })
 
   it('256 clients that send and close to a server that never reads nor closes: every session ends by the linger, threads and fds back, and the tap takes clients again', async () => {
-    const { createServer } = await import('node:net')
-    const kept: import('node:net').Socket[] = []
-    const server = createServer({ allowHalfOpen: true }, (s) => kept.push(s.pause()))
-    const upstream = socketPath()
-    await new Promise<void>((resolve) => server.listen(upstream, resolve))
+    const { upstream, kept, close } = await silentServer()
     try {
       const fds = openFds()
       const threads = threadCount()
@@ -473,8 +480,7 @@ describe('tap()', () => {
       }
       expect({ fds: openFds(), threads: threadCount() }).toEqual({ fds, threads })
     } finally {
-      for (const s of kept) s.destroy()
-      await new Promise((resolve) => server.close(resolve))
+      await close()
     }
   }, 60_000)
 

@@ -8,8 +8,7 @@
 // --mmap rings doorbells through the mapped BAR0 (a polling target), else posted
 // REGION_WRITEs; --poll reads the completion queue, else waits on MSI-X. npm run bench:nvme
 // runs it beside spdk_nvme_perf.
-import { allocateDmaMemory, connect } from 'vfio-user'
-import { IOVA, MEMORY_SIZE, Nvme } from './nvme-driver'
+import { openNvme } from './nvme-open'
 
 const args = process.argv.slice(2)
 const socket = args.find((a, i) => !a.startsWith('--') && !args[i - 1]?.match(/^--(depth|seconds)$/))
@@ -19,49 +18,37 @@ const value = (name: string, fallback: number) =>
 const depth = value('--depth', 1)
 const seconds = value('--seconds', 3)
 
-await using client = await connect(socket)
-await client.validateVersion()
-using memory = allocateDmaMemory(MEMORY_SIZE, { hugePages: true })
-await client.dmaMap({ iova: IOVA, size: MEMORY_SIZE, memory })
-const irqs = args.includes('--poll') ? undefined : await client.enableIrqs(2, { start: 0, count: 2 })
-using doorbells = args.includes('--mmap') ? await client.mapRegion(0, { allowShrinkable: true }) : undefined
-try {
-  const nvme = new Nvme(client, memory, { irqs, doorbells })
-  await nvme.enablePci()
-  await nvme.enable()
-  const ns = await nvme.identifyNamespace(1)
-  await nvme.createIoQueues()
-  const blocksPer4k = 4096 / ns.blockSize
-  const span = Math.min(Number(ns.blocks), (64 << 20) / ns.blockSize) / blocksPer4k
-  const lba = () => Math.floor(Math.random() * span) * blocksPer4k
-  // 4 KiB reads: the namespace's blocks are 512 bytes, so a read is 8 of them.
-  const read = (total: number) => nvme.readMany(total, depth, lba, blocksPer4k)
-  await read(2000) // warm up: the JIT, the target's queues
-  let reads = 0
-  const cpu = process.cpuUsage()
-  const start = process.hrtime.bigint()
-  const end = start + BigInt(Math.round(seconds * 1e9))
-  while (process.hrtime.bigint() < end) {
-    await read(1000)
-    reads += 1000
-  }
-  const elapsed = Number(process.hrtime.bigint() - start) / 1e9
-  const used = process.cpuUsage(cpu)
-  console.log(
-    JSON.stringify({
-      depth,
-      doorbells: doorbells ? 'mmap' : 'posted REGION_WRITE',
-      completions: irqs ? 'MSI-X' : 'polled',
-      reads,
-      seconds: elapsed,
-      iops: reads / elapsed,
-      latencyUs: (elapsed * 1e6 * depth) / reads,
-      cpuUsPerRead: (used.user + used.system) / reads,
-    }),
-  )
-  await nvme.deleteIoQueues()
-  await nvme.disable()
-} finally {
-  await irqs?.disable()
-  await client.dmaUnmap({ iova: IOVA, size: MEMORY_SIZE })
+await using opened = await openNvme(socket, { poll: args.includes('--poll'), mmap: args.includes('--mmap') })
+const { nvme, irqs } = opened
+const ns = await nvme.identifyNamespace(1)
+await nvme.createIoQueues()
+const blocksPer4k = 4096 / ns.blockSize
+const span = Math.min(Number(ns.blocks), (64 << 20) / ns.blockSize) / blocksPer4k
+const lba = () => Math.floor(Math.random() * span) * blocksPer4k
+// 4 KiB reads: the namespace's blocks are 512 bytes, so a read is 8 of them.
+const read = (total: number) => nvme.readMany(total, depth, lba, blocksPer4k)
+await read(2000) // warm up: the JIT, the target's queues
+let reads = 0
+const cpu = process.cpuUsage()
+const start = process.hrtime.bigint()
+const end = start + BigInt(Math.round(seconds * 1e9))
+while (process.hrtime.bigint() < end) {
+  await read(1000)
+  reads += 1000
 }
+const elapsed = Number(process.hrtime.bigint() - start) / 1e9
+const used = process.cpuUsage(cpu)
+console.log(
+  JSON.stringify({
+    depth,
+    doorbells: args.includes('--mmap') ? 'mmap' : 'posted REGION_WRITE',
+    completions: irqs ? 'MSI-X' : 'polled',
+    reads,
+    seconds: elapsed,
+    iops: reads / elapsed,
+    latencyUs: (elapsed * 1e6 * depth) / reads,
+    cpuUsPerRead: (used.user + used.system) / reads,
+  }),
+)
+await nvme.deleteIoQueues()
+await nvme.disable()
