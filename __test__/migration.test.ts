@@ -306,6 +306,49 @@ describe('migration-capable device', () => {
     expect(await dst.client.migrationState()).toBe('running')
   })
 
+  it('a stopped source is refused with nothing changed (never two running copies); fromStopped migrates it stop-copy only and leaves it stopped', async () => {
+    const src = await start(1)
+    const dst = await start(1)
+    const data = pattern(1 << 20, 11)
+    await fill(src.client, data)
+    await src.client.setMigrationState('stop')
+    // The same migration run twice, say: the source was left stopped by the first.
+    const e = await rejection(migrate(src.client, dst.client, { maxPreCopyRounds: 2 }))
+    expect(e).toBeInstanceOf(MigrationError)
+    expect(e).toMatchObject({ code: 'EBUSY', phase: 'prepare', sourceState: 'stop', destinationState: 'running' })
+    expect(e.message).toMatch(/the source is stop, not running/)
+    expect(await src.client.migrationState()).toBe('stop')
+    expect(await dst.client.migrationState()).toBe('running')
+    // Asked for: moved with the source stopped all along, which stays stopped.
+    const summary = await migrate(src.client, dst.client, { maxPreCopyRounds: 2, fromStopped: true })
+    expect(summary).toMatchObject({ rounds: 0, preCopyBytes: 0 })
+    expect(summary.bytes).toBeGreaterThanOrEqual(1 << 20)
+    expect(await src.client.migrationState()).toBe('stop')
+    expect(await dst.client.migrationState()).toBe('running')
+    expect((await readState(dst.client, 1 << 20)).equals(data)).toBe(true)
+  })
+
+  it('a destination that cannot resume is refused with nothing changed; a failed migration leaves a stopped source stopped', async () => {
+    const src = await start(1)
+    const dst = await start(1)
+    await dst.client.setMigrationState('resuming')
+    const e = await rejection(migrate(src.client, dst.client))
+    expect(e).toMatchObject({ code: 'EBUSY', phase: 'prepare', sourceState: 'running', destinationState: 'resuming' })
+    expect(await src.client.migrationState()).toBe('running')
+    // A destination without migration: refused, and the stopped source is not restarted.
+    await using plain = await startScriptedPeer('no-migration')
+    const other = await connect(plain.socketPath)
+    try {
+      await other.validateVersion()
+      await src.client.setMigrationState('stop')
+      const f = await rejection(migrate(src.client, other, { fromStopped: true }))
+      expect(f).toMatchObject({ code: 'ENOTSUP', phase: 'prepare' })
+      expect(await src.client.migrationState()).toBe('stop')
+    } finally {
+      await other.close()
+    }
+  })
+
   it('an aborted migration puts the source back to running and leaves the destination resuming', async () => {
     const src = await start(4)
     const dst = await start(4)

@@ -8,7 +8,7 @@ import { connect, type MigrateProgress, type MigrateSummary, migrate, type VfioU
 
 /** How `vfio-user migrate` is called. */
 export const migrateUsage =
-  'usage: vfio-user migrate SOURCE DEST [--json] [--timeout MS] [--max-rounds N] [--converged BYTES]'
+  'usage: vfio-user migrate SOURCE DEST [--json] [--timeout MS] [--max-rounds N] [--converged BYTES] [--from-stopped]'
 
 const mib = (n: number) => `${(n / (1 << 20)).toFixed(1)} MiB`
 
@@ -31,6 +31,7 @@ function parse(args: string[]) {
   let timeoutMs = 5000
   let maxPreCopyRounds: number | undefined
   let convergedBytes: number | undefined
+  let fromStopped = false
   const positional: string[] = []
   for (let i = 0; i < args.length; i++) {
     const a = args[i] as string
@@ -39,6 +40,7 @@ function parse(args: string[]) {
     else if (a === '--timeout') timeoutMs = wholeNumber(a, args[++i], 'milliseconds', migrateUsage, 1)
     else if (a === '--max-rounds') maxPreCopyRounds = wholeNumber(a, args[++i], 'rounds', migrateUsage)
     else if (a === '--converged') convergedBytes = wholeNumber(a, args[++i], 'bytes', migrateUsage)
+    else if (a === '--from-stopped') fromStopped = true
     else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, migrateUsage)
     else positional.push(a)
   }
@@ -54,7 +56,7 @@ function parse(args: string[]) {
       migrateUsage,
     )
   }
-  return { json, timeoutMs, maxPreCopyRounds, convergedBytes, source, dest }
+  return { json, timeoutMs, maxPreCopyRounds, convergedBytes, fromStopped, source, dest }
 }
 
 /** Whether two paths name the same socket: the same file once resolved (or the same path). */
@@ -106,6 +108,7 @@ export async function migrateCommand(args: string[]): Promise<number> {
     const summary = await migrate(source, dest, {
       timeoutMs: o.timeoutMs,
       maxPreCopyRounds: o.maxPreCopyRounds,
+      fromStopped: o.fromStopped,
       convergedBytes: o.convergedBytes,
       onProgress,
       signal: abort.signal,

@@ -29,6 +29,13 @@ export interface MigrateOptions extends CallOptions {
   progressBytes?: number
   /** Called as bytes move: after every slice, and at the end of each round and phase. */
   onProgress?: (progress: MigrateProgress) => void
+  /**
+   * Migrate a source that is stopped (STOP), stop-copy only, and leave it stopped. Without it
+   * a source that is not running is refused with nothing changed: a stopped source has most
+   * likely been migrated already (the same command run twice), and starting it again would
+   * run two copies of the device.
+   */
+  fromStopped?: boolean
 }
 
 /** Where a migration is: passed to {@link MigrateOptions.onProgress}. */
@@ -115,6 +122,9 @@ function checkOptions(o: MigrateOptions): { rounds: number; converged: number } 
   if (o.onProgress !== undefined && typeof o.onProgress !== 'function') {
     throw invalidArg('onProgress must be a function')
   }
+  if (o.fromStopped !== undefined && typeof o.fromStopped !== 'boolean') {
+    throw invalidArg('fromStopped must be a boolean')
+  }
   return { rounds, converged }
 }
 
@@ -125,9 +135,13 @@ function checkOptions(o: MigrateOptions): { rounds: number; converged: number } 
  * `convergedBytes` or `maxPreCopyRounds` are done; then the source stops (STOP_COPY), the rest
  * moves, the destination runs and the source is left stopped. Both clients stay open.
  *
+ * Both states are read first: a source that is not running (or stopped, with `fromStopped`),
+ * or a destination that is neither running nor stopped, is refused with `'EBUSY'` and nothing
+ * is changed.
+ *
  * @throws {MigrationError} (rejection) when a device refuses or fails, a stream breaks, or
- *   `signal` aborts: the source is put back to running where it can be, and the error says
- *   where both devices were left.
+ *   `signal` aborts: the source is put back to the state it was found in (never further)
+ *   where it can be, and the error says where both devices were left.
  * @throws {TypeError | RangeError} (rejection, with Node's `ERR_*` code) for bad options or
  *   the same client twice, before anything is sent.
  */
@@ -188,11 +202,23 @@ async function run(
     }
   }
 
+  // The state the source is found in: restored on failure, never more (untouched before it is known).
+  let found: MigrationState | undefined
   try {
     const [from, to] = await Promise.all([source.migrationFlags(call), dest.migrationFlags(call)])
     if (!to.stopCopy) throw new VfioUserError('ENOTSUP', 95, 'the destination cannot load a device state')
+    const [sourceState, destState] = await Promise.all([source.migrationState(call), dest.migrationState(call)])
+    found = sourceState
+    const fromStopped = options.fromStopped === true && sourceState === 'stop'
+    if (sourceState !== 'running' && !fromStopped) {
+      const hint = sourceState === 'stop' ? ' (it may have been migrated already; fromStopped migrates it stopped)' : ''
+      return refuse(`the source is ${sourceState}, not running${hint}`, sourceState, destState)
+    }
+    if (destState !== 'running' && destState !== 'stop') {
+      return refuse(`the destination is ${destState}: it cannot be made to resume a state`, sourceState, destState)
+    }
     await dest.setMigrationState('resuming', call)
-    if (from.preCopy && maxRounds > 0) {
+    if (from.preCopy && maxRounds > 0 && !fromStopped) {
       phase = 'preCopy'
       await source.setMigrationState('preCopy', call)
       while (round < maxRounds) {
@@ -212,7 +238,7 @@ async function run(
     runningAt = performance.now()
     await source.setMigrationState('stop', call)
   } catch (e) {
-    throw await failed(e, phase, source, dest, destRunning, timeoutMs)
+    throw await failed(e, phase, source, dest, destRunning, timeoutMs, found)
   }
   const end = performance.now()
   const elapsedMs = end - start
@@ -227,9 +253,15 @@ async function run(
   }
 }
 
+/** A migration refused before anything changed: `'EBUSY'`, both states as found. */
+function refuse(why: string, from: MigrationState, to: MigrationState): never {
+  throw new MigrationError(new VfioUserError('EBUSY', 16, why), 'prepare', from, to)
+}
+
 /**
- * Says where both devices are, after putting the source back to running (best effort) when the
- * destination does not run: one device must run the guest, never two. Once the destination
+ * Says where both devices are, after putting the source back to the state it was found in
+ * (best effort; running, or stopped) when the destination does not run: one device must run
+ * the guest, never two. Once the destination
  * was asked to run, one that cannot be asked might run (its step may have taken effect before
  * its reply was lost), so the source is then left as it is.
  */
@@ -240,12 +272,14 @@ async function failed(
   dest: VfioUserClient,
   destRunning: boolean,
   timeoutMs: number | undefined,
+  found: MigrationState | undefined,
 ): Promise<MigrationError> {
+  if (cause instanceof MigrationError) return cause
   const ask = (c: VfioUserClient) => c.migrationState({ timeoutMs }).catch(() => undefined)
   const restartSource = async () => {
     const from = await ask(source)
-    if (from === undefined || from === 'running' || from === 'error') return from
-    return source.setMigrationState('running', { timeoutMs }).catch(() => ask(source))
+    if (found === undefined || from === undefined || from === found || from === 'error') return from
+    return source.setMigrationState(found, { timeoutMs }).catch(() => ask(source))
   }
   if (phase !== 'finish' && !destRunning) {
     // The destination was never asked to run: restart the source at once, not after a
