@@ -7,7 +7,7 @@ import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { describe, expect, it } from 'vitest'
 import { allocateDmaMemory, Command, connect, type DmaEvent, type VfioUserError } from '../ts/index'
-import { startScriptedPeer } from '../ts/testing'
+import { startScriptedPeer, startTestDevice } from '../ts/testing'
 import { rejection } from './rejection'
 import { getInfoPayload } from './wire'
 
@@ -393,11 +393,19 @@ describe('requests against a misbehaving server', () => {
     expect(p.client.inFlight).toBe(0)
   })
 
-  it('a device without migration: migrationFlags is ENOTSUP; a garbled feature reply is EPROTO', async () => {
+  it('a device without migration: migrationFlags, migrationState and setMigrationState are ENOTSUP; a garbled feature reply is EPROTO', async () => {
     await using none = await peer('no-migration')
     await none.client.validateVersion()
     expect((await rejection(none.client.migrationFlags())).code).toBe('ENOTSUP')
+    expect((await rejection(none.client.migrationState())).code).toBe('ENOTSUP')
+    expect((await rejection(none.client.setMigrationState('stop'))).code).toBe('ENOTSUP')
     expect(await none.client.deviceFeature.probe(1, { get: true })).toBe(false)
+    // The bundled test device refuses DEVICE_FEATURE with errno 0 (read as EIO): the same.
+    await using device = await startTestDevice()
+    await using plain = await connect(device.socketPath)
+    await plain.validateVersion()
+    expect((await rejection(plain.migrationState())).code).toBe('ENOTSUP')
+    expect((await rejection(plain.setMigrationState('stop'))).code).toBe('ENOTSUP')
     await using p = await peer('serve')
     await p.client.validateVersion()
     // The 'serve' peer answers everything with a device-info payload: not a feature reply.

@@ -91,23 +91,33 @@ export function probeFeature(
  * @throws {VfioUserError} `'ENOTSUP'` when the device has no migration.
  */
 export async function migrationFlags(ch: Channel, options: CallOptions = {}): Promise<MigrationFlags> {
-  let data: Buffer
+  const data = await migrationFeature(ch, MIGRATION, options)
+  const flags = native.decodeMigrationFlags(data)
+  if (typeof flags !== 'number') throw ch.error(flags)
+  return { stopCopy: (flags & 1) !== 0, p2p: (flags & 2) !== 0, preCopy: (flags & 4) !== 0, flags }
+}
+
+/**
+ * GET of a migration feature; a device that refuses it has no migration: `'ENOTSUP'`, whatever
+ * errno it refused with (rust-vmm's server says 0, read as `'EIO'`).
+ */
+async function migrationFeature(ch: Channel, index: number, options: CallOptions): Promise<Buffer> {
   try {
-    data = await feature(ch, MIGRATION, GET, new Uint8Array(0), options)
+    return await feature(ch, index, GET, new Uint8Array(0), options)
   } catch (e) {
     if (isRefusal(e)) {
       throw new VfioUserError('ENOTSUP', 95, `the device has no migration (${e.code})`, Command.DEVICE_FEATURE)
     }
     throw e
   }
-  const flags = native.decodeMigrationFlags(data)
-  if (typeof flags !== 'number') throw ch.error(flags)
-  return { stopCopy: (flags & 1) !== 0, p2p: (flags & 2) !== 0, preCopy: (flags & 4) !== 0, flags }
 }
 
-/** The device's migration state (MIG_DEVICE_STATE, GET). */
+/**
+ * The device's migration state (MIG_DEVICE_STATE, GET).
+ * @throws {VfioUserError} `'ENOTSUP'` when the device has no migration.
+ */
 export async function migrationState(ch: Channel, options: CallOptions = {}): Promise<MigrationState> {
-  const data = await feature(ch, MIG_DEVICE_STATE, GET, new Uint8Array(0), options)
+  const data = await migrationFeature(ch, MIG_DEVICE_STATE, options)
   const s = native.decodeDeviceState(data)
   if (typeof s !== 'number') throw ch.error(s)
   return nameOf(s)
