@@ -306,6 +306,19 @@ describe('migration-capable device', () => {
     expect(await dst.client.migrationState()).toBe('running')
   })
 
+  it("a destination's failure names the destination: its socket, its command, side 'destination'", async () => {
+    const src = await start(2)
+    const dst = await start(1)
+    // 2 MiB of state into a device that holds 1 MiB: the destination refuses a MIG_DATA_WRITE.
+    const e = await rejection(migrate(src.client, dst.client, { maxPreCopyRounds: 0 }))
+    expect(e).toBeInstanceOf(MigrationError)
+    expect(e).toMatchObject({ side: 'destination', path: dst.device.socketPath, commandName: 'MIG_DATA_WRITE' })
+    expect(e.message).toContain('the destination ')
+    expect(e.message).toContain(dst.device.socketPath)
+    expect(e.message).not.toContain(src.device.socketPath)
+    expect(await src.client.migrationState()).toBe('running')
+  })
+
   it('a stopped source is refused with nothing changed (never two running copies); fromStopped migrates it stop-copy only and leaves it stopped', async () => {
     const src = await start(1)
     const dst = await start(1)

@@ -83,6 +83,11 @@ export class MigrationError extends VfioUserError {
   readonly sourceState: MigrationState | undefined
   /** The destination's state afterwards, typically `'resuming'`: it holds a partial state. */
   readonly destinationState: MigrationState | undefined
+  /**
+   * Which device failed, when the cause came from one (its `path` is that device's socket):
+   * `'source'` or `'destination'`; undefined for an abort or a refusal before anything moved.
+   */
+  readonly side: 'source' | 'destination' | undefined
 
   /** Wraps `cause`, the error that stopped the migration. */
   constructor(
@@ -90,14 +95,16 @@ export class MigrationError extends VfioUserError {
     phase: string,
     sourceState: MigrationState | undefined,
     destinationState: MigrationState | undefined,
+    side?: 'source' | 'destination',
   ) {
     const e = cause instanceof VfioUserError ? cause : undefined
     const what = cause instanceof Error ? cause.message : String(cause)
     const states = `source ${sourceState ?? 'unknown'}, destination ${destinationState ?? 'unknown'}`
+    const who = side === undefined ? '' : `the ${side} `
     super(
       e?.code ?? (cause instanceof Error && cause.name === 'AbortError' ? 'ECANCELED' : 'EIO'),
       e ? -e.errno : cause instanceof Error && cause.name === 'AbortError' ? 125 : 5,
-      `migration failed in ${phase}: ${what} (${states})`,
+      `migration failed in ${phase}: ${who}${what} (${states})`,
       e?.command ?? Command.MIG_DATA_READ,
       e?.path,
     )
@@ -106,6 +113,7 @@ export class MigrationError extends VfioUserError {
     this.phase = phase
     this.sourceState = sourceState
     this.destinationState = destinationState
+    this.side = side
   }
 }
 
@@ -275,6 +283,9 @@ async function failed(
   found: MigrationState | undefined,
 ): Promise<MigrationError> {
   if (cause instanceof MigrationError) return cause
+  const path = cause instanceof VfioUserError ? cause.path : undefined
+  const side =
+    path === undefined ? undefined : path === dest.path ? 'destination' : path === source.path ? 'source' : undefined
   const ask = (c: VfioUserClient) => c.migrationState({ timeoutMs }).catch(() => undefined)
   const restartSource = async () => {
     const from = await ask(source)
@@ -285,10 +296,10 @@ async function failed(
     // The destination was never asked to run: restart the source at once, not after a
     // stalled destination has timed out.
     const [from, to] = await Promise.all([restartSource(), ask(dest)])
-    return new MigrationError(cause, phase, from, to)
+    return new MigrationError(cause, phase, from, to, side)
   }
   // Once it was asked to run, the destination must say it does not before the source runs.
   const to = await ask(dest)
   const from = !destRunning && to !== undefined && to !== 'running' ? await restartSource() : await ask(source)
-  return new MigrationError(cause, phase, from, to)
+  return new MigrationError(cause, phase, from, to, side)
 }

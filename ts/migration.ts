@@ -5,6 +5,7 @@ import { Readable, Writable } from 'node:stream'
 import { checkTimeout, invalidArg, outOfRange } from './args'
 import type { CallOptions, Channel } from './channel'
 import { Command } from './command'
+import { VfioUserError } from './errors'
 import { native } from './native'
 
 /** Options of {@link saveState} and {@link loadState}. */
@@ -78,12 +79,26 @@ export async function pumpState(
 ): Promise<Pumped> {
   const size = Math.min(chunk(source, options), dest.maxDataXferSize())
   const { limit = 0, timeoutMs } = options
-  const reply = await source.call(
-    Command.MIG_DATA_READ,
-    (token) => source.native.pumpStateTo(token, dest.native, size, limit, timeoutMs),
-    options,
-  )
+  const reply = await source
+    .call(
+      Command.MIG_DATA_READ,
+      (token) => source.native.pumpStateTo(token, dest.native, size, limit, timeoutMs),
+      options,
+    )
+    .catch((e: unknown) => {
+      throw blamed(e, dest)
+    })
   return native.decodePumped(reply.payload)
+}
+
+/**
+ * The pump's failure, naming the side that failed: it settles on the source's connection, but a
+ * MIG_DATA_WRITE the destination refused, or failed, is the destination's.
+ */
+function blamed(e: unknown, dest: Channel): unknown {
+  if (!(e instanceof VfioUserError) || e.command !== Command.MIG_DATA_WRITE) return e
+  const own = e.path === undefined ? e.message : e.message.replace(` (${e.path})`, '')
+  return dest.error({ errno: Math.abs(e.errno), code: e.code, message: own, command: e.command })
 }
 
 /** MIG_DATA_WRITE messages a {@link loadState} keeps in flight. */
