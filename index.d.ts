@@ -268,6 +268,12 @@ export declare function connect(path: string, options: NativeConnectOptions): Pr
  */
 export declare function connectFd(fd: number, options: NativeConnectOptions): NativeClient | NativeError
 
+/**
+ * A new eventfd (close-on-exec, nonblocking, counter 0), handed to JavaScript: the caller owns
+ * the number and closes it (`fs.closeSync`). Node cannot make one.
+ */
+export declare function createEventFd(): number | NativeError
+
 /** Decodes a DEVICE_GET_INFO reply payload. */
 export declare function decodeDeviceInfo(payload: Buffer): NativeDeviceInfo | NativeError
 

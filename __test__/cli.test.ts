@@ -205,13 +205,21 @@ describe('vfio-user migrate', () => {
     await using dest = await startMigrationDevice()
     const r = await run('migrate', plain.socketPath, dest.socketPath)
     expect(r.status).toBe(1)
-    expect(r.stderr).toMatch(/^vfio-user: ENOTSUP: migration failed in prepare: the device has no migration/)
+    expect(r.stderr).toMatch(
+      /^vfio-user: ENOTSUP: migration failed in prepare, at the source: the device has no migration/,
+    )
     expect(r.stderr).toMatch(/destination running/)
     const usage = await run('migrate', plain.socketPath)
     expect(usage.status).toBe(2)
     expect(usage.stderr).toMatch(
       /^vfio-user: SOURCE and DEST are needed, got 1 socket\(s\)\nusage: vfio-user migrate SOURCE DEST/,
     )
+  })
+
+  it('tap --bytes past 4096 is a usage error, as tap() refuses it', async () => {
+    const r = await run('tap', '/tmp/never-bound.sock', '/tmp/never-there.sock', '--bytes', '4097')
+    expect(r.status).toBe(2)
+    expect(r.stderr).toMatch(/^vfio-user: --bytes is at most 4096, got 4097\nusage: vfio-user tap/)
   })
 
   it('refuses the same socket as SOURCE and DEST before connecting: the device is left as it was', async () => {

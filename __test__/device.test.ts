@@ -445,4 +445,13 @@ describe('the testing helpers', () => {
     await refusedArg(() => startMigrationDevice({ stateMib: -1 }), RangeError, /stateMib/)
     await refusedArg(() => startScriptedPeer(7 as unknown as string), TypeError, /scenario/)
   })
+
+  it('startScriptedPeer refuses a scenario the peer does not play (it would behave like serve)', async () => {
+    const e = await startScriptedPeer('no-such-scenario').then(
+      () => undefined,
+      (err: unknown) => err,
+    )
+    expect(e).toBeInstanceOf(Error)
+    expect(String((e as Error).message)).toMatch(/unknown scenario no-such-scenario/)
+  })
 })

@@ -2,10 +2,10 @@
 // doorbell (BAR0 0xffc) signals MSI vector v through the eventfd wired to it.
 import { spawn } from 'node:child_process'
 import { once } from 'node:events'
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs'
+import { closeSync, fstatSync, openSync, readlinkSync, readSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { connect, type IrqEvent } from '../ts/index'
+import { connect, createEventFd, type IrqEvent } from '../ts/index'
 import { startTestDevice } from '../ts/testing'
 import { refusedArg, rejection } from './rejection'
 import { deviceSession, openFds } from './session'
@@ -293,6 +293,28 @@ describe('interrupts against the test device', () => {
     }
     await refusedArg(() => c.enableIrqs(1, { fds: [fd, fd], count: 3 }), RangeError)
     await refusedArg(() => c.enableIrqs(1, { fds: [fd], watch: true }), RangeError)
+  })
+
+  it('createEventFd() makes an eventfd of your own to wire; await using disables a group', async () => {
+    const c = session.client
+    const before = openFds()
+    const fd = createEventFd()
+    try {
+      expect(readlinkSync(`/proc/self/fd/${fd}`)).toBe('anon_inode:[eventfd]')
+      {
+        await using intx = await c.enableIrqs(0, { fds: [fd] })
+        expect(intx.fds).toEqual([fd])
+        await ring(3)
+        const count = Buffer.alloc(8)
+        expect(readSync(fd, count, 0, 8, null)).toBe(8)
+        expect(count.readBigUInt64LE(0)).toBe(1n)
+      }
+      // Disposed: the library's duplicate is closed, ours is not.
+      expect(openFds()).toBe(before + 1)
+    } finally {
+      closeSync(fd)
+    }
+    expect(openFds()).toBe(before)
   })
 
   it('events are typed: a misspelt event or a wrong listener does not compile (tsc over the tests)', async () => {

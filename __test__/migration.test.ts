@@ -313,7 +313,7 @@ describe('migration-capable device', () => {
     const e = await rejection(migrate(src.client, dst.client, { maxPreCopyRounds: 0 }))
     expect(e).toBeInstanceOf(MigrationError)
     expect(e).toMatchObject({ side: 'destination', path: dst.device.socketPath, commandName: 'MIG_DATA_WRITE' })
-    expect(e.message).toContain('the destination ')
+    expect(e.message).toContain('migration failed in stopCopy, at the destination: ')
     expect(e.message).toContain(dst.device.socketPath)
     expect(e.message).not.toContain(src.device.socketPath)
     expect(await src.client.migrationState()).toBe('running')

@@ -105,3 +105,18 @@ impl NativeClient {
             .map(|e| convert::from_error(&e))
     }
 }
+
+/// A new eventfd (close-on-exec, nonblocking, counter 0), handed to JavaScript: the caller owns
+/// the number and closes it (`fs.closeSync`). Node cannot make one.
+#[napi]
+pub fn create_event_fd() -> Either<i32, NativeError> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use std::os::fd::{IntoRawFd, OwnedFd};
+    match EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK) {
+        Ok(fd) => Either::A(OwnedFd::from(fd).into_raw_fd()),
+        Err(e) => Either::B(convert::from_error(&vfio_user_client::Error::new(
+            e,
+            format!("cannot make an eventfd: {}", e.desc()),
+        ))),
+    }
+}

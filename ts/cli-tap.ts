@@ -25,8 +25,11 @@ function parse(args: string[]) {
     else if (a === '--out') {
       out = args[++i]
       if (out === undefined || out === '') throw new UsageError('--out needs a file', tapUsage)
-    } else if (a === '--bytes') bytes = Math.min(wholeNumber(a, args[++i], 'bytes', tapUsage), 4096)
-    else if (a === '--linger') lingerMs = wholeNumber(a, args[++i], 'milliseconds', tapUsage)
+    } else if (a === '--bytes') {
+      bytes = wholeNumber(a, args[++i], 'bytes', tapUsage)
+      // As tap() refuses more: shown data is a prefix kept per message.
+      if (bytes > 4096) throw new UsageError(`--bytes is at most 4096, got ${bytes}`, tapUsage)
+    } else if (a === '--linger') lingerMs = wholeNumber(a, args[++i], 'milliseconds', tapUsage)
     else if (a.startsWith('-')) throw new UsageError(`unknown option ${a}`, tapUsage)
     else positional.push(a)
   }
@@ -272,7 +275,9 @@ export async function tapCommand(args: string[]): Promise<number> {
 
   try {
     for (const name of ['message', 'open', 'close', 'refused'] as const) t.on(name, take)
-    if (o.json) show(JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server }))
+    const listening = JSON.stringify({ type: 'listening', listen: o.listen, connect: o.server })
+    file?.write(`${listening}\n`)
+    if (o.json) show(listening)
     else show(`tap: listening on ${o.listen}, relaying to ${o.server}`)
     await ended
     printSummary()

@@ -106,7 +106,8 @@ async function migrationFeature(ch: Channel, index: number, options: CallOptions
     return await feature(ch, index, GET, new Uint8Array(0), options)
   } catch (e) {
     if (isRefusal(e)) {
-      throw new VfioUserError('ENOTSUP', 95, `the device has no migration (${e.code})`, Command.DEVICE_FEATURE)
+      const message = `the device has no migration (${e.code})`
+      throw ch.error({ errno: 95, code: 'ENOTSUP', message, command: Command.DEVICE_FEATURE })
     }
     throw e
   }

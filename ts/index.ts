@@ -36,6 +36,7 @@ export {
 export { AbortError, VfioUserError } from './errors'
 export type { MigrationFlags, MigrationState } from './feature'
 export {
+  createEventFd,
   type EnableIrqsOptions,
   Interrupts,
   type InterruptsEvents,

@@ -5,7 +5,7 @@ import { watchAbort } from './abort'
 import { checkFds, checkInteger, checkTimeout, invalidArg, outOfRange, rejecting } from './args'
 import type { CallOptions, Channel, IrqSink } from './channel'
 import { Command } from './command'
-import { aborted, VfioUserError } from './errors'
+import { aborted, fromNative, VfioUserError } from './errors'
 import { untilEnd } from './iterate'
 import { holdLoop, LoopRef } from './liveness'
 import { native } from './native'
@@ -281,12 +281,28 @@ export class Interrupts extends EventEmitter<InterruptsEvents> {
     return this.#ch.call(Command.DEVICE_SET_IRQS, start, options).then(() => {})
   }
 
+  /** Same as {@link Interrupts.disable}, for `await using`. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.disable()
+  }
+
   /** The `'irq'` events from now until the end (and those kept until now, first). */
   [Symbol.asyncIterator](): AsyncGenerator<IrqEvent> {
     if (!this.watched) return unwatched()
     // Awaiting the next interrupt keeps Node running, as a pending wait() does.
     return untilEnd<IrqEvent>(this as unknown as EventEmitter, ['irq'], () => this.#ended, true)
   }
+}
+
+/**
+ * A new eventfd (close-on-exec, nonblocking), which Node cannot make: for `enableIrqs({ fds })`,
+ * or anything else that takes one. The number is yours: close it with `fs.closeSync`.
+ * @throws {VfioUserError} `'EMFILE'` and the like when the kernel cannot make one.
+ */
+export function createEventFd(): number {
+  const fd = native.createEventFd()
+  if (typeof fd !== 'number') throw fromNative(fd)
+  return fd
 }
 
 /**

@@ -100,11 +100,11 @@ export class MigrationError extends VfioUserError {
     const e = cause instanceof VfioUserError ? cause : undefined
     const what = cause instanceof Error ? cause.message : String(cause)
     const states = `source ${sourceState ?? 'unknown'}, destination ${destinationState ?? 'unknown'}`
-    const who = side === undefined ? '' : `the ${side} `
+    const at = side === undefined ? '' : `, at the ${side}`
     super(
       e?.code ?? (cause instanceof Error && cause.name === 'AbortError' ? 'ECANCELED' : 'EIO'),
       e ? -e.errno : cause instanceof Error && cause.name === 'AbortError' ? 125 : 5,
-      `migration failed in ${phase}: ${who}${what} (${states})`,
+      `migration failed in ${phase}${at}: ${what} (${states})`,
       e?.command ?? Command.MIG_DATA_READ,
       e?.path,
     )

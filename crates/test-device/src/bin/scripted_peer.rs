@@ -247,6 +247,27 @@ fn version(s: &mut UnixStream, kind: &str) -> bool {
     false
 }
 
+/// Whether `scenario` is one this peer plays (one it does not would behave like `serve`, and
+/// a test meant to fail would pass).
+fn known(scenario: &str) -> bool {
+    const VERSIONS: &[&str] = &[
+        "major", "minor", "no-nul", "short", "error0", "enotsup", "bad-caps", "wrong-command",
+        "silent", "eof", "warnings",
+    ];
+    const PLAYS: &[&str] = &[
+        "serve", "late", "eof-pending", "errno0", "flood", "hold", "echo", "liar",
+        "no-migration", "migration", "migration-liar", "migration-stall", "io-fds", "dma-write",
+        "dma-flood", "dma-request",
+    ];
+    if let Some(k) = scenario.strip_prefix("version:") {
+        return VERSIONS.contains(&k);
+    }
+    if let Some(n) = scenario.strip_prefix("burst:") {
+        return n.parse::<usize>().is_ok_and(|n| n > 0);
+    }
+    PLAYS.contains(&scenario)
+}
+
 fn run(s: &mut UnixStream, scenario: &str) {
     let (kind, after) = match scenario.strip_prefix("version:") {
         Some(k) => (k, "serve"),
@@ -568,6 +589,10 @@ fn main() {
         eprintln!("usage: vfio-user-scripted-peer SOCKET SCENARIO");
         std::process::exit(2);
     };
+    if !known(scenario) {
+        eprintln!("unknown scenario {scenario} (see the list at the top of scripted_peer.rs)");
+        std::process::exit(2);
+    }
     lifetime::die_with_parent(std::path::Path::new(path));
     let listener = match UnixListener::bind(path) {
         Ok(l) => l,
