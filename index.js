@@ -842,6 +842,7 @@ module.exports.NativeTap = nativeBinding.NativeTap
 module.exports.allocateDmaMemory = nativeBinding.allocateDmaMemory
 module.exports.connect = nativeBinding.connect
 module.exports.connectFd = nativeBinding.connectFd
+module.exports.createEventFd = nativeBinding.createEventFd
 module.exports.decodeDeviceInfo = nativeBinding.decodeDeviceInfo
 module.exports.decodeDeviceState = nativeBinding.decodeDeviceState
 module.exports.decodeDirtyBitmap = nativeBinding.decodeDirtyBitmap
