@@ -251,13 +251,35 @@ fn version(s: &mut UnixStream, kind: &str) -> bool {
 /// a test meant to fail would pass).
 fn known(scenario: &str) -> bool {
     const VERSIONS: &[&str] = &[
-        "major", "minor", "no-nul", "short", "error0", "enotsup", "bad-caps", "wrong-command",
-        "silent", "eof", "warnings",
+        "major",
+        "minor",
+        "no-nul",
+        "short",
+        "error0",
+        "enotsup",
+        "bad-caps",
+        "wrong-command",
+        "silent",
+        "eof",
+        "warnings",
     ];
     const PLAYS: &[&str] = &[
-        "serve", "late", "eof-pending", "errno0", "flood", "hold", "echo", "liar",
-        "no-migration", "migration", "migration-liar", "migration-stall", "io-fds", "dma-write",
-        "dma-flood", "dma-request",
+        "serve",
+        "late",
+        "eof-pending",
+        "errno0",
+        "flood",
+        "hold",
+        "echo",
+        "liar",
+        "no-migration",
+        "migration",
+        "migration-liar",
+        "migration-stall",
+        "io-fds",
+        "dma-write",
+        "dma-flood",
+        "dma-request",
     ];
     if let Some(k) = scenario.strip_prefix("version:") {
         return VERSIONS.contains(&k);
