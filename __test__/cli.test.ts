@@ -97,6 +97,15 @@ describe('vfio-user probe', () => {
       },
     ])
     expect(out.pci.decodedBars[0]).toEqual({ index: 0, kind: 'memory32', prefetchable: false, address: '0' })
+    // 1 MiB of BAR2 asked: 64 KiB read, and said; its equal rows as one `*`, as hexdump does.
+    const big = probe(device.socketPath, '--dump', '2:0:0x100000')
+    expect(big.stdout).toContain(
+      'dump                region 2, 65536 bytes at 0x0 (of 1048576 asked: at most 65536 per --dump)',
+    )
+    const rows = big.stdout.split('\n').filter((l) => /^ {2}[0-9a-f]{8} |^ {2}\*$/.test(l))
+    expect(rows.length).toBeLessThan(4096)
+    expect(rows).toContain('  *')
+    expect(rows.at(-1)).toMatch(/^ {2}0000fff0 /)
     const bad = probe(device.socketPath, '--dump', 'x:1')
     expect(bad.status).toBe(2)
     expect(bad.stderr).toContain('--dump needs REGION[:OFFSET[:LENGTH]], got x:1')

@@ -286,7 +286,7 @@ describe('interrupts against the test device', () => {
     const file = openSync(__filename, 'r')
     try {
       const e = await rejection(c.enableIrqs(0, { fds: [file] }))
-      expect(e).toMatchObject({ code: 'EINVAL' })
+      expect(e).toMatchObject({ code: 'EINVAL', commandName: 'DEVICE_SET_IRQS' })
       expect(e.message).toContain('is not an eventfd')
     } finally {
       closeSync(file)

@@ -26,8 +26,8 @@ interface Inspection {
   regions: Array<Omit<RegionInfo, 'fd' | 'takeFd' | 'close' | typeof Symbol.dispose> & { hasFd: boolean }>
   irqs: IrqInfo[]
   pci?: PciConfig
-  /** The regions asked for with `--dump`, as hex lines. */
-  dumps: Array<{ region: number; offset: number; length: number; lines: string[] }>
+  /** The regions asked for with `--dump`, as hex lines (`asked`: the length asked, when more than was read). */
+  dumps: Array<{ region: number; offset: number; length: number; asked?: number; lines: string[] }>
   errors: string[]
 }
 
@@ -62,10 +62,15 @@ function dumpSpec(spec: string | undefined): Dump {
 async function dump(client: VfioUserClient, d: Dump, found: Inspection) {
   const size = found.regions.find((r) => r.index === d.region)?.size
   const left = size === undefined ? 256 : Math.max(0, Number(size) - d.offset)
-  const length = Math.min(d.length ?? Math.min(256, left), 1 << 16)
+  const wanted = d.length ?? Math.min(256, left)
+  const length = Math.min(wanted, MAX_DUMP)
   const bytes = await client.regionRead(d.region, d.offset, length)
-  return { region: d.region, offset: d.offset, length, lines: hexdump(bytes, d.offset) }
+  const cut = wanted > length ? { asked: wanted } : {}
+  return { region: d.region, offset: d.offset, length, ...cut, lines: hexdump(bytes, d.offset) }
 }
+
+/** The most one `--dump` reads. */
+const MAX_DUMP = 1 << 16
 
 function failedDump(d: Dump, e: unknown) {
   return {
@@ -76,11 +81,22 @@ function failedDump(d: Dump, e: unknown) {
   }
 }
 
-/** `bytes` as `offset: 16 hex bytes  |ascii|` lines. */
+/**
+ * `bytes` as `offset: 16 hex bytes  |ascii|` lines; a run of lines equal to the one before is
+ * one `*`, as `hexdump` prints it, and the last line is always shown.
+ */
 function hexdump(bytes: Buffer, base: number): string[] {
   const lines: string[] = []
+  let starred = false
   for (let at = 0; at < bytes.length; at += 16) {
     const row = bytes.subarray(at, at + 16)
+    const last = at + 16 >= bytes.length
+    if (at > 0 && !last && row.length === 16 && row.equals(bytes.subarray(at - 16, at))) {
+      if (!starred) lines.push('*')
+      starred = true
+      continue
+    }
+    starred = false
     const hexes = [...row].map((b) => b.toString(16).padStart(2, '0')).join(' ')
     const ascii = [...row].map((b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.')).join('')
     lines.push(`${(base + at).toString(16).padStart(8, '0')}  ${hexes.padEnd(47)}  |${ascii}|`)
@@ -201,7 +217,8 @@ function format(x: Inspection): string {
     for (const w of p.warnings) lines.push(`  warning           ${w}`)
   }
   for (const d of x.dumps) {
-    lines.push(`dump                region ${d.region}, ${d.length} bytes at ${hex(d.offset)}`)
+    const cut = d.asked === undefined ? '' : ` (of ${d.asked} asked: at most ${MAX_DUMP} per --dump)`
+    lines.push(`dump                region ${d.region}, ${d.length} bytes at ${hex(d.offset)}${cut}`)
     for (const l of d.lines) lines.push(`  ${l}`)
   }
   for (const e of x.errors) lines.push(`error               ${e}`)

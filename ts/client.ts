@@ -371,7 +371,8 @@ export class VfioUserClient extends EventEmitter<VfioUserClientEvents> {
         throw e
       }
       if (refused) {
-        const e = fromNative(refused, this.#path)
+        // Refused before sending (a closed connection, a bad fd): still the call's command.
+        const e = fromNative({ ...refused, command: refused.command ?? command }, this.#path)
         end?.(undefined, e)
         return reject(e)
       }
