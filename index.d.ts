@@ -189,11 +189,6 @@ export declare class NativeDmaMemory {
    */
   arrayBuffer(offset: number, length: number): ArrayBuffer
   /**
-   * Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
-   * empty from now on.
-   */
-  detach(view: unknown): void
-  /**
    * Closes the fd and lets go of the mapping: unmapped now, or with the last DMA map that
    * still uses it. Every view must have been detached first. Idempotent.
    */
@@ -212,11 +207,6 @@ export declare class NativeRegionMapping {
    * every view with `detach` before `unmap`.
    */
   arrayBuffer(offset: number, length: number): ArrayBuffer
-  /**
-   * Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
-   * empty from now on.
-   */
-  detach(view: unknown): void
   /** Unmaps, once every view has been detached. Idempotent. */
   unmap(): void
 }
@@ -303,6 +293,13 @@ export declare function decodeRegionInfo(payload: Buffer, index: number): Native
  * came with `fds` fds.
  */
 export declare function decodeRegionIoFds(payload: Buffer, index: number, regionSize: bigint, fds: number): NativeRegionIoFds | NativeError
+
+/**
+ * Detaches `view`, an ArrayBuffer from a mapping's `array_buffer`, before the mapping goes, so
+ * that no Buffer over it can reach that memory again (every view then reads as empty). A
+ * view already detached is fine.
+ */
+export declare function detachView(view: ArrayBuffer): void
 
 /** The DEVICE_GET_INFO request payload. */
 export declare function deviceInfoRequest(): Buffer

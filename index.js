@@ -852,6 +852,7 @@ module.exports.decodePciConfig = nativeBinding.decodePciConfig
 module.exports.decodePumped = nativeBinding.decodePumped
 module.exports.decodeRegionInfo = nativeBinding.decodeRegionInfo
 module.exports.decodeRegionIoFds = nativeBinding.decodeRegionIoFds
+module.exports.detachView = nativeBinding.detachView
 module.exports.deviceInfoRequest = nativeBinding.deviceInfoRequest
 module.exports.deviceStateData = nativeBinding.deviceStateData
 module.exports.dmaMemoryFromFd = nativeBinding.dmaMemoryFromFd

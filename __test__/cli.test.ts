@@ -6,7 +6,7 @@ import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, watch 
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it, onTestFinished } from 'vitest'
-import { Command, connect } from '../ts/index'
+import { Command, connect, type VfioUserClient } from '../ts/index'
 import { startMigrationDevice, startScriptedPeer, startTestDevice } from '../ts/testing'
 import { connectRetrying } from './peers'
 import { rejection } from './rejection'
@@ -16,6 +16,17 @@ const cli = join(__dirname, '..', 'dist', 'cli.js')
 
 function probe(...args: string[]) {
   return spawnSync(process.execPath, [cli, 'probe', ...args], { encoding: 'utf8', timeout: 20_000 })
+}
+
+/** Sends requests through a tap until it ends the session (ECONNRESET), then closes. */
+async function untilReset(c: VfioUserClient): Promise<void> {
+  const gone = await rejection(
+    (async () => {
+      for (;;) await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
+    })(),
+  )
+  expect(gone.code).toBe('ECONNRESET')
+  await c.close()
 }
 
 describe('vfio-user probe', () => {
@@ -317,13 +328,7 @@ describe('vfio-user tap: its output fails', () => {
       await c.validateVersion()
       // Requests go on through the tap, a line each, until it finds head gone and ends,
       // closing the session.
-      const gone = await rejection(
-        (async () => {
-          for (;;) await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
-        })(),
-      )
-      expect(gone.code).toBe('ECONNRESET')
-      await c.close()
+      await untilReset(c)
       const [status, signal] = await exited
       expect({ status, signal, stderr }).toEqual({ status: 141, signal: null, stderr: '' })
       expect(existsSync(listen)).toBe(false)
@@ -366,13 +371,7 @@ describe('vfio-user tap: its output fails', () => {
       })
       const c = await connect(listen)
       await c.validateVersion()
-      const gone = await rejection(
-        (async () => {
-          for (;;) await c.sendWait(Command.DEVICE_GET_INFO, getInfoPayload())
-        })(),
-      )
-      expect(gone.code).toBe('ECONNRESET')
-      await c.close()
+      await untilReset(c)
       expect({ status: await exited, stderr }).toEqual({
         status: 1,
         stderr: `vfio-user: --out ${fifo}: EPIPE: broken pipe\n`,

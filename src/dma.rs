@@ -127,13 +127,6 @@ impl NativeDmaMemory {
         }
     }
 
-    /// Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
-    /// empty from now on.
-    #[napi]
-    pub fn detach(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        view::detach(env, &view, "the DMA memory")
-    }
-
     /// Closes the fd and lets go of the mapping: unmapped now, or with the last DMA map that
     /// still uses it. Every view must have been detached first. Idempotent.
     #[napi]

@@ -332,13 +332,6 @@ impl NativeRegionMapping {
         unsafe { view::external(env, ptr, length, self.mapping.clone(), "the region") }
     }
 
-    /// Detaches `view` (an ArrayBuffer from `array_buffer`): every Buffer over it reads as
-    /// empty from now on.
-    #[napi]
-    pub fn detach(&self, env: Env, view: napi::bindgen_prelude::Unknown) -> Result<()> {
-        view::detach(env, &view, "the region")
-    }
-
     /// Unmaps, once every view has been detached. Idempotent.
     #[napi]
     pub fn unmap(&self) {

@@ -67,10 +67,11 @@ pub unsafe fn external<T: Send + Sync + 'static>(
     Ok(unsafe { Unknown::from_raw_unchecked(env.raw(), out) })
 }
 
-/// Detaches `view`, an external ArrayBuffer over memory about to be unmapped, so that no
-/// Buffer over it can reach that memory again (every view then reads as empty). A view
-/// already detached is fine; `what` names the memory in the error for one that cannot be.
-pub fn detach(env: Env, view: &Unknown, what: &str) -> Result<()> {
+/// Detaches `view`, an ArrayBuffer from a mapping's `array_buffer`, before the mapping goes, so
+/// that no Buffer over it can reach that memory again (every view then reads as empty). A
+/// view already detached is fine.
+#[napi_derive::napi(ts_args_type = "view: ArrayBuffer")]
+pub fn detach_view(env: Env, view: Unknown) -> Result<()> {
     use napi::JsValue;
     // SAFETY: `view` is a live value of this env; detaching an external ArrayBuffer is
     // allowed, and a detached one stays detached.
@@ -79,7 +80,7 @@ pub fn detach(env: Env, view: &Unknown, what: &str) -> Result<()> {
     {
         return Err(napi::Error::new(
             Status::GenericFailure,
-            format!("cannot detach {what}'s ArrayBuffer; it stays mapped"),
+            "cannot detach a mapping's ArrayBuffer; it stays mapped",
         ));
     }
     Ok(())

@@ -39,11 +39,6 @@ export class Output {
     return this.#waiting
   }
 
-  /** Whether it failed (writes go nowhere). */
-  get failed(): boolean {
-    return this.#failed
-  }
-
   /** Writes `text` (dropped once the stream failed). */
   write(text: string): void {
     if (this.#failed) return

@@ -5,14 +5,14 @@
 // and every window still alive is detached before the mapping goes.
 import { constants } from 'node:buffer'
 import { checkSize, outOfRange } from './args'
+import { native } from './native'
 
 /** The most bytes one Buffer over a mapping can hold (`buffer.constants.MAX_LENGTH`). */
 export const MAX_WINDOW: number = constants.MAX_LENGTH
 
-/** What native code offers for a mapping: views of a range of it, and their detaching. */
+/** What native code offers for a mapping: views of a range of it. */
 interface ViewSource {
   arrayBuffer(offset: number, length: number): ArrayBuffer
-  detach(view: ArrayBuffer): void
 }
 
 /** A RangeError with Node's code for a Buffer longer than one can be. */
@@ -63,7 +63,7 @@ export class Windows {
   detachAll(): void {
     for (const w of this.#made) {
       const view = w.deref()
-      if (view) this.#source.detach(view)
+      if (view) native.detachView(view)
     }
     this.#made = []
   }

@@ -120,7 +120,7 @@ impl DmaMemory {
                 "cannot be duplicated",
             )
         })?;
-        let shrinkable = !seals_of(&owned).contains(SealFlag::F_SEAL_SHRINK);
+        let shrinkable = crate::fault_safe::may_shrink(&owned);
         if shrinkable && !allow_shrinkable {
             return Err(Error::new(
                 Errno::EPERM,
@@ -240,14 +240,6 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: i64) -> nix::Result<NonNull<std:
             offset,
         )
     }
-}
-
-/// The seals of `fd`'s file: none for a file that cannot be sealed (EINVAL: not shmem or
-/// hugetlbfs).
-pub(crate) fn seals_of(fd: &impl AsFd) -> SealFlag {
-    fcntl(fd, FcntlArg::F_GET_SEALS)
-        .map(SealFlag::from_bits_truncate)
-        .unwrap_or(SealFlag::empty())
 }
 
 /// The system's default huge page size (`Hugepagesize:` of /proc/meminfo), if it has one.

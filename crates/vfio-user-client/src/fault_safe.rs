@@ -5,7 +5,17 @@
 //! gone fails the call with EFAULT instead.
 
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::libc;
+use std::os::fd::AsFd;
+
+/// Whether the file behind `fd` may shrink under a mapping of it: it is not sealed with
+/// F_SEAL_SHRINK (a file that cannot be sealed, not shmem or hugetlbfs, has no seals).
+pub fn may_shrink(fd: impl AsFd) -> bool {
+    let seals =
+        fcntl(fd, FcntlArg::F_GET_SEALS).map_or(SealFlag::empty(), SealFlag::from_bits_truncate);
+    !seals.contains(SealFlag::F_SEAL_SHRINK)
+}
 
 /// Copies `len` bytes from `src` to `dst` through the kernel: EFAULT (nothing signalled) when
 /// either side is not mapped, or is mapped past the end of its file. Reading our own memory

@@ -5,10 +5,9 @@
 //! end is SIGBUS, so the size is checked first; a file the server can still shrink (no
 //! F_SEAL_SHRINK) is mapped only when the caller accepts that risk.
 
-use crate::dma_memory::seals_of;
+use crate::fault_safe::may_shrink;
 use crate::Error;
 use nix::errno::Errno;
-use nix::fcntl::SealFlag;
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use std::num::NonZeroUsize;
 use std::os::fd::BorrowedFd;
@@ -96,7 +95,7 @@ fn check_file(
             ),
         ));
     }
-    if !allow_shrinkable && !seals_of(&fd).contains(SealFlag::F_SEAL_SHRINK) {
+    if !allow_shrinkable && may_shrink(fd) {
         return Err(Error::new(
             Errno::EPERM,
             "the region's fd is a file the server can shrink (no F_SEAL_SHRINK), and touching \

@@ -17,13 +17,15 @@
 
 #[path = "../lifetime.rs"]
 mod lifetime;
+#[path = "../peer_main.rs"]
+mod peer_main;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use vfio_user_proto::{Header, HEADER_SIZE};
 
 const CAPS: &str = r#"{"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576}}"#;
@@ -216,30 +218,21 @@ fn run(s: &UnixStream, scenario: &str) {
     match scenario.split_once(':') {
         None if scenario == "shrink-dma" => shrink_dma(s),
         None if scenario == "regions" => regions(s),
-        Some(("fds", n)) => many_fds(s, n.parse().unwrap_or(253)),
-        _ => eprintln!("unknown scenario {scenario}"),
+        Some((_, n)) => many_fds(s, n.parse().unwrap_or(253)),
+        None => {}
+    }
+}
+
+/// Whether this peer plays `scenario`.
+fn known(scenario: &str) -> bool {
+    match scenario.split_once(':') {
+        None => matches!(scenario, "shrink-dma" | "regions"),
+        Some((kind, n)) => kind == "fds" && n.parse::<usize>().is_ok_and(|n| n > 0),
     }
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (Some(path), Some(scenario)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: vfio-user-hostile-peer SOCKET SCENARIO");
-        std::process::exit(2);
-    };
-    lifetime::die_with_parent(std::path::Path::new(path));
-    let listener = match UnixListener::bind(path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {path}: {e}");
-            std::process::exit(1);
-        }
-    };
-    println!("listening {path}");
-    for conn in listener.incoming() {
-        let Ok(s) = conn else { break };
-        let scenario = scenario.clone();
-        std::thread::spawn(move || run(&s, &scenario));
-    }
-    let _ = std::fs::remove_file(path);
+    peer_main::serve("vfio-user-hostile-peer", known, |s, scenario| {
+        run(&s, scenario)
+    });
 }

@@ -50,9 +50,11 @@
 
 #[path = "../lifetime.rs"]
 mod lifetime;
+#[path = "../peer_main.rs"]
+mod peer_main;
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use vfio_user_proto::bytes::{u32_at, u64_at};
 use vfio_user_proto::{Header, HEADER_SIZE};
 
@@ -606,30 +608,7 @@ fn run(s: &mut UnixStream, scenario: &str) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (Some(path), Some(scenario)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: vfio-user-scripted-peer SOCKET SCENARIO");
-        std::process::exit(2);
-    };
-    if !known(scenario) {
-        eprintln!("unknown scenario {scenario} (see the list at the top of scripted_peer.rs)");
-        std::process::exit(2);
-    }
-    lifetime::die_with_parent(std::path::Path::new(path));
-    let listener = match UnixListener::bind(path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {path}: {e}");
-            std::process::exit(1);
-        }
-    };
-    println!("listening {path}");
-    // Every client that connects is played the scenario on its own thread, so tests can open
-    // many connections (at once or one after another) against one peer process.
-    for conn in listener.incoming() {
-        let Ok(mut s) = conn else { break };
-        let scenario = scenario.clone();
-        std::thread::spawn(move || run(&mut s, &scenario));
-    }
-    let _ = std::fs::remove_file(path);
+    peer_main::serve("vfio-user-scripted-peer", known, |mut s, scenario| {
+        run(&mut s, scenario)
+    });
 }
