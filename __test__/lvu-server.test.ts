@@ -390,6 +390,12 @@ describe("migration between two of libvfio-user's server processes", () => {
     expect(await src.client.migrationState()).toBe('stop')
     expect(await dst.client.migrationState()).toBe('running')
     await same(dst.client, data, t)
+    // The same migration again (run twice by mistake): refused, the source not restarted.
+    const again = await rejection(migrate(src.client, dst.client, { maxPreCopyRounds: 0 }))
+    expect(again).toMatchObject({ code: 'EBUSY', phase: 'prepare', sourceState: 'stop', destinationState: 'running' })
+    expect(await src.client.migrationState()).toBe('stop')
+    expect(await dst.client.migrationState()).toBe('running')
+    await same(dst.client, data, t)
     await finish()
   })
 
