@@ -19,7 +19,7 @@ import { dirname, join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { AbortError, Command, commandName, connect, parseCapabilities, type VfioUserError } from '../ts/index'
 import { startMigrationDevice, startScriptedPeer, startTestDevice, type TestDevice } from '../ts/testing'
-import { refusedArg, rejection } from './rejection'
+import { refusal, refusedArg, rejection } from './rejection'
 import { openFds } from './session'
 import { getInfoPayload, regionAccess, regionInfoPayload } from './wire'
 
@@ -447,11 +447,7 @@ describe('the testing helpers', () => {
   })
 
   it('startScriptedPeer refuses a scenario the peer does not play (it would behave like serve)', async () => {
-    const e = await startScriptedPeer('no-such-scenario').then(
-      () => undefined,
-      (err: unknown) => err,
-    )
-    expect(e).toBeInstanceOf(Error)
-    expect(String((e as Error).message)).toMatch(/unknown scenario no-such-scenario/)
+    const e = await refusal(startScriptedPeer('no-such-scenario'))
+    expect(e.message).toMatch(/unknown scenario no-such-scenario/)
   })
 })

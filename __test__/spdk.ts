@@ -28,10 +28,11 @@ export function spdk(): string {
   if (!existsSync(script)) {
     throw new Error(`SPDK's nvmf_tgt is needed: neither $VFIO_USER_SPDK nor ${script} exists (see the README)`)
   }
-  const r = spawnSync(script, [], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+  // The build's long log goes to our stderr, not into a buffer that could overflow.
+  const r = spawnSync(script, [], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
   const out = r.stdout.trim().split('\n').pop() ?? ''
   if (r.status !== 0 || !existsSync(join(out, 'build/bin/nvmf_tgt'))) {
-    throw new Error(`building SPDK failed (exit ${r.status}):\n${r.stderr.slice(-4000)}`)
+    throw new Error(`building SPDK failed (exit ${r.status}); its log is above`)
   }
   spdkDir = out
   return out
@@ -65,6 +66,15 @@ export interface Target {
 /** The NQN of the one subsystem each target serves. */
 export const NQN = 'nqn.2019-07.io.spdk:cnode0'
 
+/**
+ * Targets running now: killed when this process exits, however it exits (nvmf_tgt does not
+ * die with its parent as the test devices do, and a polling one spins a core).
+ */
+const running = new Set<ChildProcess>()
+process.on('exit', () => {
+  for (const t of running) t.kill('SIGKILL')
+})
+
 /** Starts a target and its controller; resolves once the controller's socket listens. */
 export async function startTarget(options: TargetOptions): Promise<Target> {
   const root = spdk()
@@ -81,12 +91,19 @@ export async function startTarget(options: TargetOptions): Promise<Target> {
   child.stderr?.on('data', (d: Buffer) => {
     log += d.toString()
   })
-  const exited = new Promise<void>((done) => child.once('close', () => done()))
+  running.add(child)
+  const exited = new Promise<void>((done) =>
+    child.once('close', () => {
+      running.delete(child)
+      done()
+    }),
+  )
   const rpc = (commands: string[]) => {
     // -r: rpc.py waits (retries every 0.2 s) until the target listens.
     const r = spawnSync('/usr/bin/python3', [join(root, 'scripts/rpc.py'), '-r', '150', '-s', rpcSock], {
       input: `${commands.join('\n')}\n`,
       encoding: 'utf8',
+      timeout: 60_000,
     })
     if (r.status !== 0)
       throw new Error(`rpc.py failed (${r.status}): ${r.stderr}\n${commands.join('\n')}\nlog:\n${log}`)

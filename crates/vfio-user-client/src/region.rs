@@ -214,6 +214,7 @@ impl Client {
             let request = region_access(index, p.offset, p.count, Some(bytes));
             let check = move |reply: &Reply, _: &mut Vec<u8>| {
                 check_region_write_reply(&reply.payload, index, p.offset, p.count)
+                    .map_err(|e| proto(Command::RegionWrite, e))
             };
             Ok(PieceRequest::new(request, timeout, Box::new(check)))
         })
@@ -249,9 +250,7 @@ impl Client {
                 } = piece;
                 let j = join.clone();
                 let on_reply = Box::new(move |r: Result<Reply, Error>| {
-                    Join::settle(&j, |out| {
-                        r.and_then(|reply| check(&reply, out).map_err(|e| proto(command, e)))
-                    });
+                    Join::settle(&j, |out| r.and_then(|reply| check(&reply, out)));
                 });
                 let request = self.request(command, &payload, timeout);
                 self.send_callback_into(request, target, on_reply)
@@ -285,7 +284,7 @@ impl Client {
         let command = Command::RegionRead;
         let request = |p: &Piece| region_access(index, p.offset, p.count, None);
         let checked = |reply: Result<Reply, Error>, t: &ReadTarget, p: Piece| {
-            reply.and_then(|r| finish_into(&r, t, index, p).map_err(|e| proto(command, e)))
+            reply.and_then(|r| finish_into(&r, t, index, p))
         };
         if let [p] = pieces {
             let t = piece_target(&into, p)?;
@@ -406,7 +405,7 @@ fn one_piece(reply: Reply, index: u32, p: Piece) -> Result<ReadData, Error> {
 }
 
 /// Checks one piece's reply and puts its bytes where they belong.
-type PieceCheck = dyn FnOnce(&Reply, &mut Vec<u8>) -> Result<(), ProtoError> + Send;
+type PieceCheck = dyn FnOnce(&Reply, &mut Vec<u8>) -> Result<(), Error> + Send;
 
 /// One piece of a transfer as [`Client::gather`] sends it.
 struct PieceRequest {
@@ -439,15 +438,21 @@ fn piece_target(into: &ReadInto, p: &Piece) -> Result<Arc<ReadTarget>, Error> {
 
 /// Checks one piece's reply whose data went into `target`, and moves the data that arrived
 /// beside its header to the front of the target.
-fn finish_into(reply: &Reply, target: &ReadTarget, index: u32, p: Piece) -> Result<(), ProtoError> {
-    let head = region_read_head(&reply.payload, target.direct(), index, p.offset, p.count)?;
+fn finish_into(reply: &Reply, target: &ReadTarget, index: u32, p: Piece) -> Result<(), Error> {
+    let command = Command::RegionRead;
+    let head = region_read_head(&reply.payload, target.direct(), index, p.offset, p.count)
+        .map_err(|e| proto(command, e))?;
     match target.fill_front(head) {
         Ok(()) => Ok(()),
-        Err(Unfilled::Revoked) => Err(ProtoError::new(
-            "REGION_READ reply settled after its request".to_string(),
+        Err(Unfilled::Revoked) => Err(proto(
+            command,
+            ProtoError::new("REGION_READ reply settled after its request".to_string()),
         )),
-        Err(Unfilled::Fault) => Err(ProtoError::new(
-            "the memory read into is gone (its file was shrunk): EFAULT".to_string(),
-        )),
+        // Not the server's bytes at fault but the memory: the caller's file shrank under it.
+        Err(Unfilled::Fault) => Err(Error::new(
+            Errno::EFAULT,
+            "the memory read into is gone (its file was shrunk)",
+        )
+        .with_command(command as u16)),
     }
 }
